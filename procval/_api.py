@@ -1,0 +1,270 @@
+"""``evaluate``: check everything in the parent, snapshot the configs, start the scheduler."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Protocol, overload
+
+import loky
+
+from procval import _pickling
+from procval._dataset import Examples
+from procval._progress import Progress, wanted
+from procval._scheduler import RunOptions, Scheduler
+from procval._sink import MemorySink, Sink
+from procval._worker import WorkerOptions
+from procval.backends._base import Backend, WorkerSpec
+from procval.config import Config, take_snapshot
+from procval.results import EvaluationResult, Results
+
+
+class Program(Protocol):
+    """Anything called as ``program(example) -> prediction`` (sync or ``async def``)."""
+
+    def __call__(self, example: Any, /) -> Any:
+        """Predict for one example."""
+        ...
+
+
+class Metric(Protocol):
+    """Anything called as ``metric(example, prediction) -> bool | int | float``."""
+
+    def __call__(self, example: Any, prediction: Any, /) -> Any:
+        """Score one prediction."""
+        ...
+
+
+@overload
+def evaluate(
+    program: Program,
+    dataset: Iterable[Any],
+    metric: Metric,
+    *,
+    config: Config | None = None,
+    configs: None = None,
+    **options: Any,
+) -> EvaluationResult: ...
+
+
+@overload
+def evaluate(
+    program: Program,
+    dataset: Iterable[Any],
+    metric: Metric,
+    *,
+    config: None = None,
+    configs: Mapping[str, Config] | Sequence[Config],
+    **options: Any,
+) -> Results: ...
+
+
+def evaluate(
+    program: Program,
+    dataset: Iterable[Any],
+    metric: Metric,
+    *,
+    config: Config | None = None,
+    configs: Mapping[str, Config] | Sequence[Config] | None = None,
+    workers: int | None = None,
+    threads: int = 1,
+    failure_score: float = 0.0,
+    progress: bool | None = None,
+    timeout: float | None = None,
+    retries: int = 0,
+    backoff: float = 0.5,
+    max_errors: int | None = None,
+    store: str | os.PathLike[str] | None = None,
+    fresh: bool = False,
+    backend: str | Backend = "loky",
+) -> EvaluationResult | Results:
+    """Evaluate ``program`` on every example of ``dataset`` with ``metric``, on worker processes.
+
+    Each config runs in its own worker processes, which install a pickled snapshot of it at
+    start (``env``, then ``seed``, then ``setup()``) and never serve another config.
+
+    Args:
+        program: called as ``program(example)`` in a worker; may be ``async def``.
+        dataset: any iterable of examples (list, generator, :func:`read_jsonl`). An example's id
+            is its ``id`` key or attribute, else its position.
+        metric: called as ``metric(example, prediction)``; returns a bool or a number.
+        config: one config (default ``Config()``); the call returns an :class:`EvaluationResult`.
+        configs: several configs, as ``{name: Config}`` or a list of uniquely named configs;
+            the call returns a read-only mapping of name to :class:`EvaluationResult`.
+        workers: worker processes in total, shared among configs (default: the CPU count).
+        threads: examples run at once inside each worker (for I/O-bound programs).
+        failure_score: the score of an example whose program or metric failed.
+        progress: show progress bars on stderr (default: when stderr is a terminal).
+        timeout: seconds an example may run; past it the worker is killed and replaced and the
+            example gets a ``"Timeout"`` error.
+        retries: how many times to retry an example whose program raises (with exponential
+            backoff and jitter); raise :class:`procval.NoRetry` to skip retries.
+        backoff: seconds before the first retry; doubled for each further one.
+        max_errors: stop once more than this many examples have failed, keeping what finished.
+        store: a SQLite run store; calling again with the same store resumes the run.
+        fresh: with ``store``, discard the rows stored for these configs and start over.
+        backend: ``"loky"`` (local processes), ``"ray"``, or a backend object.
+
+    Returns:
+        An :class:`EvaluationResult` for ``config=``, a :class:`Results` mapping for ``configs=``.
+
+    Raises:
+        ValueError: bad arguments (both config and configs, workers < 1, an empty dataset,
+            duplicate example ids, ...), raised before any worker starts.
+        TypeError: a program or metric that is not callable or takes the wrong arguments.
+        SnapshotError: the program, metric or a config cannot be pickled.
+        SetupError: a config's ``setup`` failed in its workers.
+        TooManyErrors: more than ``max_errors`` examples failed.
+    """
+    named = _named_configs(config, configs)
+    _check_callables(program, metric)
+    total_workers = _check_counts(workers, threads, retries, backoff, timeout, max_errors)
+    sink: Sink = _open_sink(store, fresh, [c.name for c in named])
+    data = Examples(dataset, passes=len(named))
+    examples = [data] * len(named)
+    snapshots = [take_snapshot(c) for c in named]
+    payload = _payload(program, metric)
+    options = WorkerOptions(
+        threads=threads, retries=retries, backoff=backoff, parent_pid=os.getpid()
+    )
+    specs = [
+        WorkerSpec(s, payload, options, dict(c.env)) for s, c in zip(snapshots, named, strict=True)
+    ]
+    bars = Progress([c.name for c in named], [e.total for e in examples], enabled=wanted(progress))
+    scheduler = Scheduler(
+        _backend(backend),
+        specs,
+        examples,
+        sink,
+        bars,
+        RunOptions(
+            workers=total_workers,
+            failure_score=float(failure_score),
+            timeout=timeout,
+            max_errors=max_errors,
+            resume_hint=f"run again with store={os.fspath(store)!r} to resume" if store else "",
+        ),
+    )
+    results = scheduler.run()
+    return results if configs is not None else results[named[0].name]
+
+
+def _named_configs(
+    config: Config | None, configs: Mapping[str, Config] | Sequence[Config] | None
+) -> list[Config]:
+    if config is not None and configs is not None:
+        raise ValueError("pass either config= (one) or configs= (several), not both")
+    if configs is None:
+        one = config if config is not None else Config()
+        if not isinstance(one, Config):
+            raise TypeError(f"config must be a procval.Config, got {type(one).__name__}")
+        return [one]
+    if isinstance(configs, Mapping):
+        named = []
+        for name, value in configs.items():
+            if not isinstance(value, Config):
+                raise TypeError(
+                    f"configs[{name!r}] must be a procval.Config, got {type(value).__name__}"
+                )
+            named.append(value if value.name == name else dataclasses.replace(value, name=name))
+    elif isinstance(configs, Sequence) and not isinstance(configs, str):
+        named = list(configs)
+        for value in named:
+            if not isinstance(value, Config):
+                raise TypeError(
+                    f"configs must hold procval.Config objects, got {type(value).__name__}"
+                )
+    else:
+        raise TypeError("configs must be a mapping {name: Config} or a list of Configs")
+    if not named:
+        raise ValueError("configs is empty: pass at least one Config")
+    names = [c.name for c in named]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ValueError(f"config names must be unique; {duplicates} appear more than once")
+    return named
+
+
+def _check_callables(program: Any, metric: Any) -> None:
+    if not callable(program):
+        raise TypeError(
+            f"program must be callable as program(example), got {type(program).__name__}"
+        )
+    if not callable(metric):
+        raise TypeError(
+            f"metric must be callable as metric(example, prediction), got {type(metric).__name__}"
+        )
+    for what, fn, args in (("program", program, 1), ("metric", metric, 2)):
+        try:
+            signature = inspect.signature(fn)
+        except (TypeError, ValueError):
+            continue  # builtins and C callables: trust them
+        try:
+            signature.bind(*range(args))
+        except TypeError as exc:
+            call = "program(example)" if args == 1 else "metric(example, prediction)"
+            raise TypeError(f"{what} cannot be called as {call}: {exc}") from None
+
+
+def _check_counts(
+    workers: int | None,
+    threads: int,
+    retries: int,
+    backoff: float,
+    timeout: float | None,
+    max_errors: int | None,
+) -> int:
+    if workers is None:
+        workers = loky.cpu_count()
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(
+            f"workers must be a positive int (or None for the CPU count), got {workers!r}"
+        )
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ValueError(f"threads must be an int of at least 1, got {threads!r}")
+    if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+        raise ValueError(f"retries must be an int of at least 0, got {retries!r}")
+    if not isinstance(backoff, int | float) or backoff < 0:
+        raise ValueError(f"backoff must be a number of seconds >= 0, got {backoff!r}")
+    if timeout is not None and (not isinstance(timeout, int | float) or timeout <= 0):
+        raise ValueError(f"timeout must be a positive number of seconds or None, got {timeout!r}")
+    if max_errors is not None and (
+        isinstance(max_errors, bool) or not isinstance(max_errors, int) or max_errors < 0
+    ):
+        raise ValueError(f"max_errors must be an int of at least 0 or None, got {max_errors!r}")
+    return workers
+
+
+def _payload(program: Any, metric: Any) -> bytes:
+    try:
+        return _pickling.dumps((program, metric), what="program and metric")
+    except Exception:
+        _pickling.dumps(program, what="program")
+        _pickling.dumps(metric, what="metric")
+        raise
+
+
+def _open_sink(store: str | os.PathLike[str] | None, fresh: bool, names: list[str]) -> Sink:
+    if store is None:
+        if fresh:
+            raise ValueError("fresh=True only makes sense with store=")
+        return MemorySink()
+    from procval.store import StoreSink
+
+    return StoreSink(os.fspath(store), fresh=fresh, configs=names)
+
+
+def _backend(backend: str | Backend) -> Backend:
+    if not isinstance(backend, str):
+        return backend
+    if backend == "loky":
+        from procval.backends.loky import LokyBackend
+
+        return LokyBackend()
+    if backend == "ray":
+        from procval.backends.ray import RayBackend
+
+        return RayBackend()
+    raise ValueError(f"backend must be 'loky', 'ray' or a Backend object, got {backend!r}")

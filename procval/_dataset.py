@@ -1,0 +1,148 @@
+"""Reading a dataset lazily into ``(index, example_id, example)`` items."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
+
+Item = tuple[int, "int | str", Any]
+
+
+def example_id(example: Any, index: int) -> int | str:
+    """The example's ``id`` key or attribute, else its position in the dataset.
+
+    Raises:
+        TypeError: the id is neither an int nor a str.
+    """
+    if isinstance(example, Mapping):
+        value = example.get("id", index)
+    else:
+        try:
+            value = getattr(example, "id", index)
+        except Exception:  # objects whose __getattr__ raises something else
+            value = index
+        if callable(value):  # e.g. a method named id: not an identifier
+            value = index
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise TypeError(
+            f"example #{index} has an id of type {type(value).__name__} ({value!r:.60}); "
+            "ids must be int or str: convert them, e.g. {'id': str(uid), ...}"
+        )
+    return value
+
+
+class Examples:
+    """A dataset made ready for the scheduler: validated up front where that is cheap.
+
+    A list (or other sized, re-iterable collection) is checked for duplicate ids before any worker
+    starts. A one-shot iterator (a generator) is read lazily, once; if several configs need it, it
+    is read into memory first (pass a re-iterable such as :func:`read_jsonl` to stream it).
+    """
+
+    def __init__(self, dataset: Iterable[Any], *, passes: int) -> None:
+        if isinstance(dataset, str | bytes) or not isinstance(dataset, Iterable):
+            raise TypeError(
+                f"dataset must be an iterable of examples (a list, a generator, read_jsonl(path)), "
+                f"got {type(dataset).__name__}"
+            )
+        one_shot = iter(dataset) is dataset
+        if one_shot and passes > 1:
+            dataset = list(dataset)
+            one_shot = False
+        self._one_shot = one_shot
+        self._head: list[Any] = []
+        if one_shot:
+            iterator = iter(dataset)
+            self._head = list(itertools.islice(iterator, 1))
+            self._data: Iterable[Any] = itertools.chain(self._head, iterator)
+        else:
+            self._data = dataset
+        self.total: int | None = _length(dataset)
+        if (
+            self.total == 0
+            or (one_shot and not self._head)
+            or (self.total is None and not one_shot and _is_empty(dataset))
+        ):
+            raise ValueError("dataset is empty: there is nothing to evaluate")
+        self._checked = False
+        if isinstance(dataset, list | tuple):
+            _check_unique(dataset)
+            self._checked = True
+
+    def __iter__(self) -> Iterator[Item]:
+        """Yield ``(index, example_id, example)``; raises ValueError at a duplicate id."""
+        seen: dict[int | str, int] | None = None if self._checked else {}
+        for index, example in enumerate(self._data):
+            eid = example_id(example, index)
+            if seen is not None:
+                first = seen.setdefault(eid, index)
+                if first != index:
+                    raise _duplicate(eid, first, index)
+            yield index, eid, example
+
+
+def _duplicate(eid: int | str, first: int, second: int) -> ValueError:
+    return ValueError(
+        f"duplicate example id {eid!r} at positions {first} and {second}; ids must be unique "
+        "(drop the 'id' field to number examples by position)"
+    )
+
+
+def _check_unique(dataset: list[Any] | tuple[Any, ...]) -> None:
+    seen: dict[int | str, int] = {}
+    for index, example in enumerate(dataset):
+        eid = example_id(example, index)
+        first = seen.setdefault(eid, index)
+        if first != index:
+            raise _duplicate(eid, first, index)
+
+
+def _length(dataset: Any) -> int | None:
+    try:
+        return len(dataset)
+    except TypeError:
+        return None
+
+
+def _is_empty(dataset: Iterable[Any]) -> bool:
+    return next(iter(dataset), _EMPTY) is _EMPTY
+
+
+_EMPTY = object()
+
+
+class read_jsonl:  # noqa: N801 - used like a function: read_jsonl(path)
+    """A JSON-lines file as a lazy, re-iterable dataset: one example per non-blank line.
+
+    Nothing is read until iteration; ``len()`` counts lines once (for progress bars).
+
+    Args:
+        path: the file to read.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = os.fspath(path)
+        if not os.path.isfile(self.path):
+            raise FileNotFoundError(f"no JSONL file at {self.path!r}")
+        self._len: int | None = None
+
+    def __iter__(self) -> Iterator[Any]:
+        with open(self.path, encoding="utf-8") as f:
+            for number, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        yield json.loads(line)
+                    except json.JSONDecodeError as exc:
+                        raise ValueError(f"{self.path}:{number}: not valid JSON ({exc})") from exc
+
+    def __len__(self) -> int:
+        if self._len is None:
+            with open(self.path, encoding="utf-8") as f:
+                self._len = sum(1 for line in f if line.strip())
+        return self._len
+
+    def __repr__(self) -> str:
+        return f"read_jsonl({self.path!r})"

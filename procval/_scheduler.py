@@ -1,0 +1,451 @@
+"""The parent side of a run: shards, worker pools per config, crash and timeout recovery.
+
+::
+
+    dataset ──▶ _ConfigRun.take() ──▶ shard ──submit──▶ Worker (one process, one snapshot)
+      (lazy;       requeue first,        (adaptive size,                │
+       resume      then the source)       ≤ 2 in flight                 │ results
+       skips done)                        per worker)                   ▼
+                                                     _collect(): provenance check,
+                                                     rows → sink (store) → progress bar
+
+    every poll:  timeouts    slot table says an example runs > timeout: kill that worker;
+                             the example gets a "Timeout" row, the others in it are requeued
+                 deaths      a shard's future fails because its process died: the examples it
+                             was running become suspects, the rest are requeued; a suspect is
+                             rerun alone in a fresh worker and, if it kills that one too,
+                             gets a "WorkerCrashed" row
+                 max_errors  too many failed rows: stop, keep what finished, raise
+
+A worker slot freed by a finished config goes to a config that still has work; no process ever
+serves two configs. Everything runs in the caller's thread; Ctrl-C kills every worker at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, wait
+from dataclasses import dataclass, field
+
+from procval import _pickling
+from procval._dataset import Examples, Item
+from procval._progress import Progress
+from procval._shards import ShardSizer
+from procval._sink import Sink
+from procval.backends._base import Backend, Worker, WorkerSpec
+from procval.errors import IsolationError, SetupError, TooManyErrors
+from procval.results import Results, Row, RowError, Totals
+
+PIPELINE = 2  # shards queued per worker, so a worker never waits for its next shard
+START_FAILURES = 3  # fresh workers of a config dying before any result: give up
+LOST_LIMIT = 3  # an example lost in this many unexplained deaths is run alone
+
+
+@dataclass
+class RunOptions:
+    """Scheduler settings from ``evaluate``'s keywords."""
+
+    workers: int
+    failure_score: float = 0.0
+    timeout: float | None = None
+    max_errors: int | None = None
+    resume_hint: str = ""
+
+
+@dataclass
+class _Shard:
+    items: list[Item]
+    alone: bool = False  # a suspect run by itself
+
+
+@dataclass(eq=False)
+class _WorkerRun:
+    worker: Worker
+    config: _ConfigRun
+    shards: dict[Future[bytes], _Shard] = field(default_factory=dict)
+    produced: bool = False
+
+
+@dataclass(eq=False)
+class _ConfigRun:
+    spec: WorkerSpec
+    source: Iterator[Item]
+    total: int | None
+    sizer: ShardSizer
+    totals: Totals
+    requeue: deque[Item] = field(default_factory=deque)
+    suspects: deque[Item] = field(default_factory=deque)
+    lost: dict[int, int] = field(default_factory=dict)
+    workers: list[_WorkerRun] = field(default_factory=list)
+    exhausted: bool = False
+    start_failures: int = 0
+    started: float = field(default_factory=time.perf_counter)
+    finished: float | None = None
+
+    @property
+    def name(self) -> str:
+        return self.spec.snapshot.name
+
+    def has_unsent(self) -> bool:
+        return bool(self.requeue or self.suspects or not self.exhausted)
+
+    def done(self) -> bool:
+        return not self.has_unsent() and not any(w.shards for w in self.workers)
+
+    def remaining(self) -> int | None:
+        if self.total is None:
+            return None
+        return max(0, self.total - self.totals.n)
+
+
+class Scheduler:
+    """Runs every config's examples on its own workers and feeds rows to a sink."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        specs: list[WorkerSpec],
+        examples: list[Examples],
+        sink: Sink,
+        progress: Progress,
+        options: RunOptions,
+    ) -> None:
+        self._backend = backend
+        self._sink = sink
+        self._progress = progress
+        self._options = options
+        self._owners: dict[Future[bytes], _WorkerRun] = {}
+        self._provenance: dict[tuple[str, int], str] = {}
+        self._errors = 0
+        self._runs: list[_ConfigRun] = []
+        for spec, data in zip(specs, examples, strict=True):
+            prior = sink.begin(spec.snapshot)
+            self._errors += prior.errors
+            run = _ConfigRun(
+                spec=spec,
+                source=self._pending(spec.snapshot.name, data),
+                total=data.total,
+                sizer=ShardSizer(spec.options.threads),
+                totals=prior,
+            )
+            progress.advance(
+                run.name, prior.n, n=prior.n, score_sum=prior.score_sum, errors=prior.errors
+            )
+            self._runs.append(run)
+
+    def _pending(self, name: str, data: Examples) -> Iterator[Item]:
+        for item in data:
+            if not self._sink.is_done(name, *item):
+                yield item
+
+    # ---------------------------------------------------------------- main loop
+
+    def run(self) -> Results:
+        """Run to completion and return the results (rows are in the sink)."""
+        completed = False
+        try:
+            while not all(run.done() for run in self._runs):
+                self._assign_workers()
+                self._fill()
+                self._wait()
+                self._check_timeouts()
+                self._check_errors()
+            completed = True
+        except BaseException:
+            self._kill_all()
+            raise
+        finally:
+            self._progress.close()
+            self._sink.close(completed=completed)
+            self._backend.shutdown()
+        return self._results()
+
+    def _results(self) -> Results:
+        return Results(
+            {
+                run.name: self._sink.result(
+                    run.name, (run.finished or time.perf_counter()) - run.started
+                )
+                for run in self._runs
+            }
+        )
+
+    def _live(self) -> list[_WorkerRun]:
+        return [w for run in self._runs for w in run.workers]
+
+    def _assign_workers(self) -> None:
+        for run in self._runs:
+            if not run.has_unsent():
+                for w in [w for w in run.workers if not w.shards]:
+                    self._retire(w)
+                if run.done() and run.finished is None:
+                    run.finished = time.perf_counter()
+        free = self._options.workers - len(self._live())
+        while free > 0:
+            wanting = [r for r in self._runs if r.has_unsent() and self._could_use(r)]
+            if not wanting:
+                return
+            run = min(wanting, key=lambda r: len(r.workers))
+            run.workers.append(_WorkerRun(self._backend.start_worker(run.spec), run))
+            free -= 1
+
+    def _could_use(self, run: _ConfigRun) -> bool:
+        remaining = run.remaining()
+        return remaining is None or len(run.workers) < remaining
+
+    def _fill(self) -> None:
+        for run in self._runs:
+            for w in run.workers:
+                if any(s.alone for s in w.shards.values()):
+                    continue
+                if run.suspects:
+                    if not w.shards:
+                        self._submit(w, _Shard([run.suspects.popleft()], alone=True))
+                    continue
+                while len(w.shards) < PIPELINE:
+                    items = self._take(run)
+                    if not items:
+                        break
+                    self._submit(w, _Shard(items))
+
+    def _take(self, run: _ConfigRun) -> list[Item]:
+        size = run.sizer.next_size(remaining=run.remaining(), workers=len(run.workers))
+        items: list[Item] = []
+        while run.requeue and len(items) < size:
+            items.append(run.requeue.popleft())
+        while not run.exhausted and len(items) < size:
+            try:
+                items.append(next(run.source))
+            except StopIteration:
+                run.exhausted = True
+        return items
+
+    def _submit(self, w: _WorkerRun, shard: _Shard) -> None:
+        try:
+            data = _pickling.dumps(shard.items, what="example")
+        except Exception:
+            data = self._drop_unpicklable(w.config, shard)
+            if data is None:
+                return
+        future = w.worker.submit(data)
+        w.shards[future] = shard
+        self._owners[future] = w
+
+    def _drop_unpicklable(self, run: _ConfigRun, shard: _Shard) -> bytes | None:
+        """Record examples that cannot be pickled as errors; pickle the rest."""
+        keep, failed = [], []
+        for item in shard.items:
+            try:
+                _pickling.dumps(item, what=f"example {item[1]!r}")
+                keep.append(item)
+            except Exception as exc:
+                failed.append(self._error_row(run, item, RowError("SnapshotError", str(exc))))
+        self._deliver(run, failed)
+        shard.items = keep
+        return _pickling.dumps(keep, what="examples") if keep else None
+
+    def _wait(self) -> None:
+        futures = list(self._owners)
+        if not futures:
+            return
+        poll = 0.25 if self._options.timeout is None else min(0.1, self._options.timeout / 10)
+        done, _ = wait(futures, timeout=poll, return_when=FIRST_COMPLETED)
+        for future in done:
+            if future in self._owners:
+                self._collect(future)
+
+    # ---------------------------------------------------------------- results
+
+    def _collect(self, future: Future[bytes]) -> None:
+        w = self._owners.pop(future)
+        shard = w.shards.pop(future)
+        run = w.config
+        try:
+            data = future.result()
+        except BaseException as exc:
+            w.shards[future] = shard
+            self._owners[future] = w
+            self._on_death(w, w.worker.death(exc) or f"the worker failed ({exc!r})")
+            return
+        message = _pickling.loads(data)
+        if message[0] == "setup_error":
+            raise SetupError(
+                f"Config.setup of config {run.name!r} failed in worker {w.worker.label}; "
+                f"fix the config's setup (the worker's traceback follows)\n{message[1]}"
+            )
+        _, pid, node, fingerprint, seconds, results = message
+        self._check_provenance(run, pid, node, fingerprint)
+        w.produced = True
+        run.start_failures = 0
+        if not shard.alone:
+            run.sizer.observe(len(shard.items), seconds)
+        by_seq = {item[0]: item for item in shard.items}
+        rows = []
+        for seq, prediction, score, error, attempts, duration in results:
+            index, example_id, example = by_seq[seq]
+            rows.append(
+                Row(
+                    index=index,
+                    example_id=example_id,
+                    example=example,
+                    prediction=prediction,
+                    score=self._options.failure_score if error else score,
+                    error=RowError(*error) if error else None,
+                    attempts=attempts,
+                    duration=duration,
+                    worker_pid=pid,
+                    config=run.name,
+                    fingerprint=fingerprint,
+                    node=node,
+                )
+            )
+        self._deliver(run, rows)
+
+    def _check_provenance(self, run: _ConfigRun, pid: int, node: str, fingerprint: str) -> None:
+        if fingerprint != run.spec.snapshot.fingerprint:
+            raise IsolationError(
+                f"a worker of config {run.name!r} (pid {pid}) reports snapshot {fingerprint}, "
+                f"expected {run.spec.snapshot.fingerprint}"
+            )
+        first = self._provenance.setdefault((node, pid), fingerprint)
+        if first != fingerprint:
+            raise IsolationError(
+                f"process {pid} on {node} produced rows for snapshots {first} and {fingerprint}"
+            )
+
+    def _deliver(self, run: _ConfigRun, rows: list[Row]) -> None:
+        if not rows:
+            return
+        self._sink.add(run.name, rows)  # durable first, reported after
+        errors = sum(r.error is not None for r in rows)
+        run.totals = Totals(
+            n=run.totals.n + len(rows),
+            score_sum=run.totals.score_sum + sum(r.score for r in rows),
+            errors=run.totals.errors + errors,
+        )
+        self._errors += errors
+        self._progress.advance(
+            run.name,
+            len(rows),
+            n=run.totals.n,
+            score_sum=run.totals.score_sum,
+            errors=run.totals.errors,
+        )
+
+    def _error_row(
+        self, run: _ConfigRun, item: Item, error: RowError, *, attempts: int = 1, pid: int = 0
+    ) -> Row:
+        index, example_id, example = item
+        return Row(
+            index=index,
+            example_id=example_id,
+            example=example,
+            prediction=None,
+            score=self._options.failure_score,
+            error=error,
+            attempts=attempts,
+            duration=0.0,
+            worker_pid=pid,
+            config=run.name,
+            fingerprint=run.spec.snapshot.fingerprint,
+            node=os.uname().nodename,
+        )
+
+    # ---------------------------------------------------------------- failures
+
+    def _unfinished(self, w: _WorkerRun) -> list[tuple[_Shard, bool]]:
+        """Collect the worker's shards that did finish; return the rest, marking lone suspects."""
+        for future in [f for f in w.shards if f.done() and f.exception() is None]:
+            self._collect(future)
+        lost = [(shard, shard.alone) for shard in w.shards.values()]
+        for future in w.shards:
+            self._owners.pop(future, None)
+        w.shards.clear()
+        return lost
+
+    def _on_death(self, w: _WorkerRun, how: str) -> None:
+        run = w.config
+        running = {seq for seq, _ in w.worker.running()}
+        label = w.worker.label
+        lost = self._drop(w)
+        if not w.produced and not running and not any(alone for _, alone in lost):
+            run.start_failures += 1
+            if run.start_failures >= START_FAILURES:
+                raise SetupError(
+                    f"workers of config {run.name!r} die before running any example ({how}); "
+                    "check Config.setup and what the program imports"
+                )
+        rows = []
+        for shard, alone in lost:
+            for item in shard.items:
+                if alone and (item[0] in running or len(shard.items) == 1):
+                    message = f"{how} while running this example alone in {label}"
+                    rows.append(self._error_row(run, item, RowError("WorkerCrashed", message)))
+                elif item[0] in running or run.lost.get(item[0], 0) >= LOST_LIMIT:
+                    run.suspects.append(item)
+                else:
+                    run.lost[item[0]] = run.lost.get(item[0], 0) + 1
+                    run.requeue.append(item)
+        self._deliver(run, rows)
+
+    def _drop(self, w: _WorkerRun) -> list[tuple[_Shard, bool]]:
+        """Kill the worker and take it out of the run; return its unfinished shards."""
+        lost = self._unfinished(w)
+        if w in w.config.workers:
+            w.config.workers.remove(w)
+        w.worker.kill()
+        return lost
+
+    def _retire(self, w: _WorkerRun) -> None:
+        if w in w.config.workers:
+            w.config.workers.remove(w)
+        w.worker.close()
+
+    def _check_timeouts(self) -> None:
+        timeout = self._options.timeout
+        if timeout is None:
+            return
+        for w in self._live():
+            late = {seq for seq, seconds in w.worker.running() if seconds > timeout}
+            if not late:
+                continue
+            run, label = w.config, w.worker.label
+            rows = []
+            for shard, _ in self._drop(w):
+                for item in shard.items:
+                    if item[0] in late:
+                        message = (
+                            f"example still running after {timeout:g}s; "
+                            f"worker {label} was killed and replaced"
+                        )
+                        rows.append(self._error_row(run, item, RowError("Timeout", message)))
+                    else:
+                        run.requeue.append(item)
+            self._deliver(run, rows)
+
+    def _check_errors(self) -> None:
+        limit = self._options.max_errors
+        if limit is None or self._errors <= limit:
+            return
+        self._kill_all()
+        results = self._results()
+        hint = self._options.resume_hint
+        raise TooManyErrors(
+            f"{self._errors} examples failed, more than max_errors={limit}; the run stopped "
+            f"early. Look at the errors in .results, fix their cause, then {hint or 'run again'}",
+            failed=self._errors,
+            results=results,
+        )
+
+    def _kill_all(self) -> None:
+        """Kill every worker at once, keeping the shards that had already come back."""
+        for w in self._live():
+            with contextlib.suppress(Exception):
+                self._unfinished(w)
+            w.worker.kill()
+            w.config.workers.remove(w)
+        self._owners.clear()

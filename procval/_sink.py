@@ -1,0 +1,63 @@
+"""Where finished rows go: memory, or the run store (``procval.store``), behind one interface."""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from procval.config import Snapshot
+from procval.results import EvaluationResult, Row, Totals
+
+
+class Sink(Protocol):
+    """Receives rows as shards finish; the scheduler reports a row only after ``add`` returns."""
+
+    def begin(self, snapshot: Snapshot) -> Totals:
+        """Register a config; return the totals of rows already finished (a resumed run)."""
+        ...
+
+    def is_done(self, config: str, index: int, example_id: int | str, example: Any) -> bool:
+        """Whether this example already has a row (then it is not run again)."""
+        ...
+
+    def add(self, config: str, rows: list[Row]) -> None:
+        """Keep finished rows (durably, for a store) before they are reported anywhere."""
+        ...
+
+    def result(self, config: str, duration: float) -> EvaluationResult:
+        """The config's result: earlier sessions' rows included."""
+        ...
+
+    def close(self, *, completed: bool) -> None:
+        """Flush and release; ``completed`` says whether every example has a row."""
+        ...
+
+
+class MemorySink:
+    """Rows kept in the parent's memory (no store)."""
+
+    def __init__(self) -> None:
+        self._rows: dict[str, list[Row]] = {}
+        self._fingerprints: dict[str, str] = {}
+
+    def begin(self, snapshot: Snapshot) -> Totals:
+        """Start an empty list of rows for the config."""
+        self._rows[snapshot.name] = []
+        self._fingerprints[snapshot.name] = snapshot.fingerprint
+        return Totals()
+
+    def is_done(self, config: str, index: int, example_id: int | str, example: Any) -> bool:
+        """Nothing is done before a run in memory."""
+        return False
+
+    def add(self, config: str, rows: list[Row]) -> None:
+        """Append rows."""
+        self._rows[config].extend(rows)
+
+    def result(self, config: str, duration: float) -> EvaluationResult:
+        """The rows collected, in dataset order."""
+        return EvaluationResult(
+            config, self._rows[config], duration=duration, fingerprint=self._fingerprints[config]
+        )
+
+    def close(self, *, completed: bool) -> None:
+        """Nothing to release."""

@@ -1,0 +1,81 @@
+"""Exceptions raised by procval.
+
+Every exception procval raises derives from :class:`ProcvalError`; where a built-in exception
+describes the same kind of failure, the subclass inherits it too, so ``except ValueError`` keeps
+working for callers who do not know procval::
+
+    ProcvalError (Exception)
+    ├── SnapshotError (ProcvalError, TypeError)      something cannot be sent to a worker
+    ├── NotInWorkerError (ProcvalError, RuntimeError) current_config() outside a worker
+    ├── SetupError (ProcvalError, RuntimeError)       Config.setup failed, or workers die at start
+    ├── IsolationError (ProcvalError, RuntimeError)   a process served two snapshots (a bug)
+    ├── TooManyErrors (ProcvalError, RuntimeError)    max_errors exceeded; carries partial results
+    └── StoreError (ProcvalError)                     the run store cannot be used
+        └── StoreMismatchError (StoreError, ValueError) resume against other configs or data
+
+A failing *example* is never an exception: it becomes a row whose ``error`` says what happened.
+:class:`NoRetry` is the one class here meant for user code: raise it (or an exception carrying
+``procval_retry = False``) from a program to stop procval from retrying that example.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+
+class ProcvalError(Exception):
+    """Base class of every error procval raises."""
+
+
+class SnapshotError(ProcvalError, TypeError):
+    """A program, metric, config or example cannot be pickled and sent to a worker process."""
+
+
+class NotInWorkerError(ProcvalError, RuntimeError):
+    """A worker-only function was called outside a procval worker process."""
+
+
+class SetupError(ProcvalError, RuntimeError):
+    """A config could not be installed in a worker: ``setup`` raised, or workers die at start."""
+
+
+class IsolationError(ProcvalError, RuntimeError):
+    """A worker process produced rows for two different snapshots.
+
+    procval checks this on every row; seeing it means procval itself is broken.
+    """
+
+
+class TooManyErrors(ProcvalError, RuntimeError):
+    """More examples failed than ``max_errors`` allows; the run stopped early.
+
+    Attributes:
+        failed: how many examples had failed when the run stopped.
+        results: what finished before the stop, as ``evaluate`` would have returned it.
+    """
+
+    def __init__(self, message: str, *, failed: int, results: Mapping[str, Any] | Any) -> None:
+        super().__init__(message)
+        self.failed = failed
+        self.results = results
+
+
+class StoreError(ProcvalError):
+    """The run store is missing, unreadable or of another format."""
+
+
+class StoreMismatchError(StoreError, ValueError):
+    """Resuming would mix results of different configs or of changed examples."""
+
+
+class NoRetry(Exception):
+    """Raise from a program to record the error at once, without retries.
+
+    Any exception whose class or instance has ``procval_retry = False`` is treated the same way,
+    so an existing exception type can opt out with one attribute.
+    """
+
+    procval_retry = False

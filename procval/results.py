@@ -1,0 +1,207 @@
+"""What an evaluation returns: rows, their errors as data, and per-config results."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class RowError:
+    """Why an example has no score.
+
+    Attributes:
+        type: the exception's class name, or ``"Timeout"``, ``"WorkerCrashed"``.
+        message: the exception's message (for a crash: the exit code or signal).
+        traceback: the traceback as formatted in the worker ("" where there is none).
+    """
+
+    type: str
+    message: str
+    traceback: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.type}: {self.message}"
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    """One example's outcome, with its provenance.
+
+    Attributes:
+        index: position in the dataset.
+        example_id: the example's ``id`` key or attribute, else its position.
+        example: the example as given (as stored, for a run loaded from a store).
+        prediction: what the program returned (None when it raised).
+        score: the metric's value as a float; ``failure_score`` when ``error`` is set.
+        error: None, or what went wrong.
+        attempts: how many times the program was called for this example.
+        duration: seconds spent on the example in the worker, all attempts included.
+        worker_pid: the process that produced the row.
+        config: the config's name.
+        fingerprint: the snapshot installed in that process.
+        node: the host that ran the process.
+    """
+
+    index: int
+    example_id: int | str
+    example: Any
+    prediction: Any
+    score: float
+    error: RowError | None
+    attempts: int
+    duration: float
+    worker_pid: int
+    config: str
+    fingerprint: str
+    node: str = ""
+
+
+@dataclass(frozen=True)
+class Totals:
+    """Running totals of one config's rows: enough for a score without the rows."""
+
+    n: int = 0
+    score_sum: float = 0.0
+    errors: int = 0
+
+
+class EvaluationResult:
+    """The outcome of evaluating one config.
+
+    Rows are held in memory, or read back from the run store when asked for (so a million-row
+    run costs the parent no memory until you look at its rows).
+    """
+
+    def __init__(
+        self,
+        config: str,
+        rows: Sequence[Row] | Callable[[], Sequence[Row]],
+        *,
+        duration: float,
+        totals: Totals | None = None,
+        error_types: Mapping[str, int] | None = None,
+        fingerprint: str = "",
+    ) -> None:
+        self._config = config
+        self._rows: Sequence[Row] | None = None if callable(rows) else sorted(rows, key=_index)
+        self._load = rows if callable(rows) else None
+        self._duration = duration
+        self._totals = totals
+        self._error_types = dict(error_types) if error_types is not None else None
+        self._fingerprint = fingerprint
+
+    @property
+    def config(self) -> str:
+        """The config's name."""
+        return self._config
+
+    @property
+    def rows(self) -> Sequence[Row]:
+        """Every row, in dataset order."""
+        if self._rows is None:
+            assert self._load is not None
+            self._rows = sorted(self._load(), key=_index)
+        return self._rows
+
+    @property
+    def errors(self) -> list[Row]:
+        """The rows whose example failed, in dataset order."""
+        return [row for row in self.rows if row.error is not None]
+
+    @property
+    def totals(self) -> Totals:
+        """Counts and the score sum, computed from the rows unless given."""
+        if self._totals is None:
+            rows = self.rows
+            self._totals = Totals(
+                n=len(rows),
+                score_sum=math.fsum(r.score for r in rows),
+                errors=sum(r.error is not None for r in rows),
+            )
+        return self._totals
+
+    @property
+    def score(self) -> float:
+        """Mean score over all examples, failed ones counted as ``failure_score`` (NaN if none)."""
+        totals = self.totals
+        return totals.score_sum / totals.n if totals.n else math.nan
+
+    @property
+    def error_types(self) -> dict[str, int]:
+        """How many rows failed, by error type, most frequent first."""
+        if self._error_types is None:
+            self._error_types = dict(Counter(r.error.type for r in self.errors if r.error))
+        return dict(sorted(self._error_types.items(), key=lambda kv: (-kv[1], kv[0])))
+
+    @property
+    def duration(self) -> float:
+        """Wall-clock seconds this config took (summed over resumed sessions)."""
+        return self._duration
+
+    @property
+    def fingerprint(self) -> str:
+        """The fingerprint of the snapshot the rows were produced under."""
+        return self._fingerprint
+
+    def __len__(self) -> int:
+        return self.totals.n
+
+    def summary(self) -> str:
+        """A few lines: score, examples, errors by type, duration."""
+        totals = self.totals
+        lines = [
+            f"config {self.config!r}: score {self.score:.4f} over {totals.n} examples "
+            f"({totals.errors} errors) in {self.duration:.2f}s"
+        ]
+        for kind, count in self.error_types.items():
+            lines.append(f"  {count} x {kind}")
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        totals = self.totals
+        return (
+            f"EvaluationResult(config={self.config!r}, score={self.score:.4f}, "
+            f"n={totals.n}, errors={totals.errors}, duration={self.duration:.2f}s)"
+        )
+
+
+class Results(Mapping[str, EvaluationResult]):
+    """A read-only mapping of config name to :class:`EvaluationResult`, in the configs' order."""
+
+    def __init__(self, results: Mapping[str, EvaluationResult]) -> None:
+        self._results = dict(results)
+
+    def __getitem__(self, name: str) -> EvaluationResult:
+        try:
+            return self._results[name]
+        except KeyError:
+            raise KeyError(f"no config named {name!r}; there are {list(self._results)}") from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._results)
+
+    def __len__(self) -> int:
+        return len(self._results)
+
+    def summary(self) -> str:
+        """One line per config: name, score, examples, errors, duration."""
+        width = max((len(name) for name in self._results), default=6)
+        lines = [f"{'config':<{width}}  {'score':>7}  {'n':>7}  {'errors':>6}  {'time':>8}"]
+        for name, result in self._results.items():
+            totals = result.totals
+            lines.append(
+                f"{name:<{width}}  {result.score:>7.4f}  {totals.n:>7}  {totals.errors:>6}  "
+                f"{result.duration:>7.2f}s"
+            )
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return f"Results({', '.join(f'{k}={v.score:.4f}' for k, v in self._results.items())})"
+
+
+def _index(row: Row) -> int:
+    return row.index
