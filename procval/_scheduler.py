@@ -24,7 +24,7 @@ serves two configs. Everything runs in the caller's thread; Ctrl-C kills every w
 from __future__ import annotations
 
 import contextlib
-import os
+import socket
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -40,6 +40,7 @@ from procval.backends._base import Backend, Worker, WorkerSpec
 from procval.errors import IsolationError, SetupError, TooManyErrors
 from procval.results import Results, Row, RowError, Totals
 
+_NODE = socket.gethostname()
 PIPELINE = 2  # shards queued per worker, so a worker never waits for its next shard
 START_FAILURES = 3  # fresh workers of a config dying before any result: give up
 LOST_LIMIT = 3  # an example lost in this many unexplained deaths is run alone
@@ -155,6 +156,8 @@ class Scheduler:
                 self._check_timeouts()
                 self._check_errors()
             completed = True
+            for w in self._live():
+                self._retire(w)
         except BaseException:
             self._kill_all()
             raise
@@ -337,7 +340,7 @@ class Scheduler:
         )
 
     def _error_row(
-        self, run: _ConfigRun, item: Item, error: RowError, *, attempts: int = 1, pid: int = 0
+        self, run: _ConfigRun, item: Item, error: RowError, *, pid: int = 0, node: str = ""
     ) -> Row:
         index, example_id, example = item
         return Row(
@@ -347,12 +350,12 @@ class Scheduler:
             prediction=None,
             score=self._options.failure_score,
             error=error,
-            attempts=attempts,
+            attempts=1,
             duration=0.0,
             worker_pid=pid,
             config=run.name,
             fingerprint=run.spec.snapshot.fingerprint,
-            node=os.uname().nodename,
+            node=node or _NODE,
         )
 
     # ---------------------------------------------------------------- failures
@@ -370,7 +373,7 @@ class Scheduler:
     def _on_death(self, w: _WorkerRun, how: str) -> None:
         run = w.config
         running = {seq for seq, _ in w.worker.running()}
-        label = w.worker.label
+        label, pid, log = w.worker.label, w.worker.pid, w.worker.crash_log()
         lost = self._drop(w)
         if not w.produced and not running and not any(alone for _, alone in lost):
             run.start_failures += 1
@@ -384,7 +387,8 @@ class Scheduler:
             for item in shard.items:
                 if alone and (item[0] in running or len(shard.items) == 1):
                     message = f"{how} while running this example alone in {label}"
-                    rows.append(self._error_row(run, item, RowError("WorkerCrashed", message)))
+                    error = RowError("WorkerCrashed", message, log)
+                    rows.append(self._error_row(run, item, error, pid=pid))
                 elif item[0] in running or run.lost.get(item[0], 0) >= LOST_LIMIT:
                     run.suspects.append(item)
                 else:
@@ -413,7 +417,7 @@ class Scheduler:
             late = {seq for seq, seconds in w.worker.running() if seconds > timeout}
             if not late:
                 continue
-            run, label = w.config, w.worker.label
+            run, label, pid = w.config, w.worker.label, w.worker.pid
             rows = []
             for shard, _ in self._drop(w):
                 for item in shard.items:
@@ -422,7 +426,8 @@ class Scheduler:
                             f"example still running after {timeout:g}s; "
                             f"worker {label} was killed and replaced"
                         )
-                        rows.append(self._error_row(run, item, RowError("Timeout", message)))
+                        error = RowError("Timeout", message)
+                        rows.append(self._error_row(run, item, error, pid=pid))
                     else:
                         run.requeue.append(item)
             self._deliver(run, rows)

@@ -72,6 +72,11 @@ class SlotTable:
                 busy.append((int(seq), max(0.0, now - start)))
         return busy
 
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called."""
+        return self._map.closed
+
     def close(self) -> None:
         """Unmap the table (the file is removed by whoever created it)."""
         with contextlib.suppress(BufferError, ValueError):

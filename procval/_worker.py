@@ -24,6 +24,7 @@ A watchdog thread ends the process when its parent dies, so no worker outlives a
 from __future__ import annotations
 
 import asyncio
+import faulthandler
 import hashlib
 import inspect
 import itertools
@@ -123,6 +124,7 @@ def initialize(snapshot: bytes, payload: bytes, options: WorkerOptions, slots_pa
     """
     global _state
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    _record_faults(slots_path + ".fault")
     _watch_parent(options.parent_pid)
     config: Config = _pickling.loads(snapshot)
     os.environ.update(config.env)
@@ -323,6 +325,19 @@ def _dump_results(header: tuple[Any, ...], results: list[Result]) -> bytes:
                 )
                 fixed.append((result[0], None, 0.0, error, result[4], result[5]))
         return _pickling.dumps((*header, fixed), what="results")
+
+
+def _record_faults(path: str) -> None:
+    """Send the fault handler's report of a fatal signal to a file the parent reads."""
+    global _fault_file
+    try:
+        _fault_file = open(path, "w")  # noqa: SIM115 - must stay open for the process's life
+    except OSError:
+        return
+    faulthandler.enable(file=_fault_file, all_threads=True)
+
+
+_fault_file: Any = None
 
 
 def _watch_parent(parent_pid: int) -> None:

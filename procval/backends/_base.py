@@ -41,6 +41,9 @@ class Worker(Protocol):
     label: str
     """A short name for messages, e.g. ``"pid 1234"``."""
 
+    pid: int
+    """The worker's process id once it has started, else 0."""
+
     def submit(self, shard: bytes) -> Future[bytes]:
         """Queue a pickled shard; the future resolves to the pickled results."""
         ...
@@ -51,6 +54,10 @@ class Worker(Protocol):
 
     def death(self, exc: BaseException) -> str | None:
         """If ``exc`` (from a shard's future) means the worker died, how (exit code, signal)."""
+        ...
+
+    def crash_log(self) -> str:
+        """What the worker's fault handler wrote when it died (a native traceback), or ""."""
         ...
 
     def kill(self) -> None:

@@ -15,6 +15,7 @@ import re
 import shutil
 import signal
 import tempfile
+import time
 from concurrent.futures import Future
 from itertools import count
 
@@ -41,12 +42,31 @@ class LokyWorker:
             env=dict(spec.env) or None,
         )
         self._path = slots_path
+        self._pid = 0
+
+    @property
+    def pid(self) -> int:
+        """The process id, once the worker has installed its snapshot (else 0)."""
+        if self._pid == 0 and not self._slots.closed:
+            self._pid = self._slots.pid() or next(iter(self._processes()), 0)
+        return self._pid
+
+    def _processes(self) -> dict[int, object]:
+        # loky keeps its processes by pid; used only for a worker killed while still starting
+        return dict(getattr(self._executor, "_processes", None) or {})
 
     @property
     def label(self) -> str:
         """``pid N`` once the worker has started."""
-        pid = self._slots.pid()
-        return f"pid {pid}" if pid else "a starting worker"
+        return f"pid {self.pid}" if self.pid else "a starting worker"
+
+    def crash_log(self) -> str:
+        """The fault handler's output (the native traceback of a segfault, say)."""
+        try:
+            with open(self._path + ".fault", encoding="utf-8", errors="replace") as f:
+                return f.read(64_000)
+        except OSError:
+            return ""
 
     def submit(self, shard: bytes) -> Future[bytes]:
         """Queue a shard on this worker's process."""
@@ -68,7 +88,7 @@ class LokyWorker:
 
     def kill(self) -> None:
         """SIGKILL the process, then drop the executor without waiting."""
-        pid = self._slots.pid()
+        pid = self.pid
         if pid:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
@@ -77,21 +97,53 @@ class LokyWorker:
 
     def close(self) -> None:
         """Let the process exit once its queued shards are done, without waiting for it."""
+        _ = self.pid  # remember it before loky forgets its processes
         self._executor.shutdown(wait=False)
+
+    def release(self) -> None:
+        """Unmap the slot table (after the process is gone)."""
         self._slots.close()
+
+    def alive(self) -> bool:
+        """Whether the process still runs (a zombie awaiting its reaper counts as gone)."""
+        pid = self.pid
+        if not pid:
+            return False
+        try:
+            with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+        except OSError:
+            pass
+        try:
+            os.kill(pid, 0)
+        except OSError:
+            return False
+        return True
 
 
 class LokyBackend:
     """Local worker processes through loky."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, grace: float = 2.0) -> None:
         self._dir = tempfile.mkdtemp(prefix="procval-")
         self._ids = count()
+        self._workers: list[LokyWorker] = []
+        self._grace = grace
 
     def start_worker(self, spec: WorkerSpec) -> LokyWorker:
         """Start one worker process for ``spec.snapshot``."""
-        return LokyWorker(spec, os.path.join(self._dir, f"worker-{next(self._ids)}.slots"))
+        worker = LokyWorker(spec, os.path.join(self._dir, f"worker-{next(self._ids)}.slots"))
+        self._workers.append(worker)
+        return worker
 
     def shutdown(self) -> None:
-        """Remove the slot files (workers are killed or closed by the scheduler)."""
+        """Give closed workers a moment to exit, kill what remains, remove the slot files."""
+        deadline = time.monotonic() + self._grace
+        while any(w.alive() for w in self._workers) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        for worker in self._workers:
+            if worker.alive():
+                worker.kill()
+            worker.release()
+        self._workers.clear()
         shutil.rmtree(self._dir, ignore_errors=True)

@@ -1,0 +1,32 @@
+"""Shared fixtures: every test's worker processes are checked for leaks."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import psutil
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))  # `import helpers` here and in workers
+
+
+@pytest.fixture
+def no_leaked_workers():
+    """Fail if a test leaves worker processes behind (after a short grace period)."""
+    yield
+    me = psutil.Process()
+    deadline = psutil.time.time() + 10
+    while True:
+        alive = [p for p in me.children(recursive=True) if _is_worker(p)]
+        if not alive or psutil.time.time() > deadline:
+            break
+        psutil.time.sleep(0.1)
+    assert not alive, f"worker processes outlived the run: {[p.pid for p in alive]}"
+
+
+def _is_worker(proc: psutil.Process) -> bool:
+    try:
+        return "resource_tracker" not in " ".join(proc.cmdline())
+    except psutil.Error:
+        return False

@@ -1,0 +1,7 @@
+"""The conformance suite against the default, local loky backend."""
+
+from backend_suite import BackendSuite
+
+
+class TestLoky(BackendSuite):
+    backend = "loky"
