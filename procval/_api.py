@@ -124,14 +124,12 @@ def evaluate(
     sink: Sink = _open_sink(store, fresh, [c.name for c in named])
     data = Examples(dataset, passes=len(named))
     examples = [data] * len(named)
-    snapshots = [take_snapshot(c) for c in named]
-    payload = _payload(program, metric)
+    _check_picklable(program, metric)
+    snapshots = [take_snapshot(c, program, metric) for c in named]
     options = WorkerOptions(
         threads=threads, retries=retries, backoff=backoff, parent_pid=os.getpid()
     )
-    specs = [
-        WorkerSpec(s, payload, options, dict(c.env)) for s, c in zip(snapshots, named, strict=True)
-    ]
+    specs = [WorkerSpec(s, options, dict(c.env)) for s, c in zip(snapshots, named, strict=True)]
     bars = Progress([c.name for c in named], [e.total for e in examples], enabled=wanted(progress))
     scheduler = Scheduler(
         _backend(backend),
@@ -237,13 +235,9 @@ def _check_counts(
     return workers
 
 
-def _payload(program: Any, metric: Any) -> bytes:
-    try:
-        return _pickling.dumps((program, metric), what="program and metric")
-    except Exception:
-        _pickling.dumps(program, what="program")
-        _pickling.dumps(metric, what="metric")
-        raise
+def _check_picklable(program: Any, metric: Any) -> None:
+    _pickling.dumps(program, what="program")
+    _pickling.dumps(metric, what="metric")
 
 
 def _open_sink(store: str | os.PathLike[str] | None, fresh: bool, names: list[str]) -> Sink:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pickle
 import types
+from collections.abc import Mapping
 from typing import Any
 
 import cloudpickle
@@ -88,7 +89,7 @@ def _children(obj: Any, path: str) -> list[tuple[str, Any]]:
     elif isinstance(obj, types.MethodType):
         kids.append((f"{path} is bound to an object that", obj.__self__))
         kids.append((f"{path}'s function", obj.__func__))
-    elif isinstance(obj, dict):
+    elif isinstance(obj, Mapping):
         kids.extend((f"{path}[{k!r}]", v) for k, v in list(obj.items())[:200])
     elif isinstance(obj, list | tuple | set | frozenset):
         kids.extend((f"{path}[{i}]", v) for i, v in enumerate(list(obj)[:200]))

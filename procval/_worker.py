@@ -4,8 +4,8 @@ One worker process serves one config for its whole life::
 
     parent (scheduler)                          worker process (this module)
     ──────────────────                          ────────────────────────────
-    start_worker(snapshot, payload) ──spawn──▶  initialize(): env → seed → setup() → program,
-                                                metric unpickled once; slot table marked ready
+    start_worker(snapshot) ──────spawn───────▶  initialize(): unpickle (config, program, metric)
+                                                once; env → seed → setup(); slot table ready
     submit(shard bytes) ───────────────────────▶ run_shard(): for each example, in `threads`
                                                 threads (or one event loop for async programs):
                                                   seed from (seed, example_id)
@@ -116,8 +116,8 @@ def example_seed(seed: int, example_id: object) -> int:
     return int.from_bytes(digest[:8], "little")
 
 
-def initialize(snapshot: bytes, payload: bytes, options: WorkerOptions, slots_path: str) -> None:
-    """Install a config snapshot in this process: env, seed, setup, then program and metric.
+def initialize(snapshot: bytes, options: WorkerOptions, slots_path: str) -> None:
+    """Install a snapshot in this process: unpickle it, then apply env, seed and setup.
 
     Runs once, as the worker's initializer. A failure is kept and reported by every
     :func:`run_shard` call, so the parent can stop the run with the worker's traceback.
@@ -126,21 +126,30 @@ def initialize(snapshot: bytes, payload: bytes, options: WorkerOptions, slots_pa
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     _record_faults(slots_path + ".fault")
     _watch_parent(options.parent_pid)
-    config: Config = _pickling.loads(snapshot)
+    try:
+        config, program, metric = _pickling.loads(snapshot)
+    except BaseException:
+        config, program, metric = Config("unreadable snapshot"), None, None
+        unreadable: str | None = traceback.format_exc()
+    else:
+        unreadable = None
     os.environ.update(config.env)
     state = _State(
         config=config,
+        program=program,
+        metric=metric,
+        is_async=_is_async(program),
         fingerprint=fingerprint(snapshot),
         options=options,
         slots=SlotTable(slots_path, max(1, options.threads)),
     )
     _state = state
+    state.setup_error = unreadable
     try:
-        _seed_globals(config.seed)
-        if config.setup is not None:
+        if unreadable is None:
+            _seed_globals(config.seed)
+        if unreadable is None and config.setup is not None:
             config.setup()
-        state.program, state.metric = _pickling.loads(payload)
-        state.is_async = _is_async(state.program)
     except BaseException:
         state.setup_error = traceback.format_exc()
     if state.is_async:

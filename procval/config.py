@@ -136,7 +136,7 @@ class Snapshot:
 
     Attributes:
         name: the config's name.
-        data: the cloudpickled :class:`Config`.
+        data: the cloudpickled ``(config, program, metric)``, pickled together once.
         fingerprint: a hash of ``data``; each worker recomputes it from the bytes it installed
             and stamps it on every row it produces.
         identity: :meth:`Config.identity`, compared when resuming from a store.
@@ -150,8 +150,12 @@ class Snapshot:
     description: Mapping[str, Any] = field(repr=False)
 
 
-def take_snapshot(config: Config) -> Snapshot:
-    """Pickle ``config`` for its workers.
+def take_snapshot(config: Config, program: Any = None, metric: Any = None) -> Snapshot:
+    """Pickle ``config``, with the program and metric its workers run, into one snapshot.
+
+    They are pickled together, in one call, so that functions defined in ``__main__`` or a
+    notebook share one globals dict in the worker: a ``setup`` that changes a module-level
+    variable is seen by the program, as it would be in a single process.
 
     Raises:
         SnapshotError: the config, or something its ``setup`` or ``values`` reference, cannot be
@@ -159,11 +163,12 @@ def take_snapshot(config: Config) -> Snapshot:
     """
     if not isinstance(config, Config):
         raise TypeError(f"expected a procval.Config, got {type(config).__name__}")
-    data = _pickling.dumps(
+    _pickling.dumps(
         config,
         what=f"config {config.name!r}",
         hint="create it inside Config.setup, which runs in each worker",
     )
+    data = _pickling.dumps((config, program, metric), what="program and metric")
     return Snapshot(
         name=config.name,
         data=data,

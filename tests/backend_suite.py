@@ -47,14 +47,15 @@ class BackendSuite:
     def test_the_original_bug_cannot_happen(self):
         """The user first runs the program in their own thread pool, then compares two models."""
         toyframework.configure(model="wrong")
-        with ThreadPoolExecutor(4) as pool:  # warms (and poisons) the parent's threads
-            list(pool.map(lambda q: toyframework.answer(q), range(20)))
-        # a naive thread-based evaluator reuses those stale threads: both "models" score alike
         naive = {}
         with ThreadPoolExecutor(4) as pool:
+            # the user's own run: every pool thread reads the settings (and caches them)
+            barrier = threading.Barrier(4)
+            list(pool.map(lambda q: (barrier.wait(), toyframework.answer(q)), range(4)))
+            # a naive thread-based evaluator then reuses those threads for both models
             for model in ("right", "wrong"):
                 toyframework.configure(model=model)
-                predictions = list(pool.map(lambda q: toyframework.answer(q), range(20)))
+                predictions = list(pool.map(toyframework.answer, range(20)))
                 naive[model] = sum(p == q * 2 for q, p in zip(range(20), predictions))
         assert naive["right"] == naive["wrong"], "the toy framework must reproduce the bug"
         results = self.evaluate(

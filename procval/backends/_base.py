@@ -22,15 +22,14 @@ class WorkerSpec:
     """What a new worker must install.
 
     Attributes:
-        snapshot: the config's snapshot; the worker installs ``snapshot.data``.
-        payload: the cloudpickled ``(program, metric)``, shipped once per worker.
+        snapshot: the config's snapshot; the worker installs ``snapshot.data``, which holds
+            the config, the program and the metric (shipped once per worker).
         options: threads, retries and backoff, and the parent's pid for the watchdog.
         env: the config's environment variables, set before the worker's interpreter starts
             (some libraries read them at import time).
     """
 
     snapshot: Snapshot
-    payload: bytes
     options: WorkerOptions
     env: Mapping[str, str] = field(default_factory=dict)
 

@@ -38,7 +38,7 @@ class LokyWorker:
             max_workers=1,
             context=get_context("loky"),
             initializer=_worker.initialize,
-            initargs=(spec.snapshot.data, spec.payload, spec.options, slots_path),
+            initargs=(spec.snapshot.data, spec.options, slots_path),
             env=dict(spec.env) or None,
         )
         self._path = slots_path
