@@ -375,7 +375,7 @@ class Scheduler:
         running = {seq for seq, _ in w.worker.running()}
         label, pid, log = w.worker.label, w.worker.pid, w.worker.crash_log()
         lost = self._drop(w)
-        if not w.produced and not running and not any(alone for _, alone in lost):
+        if not w.produced and not running:
             run.start_failures += 1
             if run.start_failures >= START_FAILURES:
                 raise SetupError(
@@ -385,11 +385,11 @@ class Scheduler:
         rows = []
         for shard, alone in lost:
             for item in shard.items:
-                if alone and (item[0] in running or len(shard.items) == 1):
+                if alone and item[0] in running:
                     message = f"{how} while running this example alone in {label}"
                     error = RowError("WorkerCrashed", message, log)
                     rows.append(self._error_row(run, item, error, pid=pid))
-                elif item[0] in running or run.lost.get(item[0], 0) >= LOST_LIMIT:
+                elif alone or item[0] in running or run.lost.get(item[0], 0) >= LOST_LIMIT:
                     run.suspects.append(item)
                 else:
                     run.lost[item[0]] = run.lost.get(item[0], 0) + 1

@@ -185,6 +185,17 @@ class BackendSuite:
                 config=procval.Config("down", setup=toys.failing_setup),
             )
 
+    @pytest.mark.slow
+    def test_workers_dying_at_start_is_a_setup_error(self, no_leaked_workers):
+        with pytest.raises(procval.SetupError, match="die before running any example"):
+            self.evaluate(
+                toys.program,
+                toys.dataset(5),
+                toys.metric,
+                workers=1,
+                config=procval.Config("dies", setup=toys.exiting_setup),
+            )
+
     # ------------------------------------------------------------- seeds, threads, async
 
     def test_seeded_outputs_do_not_depend_on_workers_or_threads(self):
@@ -206,6 +217,18 @@ class BackendSuite:
             threads=4,
         )
         assert [r.prediction for r in threaded.rows] == [r.prediction[1] for r in one.rows]
+
+    def test_numpy_global_rng_is_seeded_per_example(self):
+        pytest.importorskip("numpy")
+        config = procval.Config(seed=7)
+        one = self.evaluate(
+            toys.numpy_program, list(range(12)), toys.any_score, config=config, workers=1
+        )
+        two = self.evaluate(
+            toys.numpy_program, list(range(12)), toys.any_score, config=config, workers=2
+        )
+        assert [r.prediction for r in one.rows] == [r.prediction for r in two.rows]
+        assert len({r.prediction for r in one.rows}) == 12
 
     def test_threads_run_examples_concurrently(self):
         result = self.evaluate(

@@ -142,3 +142,13 @@ def any_score(example: Any, prediction: Any) -> float:
 
 def failing_setup() -> None:
     raise RuntimeError("cannot reach the model server")
+
+
+def exiting_setup() -> None:
+    os._exit(4)
+
+
+def numpy_program(example: Any) -> float:
+    import numpy
+
+    return float(numpy.random.random())
