@@ -45,7 +45,17 @@ def evaluate(
     *,
     config: Config | None = None,
     configs: None = None,
-    **options: Any,
+    workers: int | None = None,
+    threads: int = 1,
+    failure_score: float = 0.0,
+    progress: bool | None = None,
+    timeout: float | None = None,
+    retries: int = 0,
+    backoff: float = 0.5,
+    max_errors: int | None = None,
+    store: str | os.PathLike[str] | None = None,
+    fresh: bool = False,
+    backend: str | Backend = "loky",
 ) -> EvaluationResult: ...
 
 
@@ -57,7 +67,17 @@ def evaluate(
     *,
     config: None = None,
     configs: Mapping[str, Config] | Sequence[Config],
-    **options: Any,
+    workers: int | None = None,
+    threads: int = 1,
+    failure_score: float = 0.0,
+    progress: bool | None = None,
+    timeout: float | None = None,
+    retries: int = 0,
+    backoff: float = 0.5,
+    max_errors: int | None = None,
+    store: str | os.PathLike[str] | None = None,
+    fresh: bool = False,
+    backend: str | Backend = "loky",
 ) -> Results: ...
 
 

@@ -228,12 +228,13 @@ class Scheduler:
         return items
 
     def _submit(self, w: _WorkerRun, shard: _Shard) -> None:
+        data: bytes | None
         try:
             data = _pickling.dumps(shard.items, what="example")
         except Exception:
             data = self._drop_unpicklable(w.config, shard)
-            if data is None:
-                return
+        if data is None:
+            return
         future = w.worker.submit(data)
         w.shards[future] = shard
         self._owners[future] = w

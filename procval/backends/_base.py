@@ -37,11 +37,15 @@ class WorkerSpec:
 class Worker(Protocol):
     """One worker process serving one snapshot."""
 
-    label: str
-    """A short name for messages, e.g. ``"pid 1234"``."""
+    @property
+    def label(self) -> str:
+        """A short name for messages, e.g. ``"pid 1234"``."""
+        ...
 
-    pid: int
-    """The worker's process id once it has started, else 0."""
+    @property
+    def pid(self) -> int:
+        """The worker's process id once it has started, else 0."""
+        ...
 
     def submit(self, shard: bytes) -> Future[bytes]:
         """Queue a pickled shard; the future resolves to the pickled results."""
