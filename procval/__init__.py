@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 from procval._api import Metric, Program, evaluate
 from procval._dataset import read_jsonl
 from procval._worker import current_config, rng
+from procval.compare import Comparison, ComparisonTable, Interval, compare
 from procval.config import Config
 from procval.errors import (
     IsolationError,
@@ -31,8 +32,11 @@ if TYPE_CHECKING:
 __version__ = "0.1.0"
 
 __all__ = [
+    "Comparison",
+    "ComparisonTable",
     "Config",
     "EvaluationResult",
+    "Interval",
     "IsolationError",
     "Metric",
     "NoRetry",
@@ -47,6 +51,7 @@ __all__ = [
     "StoreError",
     "StoreMismatchError",
     "TooManyErrors",
+    "compare",
     "current_config",
     "evaluate",
     "read_jsonl",

@@ -5,8 +5,11 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from procval.compare import ComparisonTable, Interval
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,6 +164,59 @@ class EvaluationResult:
             lines.append(f"  {count} x {kind}")
         return "\n".join(lines)
 
+    def ci(self, confidence: float = 0.95, resamples: int = 10_000, seed: int = 0) -> Interval:
+        """A bootstrap confidence interval of :attr:`score`, resampling the examples.
+
+        Args:
+            confidence: the interval's level, between 0 and 1.
+            resamples: how many bootstrap resamples to draw.
+            seed: seed of the resamples; the same seed gives the same interval.
+
+        Returns:
+            ``Interval(low, high)`` (a named tuple); NaNs when there are no rows.
+
+        Raises:
+            ValueError: bad ``confidence``, ``resamples`` or ``seed``.
+        """
+        from procval.compare import bootstrap_ci
+
+        scores = [row.score for row in self.rows]
+        return bootstrap_ci(scores, confidence=confidence, resamples=resamples, seed=seed)
+
+    def to_pandas(self) -> Any:
+        """The rows as a ``pandas.DataFrame``, one row per example, in dataset order.
+
+        Columns: the fields of :class:`Row`, with ``error`` split into ``error_type``,
+        ``error_message`` and ``error_traceback`` (None where the example succeeded).
+
+        Raises:
+            ImportError: pandas is not installed (``pip install 'procval[pandas]'``).
+        """
+        try:
+            import pandas
+        except ImportError:
+            raise ImportError("to_pandas() needs pandas: pip install 'procval[pandas]'") from None
+        columns: list[str] = []
+        for name in (f.name for f in fields(Row)):
+            columns += (
+                ["error_type", "error_message", "error_traceback"] if name == "error" else [name]
+            )
+        records = []
+        for row in self.rows:
+            record = {name: getattr(row, name, None) for name in columns}
+            if row.error is not None:
+                record["error_type"] = row.error.type
+                record["error_message"] = row.error.message
+                record["error_traceback"] = row.error.traceback
+            records.append(record)
+        return pandas.DataFrame.from_records(records, columns=columns)
+
+    def _repr_html_(self) -> str:
+        """The notebook view: score with its interval, counts, and the first errors."""
+        from procval._html import render_result
+
+        return render_result(self)
+
     def __repr__(self) -> str:
         totals = self.totals
         return (
@@ -198,6 +254,51 @@ class Results(Mapping[str, EvaluationResult]):
                 f"{result.duration:>7.2f}s"
             )
         return "\n".join(lines)
+
+    def compare(
+        self,
+        baseline: str | None = None,
+        *,
+        pairs: bool = False,
+        confidence: float = 0.95,
+        resamples: int = 10_000,
+        seed: int = 0,
+        common_only: bool = False,
+    ) -> ComparisonTable:
+        """Compare every config with a baseline, or every pair, example by example.
+
+        Args:
+            baseline: the config the others are compared with (default: the first one).
+            pairs: compare every pair of configs instead (each later config against each
+                earlier one); ``baseline`` must then be None.
+            confidence: level of the bootstrap intervals.
+            resamples: bootstrap resamples per comparison.
+            seed: seed of the resamples.
+            common_only: pair on the example ids both configs have instead of refusing.
+
+        Returns:
+            A :class:`procval.ComparisonTable` of :class:`procval.Comparison` (``a`` is the
+            other config, ``b`` the baseline), with Holm-adjusted p-values.
+
+        Raises:
+            KeyError: no config named ``baseline``.
+            ValueError: both ``baseline`` and ``pairs``; or see :func:`procval.compare`.
+        """
+        from procval.compare import compare_all
+
+        if pairs and baseline is not None:
+            raise ValueError("pass baseline= or pairs=True, not both: pairs compares every pair")
+        base = None
+        if not pairs and self._results:
+            base = self[baseline] if baseline is not None else next(iter(self._results.values()))
+        return compare_all(
+            list(self._results.values()),
+            base,
+            confidence=confidence,
+            resamples=resamples,
+            seed=seed,
+            common_only=common_only,
+        )
 
     def __repr__(self) -> str:
         return f"Results({', '.join(f'{k}={v.score:.4f}' for k, v in self._results.items())})"
