@@ -87,7 +87,7 @@ def render_html(
         The page, as a string to write to a ``.html`` file.
     """
     runs = _as_list(results)
-    stats = {"confidence": confidence, "resamples": resamples, "seed": seed}
+    stats: dict[str, Any] = {"confidence": confidence, "resamples": resamples, "seed": seed}
     intervals = [r.ci(**stats) for r in runs]
     best = _best(runs)
     n = max((len(r) for r in runs), default=0)

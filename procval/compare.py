@@ -22,6 +22,7 @@ installations up to resampling noise.
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import operator
 import random
@@ -30,6 +31,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple, overload
 
+from procval._convert import to_jsonable
 from procval.errors import ProcvalError
 
 if TYPE_CHECKING:
@@ -321,6 +323,40 @@ def compare_all(
     return ComparisonTable([compare(x, y, **options) for x, y in pairs])
 
 
+def describe(
+    comparison: Comparison, a: EvaluationResult, b: EvaluationResult, *, examples: int = 5
+) -> str:
+    """The comparison's summary followed by the first examples on which a and b differ.
+
+    This is what ``procval compare`` prints. ``a`` and ``b`` are the results compared.
+
+    Args:
+        comparison: the result of ``compare(a, b)``.
+        a: the first result, for its rows.
+        b: the second result.
+        examples: how many differing examples to list, in ``a``'s dataset order.
+
+    Returns:
+        Several lines of text, without a final newline.
+    """
+    flipped = set(comparison.wins) | set(comparison.losses)
+    lines = [repr(comparison)]
+    if not flipped or examples <= 0:
+        return lines[0]
+    by_id_b = {row.example_id: row for row in b.rows}
+    shown = [row for row in a.rows if row.example_id in flipped][:examples]
+    lines.append(f"First {len(shown)} of {len(flipped)} examples where they differ:")
+    width = max(len(str(row.example_id)) for row in shown)
+    for row in shown:
+        other = by_id_b[row.example_id]
+        verb = "a wins " if row.score > other.score else "a loses"
+        lines.append(
+            f"  {row.example_id!s:<{width}}  {verb}  a: {_short(row)}  b: {_short(other)}  "
+            f"input: {_clip(_plain(row.example), 48)}"
+        )
+    return "\n".join(lines)
+
+
 # ------------------------------------------------------------------------------- the statistics
 
 
@@ -356,11 +392,11 @@ def sign_test(wins: int, losses: int) -> float:
         return min(1.0, tail / (1 << (m - 1)))
     # Large m: sum the tail down from its largest term, in floats relative to that term.
     log_top = math.lgamma(m + 1) - math.lgamma(k + 1) - math.lgamma(m - k + 1) - m * math.log(2)
-    relative, term = 1.0, 1.0
+    relative, ratio = 1.0, 1.0
     for i in range(k, 0, -1):
-        term *= i / (m - i + 1)
-        relative += term
-        if term < 1e-17 * relative:
+        ratio *= i / (m - i + 1)
+        relative += ratio
+        if ratio < 1e-17 * relative:
             break
     return min(1.0, 2.0 * math.exp(log_top) * relative)
 
@@ -465,6 +501,26 @@ def _align(
             missing_in_b=missing_in_b,
         )
     return pairs, missing_in_a, missing_in_b
+
+
+def _short(row: Any) -> str:
+    """A row's prediction (or error) and score, in a few words for a terminal line."""
+    shown = f"<{row.error.type}>" if row.error is not None else _clip(_plain(row.prediction), 24)
+    return f"{shown} ({row.score:g})"
+
+
+def _plain(value: Any) -> str:
+    if isinstance(value, str):
+        return repr(value)
+    try:
+        return json.dumps(to_jsonable(value), ensure_ascii=False)
+    except (TypeError, ValueError):
+        return repr(value)
+
+
+def _clip(text: str, width: int) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 def _ids(count: int) -> str:

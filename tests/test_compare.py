@@ -357,3 +357,22 @@ def test_compare_after_a_real_run():
     assert c.ties == ("e0",) and len(c.wins) == 29
     assert c.p_value == pytest.approx(2.0**-28)
     assert [(row.a, row.b) for row in results.compare(resamples=200)] == [("triple", "double")]
+
+
+def test_describe_lists_the_first_flipped_examples():
+    a = make_result("a", [1, 0, 1, 1, 0, 1], ids=["k1", "k2", "k3", "k4", "k5", "k6"], errors={4})
+    b = make_result("b", [1, 1, 0, 1, 1, 0], ids=["k1", "k2", "k3", "k4", "k5", "k6"])
+    c = procval.compare(a, b, resamples=200)
+    text = stats.describe(c, a, b, examples=3)
+    lines = text.splitlines()
+    assert lines[: len(repr(c).splitlines())] == repr(c).splitlines()
+    assert "First 3 of 4 examples where they differ:" in text
+    assert lines[-3].split()[:2] == ["k2", "a"] and "loses" in lines[-3]
+    assert lines[-2].startswith("  k3  a wins")
+    assert "a: 'answer k3' (1)  b: 'answer k3' (0)" in lines[-2]
+    assert "input: {" in lines[-2]
+    assert "k6" not in text
+    assert "<ValueError> (0)" in stats.describe(c, a, b, examples=4)
+    assert stats.describe(procval.compare(a, a, resamples=10), a, a) == repr(
+        procval.compare(a, a, resamples=10)
+    )
