@@ -1,0 +1,686 @@
+"""DSPy on worker processes: :func:`snapshot` of DSPy's settings, and a drop-in :class:`Evaluate`.
+
+::
+
+    parent (the caller's thread)                     each worker process of the config
+    ────────────────────────────                     ─────────────────────────────────
+    snapshot(): dspy.settings.config as this          env: LITELLM_LOCAL_MODEL_COST_MAP=True
+      thread sees it (configure + dspy.context)       setup(): dspy.configure_cache(...) as the
+      − per-call state (trace, usage tracker,                  caller had it, then
+        streaming and caller fields)                           dspy.configure(**settings)
+      − callbacks that cannot be pickled (warned)
+      the LM copied without its history
+      pickled at once ──▶ Config.setup (bytes) ──────▶ installed once per process
+      described, secrets redacted ──▶ Config.values   (what the run store keeps)
+
+    Evaluate(...)(program): snapshot() ──▶ procval.evaluate ──▶ program(**example.inputs()),
+      ◀── rows ── dspy-style EvaluationResult          metric(example, prediction), in
+          (score in percent, results tuples)           num_threads // workers threads each
+
+What stays in a process: each worker builds its own DSPy cache object. The in-memory cache
+starts empty in every worker; the disk cache (a SQLite-backed ``diskcache`` directory, safe for
+several processes) is shared, so a response cached by any process or earlier run is reused.
+Each worker's LM is its own copy: ``lm.history`` and ``dspy.inspect_history()`` fill up in the
+worker and are not sent back, so the caller's LM history does not grow. What a prediction
+carries (its fields, its LM usage under ``track_usage=True``) does come back with it.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib
+import importlib.util
+import json
+import logging
+import numbers
+import os
+import pickle
+import re
+import types
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+try:
+    import dspy
+except ImportError as exc:  # pragma: no cover - tested in a subprocess without dspy
+    raise ImportError(
+        "procval.dspy needs DSPy, which is not installed: pip install 'procval[dspy]'"
+    ) from exc
+
+import loky
+from dspy.clients.base_lm import BaseLM
+from dspy.dsp.utils.settings import DEFAULT_CONFIG
+from dspy.evaluate.evaluate import EvaluationResult as _DSPyEvaluationResult
+from dspy.utils.callback import with_callbacks
+
+from procval import _pickling
+from procval._api import evaluate
+from procval._convert import to_jsonable
+from procval._dataset import example_id
+from procval.config import Config
+from procval.errors import SnapshotError, TooManyErrors
+from procval.results import EvaluationResult as _ProcvalResult
+from procval.results import Row
+
+__all__ = ["PER_CALL_SETTINGS", "Evaluate", "EvaluationResult", "Scored", "snapshot"]
+
+logger = logging.getLogger(__name__)
+
+PER_CALL_SETTINGS = frozenset(
+    {
+        "trace",
+        "usage_tracker",
+        "send_stream",
+        "caller_predict",
+        "caller_modules",
+        "stream_listeners",
+    }
+)
+"""DSPy settings that belong to the call in progress in the caller's thread, not to a config.
+
+They are never carried to workers, where each example's call starts from DSPy's defaults:
+``trace`` (filled by optimizers while they trace a call), ``usage_tracker`` (one
+``dspy.track_usage()`` block), ``send_stream`` and ``stream_listeners`` (one ``dspy.streamify``
+call), ``caller_predict`` and ``caller_modules`` (the module stack of the call in progress).
+"""
+
+_THREADS_PER_PROCESS = 4  # Evaluate(workers=None): one process per 4 examples in flight
+
+_COST_MAP = "LITELLM_LOCAL_MODEL_COST_MAP"
+_SECRET = re.compile(
+    r"api_?key|secret|passw|credential|cookie|auth|headers?$|token$", re.IGNORECASE
+)
+_REDACTED = "***"
+
+
+# ---------------------------------------------------------------- snapshot
+
+
+def snapshot(name: str | None = None, **overrides: Any) -> Config:
+    """Capture the DSPy settings the calling thread sees now, as a config for worker processes.
+
+    The captured settings are ``dspy.settings.config`` (``dspy.configure`` plus the
+    ``dspy.context(...)`` overrides active in this thread), updated with ``overrides``, minus
+    :data:`PER_CALL_SETTINGS`. They are pickled at once, so later changes in the caller do not
+    reach the snapshot. Each worker of the config installs them with ``dspy.configure(...)``,
+    after applying the caller's DSPy cache configuration (``dspy.configure_cache``) if this
+    process has built a cache.
+
+    The LM (``lm``) is copied with ``lm.copy()``, which leaves its ``history`` behind: workers
+    start with empty histories and the config's identity does not change as the caller's LM is
+    used. Callbacks (``callbacks``) travel if they can be pickled, and run in the workers;
+    those that cannot are left out with a warning (callbacks of ``Evaluate`` itself run in the
+    caller).
+
+    Secrets: the pickled settings (with the LM's ``api_key``) live only in ``Config.setup``,
+    whose ``repr`` does not show them. ``Config.values`` holds a JSON description of the
+    settings that differ from DSPy's defaults (``lm`` and ``adapter`` always), with fields named
+    like secrets (``api_key``, ``*token``, ``*headers``, ...) replaced by ``"***"`` and LM
+    histories left out; it is what ``Config.describe()`` and the run store show.
+
+    ``Config.env`` sets ``LITELLM_LOCAL_MODEL_COST_MAP=True`` (unless the caller's environment
+    sets it), so LiteLLM reads its bundled cost map instead of fetching it at each worker start.
+
+    Args:
+        name: the config's name; defaults to the LM's model name (``"dspy"`` without an LM).
+        **overrides: DSPy settings to change in the snapshot, e.g. ``lm=dspy.LM(...)`` or
+            ``adapter=dspy.JSONAdapter()``.
+
+    Returns:
+        A :class:`procval.Config` for :func:`procval.evaluate`. Use ``dataclasses.replace`` to
+        add ``env`` (API keys) or a ``seed``.
+
+    Raises:
+        ValueError: an override names an unknown setting or a per-call one.
+        SnapshotError: a setting cannot be pickled; the message names it.
+    """
+    settings = dict(dspy.settings.config)
+    unknown = sorted(set(overrides) - set(settings))
+    if unknown:
+        raise ValueError(
+            f"unknown DSPy settings {unknown}; snapshot() accepts the keys of "
+            f"dspy.settings.config: {sorted(set(settings) - PER_CALL_SETTINGS)}"
+        )
+    per_call = sorted(set(overrides) & PER_CALL_SETTINGS)
+    if per_call:
+        raise ValueError(
+            f"{per_call} belong to one call in progress and are never sent to workers; "
+            "leave them out of snapshot()"
+        )
+    settings.update(overrides)
+    carried = {k: v for k, v in settings.items() if k not in PER_CALL_SETTINGS}
+    lm = carried.get("lm")
+    if isinstance(lm, BaseLM):
+        carried["lm"] = lm.copy()  # a copy with an empty history (and its own kwargs)
+    carried["callbacks"] = _travelling_callbacks(carried.get("callbacks") or [])
+    blob = _dump(carried, _cache_settings())
+    env = {_COST_MAP: os.environ.get(_COST_MAP, "True")}
+    return Config(
+        name=name if name is not None else _model_name(lm),
+        setup=_Configure(blob),
+        env=env,
+        values={"model": _model_name(lm) if lm is not None else None, **_describe(carried)},
+    )
+
+
+class _Configure:
+    """``Config.setup`` of a snapshot: installs the pickled settings in a worker.
+
+    The settings stay as bytes because they hold the LM and its API key; ``__slots__`` (no
+    ``__dict__``) and a fixed ``repr`` keep them out of ``Config.describe()``.
+    """
+
+    __slots__ = ("_blob",)
+
+    def __init__(self, blob: bytes) -> None:
+        self._blob = blob
+
+    def __call__(self) -> None:
+        """Configure DSPy's cache as the caller had it, then ``dspy.configure(**settings)``."""
+        settings, cache = pickle.loads(self._blob)
+        if cache is not None:
+            _configure_cache(cache)
+        dspy.configure(**settings)
+
+    def __repr__(self) -> str:
+        return "<procval.dspy settings>"
+
+
+def _model_name(lm: Any) -> str:
+    if lm is None:
+        return "dspy"
+    model = getattr(lm, "model", None)
+    return model if isinstance(model, str) and model else type(lm).__name__
+
+
+def _travelling_callbacks(callbacks: Sequence[Any]) -> list[Any]:
+    kept = []
+    for callback in callbacks:
+        try:
+            _pickling.dumps(callback, what=f"DSPy callback {callback!r}")
+        except SnapshotError as exc:
+            warnings.warn(
+                f"{exc}. It is left out of the snapshot: it still runs for Evaluate in this "
+                "process, but not for the modules and LMs in the workers",
+                UserWarning,
+                stacklevel=3,
+            )
+        else:
+            kept.append(callback)
+    return kept
+
+
+def _dump(settings: dict[str, Any], cache: dict[str, Any] | None) -> bytes:
+    try:
+        return _pickling.dumps((settings, cache), what="DSPy settings")
+    except SnapshotError:
+        for key, value in settings.items():
+            _pickling.dumps(
+                value,
+                what=f"DSPy setting {key!r}",
+                hint=f"override it, e.g. procval.dspy.snapshot({key}=...), with a value that "
+                "can be pickled, or create it inside the program",
+            )
+        raise
+
+
+def _cache_settings() -> dict[str, Any] | None:
+    """How this process configured DSPy's cache, as ``dspy.configure_cache`` arguments.
+
+    None when no cache was built here yet: workers then build DSPy's default one, which follows
+    ``DSPY_CACHEDIR`` and ``DSPY_CACHE_LIMIT`` (inherited from this process's environment).
+    The disk size limit is not carried (DSPy's default or ``DSPY_CACHE_LIMIT`` applies).
+    """
+    cache = vars(dspy).get("cache")  # dspy builds its cache lazily, on first use
+    if cache is None:
+        return None
+    settings: dict[str, Any] = {
+        "enable_disk_cache": bool(getattr(cache, "enable_disk_cache", True)),
+        "enable_memory_cache": bool(getattr(cache, "enable_memory_cache", True)),
+        "disk_cache_dir": getattr(cache, "disk_cache_dir", None),
+    }
+    maxsize = getattr(getattr(cache, "memory_cache", None), "maxsize", None)
+    if settings["enable_memory_cache"] and maxsize:
+        settings["memory_max_entries"] = maxsize
+    # configure_cache(restrict_pickle=True, safe_types=[...]) bakes the allowed types into the
+    # diskcache Disk class: carry them as (module, qualname) pairs, imported in the worker.
+    disk = getattr(getattr(cache, "disk_cache", None), "_disk", None)
+    allowed = getattr(disk, "_allowed", None)
+    if allowed is not None:
+        settings["restrict_pickle"] = True
+        settings["safe_types"] = sorted(allowed)
+    return settings
+
+
+def _configure_cache(settings: dict[str, Any]) -> None:
+    settings = dict(settings)
+    if "safe_types" in settings:
+        settings["safe_types"] = [_import_type(m, q) for m, q in settings["safe_types"]]
+    dspy.configure_cache(**settings)
+
+
+def _import_type(module: str, qualname: str) -> type:
+    obj: Any = importlib.import_module(module)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _describe(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """The settings as JSON without secrets: those that differ from DSPy's defaults."""
+    described = {}
+    for key, value in settings.items():
+        if key not in ("lm", "adapter") and key in DEFAULT_CONFIG:
+            try:
+                if value == DEFAULT_CONFIG[key]:
+                    continue
+            except Exception:  # an object whose __eq__ raises: describe it
+                pass
+        described[key] = _public(value)
+    return described
+
+
+def _public(value: Any) -> Any:
+    if value is None or isinstance(value, bool | int | float | str):
+        return to_jsonable(value)
+    if isinstance(value, list | tuple):
+        return [_public(v) for v in value]
+    if isinstance(value, Mapping):
+        return _redact(to_jsonable(value))
+    kind = f"{type(value).__module__}.{type(value).__qualname__}"
+    if isinstance(value, types.FunctionType | types.BuiltinFunctionType | type):
+        return {"function": f"{value.__module__}.{value.__qualname__}"}
+    if isinstance(value, BaseLM):
+        state = {k: v for k, v in vars(value).items() if not k.startswith("_") and k != "history"}
+        return {"class": kind, **_redact(to_jsonable(state))}
+    return {"class": kind, "state": _redact(to_jsonable(value))}
+
+
+def _redact(value: Any) -> Any:
+    """Replace values under secret-looking keys with ``"***"``; drop LM histories."""
+    if isinstance(value, dict):
+        return {
+            k: (_REDACTED if v not in (None, "", {}, []) else v)
+            if _SECRET.search(k)
+            else _redact(v)
+            for k, v in value.items()
+            if k != "history"
+        }
+    if isinstance(value, list):
+        return [_redact(v) for v in value]
+    return value
+
+
+# ---------------------------------------------------------------- Evaluate
+
+
+class EvaluationResult(_DSPyEvaluationResult):
+    """DSPy's ``EvaluationResult``, with procval's rows and errors kept reachable.
+
+    Attributes:
+        score: the mean metric value in percent, rounded to 2 decimals, as DSPy computes it.
+        results: ``(example, prediction, score)`` per example in devset order, as DSPy gives
+            them: ``example`` is the devset's own object, ``score`` the metric's value as
+            returned; a failed example has an empty ``dspy.Prediction()`` and
+            ``failure_score``. After ``max_errors``, only the finished examples are there.
+    """
+
+    def __init__(
+        self,
+        score: float,
+        results: list[tuple[Any, Any, float]],
+        evaluation: _ProcvalResult,
+    ) -> None:
+        super().__init__(score=score, results=results)
+        self._procval = evaluation
+
+    @property
+    def procval(self) -> _ProcvalResult:
+        """The result as procval gives it: rows, errors, ``summary()``, duration, fingerprint."""
+        return self._procval
+
+    @property
+    def rows(self) -> Sequence[Row]:
+        """Every row with its provenance; a row's ``prediction`` is a :class:`Scored`."""
+        return self._procval.rows
+
+    @property
+    def errors(self) -> list[Row]:
+        """The rows of the examples that failed, with the worker's traceback."""
+        return self._procval.errors
+
+
+class Evaluate(dspy.Evaluate):
+    """``dspy.Evaluate`` that runs the program on worker processes holding a settings snapshot.
+
+    The constructor and the call take ``dspy.Evaluate``'s arguments with their meaning, plus
+    procval's options below. Each call takes a :func:`snapshot` of the DSPy settings the calling
+    thread sees (so ``dspy.configure(lm=...)`` and ``dspy.context(lm=...)`` just before the call
+    decide the LM) and evaluates ``program(**example.inputs())`` in fresh processes holding it.
+
+    ``num_threads`` stays the number of examples in flight: the work runs on
+    ``processes = min(workers, num_threads)`` processes with ``num_threads // processes`` threads
+    each, so at most ``num_threads`` examples (and LM requests) are in flight.
+    ``num_threads=None`` means ``dspy.settings.num_threads``, as in DSPy. ``workers=None`` means
+    one process per 4 threads wanted, up to the CPU count: LM calls wait on the network, so
+    threads serve them well, and each process costs a DSPy import at start.
+
+    ``max_errors`` keeps DSPy's meaning (stop at that many failed examples; ``None`` means
+    ``dspy.settings.max_errors``). Unlike DSPy, the examples that finished are kept: the
+    :class:`procval.TooManyErrors` raised carries them in ``.results``, an
+    :class:`EvaluationResult` over the finished examples only.
+
+    Args:
+        devset: the ``dspy.Example`` objects to evaluate, with inputs set (``with_inputs``).
+        metric: called as ``metric(example, prediction)``; returns a bool or a number (or
+            anything ``float()`` accepts, such as ``dspy.Prediction(score=...)``).
+        num_threads: examples in flight at once (see above).
+        display_progress: show procval's progress bar on stderr.
+        display_table: print the results as a table (needs pandas); an int shows that many rows.
+        max_errors: stop once this many examples have failed (see above).
+        provide_traceback: log each failed example with the worker's traceback.
+        failure_score: the score of an example whose program or metric raised.
+        save_as_csv: write the results to this CSV file, as DSPy does.
+        save_as_json: write the results to this JSON file, as DSPy does.
+        workers: worker processes at most (default: ``ceil(num_threads / 4)``, up to the CPU
+            count).
+        timeout: seconds an example may run before its worker is killed and the example fails
+            with a ``"Timeout"`` error (default: no limit).
+        retries: times to retry an example whose program raised, with backoff.
+        store: a SQLite run store; calling again with the same store resumes the run.
+        **kwargs: passed to ``dspy.Evaluate`` (which rejects ``return_outputs``).
+    """
+
+    def __init__(
+        self,
+        *,
+        devset: list[dspy.Example],
+        metric: Callable[..., Any] | None = None,
+        num_threads: int | None = None,
+        display_progress: bool = False,
+        display_table: bool | int = False,
+        max_errors: int | None = None,
+        provide_traceback: bool | None = None,
+        failure_score: float = 0.0,
+        save_as_csv: str | None = None,
+        save_as_json: str | None = None,
+        workers: int | None = None,
+        timeout: float | None = None,
+        retries: int = 0,
+        store: str | os.PathLike[str] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(
+            devset=devset,
+            metric=metric,
+            num_threads=num_threads,
+            display_progress=display_progress,
+            display_table=display_table,
+            max_errors=max_errors,
+            provide_traceback=provide_traceback,
+            failure_score=failure_score,
+            save_as_csv=save_as_csv,
+            save_as_json=save_as_json,
+            **kwargs,
+        )
+        self.workers = workers
+        self.timeout = timeout
+        self.retries = retries
+        self.store = store
+
+    @with_callbacks
+    def __call__(
+        self,
+        program: Callable[..., Any],
+        metric: Callable[..., Any] | None = None,
+        devset: list[dspy.Example] | None = None,
+        num_threads: int | None = None,
+        display_progress: bool | None = None,
+        display_table: bool | int | None = None,
+        callback_metadata: dict[str, Any] | None = None,
+        save_as_csv: str | None = None,
+        save_as_json: str | None = None,
+    ) -> EvaluationResult:
+        """Evaluate ``program`` on worker processes; arguments override the constructor's.
+
+        Args:
+            program: the DSPy program (any callable taking the examples' inputs as keywords).
+            metric: the metric, if not the constructor's.
+            devset: the examples, if not the constructor's.
+            num_threads: examples in flight, if not the constructor's.
+            display_progress: show a progress bar, if not the constructor's choice.
+            display_table: print a results table, if not the constructor's choice.
+            callback_metadata: metadata for DSPy's evaluate callbacks (logged at debug level).
+            save_as_csv: a CSV file to write, if not the constructor's.
+            save_as_json: a JSON file to write, if not the constructor's.
+
+        Returns:
+            An :class:`EvaluationResult`: ``score`` in percent, ``results`` tuples, and procval's
+            ``rows``, ``errors`` and ``procval`` result.
+
+        Raises:
+            ValueError: an empty devset, or an example without inputs.
+            TypeError: no metric, or a program or metric that is not callable.
+            procval.TooManyErrors: ``max_errors`` examples failed; ``.results`` holds what
+                finished, as an :class:`EvaluationResult`.
+            procval.SnapshotError: the program, metric or a DSPy setting cannot be pickled.
+            procval.SetupError: the settings could not be installed in a worker.
+        """
+        metric = metric if metric is not None else self.metric
+        devset = devset if devset is not None else self.devset
+        num_threads = num_threads if num_threads is not None else self.num_threads
+        display_progress = (
+            display_progress if display_progress is not None else self.display_progress
+        )
+        display_table = display_table if display_table is not None else self.display_table
+        save_as_csv = save_as_csv if save_as_csv is not None else self.save_as_csv
+        save_as_json = save_as_json if save_as_json is not None else self.save_as_json
+        if not devset:
+            raise ValueError("devset must contain at least one example, got an empty devset.")
+        if not callable(program):
+            raise TypeError(f"program must be callable, got {type(program).__name__}")
+        if not callable(metric):
+            raise TypeError(
+                "metric must be callable as metric(example, prediction); pass metric= to "
+                f"Evaluate(...) or to the call (got {type(metric).__name__})"
+            )
+        if callback_metadata:
+            logger.debug(f"Evaluate is called with callback metadata: {callback_metadata}")
+        devset = list(devset)
+        _check_inputs(devset)
+        workers, threads = _plan(num_threads, self.workers)
+        limit = self.max_errors if self.max_errors is not None else dspy.settings.max_errors
+        config = snapshot()
+        try:
+            outcome = evaluate(
+                _Program(program, metric),
+                _dataset(devset),
+                _score,
+                config=config,
+                workers=workers,
+                threads=threads,
+                failure_score=self.failure_score,
+                progress=bool(display_progress),
+                timeout=self.timeout,
+                retries=self.retries,
+                max_errors=None if limit is None else max(0, limit - 1),  # DSPy stops at limit
+                store=self.store,
+            )
+        except TooManyErrors as exc:
+            partial = exc.results[config.name] if isinstance(exc.results, Mapping) else exc.results
+            exc.results = self._report(partial, devset, metric, False, None, None)
+            logger.warning("Execution cancelled due to errors; the finished examples are kept.")
+            raise
+        return self._report(outcome, devset, metric, display_table, save_as_csv, save_as_json)
+
+    def _report(
+        self,
+        outcome: _ProcvalResult,
+        devset: list[Any],
+        metric: Any,
+        display_table: bool | int,
+        save_as_csv: str | None,
+        save_as_json: str | None,
+    ) -> EvaluationResult:
+        """Log, display and save the rows as ``dspy.Evaluate`` does; return the DSPy result."""
+        traceback = (
+            self.provide_traceback
+            if self.provide_traceback is not None
+            else dspy.settings.provide_traceback
+        )
+        for row in outcome.errors:
+            assert row.error is not None
+            if traceback:
+                logger.error(f"Error for {devset[row.index]}: {row.error}\n{row.error.traceback}")
+            else:
+                logger.error(
+                    f"Error for {devset[row.index]}: {row.error}. "
+                    "Set `provide_traceback=True` for traceback."
+                )
+        results = [(devset[row.index], *_result(row)) for row in outcome.rows]
+        ncorrect, ntotal = sum(score for *_, score in results), len(results)
+        percent = 100 * ncorrect / ntotal if ntotal else 0.0
+        logger.info(f"Average Metric: {ncorrect} / {ntotal} ({round(percent, 1)}%)")
+        metric_name = (
+            metric.__name__ if isinstance(metric, types.FunctionType) else type(metric).__name__
+        )
+        if display_table:
+            if importlib.util.find_spec("pandas") is not None:
+                table = self._construct_result_table(results, metric_name)
+                self._display_result_table(table, display_table, metric_name)
+            else:
+                logger.warning("Skipping table display since `pandas` is not installed.")
+        if save_as_csv:
+            data = self._prepare_results_output(results, metric_name)
+            with open(save_as_csv, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=data[0].keys())
+                writer.writeheader()
+                writer.writerows(data)
+        if save_as_json:
+            with open(save_as_json, "w") as f:
+                json.dump(self._prepare_results_output(results, metric_name), f)
+        return EvaluationResult(score=round(percent, 2), results=results, evaluation=outcome)
+
+
+def _plan(num_threads: int | None, workers: int | None) -> tuple[int, int]:
+    """``(processes, threads per process)`` for at most ``num_threads`` examples in flight."""
+    wanted = num_threads or dspy.settings.num_threads  # as DSPy's ParallelExecutor reads it
+    if isinstance(wanted, bool) or not isinstance(wanted, int) or wanted < 1:
+        raise ValueError(f"num_threads must be a positive int, got {wanted!r}")
+    if workers is None:
+        workers = min(loky.cpu_count(), -(-wanted // _THREADS_PER_PROCESS))
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers must be a positive int or None, got {workers!r}")
+    workers = min(workers, wanted)
+    return workers, wanted // workers
+
+
+def _check_inputs(devset: list[Any]) -> None:
+    for index, example in enumerate(devset):
+        inputs = getattr(example, "inputs", None)
+        if not callable(inputs):
+            raise TypeError(
+                f"devset[{index}] is a {type(example).__name__}; Evaluate needs dspy.Example "
+                "objects, e.g. dspy.Example(question=..., answer=...).with_inputs('question')"
+            )
+        try:
+            inputs()
+        except ValueError:
+            raise ValueError(
+                f"devset[{index}] has no inputs set; mark them with "
+                "example.with_inputs('question', ...)"
+            ) from None
+
+
+@dataclass(frozen=True)
+class _ByPosition:
+    """An example sent under its position: for devsets whose ``id`` fields procval cannot use.
+
+    procval identifies an example by its ``id`` field (ints or strings, unique) or else by
+    position. DSPy does not care about ``id``, so a devset with duplicate or non-scalar ids
+    is sent wrapped, numbered by position.
+    """
+
+    position: int
+    example: Any
+
+    @property
+    def id(self) -> int:
+        """The example's position in the devset."""
+        return self.position
+
+
+def _dataset(devset: list[Any]) -> list[Any]:
+    seen: set[int | str] = set()
+    for index, example in enumerate(devset):
+        try:
+            eid = example_id(example, index)
+        except TypeError:
+            break
+        if eid in seen:
+            break
+        seen.add(eid)
+    else:
+        return devset
+    return [_ByPosition(i, example) for i, example in enumerate(devset)]
+
+
+def _unwrap(example: Any) -> Any:
+    return example.example if isinstance(example, _ByPosition) else example
+
+
+@dataclass(frozen=True)
+class Scored:
+    """What a worker returns for one example (a row's ``prediction``).
+
+    DSPy runs the program and the metric as one step, and keeps the metric's value as returned
+    (a bool, a number, a ``dspy.Prediction(score=..., feedback=...)``); so does procval.dspy.
+
+    Attributes:
+        prediction: what ``program(**example.inputs())`` returned.
+        score: what ``metric(example, prediction)`` returned; the row's score is its float.
+    """
+
+    prediction: Any
+    score: Any
+
+
+class _Program:
+    """Runs a DSPy program and its metric as DSPy's Evaluate does, on one example."""
+
+    def __init__(self, program: Callable[..., Any], metric: Callable[..., Any]) -> None:
+        self.program = program
+        self.metric = metric
+
+    def __call__(self, example: Any) -> Scored:
+        example = _unwrap(example)
+        prediction = self.program(**example.inputs())
+        return Scored(prediction, self.metric(example, prediction))
+
+
+def _score(example: Any, scored: Scored) -> Any:
+    """The row's score: the metric's value, through ``float()`` unless a bool or a number."""
+    value = scored.score
+    if isinstance(value, bool | numbers.Real):
+        return value
+    try:
+        return float(value)  # e.g. dspy.Prediction(score=..., feedback=...)
+    except (TypeError, ValueError):
+        return value  # procval records the wrong type as the row's error
+
+
+def _result(row: Row) -> tuple[Any, Any]:
+    """``(prediction, metric value)`` of a row, as DSPy's results tuples hold them."""
+    if row.error is not None:
+        return dspy.Prediction(), row.score
+    scored = row.prediction
+    if isinstance(scored, Scored):
+        return scored.prediction, scored.score
+    # A row read back from a run store holds JSON: {"prediction": {...}, "score": ...}.
+    prediction = scored.get("prediction") if isinstance(scored, dict) else scored
+    value = scored.get("score", row.score) if isinstance(scored, dict) else row.score
+    if isinstance(prediction, dict):
+        prediction = dspy.Prediction(**prediction)
+    return prediction, value
