@@ -1,39 +1,81 @@
 """How many examples to put in the next shard.
 
-Like joblib's auto-batching: aim for shards that take about ``TARGET`` seconds in a worker, so
-the per-shard cost (~100 µs of pickling and IPC) is invisible next to trivial examples while slow
-examples still travel one or a few at a time. Near the end of a dataset of known length, shards
-shrink so that no worker idles while another finishes a long last shard.
+A worker runs one shard at a time: its ``threads`` threads share the shard's examples, and its
+next shard starts only when the slowest example of this one has finished. So a shard should be:
+
+- long enough that the per-shard cost (pickling, IPC, the scheduler's bookkeeping: about a
+  millisecond) is invisible next to the work. Like joblib's auto-batching, aim for ``TARGET``
+  seconds of work per shard (up to ``MAX_SIZE`` examples for trivial programs);
+- with threads, at least ``MIN_ROUNDS`` rounds of ``threads`` examples, in whole rounds: at the
+  end of a shard the threads that are done wait for the slowest example, and with several rounds
+  that idle tail is a small part of the shard even for slow, uneven calls to an LLM (a shard sized
+  by seconds alone would hold a few examples, and most threads would idle);
+- small near the end of a dataset of known length, so that no worker idles while another one
+  finishes a long last shard: at most a ``1 / (SHARE * workers)`` part of what is left (guided
+  self-scheduling; what is left includes the shards in flight, about two per worker).
+
+The timing comes from the workers: each finished shard reports its size and wall time, from which
+the sizer keeps a moving average of an example's *latency*: how long it keeps one thread busy.
+``docs/performance.md`` has the measurements behind these constants.
 """
 
 from __future__ import annotations
 
 import math
 
-TARGET = 0.3  # seconds of work per shard
+TARGET = 0.5  # seconds of work per shard
+MIN_ROUNDS = 8  # with threads: at least this many rounds of `threads` examples per shard
+SHARE = 4  # near the end: at most remaining / (SHARE * workers) examples per shard
 MAX_SIZE = 4096
+_SMOOTHING = 0.3  # weight of the newest observation in the moving average
 
 
 class ShardSizer:
-    """Adaptive shard sizes for one config, from the timings its workers report."""
+    """Adaptive shard sizes for one config, from the timings its workers report.
+
+    Args:
+        threads: examples a worker of this config runs at once.
+    """
 
     def __init__(self, threads: int) -> None:
         self._threads = max(1, threads)
-        self._per_example: float | None = None
+        self._latency: float | None = None  # seconds one example keeps one thread busy
 
     def observe(self, examples: int, seconds: float) -> None:
         """A shard of ``examples`` took ``seconds`` of wall time inside a worker."""
         if examples <= 0:
             return
-        sample = max(seconds, 1e-7) / examples
-        if self._per_example is None:
-            self._per_example = sample
+        # the shard ran on min(threads, examples) threads at once
+        sample = max(seconds, 1e-7) * min(self._threads, examples) / examples
+        if self._latency is None:
+            self._latency = sample
         else:  # exponential moving average: follow drifts, damp noise
-            self._per_example = 0.7 * self._per_example + 0.3 * sample
+            self._latency += _SMOOTHING * (sample - self._latency)
 
     def next_size(self, *, remaining: int | None, workers: int) -> int:
-        """Examples for the next shard, given what is left and how many workers share it."""
-        size = 2 * self._threads if self._per_example is None else int(TARGET / self._per_example)
+        """Examples for the next shard.
+
+        Args:
+            remaining: the config's examples without a result yet, those in running shards
+                included; ``None`` when unknown (a generator).
+            workers: how many workers the config has.
+
+        Returns:
+            A size of at least 1.
+        """
+        threads = self._threads
+        if self._latency is None:
+            size = 2 * threads  # small first shards: the first timings come back soon
+        else:
+            size = int(TARGET * threads / self._latency)
+            if threads > 1:
+                size = _round_up(max(size, MIN_ROUNDS * threads), threads)
         if remaining is not None:
-            size = min(size, math.ceil(remaining / (2 * max(1, workers))))
+            share = math.ceil(remaining / (SHARE * max(1, workers)))
+            # whole rounds: a shard of fewer than `threads` examples takes a round all the same
+            size = min(size, _round_up(share, threads))
         return max(1, min(size, MAX_SIZE))
+
+
+def _round_up(size: int, multiple: int) -> int:
+    return -(-size // multiple) * multiple

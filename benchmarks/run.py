@@ -1,0 +1,491 @@
+"""procval against the alternatives, side by side, in one run.
+
+Usage::
+
+    python benchmarks/run.py                  # every case, 3 repetitions (a few minutes)
+    python benchmarks/run.py --quick          # smaller cases, 1 repetition: a smoke run
+    python benchmarks/run.py --case cpu,cold --repeat 5
+    python benchmarks/run.py --scaling        # examples/s against workers and threads
+
+Each case runs procval and the alternatives in the same process, interleaved repetition by
+repetition (so a burst of load from elsewhere hits every engine alike), and reports medians.
+Every engine runs the same importable functions from ``benchmarks/workloads.py``, program and
+metric both, and every result is checked, so no engine can win by skipping work.
+
+Process-based engines are measured *cold*, the way ``evaluate`` runs: procval starts (and stops)
+its worker processes in every call, so joblib's reusable executor is shut down before each timed
+joblib call and a fresh ``ProcessPoolExecutor`` is made each time. Joblib with its workers already
+running ("warm") is shown for reference. The memory case runs each size in a fresh subprocess, so
+``ru_maxrss`` is the peak of that run alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+if HERE not in sys.path:  # workers import the workloads by name: make the module findable
+    sys.path.insert(0, HERE)
+# spawned workers (procval's, joblib's, multiprocessing's) inherit PYTHONPATH
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    [HERE, *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+)
+
+import workloads  # noqa: E402
+
+import procval  # noqa: E402
+
+MB = 1024 * 1024
+
+
+# ---------------------------------------------------------------- engines
+
+
+def serial(task: Callable[[Any], float], data: list[Any]) -> list[float]:
+    """A plain loop in the calling process."""
+    return [task(example) for example in data]
+
+
+def threads(task: Callable[[Any], float], data: list[Any], n: int) -> list[float]:
+    """A ``ThreadPoolExecutor``, as thread-based evaluators use."""
+    with ThreadPoolExecutor(n) as pool:
+        return list(pool.map(task, data))
+
+
+def spawn_pool(task: Callable[[Any], float], data: list[Any], n: int) -> list[float]:
+    """A fresh spawn ``ProcessPoolExecutor``, started and shut down in the call."""
+    chunksize = max(1, len(data) // (n * 16))
+    with ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return list(pool.map(task, data, chunksize=chunksize))
+
+
+def joblib_run(task: Callable[[Any], float], data: list[Any], n: int) -> list[float]:
+    """``joblib.Parallel(n_jobs=n)`` with its default loky backend and auto-batching."""
+    import joblib
+
+    return joblib.Parallel(n_jobs=n)(joblib.delayed(task)(example) for example in data)
+
+
+def joblib_stop() -> None:
+    """Shut down joblib's reusable loky executor, so the next joblib call starts cold."""
+    from joblib.externals.loky import reusable_executor
+
+    executor = getattr(reusable_executor, "_executor", None)
+    if executor is not None:
+        executor.shutdown(wait=True, kill_workers=True)
+        reusable_executor._executor = None
+
+
+def procval_run(
+    program: Callable[[Any], Any], data: Any, workers: int, nthreads: int = 1, **options: Any
+) -> procval.EvaluationResult:
+    """``procval.evaluate`` with the benchmark metric and no progress bar."""
+    return procval.evaluate(
+        program,
+        data,
+        workloads.metric,
+        workers=workers,
+        threads=nthreads,
+        progress=False,
+        **options,
+    )
+
+
+def check(values: list[float], n: int) -> None:
+    """Every engine must have run program and metric on every example."""
+    if len(values) != n or sum(values) != n:
+        raise AssertionError(f"expected {n} scores of 1.0, got {len(values)}, sum {sum(values)}")
+
+
+def check_result(result: procval.EvaluationResult, n: int) -> None:
+    """The same check for a procval result."""
+    check([row.score for row in result.rows], n)
+    if result.errors:
+        raise AssertionError(f"procval rows failed: {result.errors[0].error}")
+
+
+# ---------------------------------------------------------------- cases
+
+
+@dataclass
+class Contender:
+    """One engine on one case: ``run`` is timed, ``prepare`` (untimed) runs before it."""
+
+    label: str
+    run: Callable[[], None]
+    prepare: Callable[[], None] | None = None
+    times: list[float] = field(default_factory=list)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.times)
+
+
+@dataclass
+class Target:
+    """``ratio(numerator / denominator)`` must be >= or <= ``bound``."""
+
+    text: str
+    numerator: str
+    denominator: str
+    op: str  # ">=" (procval faster by at least) or "<=" (procval slower by at most)
+    bound: float
+
+    def ratio(self, medians: dict[str, float]) -> float:
+        return medians[self.numerator] / medians[self.denominator]
+
+    def met(self, medians: dict[str, float]) -> bool:
+        r = self.ratio(medians)
+        return r >= self.bound if self.op == ">=" else r <= self.bound
+
+
+@dataclass
+class Case:
+    """A workload, the engines run on it, and the targets it must show."""
+
+    name: str
+    title: str
+    examples: int
+    contenders: list[Contender]
+    targets: list[Target]
+
+
+def cpu_case(n: int, spins: int) -> Case:
+    data = workloads.cpu_examples(n, spins)
+    task = workloads.cpu_task
+
+    def run_procval() -> None:
+        check_result(procval_run(workloads.cpu_program, data, 2), n)
+
+    return Case(
+        "cpu",
+        f"CPU-bound: {n} examples x ~20 ms of pure Python",
+        n,
+        [
+            Contender("serial loop", lambda: check(serial(task, data), n)),
+            Contender("ThreadPoolExecutor(8)", lambda: check(threads(task, data, 8), n)),
+            Contender("joblib n_jobs=2", lambda: check(joblib_run(task, data, 2), n), joblib_stop),
+            Contender("spawn ProcessPool(2)", lambda: check(spawn_pool(task, data, 2), n)),
+            Contender("procval 2 workers", run_procval),
+        ],
+        [
+            Target("procval vs serial", "serial loop", "procval 2 workers", ">=", 1.8),
+            Target(
+                "procval vs threads(8)", "ThreadPoolExecutor(8)", "procval 2 workers", ">=", 1.7
+            ),
+        ],
+    )
+
+
+def io_case(n: int, sleep: float) -> Case:
+    data = workloads.io_examples(n, sleep)
+    task = workloads.io_task
+
+    def run_procval() -> None:
+        check_result(procval_run(workloads.io_program, data, 2, 32), n)
+
+    return Case(
+        "io",
+        f"I/O-bound: {n} examples x {sleep * 1000:.0f} ms sleep",
+        n,
+        [
+            Contender("ThreadPoolExecutor(64)", lambda: check(threads(task, data, 64), n)),
+            Contender("procval 2 workers x 32 threads", run_procval),
+        ],
+        [
+            Target(
+                "procval vs threads(64)",
+                "procval 2 workers x 32 threads",
+                "ThreadPoolExecutor(64)",
+                "<=",
+                1.2,
+            )
+        ],
+    )
+
+
+def trivial_case(n: int) -> Case:
+    data = workloads.trivial_examples(n)
+    task = workloads.trivial_task
+
+    def run_procval() -> None:
+        check_result(procval_run(workloads.trivial_program, data, 2), n)
+
+    return Case(
+        "trivial",
+        f"Trivial: {n} examples, engine overhead only",
+        n,
+        [
+            Contender("serial loop", lambda: check(serial(task, data), n)),
+            Contender("ThreadPoolExecutor(8)", lambda: check(threads(task, data, 8), n)),
+            Contender("joblib n_jobs=2", lambda: check(joblib_run(task, data, 2), n), joblib_stop),
+            Contender("joblib n_jobs=2, warm", lambda: check(joblib_run(task, data, 2), n)),
+            Contender("procval 2 workers", run_procval),
+        ],
+        [Target("procval vs joblib", "procval 2 workers", "joblib n_jobs=2", "<=", 1.2)],
+    )
+
+
+def cold_case(n: int) -> Case:
+    data = workloads.trivial_examples(n)
+    task = workloads.trivial_task
+
+    def run_procval() -> None:
+        check_result(procval_run(workloads.trivial_program, data, 2), n)
+
+    return Case(
+        "cold",
+        f"Cold start: {n} trivial examples, workers started and stopped in the call",
+        n,
+        [
+            Contender("spawn ProcessPool(2)", lambda: check(spawn_pool(task, data, 2), n)),
+            Contender("joblib n_jobs=2", lambda: check(joblib_run(task, data, 2), n), joblib_stop),
+            Contender("procval 2 workers", run_procval),
+        ],
+        [
+            Target(
+                "procval vs spawn ProcessPool(2)",
+                "procval 2 workers",
+                "spawn ProcessPool(2)",
+                "<=",
+                2.0,
+            )
+        ],
+    )
+
+
+# ---------------------------------------------------------------- running and printing
+
+
+def warm_up() -> None:
+    """Import everything and start the resource trackers once, outside any timing."""
+    data = workloads.trivial_examples(4)
+    check(spawn_pool(workloads.trivial_task, data, 2), 4)
+    check(joblib_run(workloads.trivial_task, data, 2), 4)
+    joblib_stop()
+    check_result(procval_run(workloads.trivial_program, data, 2), 4)
+
+
+def measure(case: Case, repeat: int) -> None:
+    for _ in range(repeat):
+        for contender in case.contenders:
+            if contender.prepare is not None:
+                contender.prepare()
+            start = time.perf_counter()
+            contender.run()
+            contender.times.append(time.perf_counter() - start)
+
+
+def print_case(case: Case, quick: bool) -> list[tuple[str, bool]]:
+    medians = {c.label: c.median for c in case.contenders}
+    base = medians[next(c.label for c in case.contenders if c.label.startswith("procval"))]
+    print(f"\n{case.title}")
+    print(f"  {'engine':<32} {'median s':>9} {'min s':>8} {'examples/s':>11} {'vs procval':>11}")
+    for c in case.contenders:
+        rate = case.examples / c.median
+        print(
+            f"  {c.label:<32} {c.median:>9.3f} {min(c.times):>8.3f} {rate:>11,.0f} "
+            f"{c.median / base:>10.2f}x"
+        )
+    verdicts = []
+    for t in case.targets:
+        r = t.ratio(medians)
+        ok = t.met(medians)
+        if t.op == ">=":
+            shown = f"{r:.2f}x faster (target >= {t.bound}x)"
+        else:
+            shown = f"{r:.2f}x its time (target <= {t.bound}x)"
+        mark = "met" if ok else "NOT MET"
+        note = " [quick run: sizes reduced, not the target's]" if quick else ""
+        print(f"  -> {t.text}: {shown}  {mark}{note}")
+        verdicts.append((f"{case.name}: {t.text}", ok))
+    return verdicts
+
+
+# ---------------------------------------------------------------- memory (run store)
+
+
+def store_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("procval.store") is not None
+
+
+def rss_child(n: int, path: str) -> None:
+    """In a fresh process: stream ``n`` examples into a store; print the peak RSS as JSON."""
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    start = time.perf_counter()
+    result = procval_run(workloads.trivial_program, workloads.streamed_examples(n), 2, store=path)
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    score = result.score
+    print(json.dumps({"n": n, "before": before, "peak": peak, "seconds": seconds, "score": score}))
+
+
+def memory_case(sizes: list[int]) -> list[tuple[str, bool]]:
+    title = f"Memory: {' and '.join(f'{n:,}' for n in sizes)} streamed examples into a store"
+    print(f"\n{title}")
+    if not store_available():
+        print("  skipped: store not available (procval.store has not landed)")
+        return []
+    runs = []
+    for n in sizes:
+        with tempfile.TemporaryDirectory(prefix="procval-bench-") as tmp:
+            out = subprocess.run(
+                [sys.executable, __file__, "--rss-child", str(n), os.path.join(tmp, "run.db")],
+                check=True,
+                capture_output=True,
+                text=True,
+            )
+        runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    print(f"  {'examples':>10} {'RSS before MB':>14} {'peak MB':>8} {'seconds':>8} {'rows/s':>9}")
+    for r in runs:
+        print(
+            f"  {r['n']:>10,} {r['before'] / MB:>14.1f} {r['peak'] / MB:>8.1f} "
+            f"{r['seconds']:>8.2f} {r['n'] / r['seconds']:>9,.0f}"
+        )
+    small, big = runs[0]["peak"], runs[-1]["peak"]
+    under = big < 300 * MB
+    flat = big - small <= 0.1 * small  # 10x the examples may add at most 10% to the peak
+    print(
+        f"  -> peak RSS at {sizes[-1]:,}: {big / MB:.0f} MB (target < 300 MB)  "
+        f"{'met' if under else 'NOT MET'}"
+    )
+    print(
+        f"  -> flat in n: {(big - small) / MB:+.1f} MB from {sizes[0]:,} to {sizes[-1]:,} "
+        f"(target: within 10%)  {'met' if flat else 'NOT MET'}"
+    )
+    return [("memory: peak RSS < 300 MB", under), ("memory: flat in n", flat)]
+
+
+# ---------------------------------------------------------------- scaling table
+
+
+def scaling(quick: bool) -> None:
+    """examples/s of procval against workers and threads, CPU- and I/O-bound."""
+    spins = workloads.calibrate(0.02)
+    cpu_n = 24 if quick else 60
+    io_n = 200 if quick else 1200
+    print("\nScaling (procval, examples/s; one run each after a warm-up)")
+    print(f"  {'program':<28} {'workers':>7} {'threads':>7} {'seconds':>8} {'examples/s':>11}")
+    rows = [("cpu", w, t) for w in (1, 2) for t in (1, 4)]
+    rows += [("io", w, t) for w in (1, 2) for t in (1, 8, 32, 64)]
+    for kind, w, t in rows:
+        if kind == "cpu":
+            data, program = workloads.cpu_examples(cpu_n, spins), workloads.cpu_program
+            label = "CPU-bound, 20 ms"
+        else:
+            n = min(io_n, 40 * w * t)  # keep the slow low-concurrency rows short
+            data, program = workloads.io_examples(n, 0.05), workloads.io_program
+            label = "I/O-bound, 50 ms sleep"
+        start = time.perf_counter()
+        check_result(procval_run(program, data, w, t), len(data))
+        seconds = time.perf_counter() - start
+        print(f"  {label:<28} {w:>7} {t:>7} {seconds:>8.2f} {len(data) / seconds:>11,.0f}")
+
+
+# ---------------------------------------------------------------- main
+
+
+def machine() -> str:
+    model = platform.processor() or "unknown CPU"
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{model}, {os.cpu_count()} cores, Python {platform.python_version()}"
+
+
+def load() -> str:
+    one, five, fifteen = os.getloadavg()
+    return f"{one:.2f} {five:.2f} {fifteen:.2f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeat", type=int, default=None, help="repetitions (default 3)")
+    parser.add_argument("--quick", action="store_true", help="small sizes, 1 repetition")
+    parser.add_argument(
+        "--case",
+        default="cpu,io,trivial,cold,memory",
+        help="comma-separated subset of: cpu, io, trivial, cold, memory",
+    )
+    parser.add_argument("--scaling", action="store_true", help="print the scaling table only")
+    parser.add_argument("--json", metavar="PATH", help="also write the timings as JSON")
+    parser.add_argument("--rss-child", nargs=2, metavar=("N", "STORE"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.rss_child:
+        rss_child(int(args.rss_child[0]), args.rss_child[1])
+        return 0
+
+    print(f"machine: {machine()}")
+    print(f"load average at start: {load()}")
+    if args.scaling:
+        warm_up()
+        scaling(args.quick)
+        print(f"\nload average at end: {load()}")
+        return 0
+
+    repeat = args.repeat or (1 if args.quick else 3)
+    q = args.quick
+    wanted = [c.strip() for c in args.case.split(",") if c.strip()]
+    unknown = set(wanted) - {"cpu", "io", "trivial", "cold", "memory"}
+    if unknown:
+        parser.error(f"unknown case(s) {sorted(unknown)}")
+    print(f"repetitions: {repeat} (medians shown){'; quick mode' if q else ''}")
+
+    warm_up()
+    verdicts: list[tuple[str, bool]] = []
+    report: dict[str, Any] = {"machine": machine(), "repeat": repeat, "quick": q, "cases": {}}
+    for name in wanted:
+        if name == "memory":
+            continue
+        if name == "cpu":
+            case = cpu_case(24 if q else 120, workloads.calibrate(0.02))
+        elif name == "io":
+            case = io_case(240 if q else 1200, 0.05)
+        elif name == "trivial":
+            case = trivial_case(2000 if q else 20_000)
+        else:
+            case = cold_case(10)
+        measure(case, repeat)
+        verdicts += print_case(case, q)
+        report["cases"][name] = {c.label: c.times for c in case.contenders}
+    if "memory" in wanted:
+        verdicts += memory_case([3_000, 30_000] if q else [30_000, 300_000])
+
+    print(f"\nload average at end: {load()}")
+    if verdicts:
+        met = sum(ok for _, ok in verdicts)
+        print(f"targets met: {met}/{len(verdicts)}")
+        for text, ok in verdicts:
+            if not ok:
+                print(f"  not met: {text}")
+    if args.json:
+        report["verdicts"] = verdicts
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
