@@ -287,16 +287,26 @@ def test_max_errors_keeps_what_finished():
     assert failed == [(dspy.Prediction(), 0.25)] * 2
 
 
-def test_a_metric_returning_a_prediction_keeps_its_feedback():
+def test_a_metric_returning_a_prediction_keeps_its_feedback_through_a_store(tmp_path):
     # Every example has id=0: procval numbers them by position instead (DSPy ignores ids).
     devset = [example.copy(id=0) for example in dspy_toys.devset()]
     evaluate = procval.dspy.Evaluate(
-        devset=devset, metric=dspy_toys.feedback_metric, num_threads=2, workers=1
+        devset=devset,
+        metric=dspy_toys.feedback_metric,
+        num_threads=2,
+        workers=1,
+        store=tmp_path / "run.sqlite",  # rows come back as JSON: predictions are rebuilt
     )
     with dspy.context(lm=dspy_toys.half_lm()):
         result = evaluate(dspy.Predict("question -> answer"))
     assert result.score == 50.0
     assert [s.feedback for *_, s in result.results] == ["ok", "wrong", "ok", "wrong"]
+    assert [p.answer for _, p, _ in result.results] == [
+        "Paris",
+        "I am not sure",
+        "blue",
+        "I am not sure",
+    ]
     assert [ex for ex, *_ in result.results] == devset
     assert [(row.example_id, row.score) for row in result.rows] == [
         (0, 1.0),

@@ -678,9 +678,14 @@ def _result(row: Row) -> tuple[Any, Any]:
     scored = row.prediction
     if isinstance(scored, Scored):
         return scored.prediction, scored.score
-    # A row read back from a run store holds JSON: {"prediction": {...}, "score": ...}.
-    prediction = scored.get("prediction") if isinstance(scored, dict) else scored
-    value = scored.get("score", row.score) if isinstance(scored, dict) else row.score
+    # A row read back from a run store holds JSON: {"prediction": {...}, "score": ...}, where a
+    # dspy.Prediction is the dict of its fields.
+    stored = scored if isinstance(scored, dict) else {"prediction": scored}
+    prediction, value = stored.get("prediction"), stored.get("score", row.score)
     if isinstance(prediction, dict):
         prediction = dspy.Prediction(**prediction)
+    if isinstance(value, dict):
+        value = dspy.Prediction(**value)
+    elif not isinstance(value, bool | numbers.Real):
+        value = row.score
     return prediction, value
