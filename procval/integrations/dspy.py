@@ -330,7 +330,7 @@ class EvaluationResult(_DSPyEvaluationResult):
     def __init__(
         self,
         score: float,
-        results: list[tuple[Any, Any, float]],
+        results: list[tuple[Any, Any, Any]],
         evaluation: _ProcvalResult,
     ) -> None:
         super().__init__(score=score, results=results)
