@@ -25,6 +25,8 @@ from procval.errors import (
     TooManyErrors,
 )
 from procval.results import EvaluationResult, Results, Row, RowError
+from procval.store import load
+from procval.task import Task
 
 if TYPE_CHECKING:
     from types import ModuleType
@@ -50,10 +52,12 @@ __all__ = [
     "SnapshotError",
     "StoreError",
     "StoreMismatchError",
+    "Task",
     "TooManyErrors",
     "compare",
     "current_config",
     "evaluate",
+    "load",
     "read_jsonl",
     "rng",
 ]

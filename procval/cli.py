@@ -1,0 +1,298 @@
+"""The ``procval`` command line (also ``python -m procval``).
+
+::
+
+    procval run TASK --store PATH [--config NAME ...] [--workers N] [--threads N] [--timeout S]
+                [--retries N] [--max-errors N] [--limit N] [--fresh] [--no-progress]
+    procval report PATH
+    procval export PATH [--format jsonl|csv] [--output FILE] [--config NAME ...]
+
+``TASK`` is ``path/to/file.py:name`` or ``module:name`` (see :mod:`procval.task`).
+
+Exit status: 0 when the run completed (even if some examples failed), 2 for bad input (a wrong
+task path, a missing store or one of another format, a config that cannot be set up), 3 when
+``--max-errors`` stopped the run, 130 when interrupted (Ctrl-C or SIGTERM; a second one exits at
+once). Errors are one line on stderr, ``procval: error: ...``; set ``PROCVAL_DEBUG=1`` to see the
+traceback instead.
+
+Each subcommand is one function registered with :func:`command`: adding a subcommand is that
+function and its decorator line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import json
+import os
+import shlex
+import signal
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import IO, Any
+
+from procval import store
+from procval.errors import ProcvalError, TooManyErrors
+from procval.results import Results
+from procval.task import load_task
+
+EXIT_OK = 0
+EXIT_USAGE = 2
+EXIT_TOO_MANY_ERRORS = 3
+EXIT_INTERRUPTED = 130
+
+Handler = Callable[[argparse.Namespace], int]
+Argument = tuple[tuple[str, ...], dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class Command:
+    """A subcommand: its name, one-line help, arguments and the function that runs it."""
+
+    name: str
+    help: str
+    arguments: tuple[Argument, ...]
+    handler: Handler
+
+
+COMMANDS: dict[str, Command] = {}
+
+
+def arg(*flags: str, **options: Any) -> Argument:
+    """An argument of a subcommand, as ``ArgumentParser.add_argument(*flags, **options)``."""
+    return flags, options
+
+
+def command(name: str, help: str, *arguments: Argument) -> Callable[[Handler], Handler]:
+    """Register the decorated function as the subcommand ``name``.
+
+    Args:
+        name: the subcommand, e.g. ``"report"``.
+        help: one line for ``procval --help``.
+        *arguments: the subcommand's arguments, each made with :func:`arg`.
+    """
+
+    def register(handler: Handler) -> Handler:
+        COMMANDS[name] = Command(name, help, arguments, handler)
+        return handler
+
+    return register
+
+
+class Failure(Exception):
+    """A failure reported as one line on stderr with a given exit status."""
+
+    def __init__(self, message: str, status: int = EXIT_USAGE) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+# ---------------------------------------------------------------------- subcommands
+
+
+@command(
+    "run",
+    "run a task into a run store, or resume it",
+    arg("task", help="the task: path/to/file.py:name or module:name"),
+    arg("--store", required=True, metavar="PATH", help="the run store; resumed if it exists"),
+    arg("--config", action="extend", nargs="+", metavar="NAME", help="run only these configs"),
+    arg("--workers", type=int, metavar="N", help="worker processes in total (default: CPUs)"),
+    arg("--threads", type=int, metavar="N", help="examples at once in each worker"),
+    arg("--timeout", type=float, metavar="S", help="seconds an example may run"),
+    arg("--retries", type=int, metavar="N", help="retries of an example whose program raises"),
+    arg("--max-errors", type=int, metavar="N", help="stop once more examples than N failed"),
+    arg("--limit", type=int, metavar="N", help="evaluate only the first N examples"),
+    arg("--fresh", action="store_true", help="discard these configs' stored rows first"),
+    arg("--no-progress", action="store_true", help="no progress bars on stderr"),
+)  # fmt: skip
+def run(args: argparse.Namespace) -> int:
+    """``procval run``: evaluate a task's configs into a store and print a summary table."""
+    task = load_task(args.task)
+    names = list(args.config or task.config_map())
+    resume = "procval " + shlex.join(a for a in args.argv if a != "--fresh")
+    try:
+        results = task.evaluate(
+            only=args.config,
+            limit=args.limit,
+            store=args.store,
+            fresh=args.fresh,
+            workers=args.workers,
+            threads=args.threads,
+            timeout=args.timeout,
+            retries=args.retries,
+            max_errors=args.max_errors,
+            progress=False if args.no_progress else None,
+        )
+    except TooManyErrors as exc:
+        if isinstance(exc.results, Results):
+            print(exc.results.summary())
+        raise Failure(f"{_first_line(exc)} Resume with: {resume}", EXIT_TOO_MANY_ERRORS) from exc
+    except KeyboardInterrupt:
+        rows = _count(args.store, names)
+        print(f"procval: interrupted; {rows} rows are in the store. Resume with: {resume}",
+              file=sys.stderr)  # fmt: skip
+        return EXIT_INTERRUPTED
+    print(results.summary())
+    for name, result in results.items():
+        if result.error_types:
+            kinds = ", ".join(f"{n} x {kind}" for kind, n in result.error_types.items())
+            print(f"errors in {name!r}: {kinds}")
+    print(f"rows are in {args.store}; see them with: procval report {shlex.quote(args.store)}")
+    return EXIT_OK
+
+
+@command(
+    "report",
+    "per config: score, examples, errors by type, duration",
+    arg("path", help="the run store"),
+)
+def report(args: argparse.Namespace) -> int:
+    """``procval report``: a summary of every config in a store (rows are not read)."""
+    results = store.load(args.path)
+    sessions = store.sessions(args.path)
+    if sessions:
+        last = sessions[-1]
+        status = {"running": "running, or killed"}.get(last["status"], last["status"])
+        print(f"{args.path}: {len(sessions)} session(s), the last one {status}")
+    if not results:
+        print("no config has been stored yet")
+    for result in results.values():
+        print(result.summary())
+    return EXIT_OK
+
+
+@command(
+    "export",
+    "write the stored rows as JSON lines or CSV",
+    arg("path", help="the run store"),
+    arg("--format", choices=("jsonl", "csv"), default="jsonl", help="default: jsonl"),
+    arg("--output", "-o", metavar="FILE", help="write to FILE instead of stdout"),
+    arg("--config", action="extend", nargs="+", metavar="NAME", help="only these configs"),
+)
+def export(args: argparse.Namespace) -> int:
+    """``procval export``: stream rows, config by config in dataset order, to a file or stdout."""
+    rows = store.iter_rows(args.path, args.config)
+    first = next(rows, None)  # opens and checks the store before any output file is made
+    with _output(args.output) as out:
+        if first is None:
+            return EXIT_OK
+        all_rows = _chain(first, rows)
+        if args.format == "jsonl":
+            for row in all_rows:
+                out.write(json.dumps(row) + "\n")
+        else:
+            writer = csv.DictWriter(out, fieldnames=list(first))
+            writer.writeheader()
+            for row in all_rows:
+                row["example"] = json.dumps(row["example"])
+                row["prediction"] = json.dumps(row["prediction"])
+                writer.writerow(row)
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------- main
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser, with one subparser per registered command."""
+    parser = argparse.ArgumentParser(
+        prog="procval",
+        description="Evaluate a program over a dataset with a metric, each config in its own "
+        "worker processes.",
+        allow_abbrev=False,
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for cmd in COMMANDS.values():
+        sub = subparsers.add_parser(cmd.name, help=cmd.help, description=cmd.help)
+        sub.allow_abbrev = False  # so that "--fre" cannot mean --fresh
+        for flags, options in cmd.arguments:
+            sub.add_argument(*flags, **options)
+        sub.set_defaults(handler=cmd.handler)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status.
+
+    Args:
+        argv: the arguments (default: ``sys.argv[1:]``).
+    """
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(arguments)
+    args.argv = arguments
+    restore = _install_signal_handlers()
+    try:
+        return int(args.handler(args))
+    except (Failure, ProcvalError, ValueError, TypeError) as exc:
+        if os.environ.get("PROCVAL_DEBUG"):
+            raise
+        print(f"procval: error: {_first_line(exc)}", file=sys.stderr)
+        return exc.status if isinstance(exc, Failure) else EXIT_USAGE
+    except KeyboardInterrupt:
+        print("procval: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:  # e.g. procval export ... | head
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    finally:
+        restore()
+
+
+def _install_signal_handlers() -> Callable[[], None]:
+    """SIGINT and SIGTERM raise KeyboardInterrupt once; a second signal exits at once."""
+    interrupted = False
+
+    def handle(signum: int, frame: Any) -> None:
+        nonlocal interrupted
+        if interrupted:
+            os._exit(EXIT_INTERRUPTED)  # the store is safe: every commit is atomic
+        interrupted = True
+        raise KeyboardInterrupt
+
+    previous = {}
+    try:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, handle)
+    except ValueError:  # not the main thread: leave signals alone
+        pass
+
+    def restore() -> None:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+    return restore
+
+
+def _first_line(exc: BaseException) -> str:
+    """The message on one line: its first line, plus the last line of any detail below it."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    if len(lines) == 1:
+        return lines[0]
+    return f"{lines[0]} [{lines[-1]}] (set PROCVAL_DEBUG=1 for the details)"
+
+
+def _count(path: str, names: list[str]) -> int:
+    try:
+        return store.count_rows(path, names)
+    except ProcvalError:
+        return 0
+
+
+@contextlib.contextmanager
+def _output(path: str | None) -> Iterator[IO[str]]:
+    if path is None:
+        yield sys.stdout
+        sys.stdout.flush()
+        return
+    with open(path, "w", encoding="utf-8", newline="") as out:
+        yield out
+
+
+def _chain(first: dict[str, Any], rest: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    yield first
+    yield from rest

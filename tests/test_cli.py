@@ -1,0 +1,300 @@
+"""The command line end to end: real processes, real signals, real files; every wait bounded."""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import csv
+import json
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+import procval
+from procval import cli
+from procval.task import TaskError, load_task
+
+HELPERS = Path(__file__).resolve().parent / "helpers"
+TASK = str(HELPERS / "cli_task.py")
+
+
+def procval_cli(*args, env=None, cwd=None, timeout=120):
+    return subprocess.run(
+        [sys.executable, "-m", "procval", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+        cwd=cwd,
+    )
+
+
+def start_cli(*args, env):
+    return subprocess.Popen(
+        [sys.executable, "-m", "procval", *map(str, args)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **env},
+    )
+
+
+def stored(path) -> tuple[int, int]:
+    """(rows, distinct ids) in a store, read with plain sqlite3; (0, 0) while it is not there."""
+    try:
+        with sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5) as db:
+            return db.execute("SELECT COUNT(*), COUNT(DISTINCT example_id) FROM rows").fetchone()
+    except sqlite3.Error:
+        return (0, 0)
+
+
+def wait_for_rows(path, n, proc, within=60.0):
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"the run ended early: {proc.communicate()}"
+        if stored(path)[0] >= n:
+            return
+        time.sleep(0.05)
+    proc.kill()
+    pytest.fail(f"fewer than {n} rows reached the store within {within}s")
+
+
+def assert_gone(processes, within=10.0):
+    deadline = time.monotonic() + within
+    alive = list(processes)
+    while alive and time.monotonic() < deadline:
+        alive = [p for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        time.sleep(0.05)
+    assert not alive, f"processes outlived their parent: {[p.pid for p in alive]}"
+
+
+def calls(log: Path) -> collections.Counter:
+    return collections.Counter(log.read_text().split()) if log.exists() else collections.Counter()
+
+
+def assert_one_error_line(out, *fragments, status=2):
+    assert out.returncode == status, (out.stdout, out.stderr)
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("procval: error: "), out.stderr
+    assert "Traceback" not in out.stderr
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+# ---------------------------------------------------------------- run, resume, report, export
+
+
+@pytest.mark.slow
+def test_run_resume_report_and_export(tmp_path):
+    store, log = tmp_path / "run.db", tmp_path / "calls.log"
+    env = {"CLI_TASK_N": "30", "CLI_TASK_LOG": str(log)}
+
+    first = procval_cli("run", f"{TASK}:task", "--store", store, "--limit", "5", env=env)
+    assert first.returncode == 0, first.stderr
+    assert sum(calls(log).values()) == 10  # 5 examples x 2 configs
+
+    exe = shutil.which("procval")  # the console script, this time
+    assert exe is not None
+    second = subprocess.run(
+        [exe, "run", f"{TASK}:task", "--store", str(store), "--no-progress", "--workers", "2"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **env},
+    )
+    assert second.returncode == 0, second.stderr
+    counted = calls(log)
+    assert len(counted) == 30 and set(counted.values()) == {2}  # nothing ran twice per config
+    table = second.stdout
+    assert "base" in table and "offset" in table and "0.9000" in table
+    assert "errors in 'base': 3 x ValueError" in table
+
+    report = procval_cli("report", store)
+    assert report.returncode == 0, report.stderr
+    assert "config 'base': score 0.9000 over 30 examples (3 errors)" in report.stdout
+    assert "config 'offset': score 0.0000 over 30 examples (3 errors)" in report.stdout
+    assert "3 x ValueError" in report.stdout and "2 session(s)" in report.stdout
+
+    jsonl = procval_cli("export", store, "--format", "jsonl")
+    rows = [json.loads(line) for line in jsonl.stdout.splitlines()]
+    assert len(rows) == 60 and [r["index"] for r in rows[:30]] == list(range(30))
+    assert rows[1]["example"] == {"id": 1, "x": 1} and rows[1]["prediction"] == {"double": 2}
+    assert rows[7]["error_type"] == "ValueError" and "seven: 7" in rows[7]["error_traceback"]
+
+    out = tmp_path / "rows.csv"
+    assert (
+        procval_cli("export", store, "--format", "csv", "-o", out, "--config", "offset").stdout
+        == ""
+    )
+    with open(out, newline="") as f:
+        table_rows = list(csv.DictReader(f))
+    assert len(table_rows) == 30 and {r["config"] for r in table_rows} == {"offset"}
+    assert json.loads(table_rows[2]["prediction"]) == {"double": 5}
+    assert table_rows[17]["error_message"] == "seven: 17"
+
+
+@pytest.mark.slow
+def test_too_many_errors_exits_3_with_a_resume_hint(tmp_path):
+    store = tmp_path / "run.db"
+    out = procval_cli("run", f"{TASK}:single", "--store", store, "--max-errors", "0", env={})
+    assert_one_error_line(out, "max_errors=0", "Resume with: procval run", status=3)
+    assert "default" in out.stdout  # the partial results' table
+    assert stored(store)[0] >= 1
+
+
+# ---------------------------------------------------------------- errors are one line
+
+
+@pytest.fixture(scope="module")
+def other_files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("files")
+    other = folder / "other.db"
+    with sqlite3.connect(other) as db:
+        db.execute("CREATE TABLE things (x)")
+    db.close()
+    text = folder / "notes.txt"
+    text.write_text("not a database\n")
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("args", "fragments"),
+    [
+        (["run", "missing.py:task", "--store", "{dir}/r.db"], ["task file missing.py does not"]),
+        (["run", TASK + ":nope", "--store", "{dir}/r.db"], ["no attribute 'nope'", "task, single"]),
+        (["run", TASK + ":not_a_task", "--store", "{dir}/r.db"], ["not a procval.Task"]),
+        (["run", "no_such_module_xyz:task", "--store", "{dir}/r.db"], ["no task module"]),
+        (["run", TASK, "--store", "{dir}/other.db"], ["other.db is not a procval run store"]),
+        (["run", TASK + ":task", "--store", "{dir}/r.db", "--config", "zz"], ["no config 'zz'"]),
+        (["report", "{dir}/missing.db"], ["no run store at", "missing.db"]),
+        (["report", "{dir}/other.db"], ["not a procval run store", "another kind"]),
+        (["export", "{dir}/notes.txt"], ["notes.txt is not a procval run store"]),
+    ],
+    ids=[
+        "no-file",
+        "no-attribute",
+        "not-a-task",
+        "no-module",
+        "run-other-sqlite",
+        "no-config",
+        "missing-store",
+        "report-other-sqlite",
+        "export-text-file",
+    ],
+)
+def test_bad_input_is_one_line_on_stderr(other_files, args, fragments):
+    out = procval_cli(*(a.format(dir=other_files) for a in args), timeout=60)
+    assert_one_error_line(out, *fragments)
+    assert out.stdout == ""
+    assert not (other_files / "r.db").exists()
+
+
+def test_module_form_and_file_form_find_the_same_task():
+    task = load_task(f"{TASK}:task")
+    assert load_task(TASK) is task  # without :NAME, the task named `task`
+    sys.path.insert(0, str(HELPERS.parent))
+    try:
+        assert isinstance(load_task("helpers.cli_task:single"), procval.Task)
+        with pytest.raises(TaskError, match="has no attribute 'missing'; it defines Tasks named"):
+            load_task("helpers.cli_task:missing")
+    finally:
+        sys.path.remove(str(HELPERS.parent))
+
+
+def test_a_task_file_that_raises_names_the_file_and_line(tmp_path):
+    broken = tmp_path / "cli_broken_task.py"
+    broken.write_text("import procval\n\nraise RuntimeError('no data here')\n")
+    with pytest.raises(TaskError) as info:
+        load_task(f"{broken}:task")
+    assert "RuntimeError: no data here" in str(info.value)
+    assert f"{broken}:3" in str(info.value)
+
+
+def test_limit_keeps_datasets_lazy():
+    def gen():
+        yield from ({"id": i} for i in range(10))
+
+    task = procval.Task(abs, gen, lambda e, p: 1.0)
+    head = task.examples(limit=3)
+    assert iter(head) is head and len(list(head)) == 3  # a generator stays one
+    listed = procval.Task(abs, list(range(10)), lambda e, p: 1.0).examples(limit=4)
+    assert len(listed) == 4 and list(listed) == list(listed) == [0, 1, 2, 3]
+
+
+def test_a_subcommand_is_one_function_and_one_line(capsys):
+    @cli.command("hello", "say hello", cli.arg("name"))
+    def hello(args: argparse.Namespace) -> int:
+        print(f"hello {args.name}")
+        return 0
+
+    try:
+        assert cli.main(["hello", "world"]) == 0
+        assert capsys.readouterr().out == "hello world\n"
+    finally:
+        del cli.COMMANDS["hello"]
+
+
+# ---------------------------------------------------------------- signals
+
+
+@pytest.mark.slow
+def test_sigkill_mid_run_then_resume(tmp_path):
+    store, log = tmp_path / "run.db", tmp_path / "calls.log"
+    env = {"CLI_TASK_N": "2000", "CLI_TASK_SLEEP": "0.005", "CLI_TASK_LOG": str(log)}
+    args = ("run", f"{TASK}:single", "--store", store, "--workers", "2")
+    proc = start_cli(*args, env=env)
+    try:
+        wait_for_rows(store, 1000, proc)
+        children = psutil.Process(proc.pid).children(recursive=True)
+        assert children, "the run has no worker processes"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+    finally:
+        proc.kill()
+        proc.communicate(timeout=10)
+    assert_gone(children)
+    at_kill = stored(store)
+    assert at_kill[0] == at_kill[1] >= 1000  # the store opens, and holds no duplicate
+
+    resumed = procval_cli(*args, env=env, timeout=180)
+    assert resumed.returncode == 0, resumed.stderr
+    assert stored(store) == (2000, 2000)
+    counted = calls(log)
+    recomputed = sum(counted.values()) - len(counted)
+    assert len(counted) == 2000
+    assert recomputed <= 200, f"{recomputed} examples ran twice"  # only what was in flight
+
+
+@pytest.mark.slow
+def test_sigint_mid_run_exits_promptly_with_a_resume_hint(tmp_path):
+    store = tmp_path / "run.db"
+    env = {"CLI_TASK_N": "2000", "CLI_TASK_SLEEP": "0.02"}
+    proc = start_cli("run", f"{TASK}:single", "--store", store, "--fresh", env=env)
+    try:
+        wait_for_rows(store, 20, proc)
+        children = psutil.Process(proc.pid).children(recursive=True)
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+        elapsed = time.monotonic() - sent
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert elapsed < 10, f"{elapsed:.1f}s from SIGINT to exit"
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    rows = stored(store)[0]
+    assert lines[0] == (
+        f"procval: interrupted; {rows} rows are in the store. "
+        f"Resume with: procval run {TASK}:single --store {store}"  # --fresh is dropped
+    )
+    assert rows >= 20
+    assert_gone(children)
