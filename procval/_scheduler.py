@@ -187,6 +187,9 @@ class Scheduler:
                     self._retire(w)
                 if run.done() and run.finished is None:
                     run.finished = time.perf_counter()
+        for run in self._runs:
+            if not (run.workers or run.exhausted or run.requeue) and run.remaining() == 0:
+                self._probe(run)  # a resumed run may have nothing left: find out cheaply
         free = self._options.workers - len(self._live())
         while free > 0:
             wanting = [r for r in self._runs if r.has_unsent() and self._could_use(r)]
@@ -196,9 +199,18 @@ class Scheduler:
             run.workers.append(_WorkerRun(self._backend.start_worker(run.spec), run))
             free -= 1
 
+    def _probe(self, run: _ConfigRun) -> None:
+        """Read ahead one example, to learn whether a source with nothing left is exhausted."""
+        try:
+            run.requeue.appendleft(next(run.source))
+        except StopIteration:
+            run.exhausted = True
+
     def _could_use(self, run: _ConfigRun) -> bool:
         remaining = run.remaining()
-        return remaining is None or len(run.workers) < remaining
+        if remaining is None or len(run.workers) < remaining:
+            return True
+        return not run.workers and bool(run.requeue or run.suspects)
 
     def _fill(self) -> None:
         for run in self._runs:
