@@ -4,7 +4,9 @@
 
     procval run TASK --store PATH [--config NAME ...] [--workers N] [--threads N] [--timeout S]
                 [--retries N] [--max-errors N] [--limit N] [--fresh] [--no-progress]
-    procval report PATH
+    procval report PATH [--html FILE]
+    procval compare PATH A B [--confidence C] [--resamples N] [--seed N] [--common-only]
+                [--examples N]
     procval export PATH [--format jsonl|csv] [--output FILE] [--config NAME ...]
 
 ``TASK`` is ``path/to/file.py:name`` or ``module:name`` (see :mod:`procval.task`).
@@ -147,6 +149,7 @@ def run(args: argparse.Namespace) -> int:
     "report",
     "per config: score, examples, errors by type, duration",
     arg("path", help="the run store"),
+    arg("--html", metavar="FILE", help="also write a self-contained HTML report to FILE"),
 )
 def report(args: argparse.Namespace) -> int:
     """``procval report``: a summary of every config in a store (rows are not read)."""
@@ -160,6 +163,51 @@ def report(args: argparse.Namespace) -> int:
         print("no config has been stored yet")
     for result in results.values():
         print(result.summary())
+    if args.html:
+        _write_html(results, args.html, title=f"procval report: {os.path.basename(args.path)}")
+    return EXIT_OK
+
+
+def _write_html(results: Results, path: str, *, title: str) -> None:
+    from procval._html import render_html
+
+    page = render_html(results, title=title)
+    with open(path, "w", encoding="utf-8") as out:
+        out.write(page)
+    print(f"wrote {path}")
+
+
+@command(
+    "compare",
+    "compare two configs example by example: difference, interval, p-value, flips",
+    arg("path", help="the run store"),
+    arg("a", help="a config"),
+    arg("b", help="the config to compare it with (the difference is a - b)"),
+    arg("--confidence", type=float, default=0.95, help="interval level (default: 0.95)"),
+    arg("--resamples", type=int, default=10_000, metavar="N", help="default: 10000"),
+    arg("--seed", type=int, default=0, metavar="N", help="seed of the resamples (default: 0)"),
+    arg("--common-only", action="store_true", help="pair on the ids both configs have"),
+    arg("--examples", type=int, default=5, metavar="N", help="flipped examples to list"),
+)  # fmt: skip
+def compare(args: argparse.Namespace) -> int:
+    """``procval compare``: the paired comparison of two stored configs, in a few lines."""
+    from procval.compare import compare as paired
+    from procval.compare import describe
+
+    results = store.load(args.path)
+    for name in (args.a, args.b):
+        if name not in results:
+            raise Failure(f"no config named {name!r} in {args.path}; there are {list(results)}")
+    a, b = results[args.a], results[args.b]
+    comparison = paired(
+        a,
+        b,
+        confidence=args.confidence,
+        resamples=args.resamples,
+        seed=args.seed,
+        common_only=args.common_only,
+    )
+    print(describe(comparison, a, b, examples=args.examples))
     return EXIT_OK
 
 

@@ -350,10 +350,8 @@ def describe(
     for row in shown:
         other = by_id_b[row.example_id]
         verb = "a wins " if row.score > other.score else "a loses"
-        lines.append(
-            f"  {row.example_id!s:<{width}}  {verb}  a: {_short(row)}  b: {_short(other)}  "
-            f"input: {_clip(_plain(row.example), 48)}"
-        )
+        lines.append(f"  {row.example_id!s:<{width}}  {verb}  a: {_short(row)}  b: {_short(other)}")
+        lines.append(f"  {'':<{width}}  input: {_clip(_plain(row.example), 88)}")
     return "\n".join(lines)
 
 
@@ -505,7 +503,7 @@ def _align(
 
 def _short(row: Any) -> str:
     """A row's prediction (or error) and score, in a few words for a terminal line."""
-    shown = f"<{row.error.type}>" if row.error is not None else _clip(_plain(row.prediction), 24)
+    shown = f"<{row.error.type}>" if row.error is not None else _clip(_plain(row.prediction), 32)
     return f"{shown} ({row.score:g})"
 
 

@@ -344,19 +344,39 @@ def exact(example, prediction):
     return prediction == 2 * example["x"]
 
 
-def test_compare_after_a_real_run():
+def test_compare_after_a_real_run_and_on_the_command_line(tmp_path, capsys):
     data = [{"id": f"e{i}", "x": i} for i in range(30)]
     configs = {
         "double": procval.Config(values={"factor": 2}),
         "triple": procval.Config(values={"factor": 3}),
     }
-    results = procval.evaluate(answer, data, exact, configs=configs, workers=2, progress=False)
+    path = tmp_path / "run.db"
+    results = procval.evaluate(
+        answer, data, exact, configs=configs, workers=2, progress=False, store=path
+    )
     c = procval.compare(results["double"], results["triple"], resamples=1_000)
     assert c.n == 30
     assert c.difference == pytest.approx(29 / 30)  # x = 0 is right for both
     assert c.ties == ("e0",) and len(c.wins) == 29
     assert c.p_value == pytest.approx(2.0**-28)
     assert [(row.a, row.b) for row in results.compare(resamples=200)] == [("triple", "double")]
+
+    from procval import cli
+
+    assert cli.main(["compare", str(path), "double", "triple", "--examples", "2"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "Comparison of 'double' (a) with 'triple' (b) on 30 paired examples"
+    assert out[1].split()[:3] == ["a", "double", "1.0000"]
+    assert out[2].split()[:3] == ["b", "triple", "0.0333"]
+    assert out[3].split()[:3] == ["a", "-", "b"] and "p = 3.7e-09 (exact sign test)" in out[3]
+    assert out[4] == "  a wins 29, loses 0, ties 1"
+    assert out[5] == "First 2 of 29 examples where they differ:"
+    assert out[6] == "  e1  a wins   a: 2 (1)  b: 3 (0)"
+    assert out[7] == '      input: {"id": "e1", "x": 1}'
+    assert len(out) == 10
+
+    assert cli.main(["compare", str(path), "double", "quadruple"]) == 2
+    assert "no config named 'quadruple'" in capsys.readouterr().err
 
 
 def test_describe_lists_the_first_flipped_examples():
@@ -367,10 +387,9 @@ def test_describe_lists_the_first_flipped_examples():
     lines = text.splitlines()
     assert lines[: len(repr(c).splitlines())] == repr(c).splitlines()
     assert "First 3 of 4 examples where they differ:" in text
-    assert lines[-3].split()[:2] == ["k2", "a"] and "loses" in lines[-3]
-    assert lines[-2].startswith("  k3  a wins")
-    assert "a: 'answer k3' (1)  b: 'answer k3' (0)" in lines[-2]
-    assert "input: {" in lines[-2]
+    assert lines[-6].split()[:3] == ["k2", "a", "loses"]
+    assert lines[-4] == "  k3  a wins   a: 'answer k3' (1)  b: 'answer k3' (0)"
+    assert lines[-3].startswith('      input: {"id": "k3", "question": "qk3"}')
     assert "k6" not in text
     assert "<ValueError> (0)" in stats.describe(c, a, b, examples=4)
     assert stats.describe(procval.compare(a, a, resamples=10), a, a) == repr(

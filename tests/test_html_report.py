@@ -150,6 +150,36 @@ def test_report_survives_configs_without_common_examples():
     assert "no example id in common" in text
 
 
+def parity(example):
+    return example["n"] % 2 if example["n"] != 3 else f"<marquee>{example['n']}</marquee>"
+
+
+def is_even(example, prediction):
+    if isinstance(prediction, str):
+        raise ValueError(f"cannot score {prediction}")
+    return prediction == 0
+
+
+def test_report_command_writes_the_html_file(tmp_path, capsys):
+    import procval
+    from procval import cli
+
+    path = tmp_path / "run <1>.db"
+    configs = {"first": procval.Config(), "second": procval.Config(values={"x": 1})}
+    data = [{"id": f"n{i}", "n": i} for i in range(8)]
+    procval.evaluate(parity, data, is_even, configs=configs, workers=1, progress=False, store=path)
+    out_file = tmp_path / "report.html"
+    assert cli.main(["report", str(path), "--html", str(out_file)]) == 0
+    assert f"wrote {out_file}" in capsys.readouterr().out
+    page = parse(out_file.read_text(encoding="utf-8"))
+    assert "procval report: run <1>.db" in page.text
+    sections = [value for name, value in page.attrs if name == "id"]
+    assert sections == ["scores", "differences", "errors", "disagreements"]
+    assert "marquee" not in page.tags  # the prediction only shows up as text
+    assert any("cannot score <marquee>3</marquee>" in chunk for chunk in page.text)
+    assert "All configs scored every example the same" in " ".join(page.text)
+
+
 def png_size_and_data(path):
     """Width, height and the decompressed (still filtered) image bytes of a PNG."""
     data = path.read_bytes()
