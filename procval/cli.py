@@ -113,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
     """``procval run``: evaluate a task's configs into a store and print a summary table."""
     task = load_task(args.task)
     names = list(args.config or task.config_map())
-    resume = "procval " + shlex.join(a for a in args.argv if a != "--fresh")
+    resume = _resume_command(args.argv)
     try:
         results = task.evaluate(
             only=args.config,
@@ -130,7 +130,10 @@ def run(args: argparse.Namespace) -> int:
     except TooManyErrors as exc:
         if isinstance(exc.results, Results):
             print(exc.results.summary())
-        raise Failure(f"{_first_line(exc)} Resume with: {resume}", EXIT_TOO_MANY_ERRORS) from exc
+        # Failed rows count again on resume, so the same --max-errors would stop at once.
+        again = _resume_command(args.argv, drop=("--max-errors",))
+        message = _first_line(exc).rstrip(".")
+        raise Failure(f"{message}. Resume with: {again}", EXIT_TOO_MANY_ERRORS) from exc
     except KeyboardInterrupt:
         rows = _count(args.store, names)
         print(f"procval: interrupted; {rows} rows are in the store. Resume with: {resume}",
@@ -322,6 +325,20 @@ def _first_line(exc: BaseException) -> str:
     if len(lines) == 1:
         return lines[0]
     return f"{lines[0]} [{lines[-1]}] (set PROCVAL_DEBUG=1 for the details)"
+
+
+def _resume_command(argv: Sequence[str], drop: Sequence[str] = ()) -> str:
+    """The command line that resumes this run: the same, without ``--fresh`` (and ``drop``)."""
+    kept: list[str] = []
+    skip = False
+    for item in argv:
+        if skip:
+            skip = False
+        elif item == "--fresh" or item.split("=", 1)[0] in drop:
+            skip = item in drop  # "--max-errors N": drop N too
+        else:
+            kept.append(item)
+    return "procval " + shlex.join(kept)
 
 
 def _count(path: str, names: list[str]) -> int:
