@@ -22,6 +22,7 @@ from procval.errors import (
     SnapshotError,
     StoreError,
     StoreMismatchError,
+    TaskError,
     TooManyErrors,
 )
 from procval.results import EvaluationResult, Results, Row, RowError
@@ -52,6 +53,7 @@ __all__ = [
     "SnapshotError",
     "StoreError",
     "StoreMismatchError",
+    "TaskError",
     "Task",
     "TooManyErrors",
     "compare",

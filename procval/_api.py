@@ -55,6 +55,7 @@ def evaluate(
     max_errors: int | None = None,
     store: str | os.PathLike[str] | None = None,
     fresh: bool = False,
+    retry_errors: bool = False,
     backend: str | Backend = "loky",
 ) -> EvaluationResult: ...
 
@@ -77,6 +78,7 @@ def evaluate(
     max_errors: int | None = None,
     store: str | os.PathLike[str] | None = None,
     fresh: bool = False,
+    retry_errors: bool = False,
     backend: str | Backend = "loky",
 ) -> Results: ...
 
@@ -98,6 +100,7 @@ def evaluate(
     max_errors: int | None = None,
     store: str | os.PathLike[str] | None = None,
     fresh: bool = False,
+    retry_errors: bool = False,
     backend: str | Backend = "loky",
 ) -> EvaluationResult | Results:
     """Evaluate ``program`` on every example of ``dataset`` with ``metric``, on worker processes.
@@ -125,6 +128,8 @@ def evaluate(
         max_errors: stop once more than this many examples have failed, keeping what finished.
         store: a SQLite run store; calling again with the same store resumes the run.
         fresh: with ``store``, discard the rows stored for these configs and start over.
+        retry_errors: with ``store``, run again the examples whose stored row failed (after
+            fixing the cause of a ``max_errors`` stop, say); by default they count as done.
         backend: ``"loky"`` (local processes), ``"ray"``, or a backend object.
 
     Returns:
@@ -141,7 +146,7 @@ def evaluate(
     named = _named_configs(config, configs)
     _check_callables(program, metric)
     total_workers = _check_counts(workers, threads, retries, backoff, timeout, max_errors)
-    sink: Sink = _open_sink(store, fresh, [c.name for c in named])
+    sink: Sink = _open_sink(store, fresh, retry_errors, [c.name for c in named])
     data = Examples(dataset, passes=len(named))
     examples = [data] * len(named)
     _check_picklable(program, metric)
@@ -162,7 +167,12 @@ def evaluate(
             failure_score=float(failure_score),
             timeout=timeout,
             max_errors=max_errors,
-            resume_hint=f"run again with store={os.fspath(store)!r} to resume" if store else "",
+            resume_hint=(
+                f"run again with store={os.fspath(store)!r} to resume (add retry_errors=True "
+                "to rerun the failed examples)"
+                if store
+                else ""
+            ),
         ),
     )
     results = scheduler.run()
@@ -260,14 +270,17 @@ def _check_picklable(program: Any, metric: Any) -> None:
     _pickling.dumps(metric, what="metric")
 
 
-def _open_sink(store: str | os.PathLike[str] | None, fresh: bool, names: list[str]) -> Sink:
+def _open_sink(
+    store: str | os.PathLike[str] | None, fresh: bool, retry_errors: bool, names: list[str]
+) -> Sink:
     if store is None:
-        if fresh:
-            raise ValueError("fresh=True only makes sense with store=")
+        if fresh or retry_errors:
+            option = "fresh=True" if fresh else "retry_errors=True"
+            raise ValueError(f"{option} only makes sense with store=")
         return MemorySink()
     from procval.store import StoreSink
 
-    return StoreSink(os.fspath(store), fresh=fresh, configs=names)
+    return StoreSink(os.fspath(store), fresh=fresh, configs=names, retry_errors=retry_errors)
 
 
 def _backend(backend: str | Backend) -> Backend:

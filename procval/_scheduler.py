@@ -124,8 +124,7 @@ class Scheduler:
         self._errors = 0
         self._runs: list[_ConfigRun] = []
         for spec, data in zip(specs, examples, strict=True):
-            prior = sink.begin(spec.snapshot)
-            self._errors += prior.errors
+            prior = sink.begin(spec.snapshot)  # earlier sessions' errors do not count here
             run = _ConfigRun(
                 spec=spec,
                 source=self._pending(spec.snapshot.name, data),
@@ -454,7 +453,8 @@ class Scheduler:
         hint = self._options.resume_hint
         raise TooManyErrors(
             f"{self._errors} examples failed, more than max_errors={limit}; the run stopped "
-            f"early. Look at the errors in .results, fix their cause, then {hint or 'run again'}",
+            f"early (examples already running finish first, so the count can pass the limit). "
+            f"Look at the errors in .results, fix their cause, then {hint or 'run again'}",
             failed=self._errors,
             results=results,
         )

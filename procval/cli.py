@@ -107,6 +107,7 @@ class Failure(Exception):
     arg("--max-errors", type=int, metavar="N", help="stop once more examples than N failed"),
     arg("--limit", type=int, metavar="N", help="evaluate only the first N examples"),
     arg("--fresh", action="store_true", help="discard these configs' stored rows first"),
+    arg("--retry-errors", action="store_true", help="rerun examples whose stored row failed"),
     arg("--no-progress", action="store_true", help="no progress bars on stderr"),
 )  # fmt: skip
 def run(args: argparse.Namespace) -> int:
@@ -120,6 +121,7 @@ def run(args: argparse.Namespace) -> int:
             limit=args.limit,
             store=args.store,
             fresh=args.fresh,
+            retry_errors=args.retry_errors,
             workers=args.workers,
             threads=args.threads,
             timeout=args.timeout,
@@ -130,8 +132,8 @@ def run(args: argparse.Namespace) -> int:
     except TooManyErrors as exc:
         if isinstance(exc.results, Results):
             print(exc.results.summary())
-        # Failed rows count again on resume, so the same --max-errors would stop at once.
-        again = _resume_command(args.argv, drop=("--max-errors",))
+        # Only this call's failures count toward --max-errors; rerun the failed ones once fixed.
+        again = _resume_command(args.argv, add=("--retry-errors",))
         message = _first_line(exc).rstrip(".")
         raise Failure(f"{message}. Resume with: {again}", EXIT_TOO_MANY_ERRORS) from exc
     except KeyboardInterrupt:
@@ -327,17 +329,10 @@ def _first_line(exc: BaseException) -> str:
     return f"{lines[0]} [{lines[-1]}] (set PROCVAL_DEBUG=1 for the details)"
 
 
-def _resume_command(argv: Sequence[str], drop: Sequence[str] = ()) -> str:
-    """The command line that resumes this run: the same, without ``--fresh`` (and ``drop``)."""
-    kept: list[str] = []
-    skip = False
-    for item in argv:
-        if skip:
-            skip = False
-        elif item == "--fresh" or item.split("=", 1)[0] in drop:
-            skip = item in drop  # "--max-errors N": drop N too
-        else:
-            kept.append(item)
+def _resume_command(argv: Sequence[str], add: Sequence[str] = ()) -> str:
+    """The command line that resumes this run: the same without ``--fresh``, plus ``add``."""
+    kept = [item for item in argv if item != "--fresh"]
+    kept += [item for item in add if item not in kept]
     return "procval " + shlex.join(kept)
 
 

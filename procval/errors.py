@@ -10,6 +10,7 @@ working for callers who do not know procval::
     ├── SetupError (ProcvalError, RuntimeError)       Config.setup failed, or workers die at start
     ├── IsolationError (ProcvalError, RuntimeError)   a process served two snapshots (a bug)
     ├── TooManyErrors (ProcvalError, RuntimeError)    max_errors exceeded; carries partial results
+    ├── TaskError (ProcvalError, ValueError)          a task reference or Task that is unusable
     └── StoreError (ProcvalError)                     the run store cannot be used
         └── StoreMismatchError (StoreError, ValueError) resume against other configs or data
 
@@ -61,6 +62,10 @@ class TooManyErrors(ProcvalError, RuntimeError):
         super().__init__(message)
         self.failed = failed
         self.results = results
+
+
+class TaskError(ProcvalError, ValueError):
+    """A task reference that does not lead to a :class:`procval.Task`, or a malformed task."""
 
 
 class StoreError(ProcvalError):

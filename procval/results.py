@@ -245,7 +245,7 @@ class Results(Mapping[str, EvaluationResult]):
 
     def summary(self) -> str:
         """One line per config: name, score, examples, errors, duration."""
-        width = max((len(name) for name in self._results), default=6)
+        width = max([len("config"), *(len(name) for name in self._results)])
         lines = [f"{'config':<{width}}  {'score':>7}  {'n':>7}  {'errors':>6}  {'time':>8}"]
         for name, result in self._results.items():
             totals = result.totals

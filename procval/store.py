@@ -87,14 +87,19 @@ class StoreSink:
         path: the store file; created (with its schema) on the first ``begin`` if missing.
         fresh: discard the stored rows of the configs being run instead of resuming them.
         configs: the names of the configs of this run.
+        retry_errors: run again the examples whose stored row has an error (their new rows
+            replace the old ones); otherwise a failed example counts as done.
 
     Raises:
         StoreError: ``path`` exists but is not a procval run store, or cannot be opened.
     """
 
-    def __init__(self, path: str, *, fresh: bool, configs: list[str]) -> None:
+    def __init__(
+        self, path: str, *, fresh: bool, configs: list[str], retry_errors: bool = False
+    ) -> None:
         self._path = path
         self._fresh = fresh
+        self._retry_errors = retry_errors
         self._names = list(configs)
         with contextlib.closing(_connect(path, create=True)):
             pass  # fail now, before any worker starts, if the file is not a store
@@ -140,13 +145,15 @@ class StoreSink:
             )  # fmt: skip
             self._prior[name] = stored[2] if stored else 0.0
             self._started[name] = time.perf_counter()
+            only_ok = " AND error_type IS NULL" if self._retry_errors else ""
             self._done[name] = {
                 json.loads(eid): digest
                 for eid, digest in db.execute(
-                    "SELECT example_id, example_hash FROM rows WHERE config = ?", (name,)
+                    "SELECT example_id, example_hash FROM rows WHERE config = ?" + only_ok,
+                    (name,),
                 )
             }
-            return _totals(db, name)
+            return _totals(db, name, only_ok=bool(only_ok))
         except BaseException:
             self._abort()
             raise
@@ -404,10 +411,10 @@ def _result(path: str, db: sqlite3.Connection, config: str) -> EvaluationResult:
     )
 
 
-def _totals(db: sqlite3.Connection, config: str) -> Totals:
+def _totals(db: sqlite3.Connection, config: str, *, only_ok: bool = False) -> Totals:
     n, score_sum, errors, nan = db.execute(
         "SELECT COUNT(*), TOTAL(score), COUNT(error_type), COUNT(*) - COUNT(score) "
-        "FROM rows WHERE config = ?",
+        "FROM rows WHERE config = ?" + (" AND error_type IS NULL" if only_ok else ""),
         (config,),
     ).fetchone()
     return Totals(n=n, score_sum=math.nan if nan else float(score_sum), errors=errors)

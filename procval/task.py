@@ -34,12 +34,8 @@ from typing import Any
 
 from procval._api import Metric, Program, evaluate
 from procval.config import Config
-from procval.errors import ProcvalError
+from procval.errors import TaskError
 from procval.results import Results
-
-
-class TaskError(ProcvalError, ValueError):
-    """A task reference that does not lead to a :class:`Task`, or a task that is malformed."""
 
 
 @dataclasses.dataclass(frozen=True)

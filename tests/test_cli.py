@@ -148,7 +148,7 @@ def test_too_many_errors_exits_3_with_a_resume_hint(tmp_path):
     assert_one_error_line(out, "max_errors=0", "Resume with: procval run", status=3)
     assert "default" in out.stdout  # the partial results' table
     hint = out.stderr.split("Resume with: ")[1]
-    assert "--max-errors" not in hint  # stored failures count again: the same limit would stop
+    assert "--max-errors 0" in hint and "--retry-errors" in hint  # rerun the failed ones
     assert stored(store)[0] >= 1
 
 

@@ -152,3 +152,18 @@ def numpy_program(example: Any) -> float:
     import numpy
 
     return float(numpy.random.random())
+
+
+def fixable_program(example: dict[str, Any]) -> int:
+    """Fails on odd q while the file named by TOY_BROKEN exists (the "bug" is then fixed)."""
+    flag = os.environ.get("TOY_BROKEN", "")
+    if example["q"] % 2 and flag and os.path.exists(flag):
+        raise RuntimeError(f"bug on {example['q']}")
+    return example["q"] * 2
+
+
+def counting_program(example: dict[str, Any]) -> int:
+    """Appends each call to the file named by TOY_CALLS, so tests can count recomputations."""
+    with open(os.environ["TOY_CALLS"], "a") as f:
+        f.write(f"{example['id']}\n")
+    return example["q"] * 2
