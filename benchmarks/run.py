@@ -375,27 +375,53 @@ def memory_case(sizes: list[int]) -> list[tuple[str, bool]]:
 # ---------------------------------------------------------------- scaling table
 
 
-def scaling(quick: bool) -> None:
-    """examples/s of procval against workers and threads, CPU- and I/O-bound."""
+def scaling(quick: bool, repeat: int) -> None:
+    """examples/s of procval against workers and threads, for CPU- and I/O-bound programs.
+
+    Each setting runs ``n`` and ``2n`` examples: ``n / (t(2n) - t(n))`` is the steady rate, with
+    the fixed cost of starting and stopping workers cancelled out; ``2n / t(2n)`` is the rate a
+    call of that size sees, start-up included.
+    """
     spins = workloads.calibrate(0.02)
-    cpu_n = 24 if quick else 60
-    io_n = 200 if quick else 1200
-    print("\nScaling (procval, examples/s; one run each after a warm-up)")
-    print(f"  {'program':<28} {'workers':>7} {'threads':>7} {'seconds':>8} {'examples/s':>11}")
-    rows = [("cpu", w, t) for w in (1, 2) for t in (1, 4)]
-    rows += [("io", w, t) for w in (1, 2) for t in (1, 8, 32, 64)]
-    for kind, w, t in rows:
+    serial_rate = 1 / _timed(lambda: workloads.cpu_program({"spins": spins}), 5)
+    print(f"\nScaling (procval, examples/s; medians of {repeat})")
+    print(f"  serial loop, CPU-bound 20 ms: {serial_rate:,.1f} examples/s")
+    print(
+        f"  {'program':<24} {'workers':>7} {'threads':>7} {'n':>6} "
+        f"{'t(n) s':>7} {'t(2n) s':>7} {'steady/s':>9} {'call/s':>8}"
+    )
+    settings = [("cpu", w, t) for w in (1, 2) for t in (1, 4)]
+    settings += [("io", w, t) for w in (1, 2) for t in (1, 8, 32, 64, 128)]
+    for kind, w, t in settings:
         if kind == "cpu":
-            data, program = workloads.cpu_examples(cpu_n, spins), workloads.cpu_program
-            label = "CPU-bound, 20 ms"
+            n = 30 if quick else 60
+            make = lambda k: workloads.cpu_examples(k, spins)  # noqa: E731
+            program, label = workloads.cpu_program, "CPU-bound, 20 ms"
         else:
-            n = min(io_n, 40 * w * t)  # keep the slow low-concurrency rows short
-            data, program = workloads.io_examples(n, 0.05), workloads.io_program
-            label = "I/O-bound, 50 ms sleep"
+            n = min(320 if quick else 1280, 20 * w * t)  # about one second of sleeping
+            make = lambda k: workloads.io_examples(k, 0.05)  # noqa: E731
+            program, label = workloads.io_program, "I/O-bound, 50 ms sleep"
+        one, two = make(n), make(2 * n)
+        ones, twos = [], []
+        for _ in range(repeat):  # interleaved, so a burst of load hits both sizes alike
+            ones.append(_timed(lambda: check_result(procval_run(program, one, w, t), n)))  # noqa: B023
+            twos.append(_timed(lambda: check_result(procval_run(program, two, w, t), 2 * n)))  # noqa: B023
+        t1, t2 = statistics.median(ones), statistics.median(twos)
+        steady = n / (t2 - t1) if t2 > t1 else float("inf")
+        print(
+            f"  {label:<24} {w:>7} {t:>7} {n:>6} {t1:>7.2f} {t2:>7.2f} "
+            f"{steady:>9,.0f} {2 * n / t2:>8,.0f}"
+        )
+
+
+def _timed(fn: Callable[[], Any], times: int = 1) -> float:
+    """Median seconds of ``times`` calls."""
+    seconds = []
+    for _ in range(times):
         start = time.perf_counter()
-        check_result(procval_run(program, data, w, t), len(data))
-        seconds = time.perf_counter() - start
-        print(f"  {label:<28} {w:>7} {t:>7} {seconds:>8.2f} {len(data) / seconds:>11,.0f}")
+        fn()
+        seconds.append(time.perf_counter() - start)
+    return statistics.median(seconds)
 
 
 # ---------------------------------------------------------------- main
@@ -441,7 +467,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"load average at start: {load()}")
     if args.scaling:
         warm_up()
-        scaling(args.quick)
+        scaling(args.quick, args.repeat or (1 if args.quick else 3))
         print(f"\nload average at end: {load()}")
         return 0
 
