@@ -45,6 +45,10 @@ configs = {
     "sloppy": procval.Config(setup=lambda: SETTINGS.update(model="sloppy"), seed=1),
 }
 
+# For the command line:  procval run examples/quickstart.py:task --store runs/quickstart.db
+task = procval.Task(program, make_dataset, metric, configs, workers=2)
+
+
 if __name__ == "__main__":
     results = procval.evaluate(program, make_dataset(), metric, configs=configs, workers=2)
     print(results.summary())

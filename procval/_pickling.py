@@ -1,23 +1,100 @@
-"""Cloudpickle with errors a user can act on.
+"""Cloudpickle with errors a user can act on, and functions that keep their module's globals.
 
 ``dumps`` pickles like ``cloudpickle.dumps``; when that fails it walks the object (attributes,
 closure cells, referenced globals, containers) to find the innermost piece that cannot be pickled
 and raises :class:`~procval.errors.SnapshotError` naming it and where it sits.
+
+One difference from plain cloudpickle: a lambda or nested function defined in an importable
+module (a task file, a user package) is rebuilt in the worker *in that module*, with the module's
+own globals, instead of with a private copy of the globals it references. So a
+``Config(setup=lambda: SETTINGS.update(model="a"))`` written in ``mytask.py`` changes the same
+``mytask.SETTINGS`` that ``mytask.program`` reads, as it would in one process. Functions of
+``__main__`` (scripts, notebooks) are pickled by value in one call per snapshot, so they share one
+globals dict in the worker and behave the same way.
 """
 
 from __future__ import annotations
 
+import importlib
+import io
 import pickle
+import sys
 import types
 from collections.abc import Mapping
 from typing import Any
 
 import cloudpickle
+from cloudpickle import cloudpickle as _cp
 
 from procval.errors import SnapshotError
 
 PROTOCOL = 5
 _MAX_DEPTH = 6
+
+
+class _Pickler(cloudpickle.Pickler):
+    """cloudpickle, except for functions that can be rebuilt inside their own module."""
+
+    def reducer_override(self, obj: Any) -> Any:
+        if isinstance(obj, types.FunctionType):
+            reduced = _reduce_in_module(obj)
+            if reduced is not None:
+                return reduced
+        return super().reducer_override(obj)
+
+
+_EMPTY_CELL = "__procval_empty_cell__"
+
+
+def _reduce_in_module(fn: types.FunctionType) -> tuple[Any, ...] | None:
+    """``(rebuild, args)`` for a by-value function of an importable module, else None."""
+    module = sys.modules.get(fn.__module__ or "")
+    if (
+        module is None
+        or fn.__module__ == "__main__"
+        or getattr(module, "__file__", None) is None
+        or fn.__globals__ is not vars(module)
+        or _cp._should_pickle_by_reference(fn)
+        or _cp._is_registered_pickle_by_value(module)
+    ):
+        return None
+    cells = []
+    for cell in fn.__closure__ or ():
+        try:
+            value = cell.cell_contents
+        except ValueError:
+            value = _EMPTY_CELL
+        if value is fn:  # a recursive local function: let cloudpickle handle the cycle
+            return None
+        cells.append(value)
+    state = (fn.__name__, fn.__qualname__, fn.__defaults__, fn.__kwdefaults__, fn.__dict__)
+    closure = tuple(cells) if fn.__closure__ is not None else None
+    return (_function_in_module, (fn.__module__, fn.__code__, closure, state))
+
+
+def _function_in_module(
+    module_name: str, code: types.CodeType, closure: tuple[Any, ...] | None, state: tuple[Any, ...]
+) -> types.FunctionType:
+    """Rebuild a function with its module's real globals (the inverse of ``_reduce_in_module``)."""
+    name, qualname, defaults, kwdefaults, attributes = state
+    cells = None
+    if closure is not None:
+        cells = tuple(
+            types.CellType() if isinstance(v, str) and v == _EMPTY_CELL else types.CellType(v)
+            for v in closure
+        )
+    module = importlib.import_module(module_name)
+    fn = types.FunctionType(code, vars(module), name, defaults, cells)
+    fn.__qualname__ = qualname
+    fn.__kwdefaults__ = kwdefaults
+    fn.__dict__.update(attributes)
+    return fn
+
+
+def _dumps(obj: Any) -> bytes:
+    buffer = io.BytesIO()
+    _Pickler(buffer, protocol=PROTOCOL).dump(obj)
+    return buffer.getvalue()
 
 
 def dumps(obj: Any, *, what: str, hint: str = "") -> bytes:
@@ -35,7 +112,7 @@ def dumps(obj: Any, *, what: str, hint: str = "") -> bytes:
         SnapshotError: ``obj`` or something it references cannot be pickled.
     """
     try:
-        return cloudpickle.dumps(obj, protocol=PROTOCOL)
+        return _dumps(obj)
     except Exception as exc:  # pickling raises many types: TypeError, PicklingError, ...
         raise SnapshotError(describe_failure(obj, what, exc, hint)) from exc
 
@@ -65,7 +142,7 @@ def describe_failure(obj: Any, what: str, exc: BaseException, hint: str = "") ->
 
 def _picklable(obj: Any) -> bool:
     try:
-        cloudpickle.dumps(obj, protocol=PROTOCOL)
+        _dumps(obj)
     except Exception:
         return False
     return True
