@@ -24,6 +24,7 @@ from procval.errors import (
     StoreMismatchError,
     TaskError,
     TooManyErrors,
+    UnalignedResultsError,
 )
 from procval.results import EvaluationResult, Results, Row, RowError
 from procval.store import load
@@ -56,6 +57,7 @@ __all__ = [
     "TaskError",
     "Task",
     "TooManyErrors",
+    "UnalignedResultsError",
     "compare",
     "current_config",
     "evaluate",

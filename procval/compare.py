@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple, overload
 
 from procval._convert import to_jsonable
-from procval.errors import ProcvalError
+from procval.errors import UnalignedResultsError
 
 if TYPE_CHECKING:
     from procval.results import EvaluationResult
@@ -40,20 +40,6 @@ if TYPE_CHECKING:
 _CHUNK = 1 << 20  # values drawn at once by the vectorised paths (8 MB of float64)
 _EXACT_LIMIT = 20_000  # discordant pairs up to which the sign test runs in integers
 _FLIPS = bytes.maketrans(b"01", b"\x00\x01")
-
-
-class UnalignedResultsError(ProcvalError, ValueError):
-    """Two results do not cover the same example ids, so they cannot be paired.
-
-    Attributes:
-        missing_in_a: how many ids of ``b`` are not in ``a``.
-        missing_in_b: how many ids of ``a`` are not in ``b``.
-    """
-
-    def __init__(self, message: str, *, missing_in_a: int, missing_in_b: int) -> None:
-        super().__init__(message)
-        self.missing_in_a = missing_in_a
-        self.missing_in_b = missing_in_b
 
 
 class Interval(NamedTuple):

@@ -11,6 +11,7 @@ working for callers who do not know procval::
     ├── IsolationError (ProcvalError, RuntimeError)   a process served two snapshots (a bug)
     ├── TooManyErrors (ProcvalError, RuntimeError)    max_errors exceeded; carries partial results
     ├── TaskError (ProcvalError, ValueError)          a task reference or Task that is unusable
+    ├── UnalignedResultsError (ProcvalError, ValueError) compared results cover other ids
     └── StoreError (ProcvalError)                     the run store cannot be used
         └── StoreMismatchError (StoreError, ValueError) resume against other configs or data
 
@@ -66,6 +67,20 @@ class TooManyErrors(ProcvalError, RuntimeError):
 
 class TaskError(ProcvalError, ValueError):
     """A task reference that does not lead to a :class:`procval.Task`, or a malformed task."""
+
+
+class UnalignedResultsError(ProcvalError, ValueError):
+    """Two results do not cover the same example ids, so they cannot be paired.
+
+    Attributes:
+        missing_in_a: how many ids of ``b`` are not in ``a``.
+        missing_in_b: how many ids of ``a`` are not in ``b``.
+    """
+
+    def __init__(self, message: str, *, missing_in_a: int, missing_in_b: int) -> None:
+        super().__init__(message)
+        self.missing_in_a = missing_in_a
+        self.missing_in_b = missing_in_b
 
 
 class StoreError(ProcvalError):

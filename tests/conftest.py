@@ -13,12 +13,16 @@ sys.path.insert(0, os.path.dirname(__file__))  # `import helpers` here and in wo
 
 @pytest.fixture
 def no_leaked_workers():
-    """Fail if a test leaves worker processes behind (after a short grace period)."""
-    yield
+    """Fail if a test leaves worker processes behind (after a short grace period).
+
+    Processes that existed before the test (a shared Ray cluster, say) are not its workers.
+    """
     me = psutil.Process()
+    before = {p.pid for p in me.children(recursive=True)}
+    yield
     deadline = psutil.time.time() + 10
     while True:
-        alive = [p for p in me.children(recursive=True) if _is_worker(p)]
+        alive = [p for p in me.children(recursive=True) if p.pid not in before and _is_worker(p)]
         if not alive or psutil.time.time() > deadline:
             break
         psutil.time.sleep(0.1)
