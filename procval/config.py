@@ -140,7 +140,8 @@ class Snapshot:
         fingerprint: a hash of ``data``; each worker recomputes it from the bytes it installed
             and stamps it on every row it produces.
         identity: :meth:`Config.identity`, compared when resuming from a store.
-        description: :meth:`Config.describe`, kept in the store.
+        description: :meth:`Config.describe`, plus a ``program`` hash of the program's and
+            metric's code; kept in the store (resuming warns when the program changed).
     """
 
     name: str
@@ -169,13 +170,22 @@ def take_snapshot(config: Config, program: Any = None, metric: Any = None) -> Sn
         hint="create it inside Config.setup, which runs in each worker",
     )
     data = _pickling.dumps((config, program, metric), what="program and metric")
+    description = config.describe()
+    if program is not None or metric is not None:
+        description["program"] = code_identity(program, metric)
     return Snapshot(
         name=config.name,
         data=data,
         fingerprint=fingerprint(data),
         identity=config.identity(),
-        description=config.describe(),
+        description=description,
     )
+
+
+def code_identity(*functions: Any) -> str:
+    """A stable hash of callables' code, closures and state: changes when the code changes."""
+    text = json.dumps([_describe_callable(fn) for fn in functions], sort_keys=True, default=repr)
+    return _digest(_ADDRESS.sub("", text).encode())[:16]
 
 
 def fingerprint(data: bytes) -> str:

@@ -15,6 +15,9 @@ working for callers who do not know procval::
     └── StoreError (ProcvalError)                     the run store cannot be used
         └── StoreMismatchError (StoreError, ValueError) resume against other configs or data
 
+:class:`ProgramChangedWarning` (a ``UserWarning``) is issued when a run store is resumed with a
+program or metric whose code changed: the results would mix both versions.
+
 A failing *example* is never an exception: it becomes a row whose ``error`` says what happened.
 :class:`NoRetry` is the one class here meant for user code: raise it (or an exception carrying
 ``procval_retry = False``) from a program to stop procval from retrying that example.
@@ -89,6 +92,10 @@ class StoreError(ProcvalError):
 
 class StoreMismatchError(StoreError, ValueError):
     """Resuming would mix results of different configs or of changed examples."""
+
+
+class ProgramChangedWarning(UserWarning):
+    """A resumed run's program or metric differs from the one that produced the stored rows."""
 
 
 class NoRetry(Exception):

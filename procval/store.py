@@ -40,12 +40,13 @@ import os
 import socket
 import sqlite3
 import time
+import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 from procval._convert import to_jsonable
 from procval.config import Snapshot
-from procval.errors import StoreError, StoreMismatchError
+from procval.errors import ProgramChangedWarning, StoreError, StoreMismatchError
 from procval.results import EvaluationResult, Results, Row, RowError, Totals
 
 FORMAT = "procval-store"
@@ -134,6 +135,8 @@ class StoreSink:
                 stored = (snapshot.identity, None, 0.0)
             if stored is not None and stored[0] != snapshot.identity:
                 raise _identity_mismatch(self._path, db, snapshot, stored[1])
+            if stored is not None and stored[1]:
+                _warn_if_program_changed(self._path, snapshot, json.loads(stored[1]))
             description = json.dumps(dict(snapshot.description), sort_keys=True, default=repr)
             db.execute(
                 "INSERT INTO configs (name, identity, fingerprint, description, created, duration)"
@@ -554,6 +557,19 @@ def _check_format(db: sqlite3.Connection, path: str, *, create: bool) -> None:
         raise StoreError(
             f"{path} was written by a newer procval (store format {version}; this one reads up "
             f"to {VERSION}); upgrade procval to read it"
+        )
+
+
+def _warn_if_program_changed(path: str, snapshot: Snapshot, stored: Mapping[str, Any]) -> None:
+    before, now = stored.get("program"), snapshot.description.get("program")
+    if before and now and before != now:
+        warnings.warn(
+            ProgramChangedWarning(
+                f"the program or metric of config {snapshot.name!r} changed since its rows in "
+                f"{path} were computed; the results will mix both versions. Pass fresh=True "
+                "(procval run --fresh) to recompute them all"
+            ),
+            stacklevel=5,
         )
 
 

@@ -90,3 +90,13 @@ def test_max_errors_counts_only_this_calls_failures(tmp_path):
 def test_retry_errors_needs_a_store():
     with pytest.raises(ValueError, match="retry_errors=True only makes sense with store="):
         procval.evaluate(toys.program, toys.dataset(2), toys.metric, retry_errors=True)
+
+
+def test_resuming_with_changed_program_code_warns(tmp_path):
+    store = tmp_path / "run.db"
+    procval.evaluate(toys.program, toys.dataset(4), toys.metric, store=store, workers=1)
+    procval.evaluate(toys.program, toys.dataset(6), toys.metric, store=store, workers=1)
+    with pytest.warns(procval.ProgramChangedWarning, match="program or metric of config"):
+        procval.evaluate(
+            toys.sometimes_failing, toys.dataset(8), toys.metric, store=store, workers=1
+        )
