@@ -218,6 +218,25 @@ def io_case(n: int, sleep: float) -> Case:
     )
 
 
+def llm_case(n: int, sleep: float) -> Case:
+    data = workloads.io_examples(n, sleep)
+    task = workloads.llm_task
+
+    def run_procval() -> None:
+        check_result(procval_run(workloads.llm_program, data, 2, 16), n)
+
+    return Case(
+        "llm",
+        f"LLM-like: {n} examples, lognormal latency of mean {sleep * 1000:.0f} ms (no target)",
+        n,
+        [
+            Contender("ThreadPoolExecutor(32)", lambda: check(threads(task, data, 32), n)),
+            Contender("procval 2 workers x 16 threads", run_procval),
+        ],
+        [],
+    )
+
+
 def trivial_case(n: int) -> Case:
     data = workloads.trivial_examples(n)
     task = workloads.trivial_task
@@ -301,6 +320,9 @@ def print_case(case: Case, quick: bool) -> list[tuple[str, bool]]:
             f"  {c.label:<32} {c.median:>9.3f} {min(c.times):>8.3f} {rate:>11,.0f} "
             f"{c.median / base:>10.2f}x"
         )
+    if not case.targets:
+        other = case.contenders[0]
+        print(f"  -> procval vs {other.label}: {base / other.median:.2f}x its time (no target)")
     verdicts = []
     for t in case.targets:
         r = t.ratio(medians)
@@ -482,8 +504,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="small sizes, 1 repetition")
     parser.add_argument(
         "--case",
-        default="cpu,io,trivial,cold,memory",
-        help="comma-separated subset of: cpu, io, trivial, cold, memory",
+        default="cpu,io,llm,trivial,cold,memory",
+        help="comma-separated subset of: cpu, io, llm, trivial, cold, memory",
     )
     parser.add_argument("--scaling", action="store_true", help="print the scaling table only")
     parser.add_argument("--json", metavar="PATH", help="also write the timings as JSON")
@@ -505,7 +527,7 @@ def main(argv: list[str] | None = None) -> int:
     repeat = args.repeat or (1 if args.quick else 3)
     q = args.quick
     wanted = [c.strip() for c in args.case.split(",") if c.strip()]
-    unknown = set(wanted) - {"cpu", "io", "trivial", "cold", "memory"}
+    unknown = set(wanted) - {"cpu", "io", "llm", "trivial", "cold", "memory"}
     if unknown:
         parser.error(f"unknown case(s) {sorted(unknown)}")
     print(f"repetitions: {repeat} (medians shown){'; quick mode' if q else ''}")
@@ -520,6 +542,8 @@ def main(argv: list[str] | None = None) -> int:
             case = cpu_case(24 if q else 120, workloads.calibrate(0.02))
         elif name == "io":
             case = io_case(240 if q else 1200, 0.05)
+        elif name == "llm":
+            case = llm_case(128 if q else 640, 0.2)
         elif name == "trivial":
             case = trivial_case(2000 if q else 20_000)
         else:

@@ -9,6 +9,8 @@ calibrated once in the parent, so the workers need no calibration of their own.
 
 from __future__ import annotations
 
+import math
+import random
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -46,6 +48,16 @@ def io_program(example: dict[str, Any]) -> int:
     return example["id"]
 
 
+def llm_program(example: dict[str, Any]) -> int:
+    """An LLM-like call: sleeps a lognormal latency (sigma 0.8) of mean ``example["sleep"]``.
+
+    The latency is drawn from the example's id, so every engine sees the same latencies.
+    """
+    draw = random.Random(example["id"]).lognormvariate(0.0, 0.8)
+    time.sleep(example["sleep"] * draw / math.exp(0.32))
+    return example["id"]
+
+
 def trivial_program(example: dict[str, Any]) -> int:
     """Next to no work: the benchmark measures the engine's overhead alone."""
     return example["id"] * 2
@@ -69,6 +81,11 @@ def cpu_task(example: dict[str, Any]) -> float:
 def io_task(example: dict[str, Any]) -> float:
     """``both(io_program, example)``."""
     return both(io_program, example)
+
+
+def llm_task(example: dict[str, Any]) -> float:
+    """``both(llm_program, example)``."""
+    return both(llm_program, example)
 
 
 def trivial_task(example: dict[str, Any]) -> float:
