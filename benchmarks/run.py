@@ -313,6 +313,9 @@ def print_case(case: Case, quick: bool) -> list[tuple[str, bool]]:
     medians = {c.label: c.median for c in case.contenders}
     base = medians[next(c.label for c in case.contenders if c.label.startswith("procval"))]
     print(f"\n{case.title}")
+    if case.name == "cpu":
+        per = medians["serial loop"] / case.examples
+        print(f"  (the serial loop measured {per * 1000:.1f} ms per example)")
     print(f"  {'engine':<32} {'median s':>9} {'min s':>8} {'examples/s':>11} {'vs procval':>11}")
     for c in case.contenders:
         rate = case.examples / c.median
@@ -436,8 +439,8 @@ def scaling(quick: bool, repeat: int) -> None:
     call of that size sees, start-up included.
     """
     spins = workloads.calibrate(0.02)
-    serial_rate = 1 / _timed(lambda: workloads.cpu_program({"spins": spins}), 5)
-    print(f"\nScaling (procval, examples/s; medians of {repeat})")
+    serial_rate = 1 / min(_timed(lambda: workloads.cpu_program({"spins": spins})) for _ in range(5))
+    print(f"\nScaling (procval, examples/s; best of {repeat})")
     print(f"  serial loop, CPU-bound 20 ms: {serial_rate:,.1f} examples/s")
     print(
         f"  {'program':<24} {'workers':>7} {'threads':>7} {'n':>6} "
@@ -459,7 +462,7 @@ def scaling(quick: bool, repeat: int) -> None:
         for _ in range(repeat):  # interleaved, so a burst of load hits both sizes alike
             ones.append(_timed(lambda: check_result(procval_run(program, one, w, t), n)))  # noqa: B023
             twos.append(_timed(lambda: check_result(procval_run(program, two, w, t), 2 * n)))  # noqa: B023
-        t1, t2 = statistics.median(ones), statistics.median(twos)
+        t1, t2 = min(ones), min(twos)  # the least disturbed run: others share this machine
         steady = n / (t2 - t1) if t2 > t1 else float("inf")
         print(
             f"  {label:<24} {w:>7} {t:>7} {n:>6} {t1:>7.2f} {t2:>7.2f} "
@@ -467,14 +470,11 @@ def scaling(quick: bool, repeat: int) -> None:
         )
 
 
-def _timed(fn: Callable[[], Any], times: int = 1) -> float:
-    """Median seconds of ``times`` calls."""
-    seconds = []
-    for _ in range(times):
-        start = time.perf_counter()
-        fn()
-        seconds.append(time.perf_counter() - start)
-    return statistics.median(seconds)
+def _timed(fn: Callable[[], Any]) -> float:
+    """Seconds one call of ``fn`` takes."""
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
 
 
 # ---------------------------------------------------------------- main
