@@ -24,6 +24,7 @@ A watchdog thread ends the process when its parent dies, so no worker outlives a
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import faulthandler
 import hashlib
 import inspect
@@ -83,7 +84,11 @@ class _State:
 
 
 _state: _State | None = None
-_local = threading.local()
+_local = threading.local()  # the slot of each worker thread
+# per example: a ContextVar, so that each thread *and* each asyncio task sees its own
+_example_rng: contextvars.ContextVar[random.Random | None] = contextvars.ContextVar(
+    "procval_example_rng", default=None
+)
 
 
 def current_config() -> Config:
@@ -103,10 +108,11 @@ def current_config() -> Config:
 def rng() -> random.Random:
     """A ``random.Random`` for the current example, seeded from ``(Config.seed, example_id)``.
 
-    Unlike the global ``random`` module, it is private to the example, so results do not depend
-    on how examples interleave when ``threads > 1``. Outside an example it is unseeded.
+    Unlike the global ``random`` module, it is private to the example (to its thread, or to its
+    asyncio task), so results do not depend on how examples interleave when ``threads > 1``.
+    Without ``Config.seed``, or outside an example, it is unseeded.
     """
-    current = getattr(_local, "rng", None)
+    current = _example_rng.get()
     return current if current is not None else random.Random()
 
 
@@ -292,10 +298,10 @@ def _seed_globals(seed: int | None) -> None:
 
 def _seed_example(seed: int | None, example_id: object) -> None:
     if seed is None:
-        _local.rng = None
+        _example_rng.set(None)
         return
     value = example_seed(seed, example_id)
-    _local.rng = random.Random(value)
+    _example_rng.set(random.Random(value))
     random.seed(value)
     numpy = sys.modules.get("numpy")
     if numpy is not None:

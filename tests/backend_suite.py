@@ -218,6 +218,26 @@ class BackendSuite:
         )
         assert [r.prediction for r in threaded.rows] == [r.prediction[1] for r in one.rows]
 
+    def test_rng_is_private_to_each_async_example(self):
+        config = procval.Config(seed=99)
+        serial = self.evaluate(
+            toys.async_rng_program,
+            toys.dataset(12),
+            toys.any_score,
+            config=config,
+            workers=1,
+            threads=1,
+        )
+        concurrent = self.evaluate(
+            toys.async_rng_program,
+            toys.dataset(12),
+            toys.any_score,
+            config=config,
+            workers=2,
+            threads=6,
+        )
+        assert [r.prediction for r in serial.rows] == [r.prediction for r in concurrent.rows]
+
     def test_numpy_global_rng_is_seeded_per_example(self):
         pytest.importorskip("numpy")
         config = procval.Config(seed=7)

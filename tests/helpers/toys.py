@@ -167,3 +167,9 @@ def counting_program(example: dict[str, Any]) -> int:
     with open(os.environ["TOY_CALLS"], "a") as f:
         f.write(f"{example['id']}\n")
     return example["q"] * 2
+
+
+async def async_rng_program(example: Any) -> float:
+    first = procval.rng().random()
+    await asyncio.sleep(0.01)  # other examples' coroutines run here
+    return first + procval.rng().random()
