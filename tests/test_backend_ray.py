@@ -1,0 +1,223 @@
+"""The conformance suite against the Ray backend, plus what only Ray has (nodes, resources).
+
+One local Ray cluster (2 CPUs) is started for the whole session, on first use, and shared by
+every test here; the actors find ``helpers`` through the job's ``PYTHONPATH``.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import psutil
+import pytest
+
+ray = pytest.importorskip("ray")
+
+import procval  # noqa: E402
+from backend_suite import BackendSuite  # noqa: E402
+from helpers import ray_programs, toys  # noqa: E402
+from procval import _pickling  # noqa: E402
+from procval._worker import WorkerOptions  # noqa: E402
+from procval.backends._base import WorkerSpec  # noqa: E402
+from procval.backends.ray import RayBackend  # noqa: E402
+from procval.config import take_snapshot  # noqa: E402
+
+pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("ray_cluster")]
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local cluster for the session (a start costs seconds and ~800 MB)."""
+    if ray.is_initialized():  # someone else's: use it as it is
+        yield
+        return
+    path = os.pathsep.join(p for p in (TESTS, os.environ.get("PYTHONPATH")) if p)
+    ray.init(
+        num_cpus=2,
+        resources={"procval_test": 2},
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={"env_vars": {"PYTHONPATH": path}},
+    )
+    yield
+    ray.shutdown()
+
+
+def actor_processes() -> list[psutil.Process]:
+    """procval's actors in this session's cluster (its raylet is a child of this process)."""
+    found = []
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            # "ray::ProcvalWorker", or "ray::ProcvalWorker.run_shard" while it runs one
+            if proc.cmdline()[0].startswith("ray::ProcvalWorker"):
+                found.append(proc)
+        except (psutil.Error, IndexError):
+            pass
+    return found
+
+
+@pytest.fixture
+def no_leaked_workers():
+    """Ray's own processes stay up for the session; procval's actors must not."""
+    yield
+    deadline = time.monotonic() + 10
+    while actor_processes() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    alive = actor_processes()
+    assert not alive, f"actors outlived the run: {[p.pid for p in alive]}"
+
+
+class TestRay(BackendSuite):
+    @property
+    def backend(self):
+        # half a CPU per actor: the suite asks for up to 3 workers on the 2-CPU cluster
+        return RayBackend(num_cpus=0.5)
+
+
+# ---------------------------------------------------------------- Ray only
+
+
+def test_backend_by_name_uses_the_connected_cluster():
+    result = procval.evaluate(
+        ray_programs.where, list(range(6)), toys.any_score, backend="ray", workers=2, progress=False
+    )
+    here = ray.get_runtime_context().get_node_id()
+    assert {r.prediction["node_id"] for r in result.rows} == {here}
+
+
+def test_rows_carry_the_node_and_the_actor_process(no_leaked_workers):
+    backend = RayBackend(num_cpus=0.5)
+    results = procval.evaluate(
+        ray_programs.where,
+        list(range(20)),
+        toys.any_score,
+        configs=[procval.Config("a"), procval.Config("b")],
+        backend=backend,
+        workers=2,
+        progress=False,
+    )
+    pids = {}
+    for name, result in results.items():
+        for row in result.rows:
+            assert row.node == socket.gethostname() == row.prediction["host"]
+            assert row.worker_pid == row.prediction["pid"] != os.getpid()
+            pids.setdefault(name, set()).add(row.worker_pid)
+        # every actor carries the run's marker, so Ray started a fresh process for it
+        assert {r.prediction["run"] for r in result.rows} == {backend._run}
+    assert not pids["a"] & pids["b"]
+
+
+def test_per_config_resources_reach_that_configs_actors():
+    backend = RayBackend(num_cpus=0.5, per_config={"big": {"resources": {"procval_test": 1}}})
+    results = procval.evaluate(
+        ray_programs.assigned_resources,
+        list(range(4)),
+        toys.any_score,
+        configs=[procval.Config("big"), procval.Config("small")],
+        backend=backend,
+        workers=2,
+        progress=False,
+    )
+    assert {r.prediction.get("procval_test") for r in results["big"].rows} == {1.0}
+    assert {r.prediction.get("procval_test") for r in results["small"].rows} == {None}
+    assert {r.prediction["CPU"] for r in results["small"].rows} == {0.5}
+
+
+def test_running_answers_at_once_and_ages_while_the_actor_works():
+    backend = RayBackend(num_cpus=0.5)
+    spec = WorkerSpec(
+        take_snapshot(procval.Config(), toys.hanging_program, toys.metric), WorkerOptions()
+    )
+    worker = backend.start_worker(spec)
+    try:
+        worker.submit(_pickling.dumps([(7, "ex7", {"q": 3})], what="shard"))
+        seen: list[tuple[int, float]] = []
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not (seen and seen[0][1] > 0.5):
+            started = time.perf_counter()
+            seen = worker.running()
+            assert time.perf_counter() - started < 0.05  # cached: never a round trip
+            time.sleep(0.05)
+        assert [seq for seq, _ in seen] == [7]
+        assert worker.pid and worker.label == f"pid {worker.pid} on {socket.gethostname()}"
+    finally:
+        worker.kill()
+        backend.shutdown()
+
+
+@pytest.mark.slow
+def test_a_hang_holding_the_gil_still_times_out(no_leaked_workers):
+    """The actor cannot answer polls while C code holds its GIL: its examples keep ageing."""
+    backend = RayBackend(num_cpus=0.5)
+    result = procval.evaluate(
+        ray_programs.gil_hang,
+        toys.dataset(8),
+        toys.metric,
+        backend=backend,
+        workers=2,
+        timeout=2,
+        progress=False,
+    )
+    assert [(r.example["q"], r.error.type) for r in result.errors] == [(3, "Timeout")]
+    assert sum(r.score for r in result.rows) == 7
+    # the killed actor's slot and fault files were removed from the node at shutdown
+    assert not glob.glob(os.path.join(tempfile.gettempdir(), f"procval-ray-{backend._run}-*"))
+
+
+def test_an_actor_dying_before_it_describes_itself_is_still_explained(no_leaked_workers):
+    """Its node is found from Ray's error, and its exit status read there."""
+    with pytest.raises(procval.SetupError, match=r"died with exit code 4\)"):
+        procval.evaluate(
+            toys.program,
+            toys.dataset(3),
+            toys.metric,
+            config=procval.Config("dies", setup=toys.exiting_setup),
+            backend=RayBackend(num_cpus=0.5),
+            workers=1,
+            progress=False,
+        )
+
+
+@pytest.mark.slow
+def test_ctrl_c_kills_the_actors(no_leaked_workers):
+    """A real SIGINT in the driver, once its actors run: they are killed, the driver lives on."""
+
+    def interrupt() -> None:
+        deadline = time.monotonic() + 60
+        while len(actor_processes()) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(0.5)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=interrupt, daemon=True).start()
+    with pytest.raises(KeyboardInterrupt):
+        procval.evaluate(
+            ray_programs.sleepy,
+            list(range(4)),
+            toys.any_score,
+            backend=RayBackend(num_cpus=0.5),
+            workers=2,
+            progress=False,
+        )
+
+
+def test_bad_per_config_options_are_refused_before_any_actor_starts():
+    with pytest.raises(ValueError, match=r"per_config\['x'\] has unknown options \['gpus'\]"):
+        RayBackend(per_config={"x": {"gpus": 1}})
+    with pytest.raises(ValueError, match="num_cpus must be >= 0"):
+        RayBackend(num_cpus=-1)
+
+
+def test_import_procval_does_not_import_ray():
+    code = "import sys, procval; assert 'ray' not in sys.modules, 'procval imported ray'"
+    subprocess.run([sys.executable, "-c", code], check=True)
