@@ -116,7 +116,8 @@ def evaluate(
         config: one config (default ``Config()``); the call returns an :class:`EvaluationResult`.
         configs: several configs, as ``{name: Config}`` or a list of uniquely named configs;
             the call returns a read-only mapping of name to :class:`EvaluationResult`.
-        workers: worker processes in total, shared among configs (default: the CPU count).
+        workers: worker processes in total, shared among configs (default: the CPU count; on
+            Ray, the cluster's CPUs over each actor's ``num_cpus``).
         threads: examples run at once inside each worker (for I/O-bound programs).
         failure_score: the score of an example whose program or metric failed.
         progress: show progress bars on stderr (default: when stderr is a terminal).
@@ -145,8 +146,9 @@ def evaluate(
     """
     named = _named_configs(config, configs)
     _check_callables(program, metric)
-    total_workers = _check_counts(workers, threads, retries, backoff, timeout, max_errors)
-    sink: Sink = _open_sink(store, fresh, retry_errors, [c.name for c in named])
+    _check_counts(workers, threads, retries, backoff, timeout, max_errors)
+    _check_backend(backend)
+    _check_store_options(store, fresh, retry_errors)
     data = Examples(dataset, passes=len(named))
     examples = [data] * len(named)
     _check_picklable(program, metric)
@@ -155,26 +157,34 @@ def evaluate(
         threads=threads, retries=retries, backoff=backoff, parent_pid=os.getpid()
     )
     specs = [WorkerSpec(s, options, dict(c.env)) for s, c in zip(snapshots, named, strict=True)]
+    sink = _open_sink(store, fresh, retry_errors, [c.name for c in named])
     bars = Progress([c.name for c in named], [e.total for e in examples], enabled=wanted(progress))
-    scheduler = Scheduler(
-        _backend(backend),
-        specs,
-        examples,
-        sink,
-        bars,
-        RunOptions(
-            workers=total_workers,
-            failure_score=float(failure_score),
-            timeout=timeout,
-            max_errors=max_errors,
-            resume_hint=(
-                f"run again with store={os.fspath(store)!r} to resume (add retry_errors=True "
-                "to rerun the failed examples)"
-                if store
-                else ""
+    engine = _backend(backend)
+    try:
+        scheduler = Scheduler(
+            engine,
+            specs,
+            examples,
+            sink,
+            bars,
+            RunOptions(
+                workers=workers if workers is not None else _default_workers(engine),
+                failure_score=float(failure_score),
+                timeout=timeout,
+                max_errors=max_errors,
+                resume_hint=(
+                    f"run again with store={os.fspath(store)!r} to resume (add "
+                    "retry_errors=True to rerun the failed examples)"
+                    if store
+                    else ""
+                ),
             ),
-        ),
-    )
+        )
+    except BaseException:  # e.g. a store that refuses to resume: release what was opened
+        bars.close()
+        sink.close(completed=False)
+        engine.shutdown()
+        raise
     results = scheduler.run()
     return results if configs is not None else results[named[0].name]
 
@@ -243,10 +253,10 @@ def _check_counts(
     backoff: float,
     timeout: float | None,
     max_errors: int | None,
-) -> int:
-    if workers is None:
-        workers = loky.cpu_count()
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+) -> None:
+    if workers is not None and (
+        isinstance(workers, bool) or not isinstance(workers, int) or workers < 1
+    ):
         raise ValueError(
             f"workers must be a positive int (or None for the CPU count), got {workers!r}"
         )
@@ -262,7 +272,6 @@ def _check_counts(
         isinstance(max_errors, bool) or not isinstance(max_errors, int) or max_errors < 0
     ):
         raise ValueError(f"max_errors must be an int of at least 0 or None, got {max_errors!r}")
-    return workers
 
 
 def _check_picklable(program: Any, metric: Any) -> None:
@@ -270,17 +279,32 @@ def _check_picklable(program: Any, metric: Any) -> None:
     _pickling.dumps(metric, what="metric")
 
 
+def _check_store_options(
+    store: str | os.PathLike[str] | None, fresh: bool, retry_errors: bool
+) -> None:
+    if store is None and (fresh or retry_errors):
+        option = "fresh=True" if fresh else "retry_errors=True"
+        raise ValueError(f"{option} only makes sense with store=")
+
+
 def _open_sink(
     store: str | os.PathLike[str] | None, fresh: bool, retry_errors: bool, names: list[str]
 ) -> Sink:
     if store is None:
-        if fresh or retry_errors:
-            option = "fresh=True" if fresh else "retry_errors=True"
-            raise ValueError(f"{option} only makes sense with store=")
         return MemorySink()
     from procval.store import StoreSink
 
     return StoreSink(os.fspath(store), fresh=fresh, configs=names, retry_errors=retry_errors)
+
+
+def _check_backend(backend: str | Backend) -> None:
+    if isinstance(backend, str) and backend not in ("loky", "ray"):
+        raise ValueError(f"backend must be 'loky', 'ray' or a Backend object, got {backend!r}")
+
+
+def _default_workers(engine: Backend) -> int:
+    default = getattr(engine, "default_workers", None)
+    return int(default()) if callable(default) else int(loky.cpu_count())
 
 
 def _backend(backend: str | Backend) -> Backend:

@@ -3,7 +3,8 @@
 ::
 
     procval run TASK --store PATH [--config NAME ...] [--workers N] [--threads N] [--timeout S]
-                [--retries N] [--max-errors N] [--limit N] [--fresh] [--no-progress]
+                [--retries N] [--max-errors N] [--limit N] [--fresh] [--retry-errors]
+                [--backend loky|ray] [--no-progress]
     procval report PATH [--html FILE]
     procval compare PATH A B [--confidence C] [--resamples N] [--seed N] [--common-only]
                 [--examples N]
@@ -108,6 +109,7 @@ class Failure(Exception):
     arg("--limit", type=int, metavar="N", help="evaluate only the first N examples"),
     arg("--fresh", action="store_true", help="discard these configs' stored rows first"),
     arg("--retry-errors", action="store_true", help="rerun examples whose stored row failed"),
+    arg("--backend", choices=("loky", "ray"), help="where workers run (default: loky, local)"),
     arg("--no-progress", action="store_true", help="no progress bars on stderr"),
 )  # fmt: skip
 def run(args: argparse.Namespace) -> int:
@@ -122,6 +124,7 @@ def run(args: argparse.Namespace) -> int:
             store=args.store,
             fresh=args.fresh,
             retry_errors=args.retry_errors,
+            backend=args.backend,
             workers=args.workers,
             threads=args.threads,
             timeout=args.timeout,

@@ -32,6 +32,8 @@ import traceback
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
+import cloudpickle
+
 from procval._api import Metric, Program, evaluate
 from procval.config import Config
 from procval.errors import TaskError
@@ -226,6 +228,10 @@ def _import_file(path: str) -> Any:
         if not isinstance(exc, Exception):
             raise
         raise TaskError(f"importing task file {path} failed: {_describe(exc)}") from exc
+    # Ship the file's code by value: workers then need neither the file nor its folder (a
+    # remote Ray node has neither), its top level does not run again in each worker, and its
+    # functions share one copy of its globals there, as they do in one process.
+    cloudpickle.register_pickle_by_value(module)
     return module
 
 

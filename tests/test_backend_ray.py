@@ -221,3 +221,17 @@ def test_bad_per_config_options_are_refused_before_any_actor_starts():
 def test_import_procval_does_not_import_ray():
     code = "import sys, procval; assert 'ray' not in sys.modules, 'procval imported ray'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_cli_run_with_backend_ray(tmp_path, capsys):
+    from procval import cli
+
+    store = str(tmp_path / "run.db")
+    task = os.path.join(TESTS, "helpers", "cli_task.py") + ":single"
+    status = cli.main(
+        ["run", task, "--store", store, "--backend", "ray", "--workers", "2", "--no-progress"]
+    )
+    assert status == 0, capsys.readouterr().err
+    rows = procval.load(store)["default"].rows
+    assert len(rows) == 30 and all(r.node for r in rows)
+    assert {r.worker_pid for r in rows}.isdisjoint({os.getpid()})

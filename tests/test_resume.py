@@ -100,3 +100,10 @@ def test_resuming_with_changed_program_code_warns(tmp_path):
         procval.evaluate(
             toys.sometimes_failing, toys.dataset(8), toys.metric, store=store, workers=1
         )
+
+
+def test_a_call_refused_up_front_leaves_no_store_behind(tmp_path):
+    store = tmp_path / "run.db"
+    with pytest.raises(ValueError, match="dataset is empty"):
+        procval.evaluate(toys.program, [], toys.metric, store=store)
+    assert not store.exists()

@@ -75,6 +75,10 @@ class Worker(Protocol):
 class Backend(Protocol):
     """Starts workers and releases what it holds at the end of a run."""
 
+    def default_workers(self) -> int:
+        """How many workers ``evaluate(workers=None)`` starts (e.g. the CPUs it can use)."""
+        ...
+
     def start_worker(self, spec: WorkerSpec) -> Worker:
         """Start a worker that installs ``spec.snapshot`` (asynchronously; submit may queue)."""
         ...

@@ -19,6 +19,7 @@ import time
 from concurrent.futures import Future
 from itertools import count
 
+import loky
 from loky import ProcessPoolExecutor
 from loky.backend.context import get_context
 
@@ -129,6 +130,10 @@ class LokyBackend:
         self._ids = count()
         self._workers: list[LokyWorker] = []
         self._grace = grace
+
+    def default_workers(self) -> int:
+        """Workers when ``evaluate(workers=None)``: the CPUs this process may use."""
+        return int(loky.cpu_count())
 
     def start_worker(self, spec: WorkerSpec) -> LokyWorker:
         """Start one worker process for ``spec.snapshot``."""

@@ -489,6 +489,16 @@ class RayBackend:
                 "turn token authentication on by itself when the address is explicit"
             ) from exc
 
+    def default_workers(self) -> int:
+        """Workers when ``evaluate(workers=None)``: the cluster's CPUs over ``num_cpus`` per actor.
+
+        With ``num_cpus=0`` (actors reserve no CPU) it is the cluster's CPU count.
+        """
+        self._connect()
+        cpus = float(ray.cluster_resources().get("CPU", 1))
+        per_actor = float(self._options["num_cpus"])
+        return max(1, int(cpus // per_actor) if per_actor > 0 else int(cpus))
+
     def _tasks(self) -> dict[str, Any]:
         return {"runtime_env": self._runtime_env} if self._runtime_env else {}
 
