@@ -25,13 +25,17 @@ def spin(n: int) -> int:
 
 
 def calibrate(seconds: float, *, probe: int = 200_000) -> int:
-    """How many ``spin`` rounds take about ``seconds`` on this machine (best of 5 probes)."""
+    """How many ``spin`` rounds take ``seconds`` of CPU on this machine (best of 5 probes).
+
+    CPU time, not wall time: other processes on a shared machine slow the wall clock but not
+    the work, and an example should hold the same work whatever the load at calibration.
+    """
     best = float("inf")
     for _ in range(5):
-        start = time.perf_counter()
+        start = time.process_time()
         spin(probe)
-        best = min(best, time.perf_counter() - start)
-    return max(1, int(probe * seconds / best))
+        best = min(best, time.process_time() - start)
+    return max(1, int(probe * seconds / max(best, 1e-9)))
 
 
 # ---------------------------------------------------------------- programs and metrics
