@@ -21,8 +21,6 @@ the sizer keeps a moving average of an example's *latency*: how long it keeps on
 
 from __future__ import annotations
 
-import math
-
 TARGET = 0.5  # seconds of work per shard
 MIN_ROUNDS = 8  # with threads: at least this many rounds of `threads` examples per shard
 SHARE = 4  # near the end: at most remaining / (SHARE * workers) examples per shard
@@ -71,7 +69,7 @@ class ShardSizer:
             if threads > 1:
                 size = _round_up(max(size, MIN_ROUNDS * threads), threads)
         if remaining is not None:
-            share = math.ceil(remaining / (SHARE * max(1, workers)))
+            share = max(1, remaining // (SHARE * max(1, workers)))
             # whole rounds: a shard of fewer than `threads` examples takes a round all the same
             size = min(size, _round_up(share, threads))
         return max(1, min(size, MAX_SIZE))
