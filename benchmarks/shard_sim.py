@@ -102,7 +102,7 @@ def simulate(
         for _ in range(size):
             heapq.heappush(heap, heapq.heappop(heap) + draw(rnd, latency, noise) + EXAMPLE_COST)
         end = max(heap) + SHARD_COST
-        free[w] = [end] * threads if barrier else heap
+        free[w] = [end] * threads if barrier else [t + SHARD_COST for t in heap]
         in_flight[w] += 1
         heapq.heappush(events, (end, w, size, end - start))
         return True
