@@ -23,7 +23,6 @@ A watchdog thread ends the process when its parent dies, so no worker outlives a
 
 from __future__ import annotations
 
-import asyncio
 import contextvars
 import faulthandler
 import hashlib
@@ -41,12 +40,15 @@ import traceback
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from procval import _pickling
 from procval._slots import SlotTable
 from procval.config import Config, fingerprint
 from procval.errors import NotInWorkerError
+
+if TYPE_CHECKING:
+    import asyncio  # imported in the worker only for an async program
 
 # A result travels back as a tuple, for speed:
 #   (seq, prediction, score, error, attempts, duration)
@@ -159,6 +161,8 @@ def initialize(snapshot: bytes, options: WorkerOptions, slots_path: str) -> None
     except BaseException:
         state.setup_error = traceback.format_exc()
     if state.is_async:
+        import asyncio
+
         state.loop = asyncio.new_event_loop()
     elif options.threads > 1:
         counter = itertools.count()
@@ -218,6 +222,8 @@ def _run_one(state: _State, item: tuple[int, Any, Any]) -> Result:
 
 
 async def _run_async(state: _State, items: list[tuple[int, Any, Any]]) -> list[Result]:
+    import asyncio
+
     free = list(range(max(1, state.options.threads)))
     available = asyncio.Semaphore(len(free))
 
@@ -233,6 +239,8 @@ async def _run_async(state: _State, items: list[tuple[int, Any, Any]]) -> list[R
 
 
 async def _run_one_async(state: _State, item: tuple[int, Any, Any], slot: int) -> Result:
+    import asyncio
+
     seq, example_id, example = item
     started = time.perf_counter()
     attempts = 0

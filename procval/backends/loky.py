@@ -15,6 +15,7 @@ import re
 import shutil
 import signal
 import tempfile
+import threading
 import time
 from concurrent.futures import Future
 from itertools import count
@@ -142,13 +143,25 @@ class LokyBackend:
         return worker
 
     def shutdown(self) -> None:
-        """Give closed workers a moment to exit, kill what remains, remove the slot files."""
-        deadline = time.monotonic() + self._grace
-        while any(w.alive() for w in self._workers) and time.monotonic() < deadline:
-            time.sleep(0.02)
-        for worker in self._workers:
-            if worker.alive():
-                worker.kill()
-            worker.release()
-        self._workers.clear()
-        shutil.rmtree(self._dir, ignore_errors=True)
+        """Let closed workers exit in the background; kill what remains after the grace period.
+
+        The caller does not wait for its workers' interpreters to wind down (a tenth of a second
+        or more per run): a reaper thread gives them ``grace`` seconds, kills what remains and
+        removes the slot files. Workers killed earlier (Ctrl-C, timeouts) already got SIGKILL.
+        """
+        workers, self._workers = self._workers, []
+        reaper = threading.Thread(
+            target=_reap, args=(workers, self._dir, self._grace), name="procval-reaper"
+        )
+        reaper.start()  # not a daemon: the interpreter waits for it (at most `grace`) at exit
+
+
+def _reap(workers: list[LokyWorker], directory: str, grace: float) -> None:
+    deadline = time.monotonic() + grace
+    while any(w.alive() for w in workers) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    for worker in workers:
+        if worker.alive():
+            worker.kill()
+        worker.release()
+    shutil.rmtree(directory, ignore_errors=True)
