@@ -149,7 +149,8 @@ def evaluate(
     _check_counts(workers, threads, retries, backoff, timeout, max_errors)
     _check_backend(backend)
     _check_store_options(store, fresh, retry_errors)
-    data = Examples(dataset, passes=len(named))
+    # with a store, a second row for an id is refused by the store: no id set in the parent
+    data = Examples(dataset, passes=len(named), track_ids=store is None or retry_errors)
     examples = [data] * len(named)
     _check_picklable(program, metric)
     snapshots = [take_snapshot(c, program, metric) for c in named]

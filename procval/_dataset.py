@@ -37,12 +37,14 @@ def example_id(example: Any, index: int) -> int | str:
 class Examples:
     """A dataset made ready for the scheduler: validated up front where that is cheap.
 
-    A list (or other sized, re-iterable collection) is checked for duplicate ids before any worker
-    starts. A one-shot iterator (a generator) is read lazily, once; if several configs need it, it
-    is read into memory first (pass a re-iterable such as :func:`read_jsonl` to stream it).
+    A list or tuple is checked for duplicate ids before any worker starts. Other datasets are
+    read lazily and checked as they are read, keeping each id seen; with ``track_ids=False`` they
+    are not (a run store refuses a second row for an id instead, with no memory in the parent).
+    A one-shot iterator (a generator) is read once; if several configs need it, it is read into
+    memory first (pass a re-iterable such as :func:`read_jsonl` to stream it).
     """
 
-    def __init__(self, dataset: Iterable[Any], *, passes: int) -> None:
+    def __init__(self, dataset: Iterable[Any], *, passes: int, track_ids: bool = True) -> None:
         if isinstance(dataset, str | bytes) or not isinstance(dataset, Iterable):
             raise TypeError(
                 f"dataset must be an iterable of examples (a list, a generator, read_jsonl(path)), "
@@ -67,7 +69,7 @@ class Examples:
             or (self.total is None and not one_shot and _is_empty(dataset))
         ):
             raise ValueError("dataset is empty: there is nothing to evaluate")
-        self._checked = False
+        self._checked = not track_ids  # False: someone else (the run store) catches duplicates
         if isinstance(dataset, list | tuple):
             _check_unique(dataset)
             self._checked = True

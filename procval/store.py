@@ -77,7 +77,15 @@ _COLUMNS = (
     "config, example_id, idx, example_hash, example, prediction, score, error_type, "
     "error_message, error_traceback, attempts, duration, worker_pid, node, fingerprint, session"
 )
-_INSERT = f"INSERT OR REPLACE INTO rows ({_COLUMNS}) VALUES ({', '.join('?' * 16)})"
+# A second row for an id is a duplicate id in the dataset (resumed ids are skipped before they
+# run), so a plain INSERT is how a streamed dataset's duplicates are caught with no memory in
+# the parent. With retry_errors, a new row replaces a failed one (and only a failed one).
+_INSERT = f"INSERT INTO rows ({_COLUMNS}) VALUES ({', '.join('?' * 16)})"
+_REPLACE_FAILED = (
+    f"{_INSERT} ON CONFLICT (config, example_id) DO UPDATE SET "
+    + ", ".join(f"{c} = excluded.{c}" for c in _COLUMNS.replace(" ", "").split(",")[2:])
+    + " WHERE rows.error_type IS NOT NULL"
+)
 _SELECT = f"SELECT {_COLUMNS} FROM rows"
 
 
@@ -186,13 +194,31 @@ class StoreSink:
         db = self._writer()
         records = [_encode(row, config, self._session) for row in rows]
         self._write(db)
-        db.executemany(_INSERT, records)
+        try:
+            db.executemany(_REPLACE_FAILED if self._retry_errors else _INSERT, records)
+        except sqlite3.IntegrityError:
+            raise self._duplicate(db, config, rows) from None
         elapsed = time.perf_counter() - self._started[config]
         db.execute(
             "UPDATE configs SET duration = ? WHERE name = ?",
             (self._prior[config] + elapsed, config),
         )
         self._commit()
+
+    def _duplicate(self, db: sqlite3.Connection, config: str, rows: list[Row]) -> ValueError:
+        """The ValueError for the row whose id is stored already (a duplicate id)."""
+        for row in rows:
+            found = db.execute(
+                "SELECT idx FROM rows WHERE config = ? AND example_id = ?",
+                (config, json.dumps(row.example_id)),
+            ).fetchone()
+            if found is not None and found[0] != row.index:
+                first, second = sorted((int(found[0]), row.index))
+                return ValueError(
+                    f"duplicate example id {row.example_id!r} at positions {first} and {second}; "
+                    "ids must be unique (drop the 'id' field to number examples by position)"
+                )
+        return ValueError(f"a row of config {config!r} could not be stored: duplicate id")
 
     def result(self, config: str, duration: float) -> EvaluationResult:
         """The config's result over all stored rows (all sessions); rows load when first read."""

@@ -107,3 +107,9 @@ def test_a_call_refused_up_front_leaves_no_store_behind(tmp_path):
     with pytest.raises(ValueError, match="dataset is empty"):
         procval.evaluate(toys.program, [], toys.metric, store=store)
     assert not store.exists()
+
+
+def test_a_store_refuses_duplicate_ids_of_a_generator(tmp_path):
+    data = ({"id": f"k{7 if i == 300 else i}", "q": i} for i in range(400))
+    with pytest.raises(ValueError, match="duplicate example id 'k7' at positions 7 and 300"):
+        procval.evaluate(toys.program, data, toys.metric, store=tmp_path / "run.db", workers=1)
