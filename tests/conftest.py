@@ -9,6 +9,8 @@ import psutil
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))  # `import helpers` here and in workers
+# litellm (under dspy) must not try to fetch its model cost map: the tests run offline
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
 
 @pytest.fixture
