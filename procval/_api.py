@@ -10,7 +10,6 @@ from typing import Any, Protocol, overload
 
 import loky
 
-from procval import _pickling
 from procval._dataset import Examples
 from procval._progress import Progress, wanted
 from procval._scheduler import RunOptions, Scheduler
@@ -152,7 +151,6 @@ def evaluate(
     # with a store, a second row for an id is refused by the store: no id set in the parent
     data = Examples(dataset, passes=len(named), track_ids=store is None or retry_errors)
     examples = [data] * len(named)
-    _check_picklable(program, metric)
     snapshots = [take_snapshot(c, program, metric) for c in named]
     options = WorkerOptions(
         threads=threads, retries=retries, backoff=backoff, parent_pid=os.getpid()
@@ -273,11 +271,6 @@ def _check_counts(
         isinstance(max_errors, bool) or not isinstance(max_errors, int) or max_errors < 0
     ):
         raise ValueError(f"max_errors must be an int of at least 0 or None, got {max_errors!r}")
-
-
-def _check_picklable(program: Any, metric: Any) -> None:
-    _pickling.dumps(program, what="program")
-    _pickling.dumps(metric, what="metric")
 
 
 def _check_store_options(

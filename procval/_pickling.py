@@ -91,6 +91,11 @@ def _function_in_module(
     return fn
 
 
+def dumps_fast(obj: Any) -> bytes:
+    """Pickle like :func:`dumps`, but let a failure raise as it is (no culprit search)."""
+    return _dumps(obj)
+
+
 def _dumps(obj: Any) -> bytes:
     buffer = io.BytesIO()
     _Pickler(buffer, protocol=PROTOCOL).dump(obj)

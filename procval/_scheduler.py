@@ -372,11 +372,11 @@ class Scheduler:
 
     # ---------------------------------------------------------------- failures
 
-    def _unfinished(self, w: _WorkerRun) -> list[tuple[_Shard, bool]]:
+    def _unfinished(self, w: _WorkerRun) -> list[_Shard]:
         """Collect the worker's shards that did finish; return the rest, marking lone suspects."""
         for future in [f for f in w.shards if f.done() and f.exception() is None]:
             self._collect(future)
-        lost = [(shard, shard.alone) for shard in w.shards.values()]
+        lost = list(w.shards.values())
         for future in w.shards:
             self._owners.pop(future, None)
         w.shards.clear()
@@ -395,20 +395,20 @@ class Scheduler:
                     "check Config.setup and what the program imports"
                 )
         rows = []
-        for shard, alone in lost:
+        for shard in lost:
             for item in shard.items:
-                if alone and item[0] in running:
+                if shard.alone and item[0] in running:
                     message = f"{how} while running this example alone in {label}"
                     error = RowError("WorkerCrashed", message, log)
                     rows.append(self._error_row(run, item, error, pid=pid))
-                elif alone or item[0] in running or run.lost.get(item[0], 0) >= LOST_LIMIT:
+                elif shard.alone or item[0] in running or run.lost.get(item[0], 0) >= LOST_LIMIT:
                     run.suspects.append(item)
                 else:
                     run.lost[item[0]] = run.lost.get(item[0], 0) + 1
                     run.requeue.append(item)
         self._deliver(run, rows)
 
-    def _drop(self, w: _WorkerRun) -> list[tuple[_Shard, bool]]:
+    def _drop(self, w: _WorkerRun) -> list[_Shard]:
         """Kill the worker and take it out of the run; return its unfinished shards."""
         lost = self._unfinished(w)
         if w in w.config.workers:
@@ -431,7 +431,7 @@ class Scheduler:
                 continue
             run, label, pid = w.config, w.worker.label, w.worker.pid
             rows = []
-            for shard, _ in self._drop(w):
+            for shard in self._drop(w):
                 for item in shard.items:
                     if item[0] in late:
                         message = (

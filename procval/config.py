@@ -164,12 +164,17 @@ def take_snapshot(config: Config, program: Any = None, metric: Any = None) -> Sn
     """
     if not isinstance(config, Config):
         raise TypeError(f"expected a procval.Config, got {type(config).__name__}")
-    _pickling.dumps(
-        config,
-        what=f"config {config.name!r}",
-        hint="create it inside Config.setup, which runs in each worker",
-    )
-    data = _pickling.dumps((config, program, metric), what="program and metric")
+    try:
+        data = _pickling.dumps_fast((config, program, metric))
+    except Exception:  # find which part fails, and say so (the slow path runs only here)
+        _pickling.dumps(
+            config,
+            what=f"config {config.name!r}",
+            hint="create it inside Config.setup, which runs in each worker",
+        )
+        _pickling.dumps(program, what="program")
+        _pickling.dumps(metric, what="metric")
+        data = _pickling.dumps((config, program, metric), what="program and metric")
     description = config.describe()
     if program is not None or metric is not None:
         description["program"] = code_identity(program, metric)
