@@ -13,10 +13,10 @@
 ``TASK`` is ``path/to/file.py:name`` or ``module:name`` (see :mod:`procval.task`).
 
 Exit status: 0 when the run completed (even if some examples failed), 2 for bad input (a wrong
-task path, a missing store or one of another format, a config that cannot be set up), 3 when
-``--max-errors`` stopped the run, 130 when interrupted (Ctrl-C or SIGTERM; a second one exits at
-once). Errors are one line on stderr, ``procval: error: ...``; set ``PROCVAL_DEBUG=1`` to see the
-traceback instead.
+task path, a missing store or one of another format, a store that another live run is writing,
+a config that cannot be set up), 3 when ``--max-errors`` stopped the run, 130 when interrupted
+(Ctrl-C or SIGTERM; a second one exits at once). Errors are one line on stderr,
+``procval: error: ...``; set ``PROCVAL_DEBUG=1`` to see the traceback instead.
 
 Each subcommand is one function registered with :func:`command`: adding a subcommand is that
 function and its decorator line.

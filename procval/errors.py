@@ -13,7 +13,8 @@ working for callers who do not know procval::
     ├── TaskError (ProcvalError, ValueError)          a task reference or Task that is unusable
     ├── UnalignedResultsError (ProcvalError, ValueError) compared results cover other ids
     └── StoreError (ProcvalError)                     the run store cannot be used
-        └── StoreMismatchError (StoreError, ValueError) resume against other configs or data
+        ├── StoreMismatchError (StoreError, ValueError) resume against other configs or data
+        └── StoreLockedError (StoreError)             another live run is writing the store
 
 :class:`ProgramChangedWarning` (a ``UserWarning``) is issued when a run store is resumed with a
 program or metric whose code changed: the results would mix both versions.
@@ -92,6 +93,22 @@ class StoreError(ProcvalError):
 
 class StoreMismatchError(StoreError, ValueError):
     """Resuming would mix results of different configs or of changed examples."""
+
+
+class StoreLockedError(StoreError):
+    """Another live process is writing the run store; two writers would duplicate the work.
+
+    Attributes:
+        path: the run store.
+        pid: the process that holds it (None if it could not be read).
+        host: the machine that process runs on (None if it could not be read).
+    """
+
+    def __init__(self, message: str, *, path: str, pid: int | None, host: str | None) -> None:
+        super().__init__(message)
+        self.path = path
+        self.pid = pid
+        self.host = host
 
 
 class ProgramChangedWarning(UserWarning):

@@ -24,6 +24,17 @@ field by field; pydantic models by ``model_dump(mode="json")``; objects with ``t
 ``to_dict()`` (DSPy) through it; other objects by their public ``__dict__``; anything else as its
 ``repr()``. A row read back from the store holds these JSON values, not the original objects.
 
+One writer at a time: a run holds an exclusive ``flock`` on ``PATH.lock`` (next to the store)
+from the moment its sink opens until it closes, and a second run on the same store fails at
+once, before any worker starts, with :class:`procval.StoreLockedError` naming the holder's pid
+and host. The kernel drops the lock when the holder exits, however it exits (``kill -9``
+included), so a lock is never stale; the file itself is removed on a clean close and may be left
+behind by a killed run (harmless: the pid in it is only read for the message). The lock covers
+the whole store, not a config: a run's session, its configs and ``fresh`` are one unit, SQLite
+has one writer at a time anyway, and runs of different configs in parallel belong in one call
+(``configs=``, which shares the workers) or in separate stores. Readers (``load``, ``report``,
+``export``, ``compare``) never take it.
+
 Resuming: an example whose id already has a row is not run again, provided the stored example
 has the same content (a hash of its canonical JSON); a config name stored with a different
 :meth:`procval.Config.identity` is refused. ``fresh=True`` discards the stored rows of the configs
@@ -33,21 +44,30 @@ being run, and only those.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import math
 import os
+import shlex
 import socket
 import sqlite3
+import sys
 import time
 import warnings
+import weakref
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 from procval._convert import to_jsonable
 from procval.config import Snapshot
-from procval.errors import ProgramChangedWarning, StoreError, StoreMismatchError
+from procval.errors import ProgramChangedWarning, StoreError, StoreLockedError, StoreMismatchError
 from procval.results import EvaluationResult, Results, Row, RowError, Totals
+
+try:
+    import fcntl
+except ImportError:  # not POSIX (Windows is not a target): runs go without the writer lock
+    fcntl = None  # type: ignore[assignment]
 
 FORMAT = "procval-store"
 VERSION = 1
@@ -101,6 +121,7 @@ class StoreSink:
 
     Raises:
         StoreError: ``path`` exists but is not a procval run store, or cannot be opened.
+        StoreLockedError: another live process is writing the store (see the module's doc).
     """
 
     def __init__(
@@ -111,7 +132,8 @@ class StoreSink:
         self._retry_errors = retry_errors
         self._names = list(configs)
         with contextlib.closing(_connect(path, create=True)):
-            pass  # fail now, before any worker starts, if the file is not a store
+            pass  # fail now, before any worker starts, if the file is not a store ...
+        self._lock = _WriterLock(path)  # ... or if another run is writing it
         self._db: sqlite3.Connection | None = None
         self._session = 0
         self._in_transaction = False
@@ -221,24 +243,33 @@ class StoreSink:
         return ValueError(f"a row of config {config!r} could not be stored: duplicate id")
 
     def result(self, config: str, duration: float) -> EvaluationResult:
-        """The config's result over all stored rows (all sessions); rows load when first read."""
-        with self._connection() as db:
-            if db is self._db:
-                self._write(db)
-            db.execute(
-                "UPDATE configs SET duration = ? WHERE name = ?",
-                (self._prior[config] + duration, config),
-            )
-            self._commit()
-            return _result(self._path, db, config)
+        """The config's result over all stored rows (all sessions); rows load when first read.
+
+        While the sink is open, ``duration`` (this session's) is stored too. Once it is closed,
+        the writer lock is gone and nothing is written: ``add`` stored the duration with each
+        shard, so only the last instants of the session are missing from the stored one.
+        """
+        total = self._prior[config] + duration
+        db = self._db
+        if db is None:
+            with contextlib.closing(_connect(self._path, create=False)) as reader:
+                return _result(self._path, reader, config, duration=total)
+        self._write(db)
+        db.execute("UPDATE configs SET duration = ? WHERE name = ?", (total, config))
+        self._commit()
+        return _result(self._path, db, config)
 
     def close(self, *, completed: bool) -> None:
-        """Commit, mark the session completed or stopped, and close the file (idempotent)."""
+        """Commit, mark the session completed or stopped, close the file, release the store.
+
+        Idempotent.
+        """
         if self._closed:
             return
         self._closed = True
         db = self._db
         if db is None:
+            self._lock.release()
             return
         try:
             self._write(db)
@@ -252,6 +283,7 @@ class StoreSink:
         finally:
             db.close()
             self._db = None
+            self._lock.release()
 
     # ------------------------------------------------------------------ connection
 
@@ -295,19 +327,50 @@ class StoreSink:
     def _abort(self) -> None:
         db, self._db = self._db, None
         self._closed = True
-        if db is not None:
-            with contextlib.suppress(sqlite3.Error):
-                db.execute("ROLLBACK")
-            db.close()
+        try:
+            if db is not None:
+                with contextlib.suppress(sqlite3.Error):
+                    db.execute("ROLLBACK")
+                db.close()
+        finally:
+            self._lock.release()
 
-    @contextlib.contextmanager
-    def _connection(self) -> Iterator[sqlite3.Connection]:
-        """The writer while the sink is open; a short-lived connection once it is closed."""
-        if self._db is not None:
-            yield self._db
-            return
-        with contextlib.closing(_connect(self._path, create=False)) as db:
-            yield db
+
+# ---------------------------------------------------------------------- the writer lock
+
+
+class _WriterLock:
+    """An exclusive ``flock`` on ``STORE.lock``: held by the one process writing the store.
+
+    The kernel releases an ``flock`` when the last descriptor of its open file is closed, which
+    happens however the process ends, ``kill -9`` included: a lock is never stale, and the pid
+    written in the file serves only the message of a run that finds the store busy. The
+    descriptor is not inherited by worker processes: Python opens files non-inheritable
+    (``O_CLOEXEC``, PEP 446) and loky starts workers by fork+exec, so a worker that outlives a
+    killed parent for a moment does not keep the store locked. (Between its fork and its exec a
+    child shares the descriptor, for the few milliseconds loky takes to exec.)
+
+    Args:
+        store: the run store's path; the lock file is ``store + ".lock"``.
+
+    Raises:
+        StoreLockedError: another open file description holds the lock (another process, or
+            another sink of this process).
+        StoreError: the lock file cannot be created.
+    """
+
+    def __init__(self, store: str) -> None:
+        self.path = store + ".lock"
+        fd = _lock(store, self.path)
+        # released at the latest when the sink is garbage collected or the interpreter exits
+        self._release = (
+            weakref.finalize(self, _unlock, fd, self.path, os.getpid()) if fd is not None else None
+        )
+
+    def release(self) -> None:
+        """Remove the lock file and release the lock (idempotent)."""
+        if self._release is not None:
+            self._release()
 
 
 # ---------------------------------------------------------------------- reading
@@ -421,8 +484,10 @@ class _RowLoader:
             return [_decode(record) for record in cursor]
 
 
-def _result(path: str, db: sqlite3.Connection, config: str) -> EvaluationResult:
-    duration, fingerprint = db.execute(
+def _result(
+    path: str, db: sqlite3.Connection, config: str, *, duration: float | None = None
+) -> EvaluationResult:
+    stored, fingerprint = db.execute(
         "SELECT duration, fingerprint FROM configs WHERE name = ?", (config,)
     ).fetchone()
     error_types = db.execute(
@@ -433,7 +498,7 @@ def _result(path: str, db: sqlite3.Connection, config: str) -> EvaluationResult:
     return EvaluationResult(
         config,
         _RowLoader(path, config),
-        duration=float(duration),
+        duration=float(stored if duration is None else duration),
         totals=_totals(db, config),
         error_types=dict(error_types),
         fingerprint=fingerprint,
@@ -519,6 +584,133 @@ def _to_json(value: Any) -> str:
 def _text_hash(text: str) -> int:
     """A signed 64-bit hash of an example's canonical JSON (fits a SQLite INTEGER)."""
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little", signed=True)
+
+
+# ---------------------------------------------------------------------- locking
+
+
+def _lock(store: str, path: str) -> int | None:
+    """Lock ``path`` for this process and write who holds it; None where locks are unavailable.
+
+    Raises:
+        StoreLockedError: another live process (or another sink of this one) holds it.
+        StoreError: the lock file cannot be created.
+    """
+    if fcntl is None:
+        return None
+    for _ in range(100):
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)  # O_CLOEXEC: never inherited
+        except OSError as exc:
+            raise StoreError(
+                f"cannot create the lock file {path} of the run store {store}: {exc.strerror}"
+            ) from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            busy = exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES)
+            holder = _holder(fd) if busy else {}
+            os.close(fd)
+            if busy:
+                raise _locked(store, path, holder) from None
+            warnings.warn(  # e.g. ENOLCK: a network file system without locks
+                f"the run store {store} cannot be locked ({exc.strerror}); nothing stops a "
+                "second run from writing it at the same time",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+            return None
+        # A run that finished removed the file between our open and our flock: what we locked
+        # is no longer the lock file, so lock the one at the path now.
+        try:
+            current = os.path.samestat(os.fstat(fd), os.stat(path))
+        except OSError:
+            current = False
+        if current:
+            _write_holder(fd)
+            return fd
+        os.close(fd)
+    raise StoreError(f"cannot lock the run store {store}: its lock file {path} keeps changing")
+
+
+def _unlock(fd: int, path: str, owner: int) -> None:
+    """Remove the lock file (if it is still the one locked), then release the lock."""
+    try:
+        # a child forked without exec (never a procval worker) shares the lock: it must not
+        # remove the file its parent still holds
+        if os.getpid() == owner and os.path.samestat(os.fstat(fd), os.stat(path)):
+            os.unlink(path)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_holder(fd: int) -> None:
+    argv = list(sys.argv)
+    if argv and argv[0].endswith(os.path.join("procval", "__main__.py")):
+        argv[0] = "procval"  # python -m procval
+    elif argv:
+        argv[0] = os.path.basename(argv[0])
+    holder = {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "started": time.time(),
+        "command": shlex.join(argv)[:200],
+    }
+    with contextlib.suppress(OSError):  # only for messages: a full disk must not stop the run
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(holder).encode(), 0)
+
+
+def _holder(fd: int) -> dict[str, Any]:
+    """Who holds the lock, from the file (its holder may not have written it yet: wait a bit)."""
+    deadline = time.monotonic() + 0.5
+    while True:
+        try:
+            found = json.loads(os.pread(fd, 4096, 0))
+            if isinstance(found, dict):
+                return found
+        except (OSError, ValueError):
+            pass
+        if time.monotonic() > deadline:
+            return {}
+        time.sleep(0.02)
+
+
+def _locked(store: str, path: str, holder: Mapping[str, Any]) -> StoreLockedError:
+    pid = holder.get("pid") if isinstance(holder.get("pid"), int) else None
+    host = str(holder["host"]) if holder.get("host") else None
+    here = socket.gethostname()
+    if pid == os.getpid() and host == here:
+        return StoreLockedError(
+            f"the run store {store} is already being written by this process (pid {pid}): an "
+            "earlier evaluate() on it has not returned (in another thread?) or was not closed. "
+            "Let it finish, or use another store path",
+            path=store,
+            pid=pid,
+            host=host,
+        )
+    if pid is None:
+        who = f"another process (its pid is not in {path} yet)"
+        stop = "stop it"
+    else:
+        who = f"pid {pid}" + (f" on host {host}" if host else "")
+        details = [str(holder["command"])] if holder.get("command") else []
+        if isinstance(holder.get("started"), int | float):
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder["started"]))
+            details.append(f"since {when}")
+        if details:
+            who += f" ({', '.join(details)})"
+        stop = f"stop it (kill {pid}" + (f" on {host}" if host and host != here else "") + ")"
+    return StoreLockedError(
+        f"the run store {store} is being written by another run: {who}; two runs on one store "
+        f"would do the same work twice. Wait for it to finish, or {stop}, then run again to "
+        "resume; or use another store path",
+        path=store,
+        pid=pid,
+        host=host,
+    )
 
 
 # ---------------------------------------------------------------------- opening

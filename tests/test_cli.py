@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -273,6 +274,41 @@ def test_sigkill_mid_run_then_resume(tmp_path):
     recomputed = sum(counted.values()) - len(counted)
     assert len(counted) == 2000
     assert recomputed <= 200, f"{recomputed} examples ran twice"  # only what was in flight
+
+
+@pytest.mark.slow
+def test_a_second_run_on_a_busy_store_fails_fast_naming_the_holder(tmp_path):
+    store, log, second_log = tmp_path / "run.db", tmp_path / "calls.log", tmp_path / "second.log"
+    env = {"CLI_TASK_N": "5000", "CLI_TASK_SLEEP": "0.01", "CLI_TASK_LOG": str(log)}
+    args = ("run", f"{TASK}:single", "--store", store, "--workers", "1")
+    proc = start_cli(*args, env=env)
+    try:
+        wait_for_rows(store, 20, proc)
+        started = time.monotonic()
+        second = procval_cli(*args, env={**env, "CLI_TASK_LOG": str(second_log)}, timeout=60)
+        elapsed = time.monotonic() - started
+        holder = f"pid {proc.pid} on host {socket.gethostname()} (procval run {TASK}:single"
+        assert_one_error_line(
+            second,
+            f"the run store {store} is being written by another run: {holder}",
+            f"Wait for it to finish, or stop it (kill {proc.pid}), then run again to resume",
+            "or use another store path",
+        )
+        assert second.stdout == "" and not second_log.exists()  # no worker ran anything
+        assert elapsed < 30, f"{elapsed:.1f}s to refuse a busy store"  # the holder needs ~50 s
+        report = procval_cli("report", store, timeout=60)  # readers need no lock
+        assert report.returncode == 0 and "the last one running, or killed" in report.stdout
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+    finally:
+        proc.kill()
+        proc.communicate(timeout=10)
+
+    resumed = procval_cli(*args, env={**env, "CLI_TASK_SLEEP": "0"}, timeout=180)
+    assert resumed.returncode == 0, resumed.stderr
+    assert stored(store) == (5000, 5000)
+    counted = calls(log)
+    assert len(counted) == 5000 and sum(counted.values()) - 5000 <= 200  # in flight only
 
 
 @pytest.mark.slow

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import gc
+import json
 import math
+import os
+import signal
+import socket
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 import procval
@@ -279,3 +286,153 @@ def test_resuming_a_finished_run_of_a_list_returns(tmp_path):
         timeout=60,
     )
     assert out.stdout.strip() == "10", out.stderr
+
+
+# ---------------------------------------------------------------- one writer at a time
+
+
+def test_one_writer_at_a_time_and_readers_never_need_the_lock(tmp_path):
+    path, lock = tmp_path / "run.db", Path(f"{tmp_path / 'run.db'}.lock")
+    write(path, [row(i) for i in range(3)])
+    assert not lock.exists()  # a closed run leaves no lock file behind
+    first = StoreSink(str(path), fresh=False, configs=["a"])
+    first.begin(snapshot("a"))
+    first.add("a", [row(3)])
+    assert json.loads(lock.read_text())["pid"] == os.getpid()
+    with pytest.raises(procval.StoreLockedError) as info:
+        StoreSink(str(path), fresh=False, configs=["b"])  # even for another config
+    message = str(info.value)
+    assert f"the run store {path} is already being written by this process" in message
+    assert (info.value.path, info.value.pid) == (str(path), os.getpid()) and "\n" not in message
+    assert isinstance(info.value, procval.StoreError)
+    # readers neither wait for the writer nor take its lock
+    assert len(procval.load(path)["a"].rows) == 4 and count_rows(path) == 4
+    assert len(list(iter_rows(path))) == 4 and sessions(path)[-1]["status"] == "running"
+    first.close(completed=True)
+    assert not lock.exists()
+    write(path, [row(5)])  # free again at once
+
+    forgotten = StoreSink(str(path), fresh=False, configs=["a"])  # never closed ...
+    del forgotten
+    gc.collect()
+    write(path, [row(6)])  # ... released when collected
+    assert count_rows(path) == 6
+
+
+def test_a_lock_file_left_by_a_killed_run_is_not_a_lock(tmp_path):
+    path, lock = tmp_path / "run.db", Path(f"{tmp_path / 'run.db'}.lock")
+    write(path, [row(0)])
+    lock.write_text(json.dumps({"pid": 999_999_999, "host": "elsewhere", "started": 0}))
+    result = write(path, [row(1)])  # the kernel holds no lock: the file's content is not one
+    assert len(result) == 2 and not lock.exists()
+
+
+def test_a_store_that_refuses_to_resume_is_released(tmp_path):
+    path = tmp_path / "run.db"
+    write(path, [row(0)], values={"model": "small"})
+    for _ in range(2):  # the refused call released the store: the same refusal, not a lock
+        with pytest.raises(procval.StoreMismatchError):
+            procval.evaluate(abs, [0], lambda e, p: 1.0, config=Config(name="a"), store=path)
+    assert not Path(f"{path}.lock").exists()
+
+
+HOLD_A_RUN = """
+import sys, time
+import procval
+from helpers import store_programs
+
+PAUSE = float(sys.argv[2])
+
+def program(example):
+    time.sleep(PAUSE)
+    return store_programs.logged(example)
+
+examples = ({"id": f"ex{i}", "x": i} for i in range(int(sys.argv[3])))
+result = procval.evaluate(program, examples, store_programs.metric, store=sys.argv[1],
+                          workers=1, progress=False)
+print(len(result))
+"""
+
+
+def run_script(path, pause, n, log, **options):
+    tests = str(Path(__file__).resolve().parent)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [tests, os.environ.get("PYTHONPATH")])),
+        store_programs.LOG_VARIABLE: str(log),
+    }
+    command = [sys.executable, "-c", HOLD_A_RUN, str(path), str(pause), str(n)]
+    return subprocess.Popen(command, env=env, text=True, **options)
+
+
+def open_paths(process: psutil.Process) -> set[str]:
+    try:
+        return {f.path for f in process.open_files()}
+    except psutil.NoSuchProcess:
+        return set()
+
+
+@pytest.mark.slow
+def test_a_live_run_holds_the_store_and_its_kill_9_frees_it_at_once(tmp_path):
+    path, log = tmp_path / "run.db", tmp_path / "calls.log"
+    lock = f"{path}.lock"
+    holder = run_script(path, 0.01, 3000, log, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while count_rows(path) < 20:
+            assert holder.poll() is None, holder.communicate()
+            assert time.monotonic() < deadline, "the holder stored no rows within 60 s"
+            time.sleep(0.05)
+        workers = psutil.Process(holder.pid).children(recursive=True)
+        assert workers, "the run has no worker processes"
+        # The lock is the holder's alone: no worker (nor loky's resource tracker) inherited it,
+        # so none can keep the store locked once the holder is gone.
+        assert lock in open_paths(psutil.Process(holder.pid))
+        assert not [w.pid for w in workers if lock in open_paths(w)]
+
+        mine = {p.pid for p in psutil.Process().children(recursive=True)}
+        started = time.monotonic()
+        with pytest.raises(procval.StoreLockedError) as info:
+            procval.evaluate(
+                store_programs.logged,
+                [{"id": "second", "x": 1}],
+                store_programs.metric,
+                store=path,
+                workers=1,
+                progress=False,
+            )
+        elapsed = time.monotonic() - started
+        assert {p.pid for p in psutil.Process().children(recursive=True)} <= mine  # no worker
+        assert "second" not in store_programs.calls(log)
+        assert elapsed < 5, f"{elapsed:.1f}s to refuse a busy store"
+        message = str(info.value)
+        host = socket.gethostname()
+        assert message.startswith(
+            f"the run store {path} is being written by another run: pid {holder.pid} on host "
+            f"{host} (-c {path} 0.01 3000, since "
+        ), message
+        assert f"Wait for it to finish, or stop it (kill {holder.pid}), then run again" in message
+        assert message.endswith("; or use another store path")
+        assert (info.value.pid, info.value.host) == (holder.pid, host)
+
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(timeout=10)
+        # at once, whether or not the workers have finished dying: no retry, no wait
+        StoreSink(str(path), fresh=False, configs=["default"]).close(completed=False)
+    finally:
+        holder.kill()
+        holder.communicate(timeout=10)
+    deadline = time.monotonic() + 10
+    while any(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers):
+        assert time.monotonic() < deadline, "workers outlived their killed parent"
+        time.sleep(0.05)
+    at_kill = count_rows(path)
+    assert 20 <= at_kill < 3000
+
+    resumed = run_script(path, 0, 3000, log, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out, err = resumed.communicate(timeout=120)
+    assert resumed.returncode == 0 and out.strip() == "3000", err
+    calls = store_programs.calls(log)
+    assert len(set(calls)) == 3000 and count_rows(path) == 3000
+    assert len(calls) - 3000 <= 200, f"{len(calls) - 3000} examples ran twice"  # in flight only
+    assert not Path(lock).exists()
