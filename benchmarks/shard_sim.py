@@ -4,15 +4,18 @@ Usage::
 
     python benchmarks/shard_sim.py                       # the sizer in procval/_shards.py
     python benchmarks/shard_sim.py old_shards.py         # another version of the module
-    python benchmarks/shard_sim.py --no-barrier          # workers that start the next shard's
-                                                         # examples on threads as they free up
+    python benchmarks/shard_sim.py --barrier             # workers as they were before: the
+                                                         # next shard waits for the slowest
+                                                         # example of the current one
 
-The model follows ``_scheduler.py``: each worker keeps ``PIPELINE`` shards queued and runs them
-one at a time (its threads share a shard; the next shard starts once the slowest example of the
-current one is done); after each finished shard the sizer observes ``(size, wall seconds)`` and
-the scheduler refills every worker. Example latencies are uniform, uniform with noise, or
-lognormal (like LLM calls). Each case prints the makespan against a *streaming* lower bound: the
-same kind of latencies list-scheduled on every thread with no shards at all.
+The model follows ``_scheduler.py`` and ``_worker.py``: each worker keeps ``PIPELINE`` shards
+queued; its threads take the next example as soon as they are free, and a shard's call returns
+once its last example has started (with ``--barrier``: once its slowest example is done, and the
+threads of the next shard start together). After each returned shard the sizer observes
+``(size, busy seconds)`` and the scheduler refills every worker. Example latencies are uniform,
+uniform with noise, or lognormal (like LLM calls). Each case prints the makespan against a
+*streaming* lower bound: the same kind of latencies list-scheduled on every thread with no shards
+at all.
 
 It leaves out what real runs add on top (process start-up, the parent's per-row work), which
 ``run.py`` measures; it is deterministic, so it isolates what the sizing policy itself costs.
@@ -82,7 +85,7 @@ def simulate(
     # so a shard's end is known when it is queued
     free = [[delays[w]] * threads for w in range(workers)]
     in_flight = [0] * workers
-    events: list[tuple[float, int, int, float]] = []  # (end, worker, size, wall seconds)
+    events: list[tuple[float, int, int, float]] = []  # (return, worker, size, busy seconds)
     unsent, finished, shards = n, 0, 0
 
     def submit(w: int, now: float) -> bool:
@@ -99,12 +102,17 @@ def simulate(
             heap = [max(now, t) for t in free[w]]
             start = min(heap)
         heapq.heapify(heap)
+        busy = last_start = 0.0
         for _ in range(size):
-            heapq.heappush(heap, heapq.heappop(heap) + draw(rnd, latency, noise) + EXAMPLE_COST)
+            last_start = heapq.heappop(heap)
+            took = draw(rnd, latency, noise) + EXAMPLE_COST
+            busy += took
+            heapq.heappush(heap, last_start + took)
         end = max(heap) + SHARD_COST
         free[w] = [end] * threads if barrier else [t + SHARD_COST for t in heap]
         in_flight[w] += 1
-        heapq.heappush(events, (end, w, size, end - start))
+        answered = end if barrier else max(start, last_start) + SHARD_COST
+        heapq.heappush(events, (answered, w, size, busy))
         return True
 
     for w in range(workers):
@@ -112,14 +120,15 @@ def simulate(
             pass
     now = 0.0
     while events:
-        now, w, size, seconds = heapq.heappop(events)
+        now, w, size, busy = heapq.heappop(events)
         in_flight[w] -= 1
         finished += size
-        sizer.observe(size, seconds)
+        sizer.observe(size, busy)
         for v in range(workers):
             while in_flight[v] < PIPELINE and submit(v, now):
                 pass
-    return now, shards
+    # the last results arrive when every thread is done (a drain shard fetches stragglers)
+    return max([now, *(t for threads_free in free for t in threads_free)]), shards
 
 
 def streaming_bound(
@@ -159,16 +168,16 @@ def load_sizer(path: str | None) -> ModuleType:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("module", nargs="?", help="a _shards.py to test (default: procval's)")
-    parser.add_argument("--no-barrier", action="store_true", help="model barrier-free workers")
+    parser.add_argument("--barrier", action="store_true", help="model a barrier per shard")
     parser.add_argument("--seeds", type=int, default=3, help="runs per case (median shown)")
     args = parser.parse_args(argv)
     module = load_sizer(args.module)
-    print(f"sizer: {module.__file__}; {'no barrier' if args.no_barrier else 'barrier'} per shard")
+    print(f"sizer: {module.__file__}; {'barrier' if args.barrier else 'no barrier'} per shard")
     print(f"  {'case':<38} {'makespan s':>10} {'bound s':>8} {'over':>7} {'shards':>7}")
     overs = []
     for name, case in CASES:
         runs = [
-            simulate(module.ShardSizer, barrier=not args.no_barrier, seed=s, **case)
+            simulate(module.ShardSizer, barrier=args.barrier, seed=s, **case)
             for s in range(args.seeds)
         ]
         makespan = statistics.median(r[0] for r in runs)

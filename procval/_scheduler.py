@@ -5,9 +5,14 @@
     dataset ──▶ _ConfigRun.take() ──▶ shard ──submit──▶ Worker (one process, one snapshot)
       (lazy;       requeue first,        (adaptive size,                │
        resume      then the source)       ≤ 2 in flight                 │ results
-       skips done)                        per worker)                   ▼
-                                                     _collect(): provenance check,
-                                                     rows → sink (store) → progress bar
+       skips done)                        per worker; a                 ▼
+                                          "drain" shard     _collect(): provenance check,
+                                          for the last)     rows → sink (store) → progress bar
+
+    A worker's results need not be its shard's: a worker with threads returns a shard once all
+    of its examples have *started*, and a straggler's result comes with a later shard. So each
+    worker keeps the examples it was given and has not answered (``outstanding``); those are
+    what a death or a timeout puts back in the queue.
 
     every poll:  timeouts    slot table says an example runs > timeout: kill that worker;
                              the example gets a "Timeout" row, the others in it are requeued
@@ -57,18 +62,17 @@ class RunOptions:
     resume_hint: str = ""
 
 
-@dataclass
-class _Shard:
-    items: list[Item]
-    alone: bool = False  # a suspect run by itself
-
-
 @dataclass(eq=False)
 class _WorkerRun:
     worker: Worker
     config: _ConfigRun
-    shards: dict[Future[bytes], _Shard] = field(default_factory=dict)
+    calls: set[Future[bytes]] = field(default_factory=set)  # shards sent, not answered
+    outstanding: dict[int, Item] = field(default_factory=dict)  # by seq: sent, no result yet
+    alone: bool = False  # running a suspect by itself
     produced: bool = False
+
+    def busy(self) -> bool:
+        return bool(self.calls or self.outstanding)
 
 
 @dataclass(eq=False)
@@ -95,7 +99,7 @@ class _ConfigRun:
         return bool(self.requeue or self.suspects or not self.exhausted)
 
     def done(self) -> bool:
-        return not self.has_unsent() and not any(w.shards for w in self.workers)
+        return not self.has_unsent() and not any(w.busy() for w in self.workers)
 
     def remaining(self) -> int | None:
         if self.total is None:
@@ -182,7 +186,7 @@ class Scheduler:
     def _assign_workers(self) -> None:
         for run in self._runs:
             if not run.has_unsent():
-                for w in [w for w in run.workers if not w.shards]:
+                for w in [w for w in run.workers if not w.busy()]:
                     self._retire(w)
                 if run.done() and run.finished is None:
                     run.finished = time.perf_counter()
@@ -214,17 +218,21 @@ class Scheduler:
     def _fill(self) -> None:
         for run in self._runs:
             for w in run.workers:
-                if any(s.alone for s in w.shards.values()):
+                if w.alone:
                     continue
                 if run.suspects:
-                    if not w.shards:
-                        self._submit(w, _Shard([run.suspects.popleft()], alone=True))
+                    if not w.busy():
+                        self._submit(w, [run.suspects.popleft()], drain=True, alone=True)
+                    elif not w.calls:  # finish its stragglers first
+                        self._submit(w, [], drain=True)
                     continue
-                while len(w.shards) < PIPELINE:
+                while len(w.calls) < PIPELINE:
                     items = self._take(run)
                     if not items:
                         break
-                    self._submit(w, _Shard(items))
+                    self._submit(w, items, drain=not run.has_unsent())
+                if w.outstanding and not w.calls:  # nothing left to send: fetch the stragglers
+                    self._submit(w, [], drain=True)
 
     def _take(self, run: _ConfigRun) -> list[Item]:
         size = run.sizer.next_size(remaining=run.remaining(), workers=len(run.workers))
@@ -238,30 +246,33 @@ class Scheduler:
                 run.exhausted = True
         return items
 
-    def _submit(self, w: _WorkerRun, shard: _Shard) -> None:
-        data: bytes | None
+    def _submit(
+        self, w: _WorkerRun, items: list[Item], *, drain: bool, alone: bool = False
+    ) -> None:
         try:
-            data = _pickling.dumps(shard.items, what="example")
+            data = _pickling.dumps((items, drain), what="example")
         except Exception:
-            data = self._drop_unpicklable(w.config, shard)
-        if data is None:
+            items = self._drop_unpicklable(w.config, items)
+            data = _pickling.dumps((items, drain), what="examples")
+        if not items and not (drain and w.outstanding):
             return
+        w.alone = alone
         future = w.worker.submit(data)
-        w.shards[future] = shard
+        w.calls.add(future)
+        w.outstanding.update((item[0], item) for item in items)
         self._owners[future] = w
 
-    def _drop_unpicklable(self, run: _ConfigRun, shard: _Shard) -> bytes | None:
-        """Record examples that cannot be pickled as errors; pickle the rest."""
+    def _drop_unpicklable(self, run: _ConfigRun, items: list[Item]) -> list[Item]:
+        """Record examples that cannot be pickled as errors; return the rest."""
         keep, failed = [], []
-        for item in shard.items:
+        for item in items:
             try:
                 _pickling.dumps(item, what=f"example {item[1]!r}")
                 keep.append(item)
             except Exception as exc:
                 failed.append(self._error_row(run, item, RowError("SnapshotError", str(exc))))
         self._deliver(run, failed)
-        shard.items = keep
-        return _pickling.dumps(keep, what="examples") if keep else None
+        return keep
 
     def _wait(self) -> None:
         futures = list(self._owners)
@@ -276,32 +287,32 @@ class Scheduler:
     # ---------------------------------------------------------------- results
 
     def _collect(self, future: Future[bytes]) -> None:
-        w = self._owners.pop(future)
-        shard = w.shards.pop(future)
+        w = self._owners[future]
         run = w.config
         try:
             data = future.result()
         except BaseException as exc:
-            w.shards[future] = shard
-            self._owners[future] = w
             self._on_death(w, w.worker.death(exc) or f"the worker failed ({exc!r})")
             return
+        del self._owners[future]
+        w.calls.discard(future)
         message = _pickling.loads(data)
         if message[0] == "setup_error":
             raise SetupError(
                 f"Config.setup of config {run.name!r} failed in worker {w.worker.label}; "
                 f"fix the config's setup (the worker's traceback follows)\n{message[1]}"
             )
-        _, pid, node, fingerprint, seconds, results = message
+        _, pid, node, fingerprint, results = message
         self._check_provenance(run, pid, node, fingerprint)
         w.produced = True
         run.start_failures = 0
-        if not shard.alone:
-            run.sizer.observe(len(shard.items), seconds)
-        by_seq = {item[0]: item for item in shard.items}
+        if w.alone:
+            w.alone = False  # the suspect's answer: the worker may take any work again
+        else:
+            run.sizer.observe(len(results), sum(result[5] for result in results))
         rows = []
         for seq, prediction, score, error, attempts, duration in results:
-            index, example_id, example = by_seq[seq]
+            index, example_id, example = w.outstanding.pop(seq)
             rows.append(
                 Row(
                     index=index,
@@ -372,21 +383,28 @@ class Scheduler:
 
     # ---------------------------------------------------------------- failures
 
-    def _unfinished(self, w: _WorkerRun) -> list[_Shard]:
-        """Collect the worker's shards that did finish; return the rest, marking lone suspects."""
-        for future in [f for f in w.shards if f.done() and f.exception() is None]:
+    def _unfinished(self, w: _WorkerRun) -> tuple[list[Item], bool]:
+        """Collect the answers that came back; return what is still unanswered.
+
+        Returns:
+            The examples given to the worker without a result, and whether the worker was
+            running them alone (a suspect).
+        """
+        alone = w.alone
+        for future in [f for f in w.calls if f.done() and f.exception() is None]:
             self._collect(future)
-        lost = list(w.shards.values())
-        for future in w.shards:
+        lost = list(w.outstanding.values())
+        for future in w.calls:
             self._owners.pop(future, None)
-        w.shards.clear()
-        return lost
+        w.calls.clear()
+        w.outstanding.clear()
+        return lost, alone and bool(lost)
 
     def _on_death(self, w: _WorkerRun, how: str) -> None:
         run = w.config
-        running = {seq for seq, _ in w.worker.running()}
+        running = {seq for seq, _ in w.worker.running() if seq in w.outstanding}
         label, pid, log = w.worker.label, w.worker.pid, w.worker.crash_log()
-        lost = self._drop(w)
+        lost, alone = self._drop(w)
         if not w.produced and not running:
             run.start_failures += 1
             if run.start_failures >= START_FAILURES:
@@ -395,21 +413,20 @@ class Scheduler:
                     "check Config.setup and what the program imports"
                 )
         rows = []
-        for shard in lost:
-            for item in shard.items:
-                if shard.alone and item[0] in running:
-                    message = f"{how} while running this example alone in {label}"
-                    error = RowError("WorkerCrashed", message, log)
-                    rows.append(self._error_row(run, item, error, pid=pid))
-                elif shard.alone or item[0] in running or run.lost.get(item[0], 0) >= LOST_LIMIT:
-                    run.suspects.append(item)
-                else:
-                    run.lost[item[0]] = run.lost.get(item[0], 0) + 1
-                    run.requeue.append(item)
+        for item in lost:
+            if alone and item[0] in running:
+                message = f"{how} while running this example alone in {label}"
+                error = RowError("WorkerCrashed", message, log)
+                rows.append(self._error_row(run, item, error, pid=pid))
+            elif alone or item[0] in running or run.lost.get(item[0], 0) >= LOST_LIMIT:
+                run.suspects.append(item)
+            else:
+                run.lost[item[0]] = run.lost.get(item[0], 0) + 1
+                run.requeue.append(item)
         self._deliver(run, rows)
 
-    def _drop(self, w: _WorkerRun) -> list[_Shard]:
-        """Kill the worker and take it out of the run; return its unfinished shards."""
+    def _drop(self, w: _WorkerRun) -> tuple[list[Item], bool]:
+        """Kill the worker and take it out of the run; return ``_unfinished(w)``."""
         lost = self._unfinished(w)
         if w in w.config.workers:
             w.config.workers.remove(w)
@@ -426,22 +443,25 @@ class Scheduler:
         if timeout is None:
             return
         for w in self._live():
-            late = {seq for seq, seconds in w.worker.running() if seconds > timeout}
+            late = {
+                seq
+                for seq, seconds in w.worker.running()
+                if seconds > timeout and seq in w.outstanding
+            }
             if not late:
                 continue
             run, label, pid = w.config, w.worker.label, w.worker.pid
             rows = []
-            for shard in self._drop(w):
-                for item in shard.items:
-                    if item[0] in late:
-                        message = (
-                            f"example still running after {timeout:g}s; "
-                            f"worker {label} was killed and replaced"
-                        )
-                        error = RowError("Timeout", message)
-                        rows.append(self._error_row(run, item, error, pid=pid))
-                    else:
-                        run.requeue.append(item)
+            for item in self._drop(w)[0]:
+                if item[0] in late:
+                    message = (
+                        f"example still running after {timeout:g}s; "
+                        f"worker {label} was killed and replaced"
+                    )
+                    error = RowError("Timeout", message)
+                    rows.append(self._error_row(run, item, error, pid=pid))
+                else:
+                    run.requeue.append(item)
             self._deliver(run, rows)
 
     def _check_errors(self) -> None:

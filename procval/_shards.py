@@ -1,28 +1,29 @@
 """How many examples to put in the next shard.
 
-A worker runs one shard at a time: its ``threads`` threads share the shard's examples, and its
-next shard starts only when the slowest example of this one has finished. So a shard should be:
+A worker's threads take examples from its feed as soon as they are free, whichever shard the
+examples came in (``_worker.py``); a shard's call returns once its last example has started, and
+the scheduler keeps a second shard queued behind it. So a shard should be:
 
 - long enough that the per-shard cost (pickling, IPC, the scheduler's bookkeeping: about a
   millisecond) is invisible next to the work. Like joblib's auto-batching, aim for ``TARGET``
   seconds of work per shard (up to ``MAX_SIZE`` examples for trivial programs);
-- with threads, at least ``MIN_ROUNDS`` rounds of ``threads`` examples, in whole rounds: at the
-  end of a shard the threads that are done wait for the slowest example, and with several rounds
-  that idle tail is a small part of the shard even for slow, uneven calls to an LLM (a shard sized
-  by seconds alone would hold a few examples, and most threads would idle);
+- with threads, at least ``MIN_ROUNDS`` rounds of ``threads`` examples, in whole rounds, so that
+  the queued shard arrives well before the running one runs dry (a shard sized by seconds alone
+  would hold a few slow LLM calls, fewer than the threads);
 - small near the end of a dataset of known length, so that no worker idles while another one
   finishes a long last shard: at most a ``1 / (SHARE * workers)`` part of what is left (guided
   self-scheduling; what is left includes the shards in flight, about two per worker).
 
-The timing comes from the workers: each finished shard reports its size and wall time, from which
-the sizer keeps a moving average of an example's *latency*: how long it keeps one thread busy.
-``docs/performance.md`` has the measurements behind these constants.
+The timing comes from the workers: each answer carries its examples' durations, from which the
+sizer keeps a moving average of an example's *latency*: how long it keeps one thread busy.
+``docs/performance.md`` has the measurements behind these constants, and
+``benchmarks/shard_sim.py`` replays the policy in a model of the scheduler.
 """
 
 from __future__ import annotations
 
 TARGET = 0.5  # seconds of work per shard
-MIN_ROUNDS = 8  # with threads: at least this many rounds of `threads` examples per shard
+MIN_ROUNDS = 2  # with threads: at least this many rounds of `threads` examples per shard
 SHARE = 4  # near the end: at most remaining / (SHARE * workers) examples per shard
 MAX_SIZE = 4096
 _SMOOTHING = 0.3  # weight of the newest observation in the moving average
@@ -39,12 +40,14 @@ class ShardSizer:
         self._threads = max(1, threads)
         self._latency: float | None = None  # seconds one example keeps one thread busy
 
-    def observe(self, examples: int, seconds: float) -> None:
-        """A shard of ``examples`` took ``seconds`` of wall time inside a worker."""
+    def observe(self, examples: int, busy: float) -> None:
+        """A worker returned ``examples`` results that kept its threads busy ``busy`` seconds.
+
+        ``busy`` is the sum of the examples' own durations (program, metric and retries).
+        """
         if examples <= 0:
             return
-        # the shard ran on min(threads, examples) threads at once
-        sample = max(seconds, 1e-7) * min(self._threads, examples) / examples
+        sample = max(busy, 1e-7) / examples
         if self._latency is None:
             self._latency = sample
         else:  # exponential moving average: follow drifts, damp noise

@@ -6,15 +6,24 @@ One worker process serves one config for its whole life::
     ──────────────────                          ────────────────────────────
     start_worker(snapshot) ──────spawn───────▶  initialize(): unpickle (config, program, metric)
                                                 once; env → seed → setup(); slot table ready
-    submit(shard bytes) ───────────────────────▶ run_shard(): for each example, in `threads`
-                                                threads (or one event loop for async programs):
+    submit(shard bytes) ───────────────────────▶ run_shard(): the shard's examples join the
+                                                worker's feed, which `threads` threads (or one
+                                                event loop for async programs) keep draining:
                                                   seed from (seed, example_id)
                                                   slot table ← (seq, start time)
                                                   program(example), retried with backoff
                                                   metric(example, prediction) → score
-    ◀──────────────────── result bytes ───────  one pickled list of result tuples per shard,
-                                                stamped with pid, node and fingerprint
+    ◀──────────────────── result bytes ───────  once every example of the feed has started:
+                                                the results finished so far (of this shard or
+                                                earlier ones), stamped with pid, node and
+                                                fingerprint; a "drain" shard waits for all
     reads slot table ◀─── mmap ────────────────  (timeouts, crash suspects: no message needed)
+
+No barrier between shards: a thread that finishes takes the next example at once, even while
+the slowest example of the previous shard still runs (its result travels with the next shard's).
+The scheduler keeps a second shard queued behind the running one, and sends a drain shard when
+it has nothing left for the worker. A worker with one thread runs its shard in its main thread,
+one example after the other, and returns all of it.
 
 Module-level state lives here, in an importable module, because a ``__main__``-defined
 initializer would not share globals with ``__main__``-defined tasks under cloudpickle.
@@ -27,7 +36,6 @@ import contextvars
 import faulthandler
 import hashlib
 import inspect
-import itertools
 import numbers
 import os
 import random
@@ -37,8 +45,8 @@ import sys
 import threading
 import time
 import traceback
+from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -50,6 +58,8 @@ from procval.errors import NotInWorkerError
 if TYPE_CHECKING:
     import asyncio  # imported in the worker only for an async program
 
+# An example travels as (seq, example_id, example); a shard as (examples, drain).
+Item = tuple[int, Any, Any]
 # A result travels back as a tuple, for speed:
 #   (seq, prediction, score, error, attempts, duration)
 # where error is None or (type name, message, traceback text).
@@ -80,8 +90,10 @@ class _State:
     metric: Callable[[Any, Any], Any] | None = None
     is_async: bool = False
     setup_error: str | None = None
-    pool: ThreadPoolExecutor | None = None
+    feed: _Feed | None = None  # with threads > 1 or an async program
     loop: asyncio.AbstractEventLoop | None = None
+    free_slots: list[int] = field(default_factory=list)  # async: slots of no running task
+    tasks: set[asyncio.Task[None]] = field(default_factory=set)  # async: the running ones
     jitter: random.Random = field(default_factory=random.Random)
 
 
@@ -160,41 +172,153 @@ def initialize(snapshot: bytes, options: WorkerOptions, slots_path: str) -> None
             config.setup()
     except BaseException:
         state.setup_error = traceback.format_exc()
-    if state.is_async:
-        import asyncio
-
-        state.loop = asyncio.new_event_loop()
-    elif options.threads > 1:
-        counter = itertools.count()
-        state.pool = ThreadPoolExecutor(
-            options.threads,
-            thread_name_prefix="procval",
-            initializer=lambda: setattr(_local, "slot", next(counter)),
-        )
+    if state.setup_error is None:
+        _start_runners(state)
     state.slots.mark_ready(state.pid)
 
 
+def _start_runners(state: _State) -> None:
+    """Start what runs examples besides the main thread: a thread pool or an event loop."""
+    threads = max(1, state.options.threads)
+    if state.is_async:
+        import asyncio
+
+        state.feed = _Feed()
+        state.loop = asyncio.new_event_loop()
+        state.free_slots = list(range(threads))
+        threading.Thread(target=state.loop.run_forever, name="procval-loop", daemon=True).start()
+    elif threads > 1:
+        state.feed = feed = _Feed()
+        for slot in range(threads):
+            threading.Thread(
+                target=_thread_main, args=(state, feed, slot), name=f"procval-{slot}", daemon=True
+            ).start()
+
+
 def run_shard(shard: bytes) -> bytes:
-    """Run a pickled list of ``(seq, example_id, example)`` and return the pickled results."""
+    """Run a pickled shard ``(examples, drain)`` and return the pickled results.
+
+    ``examples`` is a list of ``(seq, example_id, example)``. With one thread, the results are
+    those of this shard's examples. Otherwise the examples join the worker's feed and the call
+    returns once each of them has started, with every result finished by then (from this shard
+    or earlier ones); with ``drain``, once every example given to this worker has finished.
+    """
     state = _state
     if state is None:  # pragma: no cover - initialize always runs first
         raise NotInWorkerError("run_shard called before initialize")
     if state.setup_error is not None:
         return _pickling.dumps(("setup_error", state.setup_error), what="setup error")
-    items = _pickling.loads(shard)
-    start = time.perf_counter()
-    if state.loop is not None:
-        results = state.loop.run_until_complete(_run_async(state, items))
-    elif state.pool is not None:
-        results = list(state.pool.map(lambda item: _run_one(state, item), items))
-    else:
+    items, drain = _pickling.loads(shard)
+    feed = state.feed
+    if feed is None:
         _local.slot = 0
-        results = [_run_one(state, item) for item in items]
-    header = ("ok", state.pid, state.node, state.fingerprint, time.perf_counter() - start)
-    return _dump_results(header, results)
+        results = [_run_guarded(state, item) for item in items]
+    else:
+        feed.put(items)
+        if state.loop is not None:
+            state.loop.call_soon_threadsafe(_dispatch_async, state, feed)
+        results = feed.collect(drain=drain)
+    return _dump_results(("ok", state.pid, state.node, state.fingerprint), results)
 
 
-def _run_one(state: _State, item: tuple[int, Any, Any]) -> Result:
+class _Feed:
+    """Examples waiting for a thread (or an async task), and results waiting for a shard call.
+
+    It outlives shards, so that threads never wait for the slowest example of a shard: each
+    thread takes the next example as soon as it is free, whichever shard it came in.
+    """
+
+    def __init__(self) -> None:
+        lock = threading.Lock()
+        self._work = threading.Condition(lock)  # runners wait here for examples
+        self._progress = threading.Condition(lock)  # the shard call waits here for results
+        self._pending: deque[Item] = deque()
+        self._running = 0
+        self._done: list[Result] = []
+
+    def put(self, items: list[Item]) -> None:
+        """Hand examples to the runners."""
+        with self._work:
+            self._pending.extend(items)
+            self._work.notify(len(items))
+
+    def take(self) -> Item:
+        """The next example, once there is one (a runner thread calls this)."""
+        with self._work:
+            while not self._pending:
+                self._work.wait()
+            return self._started()
+
+    def take_nowait(self) -> Item | None:
+        """The next example, or ``None`` (the async dispatcher calls this)."""
+        with self._work:
+            return self._started() if self._pending else None
+
+    def _started(self) -> Item:
+        item = self._pending.popleft()
+        self._running += 1
+        if not self._pending:
+            self._progress.notify()
+        return item
+
+    def finish(self, result: Result) -> None:
+        """Record a finished example's result."""
+        with self._progress:
+            self._done.append(result)
+            self._running -= 1
+            self._progress.notify()
+
+    def collect(self, *, drain: bool) -> list[Result]:
+        """The results so far, once no example waits (and, with ``drain``, none runs)."""
+        with self._progress:
+            while self._pending or (drain and self._running):
+                self._progress.wait()
+            done, self._done = self._done, []
+            return done
+
+
+def _thread_main(state: _State, feed: _Feed, slot: int) -> None:
+    _local.slot = slot
+    while True:
+        item = feed.take()
+        feed.finish(_run_guarded(state, item))
+
+
+def _run_guarded(state: _State, item: Item) -> Result:
+    """``_run_one``, with whatever else the program raises (e.g. KeyboardInterrupt) as its row."""
+    try:
+        return _run_one(state, item)
+    except BaseException as exc:
+        state.slots.stop(_local.slot)
+        return (item[0], None, 0.0, _error(exc), 1, 0.0)
+
+
+def _dispatch_async(state: _State, feed: _Feed) -> None:
+    """Start an asyncio task for each waiting example while a slot is free (on the loop)."""
+    import asyncio
+
+    while state.free_slots:
+        item = feed.take_nowait()
+        if item is None:
+            return
+        slot = state.free_slots.pop()
+        task = asyncio.ensure_future(_run_async_task(state, feed, item, slot), loop=state.loop)
+        state.tasks.add(task)  # the loop keeps only a weak reference
+        task.add_done_callback(state.tasks.discard)
+
+
+async def _run_async_task(state: _State, feed: _Feed, item: Item, slot: int) -> None:
+    try:
+        result = await _run_one_async(state, item, slot)
+    except BaseException as exc:  # e.g. CancelledError raised by the program itself
+        state.slots.stop(slot)
+        result = (item[0], None, 0.0, _error(exc), 1, 0.0)
+    state.free_slots.append(slot)
+    feed.finish(result)
+    _dispatch_async(state, feed)
+
+
+def _run_one(state: _State, item: Item) -> Result:
     seq, example_id, example = item
     slot = _local.slot
     started = time.perf_counter()
@@ -221,24 +345,7 @@ def _run_one(state: _State, item: tuple[int, Any, Any]) -> Result:
         return (seq, prediction, score, None, attempts, time.perf_counter() - started)
 
 
-async def _run_async(state: _State, items: list[tuple[int, Any, Any]]) -> list[Result]:
-    import asyncio
-
-    free = list(range(max(1, state.options.threads)))
-    available = asyncio.Semaphore(len(free))
-
-    async def one(item: tuple[int, Any, Any]) -> Result:
-        async with available:
-            slot = free.pop()
-            try:
-                return await _run_one_async(state, item, slot)
-            finally:
-                free.append(slot)
-
-    return list(await asyncio.gather(*(one(item) for item in items)))
-
-
-async def _run_one_async(state: _State, item: tuple[int, Any, Any], slot: int) -> Result:
+async def _run_one_async(state: _State, item: Item, slot: int) -> Result:
     import asyncio
 
     seq, example_id, example = item

@@ -263,6 +263,28 @@ class BackendSuite:
         assert max(r.prediction for r in result.rows) == 6
         assert result.score == 1.0
 
+    @pytest.mark.parametrize("program", ["straggler_program", "async_straggler_program"])
+    def test_threads_do_not_wait_for_a_slow_example_of_an_earlier_shard(self, program):
+        # example 0 runs until all 59 others have finished: the other threads must go on to
+        # the later shards' examples while it runs (no barrier at the end of a shard)
+        result = self.evaluate(
+            getattr(toys, program), list(range(60)), toys.any_score, workers=1, threads=4
+        )
+        assert [r.example for r in result.rows] == list(range(60))
+        seen = result.rows[0].prediction
+        assert seen == toys.STRAGGLER_OTHERS, f"threads waited at a shard's end (saw {seen})"
+        assert result.errors == []
+
+    @pytest.mark.parametrize("threads", [1, 3])
+    def test_a_keyboard_interrupt_raised_by_the_program_is_its_examples_error(self, threads):
+        result = self.evaluate(
+            toys.interrupting_program, list(range(12)), toys.any_score, threads=threads
+        )
+        assert [(r.example, r.error.type) for r in result.errors] == [(3, "KeyboardInterrupt")]
+        assert [r.prediction for r in result.rows if r.error is None] == [
+            i for i in range(12) if i != 3
+        ]
+
     # ------------------------------------------------------------- crashes, hangs, retries
 
     @pytest.mark.slow

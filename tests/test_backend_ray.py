@@ -140,7 +140,7 @@ def test_running_answers_at_once_and_ages_while_the_actor_works():
     )
     worker = backend.start_worker(spec)
     try:
-        worker.submit(_pickling.dumps([(7, "ex7", {"q": 3})], what="shard"))
+        worker.submit(_pickling.dumps(([(7, "ex7", {"q": 3})], False), what="shard"))
         seen: list[tuple[int, float]] = []
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and not (seen and seen[0][1] > 0.5):

@@ -31,18 +31,24 @@ def test_cpu_bound_shards_hold_about_target_seconds():
 
 
 def test_with_threads_a_shard_is_whole_rounds_of_several_rounds():
-    # LLM-like calls of 1 s on 8 threads: by seconds alone a shard would hold 4 examples and
-    # leave half the threads idle; it must hold MIN_ROUNDS full rounds instead
+    # LLM-like calls of 1 s on 8 threads: by seconds alone a shard would hold 4 examples, fewer
+    # than the threads; it must hold MIN_ROUNDS full rounds instead
     sizer = ShardSizer(8)
-    sizer.observe(16, 2.0)
+    sizer.observe(16, 16 * 1.0)
     size = sizer.next_size(remaining=None, workers=2)
     assert size == MIN_ROUNDS * 8
 
 
-def test_a_shard_smaller_than_threads_counts_one_round():
-    sizer = ShardSizer(8)
-    sizer.observe(3, 1.0)  # 3 examples ran side by side for 1 s: latency 1 s, not 1/3 s
-    assert sizer.next_size(remaining=None, workers=1) == MIN_ROUNDS * 8
+def test_latency_is_busy_seconds_per_example_whatever_the_threads():
+    # 3 examples that kept a thread busy 10 ms each: a latency of 10 ms on 1 thread or on 8,
+    # so 8 threads get shards 8 times larger
+    one, eight = ShardSizer(1), ShardSizer(8)
+    one.observe(3, 0.03)
+    eight.observe(3, 0.03)
+    assert one.next_size(remaining=None, workers=1) == pytest.approx(TARGET / 0.01, abs=1)
+    assert eight.next_size(remaining=None, workers=1) == 8 * one.next_size(
+        remaining=None, workers=1
+    )
 
 
 def test_shards_shrink_near_the_end():
@@ -56,7 +62,7 @@ def test_shards_shrink_near_the_end():
 
 def test_near_the_end_threads_still_get_whole_rounds():
     sizer = ShardSizer(32)
-    sizer.observe(64, 0.1)
+    sizer.observe(64, 64 * 0.05)
     assert sizer.next_size(remaining=100, workers=2) == 32
     assert sizer.next_size(remaining=24, workers=2) == 32  # the scheduler takes what is left
 

@@ -173,3 +173,48 @@ async def async_rng_program(example: Any) -> float:
     first = procval.rng().random()
     await asyncio.sleep(0.01)  # other examples' coroutines run here
     return first + procval.rng().random()
+
+
+_finished = 0
+STRAGGLER_PATIENCE = 20.0  # seconds the straggler waits for the others at most
+
+
+def straggler_program(example: int) -> int:
+    """Example 0 waits until every other example of the (one-worker) run has finished.
+
+    It returns how many it saw finish. With a barrier between shards it could only see the
+    examples of its own shard, and would give up after ``STRAGGLER_PATIENCE`` seconds.
+    """
+    global _finished
+    if example == 0:
+        deadline = time.monotonic() + STRAGGLER_PATIENCE
+        while _finished < STRAGGLER_OTHERS and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return _finished
+    time.sleep(0.01)
+    with _lock:
+        _finished += 1
+    return 0
+
+
+async def async_straggler_program(example: int) -> int:
+    """:func:`straggler_program` as a coroutine."""
+    global _finished
+    if example == 0:
+        deadline = time.monotonic() + STRAGGLER_PATIENCE
+        while _finished < STRAGGLER_OTHERS and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        return _finished
+    await asyncio.sleep(0.01)
+    _finished += 1
+    return 0
+
+
+STRAGGLER_OTHERS = 59  # examples 1..59
+
+
+def interrupting_program(example: int) -> int:
+    """Raises KeyboardInterrupt (a BaseException) on example 3."""
+    if example == 3:
+        raise KeyboardInterrupt("the program's own")
+    return example
