@@ -17,7 +17,7 @@ def example_id(example: Any, index: int) -> int | str:
     Raises:
         TypeError: the id is neither an int nor a str.
     """
-    if isinstance(example, Mapping):
+    if type(example) is dict or isinstance(example, Mapping):  # a dict first: the common case
         value = example.get("id", index)
     else:
         try:
@@ -70,12 +70,16 @@ class Examples:
         ):
             raise ValueError("dataset is empty: there is nothing to evaluate")
         self._checked = not track_ids  # False: someone else (the run store) catches duplicates
+        self._ids: list[int | str] | None = None
         if isinstance(dataset, list | tuple):
-            _check_unique(dataset)
+            self._ids = _unique_ids(dataset)
             self._checked = True
 
     def __iter__(self) -> Iterator[Item]:
         """Yield ``(index, example_id, example)``; raises ValueError at a duplicate id."""
+        if self._ids is not None:  # a list: ids computed (and checked) once, up front
+            yield from zip(itertools.count(), self._ids, self._data)
+            return
         seen: dict[int | str, int] | None = None if self._checked else {}
         for index, example in enumerate(self._data):
             eid = example_id(example, index)
@@ -93,13 +97,15 @@ def _duplicate(eid: int | str, first: int, second: int) -> ValueError:
     )
 
 
-def _check_unique(dataset: list[Any] | tuple[Any, ...]) -> None:
-    seen: dict[int | str, int] = {}
-    for index, example in enumerate(dataset):
-        eid = example_id(example, index)
-        first = seen.setdefault(eid, index)
-        if first != index:
-            raise _duplicate(eid, first, index)
+def _unique_ids(dataset: list[Any] | tuple[Any, ...]) -> list[int | str]:
+    ids = [example_id(example, index) for index, example in enumerate(dataset)]
+    if len(set(ids)) != len(ids):
+        seen: dict[int | str, int] = {}
+        for index, eid in enumerate(ids):
+            first = seen.setdefault(eid, index)
+            if first != index:
+                raise _duplicate(eid, first, index)
+    return ids
 
 
 def _length(dataset: Any) -> int | None:
