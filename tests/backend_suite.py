@@ -302,6 +302,19 @@ class BackendSuite:
         assert all(r.attempts == 1 for r in others)
 
     @pytest.mark.slow
+    def test_a_crash_reruns_what_earlier_shards_left_running(self, no_leaked_workers):
+        # example 0 is still running (its shard long answered) when example 40 ends the
+        # process: it must be rerun, not lost, and only example 40 gets a crash row
+        result = self.evaluate(
+            toys.crash_behind_a_straggler, list(range(60)), toys.any_score, workers=1, threads=4
+        )
+        assert [r.example for r in result.rows] == list(range(60))
+        assert [(r.example, r.error.type) for r in result.errors] == [(40, "WorkerCrashed")]
+        assert result.rows[0].prediction == 0
+        first = result.rows[1].worker_pid
+        assert result.rows[0].worker_pid != first  # rerun in a fresh worker
+
+    @pytest.mark.slow
     def test_a_hanging_example_times_out_and_the_run_goes_on(self, no_leaked_workers):
         started = time.monotonic()
         result = self.evaluate(

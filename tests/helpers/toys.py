@@ -218,3 +218,14 @@ def interrupting_program(example: int) -> int:
     if example == 3:
         raise KeyboardInterrupt("the program's own")
     return example
+
+
+def crash_behind_a_straggler(example: int) -> int:
+    """Example 0 runs for 3 s; example 40 ends its process; the others take 10 ms."""
+    if example == 0:
+        time.sleep(3)
+    elif example == 40:
+        os._exit(9)
+    else:
+        time.sleep(0.01)
+    return example
