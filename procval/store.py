@@ -351,7 +351,8 @@ class _WriterLock:
     child shares the descriptor, for the few milliseconds loky takes to exec.)
 
     Args:
-        store: the run store's path; the lock file is ``store + ".lock"``.
+        store: the run store's path; the lock file is ``store + ".lock"``, symbolic links
+            resolved (so that two paths to one store share the lock).
 
     Raises:
         StoreLockedError: another open file description holds the lock (another process, or
@@ -360,7 +361,7 @@ class _WriterLock:
     """
 
     def __init__(self, store: str) -> None:
-        self.path = store + ".lock"
+        self.path = os.path.realpath(store) + ".lock"
         fd = _lock(store, self.path)
         # released at the latest when the sink is garbage collected or the interpreter exits
         self._release = (
@@ -608,7 +609,7 @@ def _lock(store: str, path: str) -> int | None:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
-            busy = exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES)
+            busy = exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN)
             holder = _holder(fd) if busy else {}
             os.close(fd)
             if busy:

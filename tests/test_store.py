@@ -308,6 +308,9 @@ def test_one_writer_at_a_time_and_readers_never_need_the_lock(tmp_path):
     # readers neither wait for the writer nor take its lock
     assert len(procval.load(path)["a"].rows) == 4 and count_rows(path) == 4
     assert len(list(iter_rows(path))) == 4 and sessions(path)[-1]["status"] == "running"
+    (tmp_path / "link.db").symlink_to(path)  # another path to the same store, the same lock
+    with pytest.raises(procval.StoreLockedError):
+        StoreSink(str(tmp_path / "link.db"), fresh=False, configs=["a"])
     first.close(completed=True)
     assert not lock.exists()
     write(path, [row(5)])  # free again at once
