@@ -13,8 +13,9 @@ import pytest
 import procval
 from procval.results import EvaluationResult, Results, Row, RowError
 
-# ``procval.compare`` is the function; the module is reached through the import system.
-stats = importlib.import_module("procval.compare")
+# ``procval.compare`` is the function; the modules are reached through the import system.
+comparing = importlib.import_module("procval.compare")
+stats = importlib.import_module("procval._stats")
 
 
 def make_result(name, scores, *, ids=None, errors=(), failure_score=0.0):
@@ -189,7 +190,7 @@ def test_holm_adjustment():
 def test_unaligned_results_are_refused_with_counts():
     a = make_result("a", [1, 0, 1, 1, 0], ids=["x1", "x2", "x3", "x4", "x5"])
     b = make_result("b", [1, 1, 0, 1], ids=["x1", "x2", "x3", "y9"])
-    with pytest.raises(stats.UnalignedResultsError) as info:
+    with pytest.raises(comparing.UnalignedResultsError) as info:
         procval.compare(a, b)
     error = info.value
     assert isinstance(error, procval.ProcvalError) and isinstance(error, ValueError)
@@ -214,7 +215,7 @@ def test_common_only_compares_the_shared_ids():
 def test_no_common_ids_is_refused_even_with_common_only():
     a = make_result("a", [1, 0], ids=["a", "b"])
     b = make_result("b", [1, 0], ids=["c", "d"])
-    with pytest.raises(stats.UnalignedResultsError, match="no example id in common"):
+    with pytest.raises(comparing.UnalignedResultsError, match="no example id in common"):
         procval.compare(a, b, common_only=True)
 
 
@@ -383,7 +384,7 @@ def test_describe_lists_the_first_flipped_examples():
     a = make_result("a", [1, 0, 1, 1, 0, 1], ids=["k1", "k2", "k3", "k4", "k5", "k6"], errors={4})
     b = make_result("b", [1, 1, 0, 1, 1, 0], ids=["k1", "k2", "k3", "k4", "k5", "k6"])
     c = procval.compare(a, b, resamples=200)
-    text = stats.describe(c, a, b, examples=3)
+    text = comparing.describe(c, a, b, examples=3)
     lines = text.splitlines()
     assert lines[: len(repr(c).splitlines())] == repr(c).splitlines()
     assert "First 3 of 4 examples where they differ:" in text
@@ -391,7 +392,7 @@ def test_describe_lists_the_first_flipped_examples():
     assert lines[-4] == "  k3  a wins   a: 'answer k3' (1)  b: 'answer k3' (0)"
     assert lines[-3].startswith('      input: {"id": "k3", "question": "qk3"}')
     assert "k6" not in text
-    assert "<ValueError> (0)" in stats.describe(c, a, b, examples=4)
-    assert stats.describe(procval.compare(a, a, resamples=10), a, a) == repr(
+    assert "<ValueError> (0)" in comparing.describe(c, a, b, examples=4)
+    assert comparing.describe(procval.compare(a, a, resamples=10), a, a) == repr(
         procval.compare(a, a, resamples=10)
     )
