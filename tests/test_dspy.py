@@ -18,6 +18,7 @@ dspy = pytest.importorskip("dspy")
 
 import procval  # noqa: E402
 from helpers import dspy_toys  # noqa: E402
+from procval.integrations._dspy_settings import _import_type  # noqa: E402
 from procval.integrations.dspy import _plan  # noqa: E402
 
 pytestmark = pytest.mark.dspy
@@ -154,7 +155,7 @@ def test_snapshot_carries_the_callers_cache_configuration(tmp_path, restore_dspy
     assert cache["enable_disk_cache"] and not cache["enable_memory_cache"]
     assert cache["disk_cache_dir"] == str(tmp_path)
     assert cache["restrict_pickle"]
-    assert procval.integrations.dspy._import_type(*cache["safe_types"][0]) is _PicklableCallback
+    assert _import_type(*cache["safe_types"][0]) is _PicklableCallback
 
 
 def test_num_threads_maps_to_processes_times_threads():

@@ -28,16 +28,12 @@ carries (its fields, its LM usage under ``track_usage=True``) does come back wit
 from __future__ import annotations
 
 import csv
-import importlib
 import importlib.util
 import json
 import logging
 import numbers
 import os
-import pickle
-import re
 import types
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -50,17 +46,14 @@ except ImportError as exc:  # pragma: no cover - tested in a subprocess without 
     ) from exc
 
 import loky
-from dspy.clients.base_lm import BaseLM
-from dspy.dsp.utils.settings import DEFAULT_CONFIG
 from dspy.evaluate.evaluate import EvaluationResult as _DSPyEvaluationResult
 from dspy.utils.callback import with_callbacks
 
-from procval import _pickling
 from procval._api import evaluate
-from procval._convert import to_jsonable
 from procval._dataset import example_id
-from procval.config import Config
-from procval.errors import SnapshotError, TooManyErrors
+from procval.errors import TooManyErrors
+from procval.integrations._dspy_settings import PER_CALL_SETTINGS, snapshot
+from procval.integrations._dspy_settings import _Configure as _Configure  # pickled as ours
 from procval.results import EvaluationResult as _ProcvalResult
 from procval.results import Row
 
@@ -68,252 +61,7 @@ __all__ = ["PER_CALL_SETTINGS", "Evaluate", "EvaluationResult", "Scored", "snaps
 
 logger = logging.getLogger(__name__)
 
-PER_CALL_SETTINGS = frozenset(
-    {
-        "trace",
-        "usage_tracker",
-        "send_stream",
-        "caller_predict",
-        "caller_modules",
-        "stream_listeners",
-    }
-)
-"""DSPy settings that belong to the call in progress in the caller's thread, not to a config.
-
-They are never carried to workers, where each example's call starts from DSPy's defaults:
-``trace`` (filled by optimizers while they trace a call), ``usage_tracker`` (one
-``dspy.track_usage()`` block), ``send_stream`` and ``stream_listeners`` (one ``dspy.streamify``
-call), ``caller_predict`` and ``caller_modules`` (the module stack of the call in progress).
-"""
-
 _THREADS_PER_PROCESS = 4  # Evaluate(workers=None): one process per 4 examples in flight
-
-_COST_MAP = "LITELLM_LOCAL_MODEL_COST_MAP"
-_SECRET = re.compile(
-    r"api_?key|secret|passw|credential|cookie|auth|headers?$|token$", re.IGNORECASE
-)
-_REDACTED = "***"
-
-
-# ---------------------------------------------------------------- snapshot
-
-
-def snapshot(name: str | None = None, **overrides: Any) -> Config:
-    """Capture the DSPy settings the calling thread sees now, as a config for worker processes.
-
-    The captured settings are ``dspy.settings.config`` (``dspy.configure`` plus the
-    ``dspy.context(...)`` overrides active in this thread), updated with ``overrides``, minus
-    :data:`PER_CALL_SETTINGS`. They are pickled at once, so later changes in the caller do not
-    reach the snapshot. Each worker of the config installs them with ``dspy.configure(...)``,
-    after applying the caller's DSPy cache configuration (``dspy.configure_cache``) if this
-    process has built a cache.
-
-    The LM (``lm``) is copied with ``lm.copy()``, which leaves its ``history`` behind: workers
-    start with empty histories and the config's identity does not change as the caller's LM is
-    used. Callbacks (``callbacks``) travel if they can be pickled, and run in the workers;
-    those that cannot are left out with a warning (callbacks of ``Evaluate`` itself run in the
-    caller).
-
-    Secrets: the pickled settings (with the LM's ``api_key``) live only in ``Config.setup``,
-    whose ``repr`` does not show them. ``Config.values`` holds a JSON description of the
-    settings that differ from DSPy's defaults (``lm`` and ``adapter`` always), with fields named
-    like secrets (``api_key``, ``*token``, ``*headers``, ...) replaced by ``"***"`` and LM
-    histories left out; it is what ``Config.describe()`` and the run store show.
-
-    ``Config.env`` sets ``LITELLM_LOCAL_MODEL_COST_MAP=True`` (unless the caller's environment
-    sets it), so LiteLLM reads its bundled cost map instead of fetching it at each worker start.
-
-    Args:
-        name: the config's name; defaults to the LM's model name (``"dspy"`` without an LM).
-        **overrides: DSPy settings to change in the snapshot, e.g. ``lm=dspy.LM(...)`` or
-            ``adapter=dspy.JSONAdapter()``.
-
-    Returns:
-        A :class:`procval.Config` for :func:`procval.evaluate`. Use ``dataclasses.replace`` to
-        add ``env`` (API keys) or a ``seed``.
-
-    Raises:
-        ValueError: an override names an unknown setting or a per-call one.
-        SnapshotError: a setting cannot be pickled; the message names it.
-    """
-    settings = dict(dspy.settings.config)
-    unknown = sorted(set(overrides) - set(settings))
-    if unknown:
-        raise ValueError(
-            f"unknown DSPy settings {unknown}; snapshot() accepts the keys of "
-            f"dspy.settings.config: {sorted(set(settings) - PER_CALL_SETTINGS)}"
-        )
-    per_call = sorted(set(overrides) & PER_CALL_SETTINGS)
-    if per_call:
-        raise ValueError(
-            f"{per_call} belong to one call in progress and are never sent to workers; "
-            "leave them out of snapshot()"
-        )
-    settings.update(overrides)
-    carried = {k: v for k, v in settings.items() if k not in PER_CALL_SETTINGS}
-    lm = carried.get("lm")
-    if isinstance(lm, BaseLM):
-        carried["lm"] = lm.copy()  # a copy with an empty history (and its own kwargs)
-    carried["callbacks"] = _travelling_callbacks(carried.get("callbacks") or [])
-    blob = _dump(carried, _cache_settings())
-    env = {_COST_MAP: os.environ.get(_COST_MAP, "True")}
-    return Config(
-        name=name if name is not None else _model_name(lm),
-        setup=_Configure(blob),
-        env=env,
-        values={"model": _model_name(lm) if lm is not None else None, **_describe(carried)},
-    )
-
-
-class _Configure:
-    """``Config.setup`` of a snapshot: installs the pickled settings in a worker.
-
-    The settings stay as bytes because they hold the LM and its API key; ``__slots__`` (no
-    ``__dict__``) and a fixed ``repr`` keep them out of ``Config.describe()``.
-    """
-
-    __slots__ = ("_blob",)
-
-    def __init__(self, blob: bytes) -> None:
-        self._blob = blob
-
-    def __call__(self) -> None:
-        """Configure DSPy's cache as the caller had it, then ``dspy.configure(**settings)``."""
-        settings, cache = pickle.loads(self._blob)
-        if cache is not None:
-            _configure_cache(cache)
-        dspy.configure(**settings)
-
-    def __repr__(self) -> str:
-        return "<procval.dspy settings>"
-
-
-def _model_name(lm: Any) -> str:
-    if lm is None:
-        return "dspy"
-    model = getattr(lm, "model", None)
-    return model if isinstance(model, str) and model else type(lm).__name__
-
-
-def _travelling_callbacks(callbacks: Sequence[Any]) -> list[Any]:
-    kept = []
-    for callback in callbacks:
-        try:
-            _pickling.dumps(callback, what=f"DSPy callback {callback!r}")
-        except SnapshotError as exc:
-            warnings.warn(
-                f"{exc}. It is left out of the snapshot: it still runs for Evaluate in this "
-                "process, but not for the modules and LMs in the workers",
-                UserWarning,
-                stacklevel=3,
-            )
-        else:
-            kept.append(callback)
-    return kept
-
-
-def _dump(settings: dict[str, Any], cache: dict[str, Any] | None) -> bytes:
-    try:
-        return _pickling.dumps((settings, cache), what="DSPy settings")
-    except SnapshotError:
-        for key, value in settings.items():
-            _pickling.dumps(
-                value,
-                what=f"DSPy setting {key!r}",
-                hint=f"override it, e.g. procval.dspy.snapshot({key}=...), with a value that "
-                "can be pickled, or create it inside the program",
-            )
-        raise
-
-
-def _cache_settings() -> dict[str, Any] | None:
-    """How this process configured DSPy's cache, as ``dspy.configure_cache`` arguments.
-
-    None when no cache was built here yet: workers then build DSPy's default one, which follows
-    ``DSPY_CACHEDIR`` and ``DSPY_CACHE_LIMIT`` (inherited from this process's environment).
-    The disk size limit is not carried (DSPy's default or ``DSPY_CACHE_LIMIT`` applies).
-    """
-    cache = vars(dspy).get("cache")  # dspy builds its cache lazily, on first use
-    if cache is None:
-        return None
-    settings: dict[str, Any] = {
-        "enable_disk_cache": bool(getattr(cache, "enable_disk_cache", True)),
-        "enable_memory_cache": bool(getattr(cache, "enable_memory_cache", True)),
-        "disk_cache_dir": getattr(cache, "disk_cache_dir", None),
-    }
-    maxsize = getattr(getattr(cache, "memory_cache", None), "maxsize", None)
-    if settings["enable_memory_cache"] and maxsize:
-        settings["memory_max_entries"] = maxsize
-    # configure_cache(restrict_pickle=True, safe_types=[...]) bakes the allowed types into the
-    # diskcache Disk class: carry them as (module, qualname) pairs, imported in the worker.
-    disk = getattr(getattr(cache, "disk_cache", None), "_disk", None)
-    allowed = getattr(disk, "_allowed", None)
-    if allowed is not None:
-        settings["restrict_pickle"] = True
-        settings["safe_types"] = sorted(allowed)
-    return settings
-
-
-def _configure_cache(settings: dict[str, Any]) -> None:
-    settings = dict(settings)
-    if "safe_types" in settings:
-        settings["safe_types"] = [_import_type(m, q) for m, q in settings["safe_types"]]
-    dspy.configure_cache(**settings)
-
-
-def _import_type(module: str, qualname: str) -> type:
-    obj: Any = importlib.import_module(module)
-    for part in qualname.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
-def _describe(settings: Mapping[str, Any]) -> dict[str, Any]:
-    """The settings as JSON without secrets: those that differ from DSPy's defaults."""
-    described = {}
-    for key, value in settings.items():
-        if key not in ("lm", "adapter") and key in DEFAULT_CONFIG:
-            try:
-                if value == DEFAULT_CONFIG[key]:
-                    continue
-            except Exception:  # an object whose __eq__ raises: describe it
-                pass
-        described[key] = _public(value)
-    return described
-
-
-def _public(value: Any) -> Any:
-    if value is None or isinstance(value, bool | int | float | str):
-        return to_jsonable(value)
-    if isinstance(value, list | tuple):
-        return [_public(v) for v in value]
-    if isinstance(value, Mapping):
-        return _redact(to_jsonable(value))
-    kind = f"{type(value).__module__}.{type(value).__qualname__}"
-    if isinstance(value, types.FunctionType | types.BuiltinFunctionType | type):
-        return {"function": f"{value.__module__}.{value.__qualname__}"}
-    if isinstance(value, BaseLM):
-        state = {k: v for k, v in vars(value).items() if not k.startswith("_") and k != "history"}
-        return {"class": kind, **_redact(to_jsonable(state))}
-    return {"class": kind, "state": _redact(to_jsonable(value))}
-
-
-def _redact(value: Any) -> Any:
-    """Replace values under secret-looking keys with ``"***"``; drop LM histories."""
-    if isinstance(value, dict):
-        return {
-            k: (_REDACTED if v not in (None, "", {}, []) else v)
-            if _SECRET.search(k)
-            else _redact(v)
-            for k, v in value.items()
-            if k != "history"
-        }
-    if isinstance(value, list):
-        return [_redact(v) for v in value]
-    return value
-
-
-# ---------------------------------------------------------------- Evaluate
 
 
 class EvaluationResult(_DSPyEvaluationResult):
