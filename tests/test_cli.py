@@ -7,6 +7,7 @@ import collections
 import csv
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -68,11 +69,18 @@ def wait_for_rows(path, n, proc, within=60.0):
     pytest.fail(f"fewer than {n} rows reached the store within {within}s")
 
 
+def is_alive(process: psutil.Process) -> bool:
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:  # it ended between the two questions
+        return False
+
+
 def assert_gone(processes, within=10.0):
     deadline = time.monotonic() + within
     alive = list(processes)
     while alive and time.monotonic() < deadline:
-        alive = [p for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        alive = [p for p in alive if is_alive(p)]
         time.sleep(0.05)
     assert not alive, f"processes outlived their parent: {[p.pid for p in alive]}"
 
@@ -81,9 +89,48 @@ def calls(log: Path) -> collections.Counter:
     return collections.Counter(log.read_text().split()) if log.exists() else collections.Counter()
 
 
+# loky's resource tracker is a child of the procval process that shares its stderr and outlives
+# it for a moment. When the process exits right after killing its workers (Ctrl-C, max_errors),
+# loky's cleanup threads can be cut short, and the tracker then warns, after procval's own last
+# line, about semaphores it was not told were released:
+#   .../loky/backend/resource_tracker.py:444: UserWarning: resource_tracker: There appear to be
+#       1 leaked semlock objects to clean up at shutdown: {'/loky-21401-dek25vwt': 1}
+#     warnings.warn(
+# (seen about once in 70 interrupted runs, with or without load). That is loky's output, not
+# procval's: the tests take it out of stderr, and nothing else.
+TRACKER_WARNING = re.compile(r"\S*resource_tracker\.py:\d+: UserWarning: resource_tracker: ")
+
+
+def procval_lines(stderr: str) -> list[str]:
+    """The lines of stderr written by procval: without loky's resource tracker warnings."""
+    lines, tracker = [], False
+    for line in stderr.strip().splitlines():
+        if TRACKER_WARNING.match(line):
+            tracker = True  # and the indented source line that follows it
+        elif not (tracker and line.startswith("  warnings.warn(")):
+            tracker = False
+            lines.append(line)
+    return lines
+
+
+def test_procval_lines_drop_only_loky_resource_tracker_warnings():
+    ours = "procval: interrupted; 56 rows are in the store. Resume with: procval run t.py:x"
+    tracker = (
+        "/usr/lib/python3/site-packages/loky/backend/resource_tracker.py:444: UserWarning: "
+        "resource_tracker: There appear to be 1 leaked semlock objects to clean up at shutdown: "
+        "{'/loky-21401-dek25vwt': 1}\n  warnings.warn(\n"
+        "/usr/lib/python3/site-packages/loky/backend/resource_tracker.py:468: UserWarning: "
+        "resource_tracker: /loky-21401-dek25vwt: FileNotFoundError(2, 'No such file')\n"
+        "  warnings.warn('resource_tracker: %s: %r' % (name, e))\n"
+    )
+    assert procval_lines(f"{ours}\n{tracker}") == [ours]
+    other = "elsewhere.py:3: UserWarning: something\n  warnings.warn(\n"
+    assert procval_lines(f"{ours}\n{other}") == [ours, *other.strip().splitlines()]
+
+
 def assert_one_error_line(out, *fragments, status=2):
     assert out.returncode == status, (out.stdout, out.stderr)
-    lines = out.stderr.strip().splitlines()
+    lines = procval_lines(out.stderr)
     assert len(lines) == 1 and lines[0].startswith("procval: error: "), out.stderr
     assert "Traceback" not in out.stderr
     for fragment in fragments:
@@ -317,22 +364,29 @@ def test_sigint_mid_run_exits_promptly_with_a_resume_hint(tmp_path):
     env = {"CLI_TASK_N": "2000", "CLI_TASK_SLEEP": "0.02"}
     proc = start_cli("run", f"{TASK}:single", "--store", store, "--fresh", env=env)
     try:
-        wait_for_rows(store, 20, proc)
+        wait_for_rows(store, 20, proc)  # mid run: the run is going, the rows are coming
         children = psutil.Process(proc.pid).children(recursive=True)
         sent = time.monotonic()
         proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=30)
+        try:
+            _, err = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            _, err = proc.communicate(timeout=10)
+            pytest.fail(f"no exit within 30 s of SIGINT; stderr: {err!r}")
         elapsed = time.monotonic() - sent
     finally:
         proc.kill()
-    assert proc.returncode == 130, err
-    assert elapsed < 10, f"{elapsed:.1f}s from SIGINT to exit"
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in err, err
+    context = f"exit {proc.returncode} {elapsed:.1f}s after SIGINT; stderr: {err!r}"
+    assert proc.returncode == 130, context
+    assert elapsed < 10, context
+    assert "Traceback" not in err, context
+    lines = procval_lines(err)
+    assert len(lines) == 1, context
     rows = stored(store)[0]
     assert lines[0] == (
         f"procval: interrupted; {rows} rows are in the store. "
         f"Resume with: procval run {TASK}:single --store {store}"  # --fresh is dropped
-    )
-    assert rows >= 20
+    ), context
+    assert 20 <= rows < 2000, context  # interrupted mid run, and every stored row is counted
     assert_gone(children)
