@@ -136,7 +136,6 @@ class StoreSink:
         self._lock = _WriterLock(path)  # ... or if another run is writing it
         self._db: sqlite3.Connection | None = None
         self._session = 0
-        self._in_transaction = False
         self._closed = False
         self._done: dict[str, dict[int | str, int]] = {}
         self._prior: dict[str, float] = {}  # duration of earlier sessions, per config
@@ -296,7 +295,6 @@ class StoreSink:
                 db.execute("PRAGMA journal_mode = WAL")
                 db.execute("PRAGMA synchronous = NORMAL")
                 db.execute("BEGIN IMMEDIATE")
-                self._in_transaction = True
                 cursor = db.execute(
                     "INSERT INTO sessions (started, status, pid, node, configs) "
                     "VALUES (?, 'running', ?, ?, ?)",
@@ -306,6 +304,9 @@ class StoreSink:
             except sqlite3.Error as exc:
                 db.close()
                 raise StoreError(f"cannot write the run store {self._path}: {exc}") from exc
+            except BaseException:  # Ctrl-C: roll back (by closing) what this began
+                db.close()
+                raise
             self._db = db
         return self._db
 
@@ -314,15 +315,16 @@ class StoreSink:
 
         Keeping ``begin``'s writes uncommitted until the first rows arrive means a run that fails
         before producing anything (a mismatch in a later config, a setup error) changes nothing.
+        Whether a transaction is open is asked of SQLite, not tracked here: a Ctrl-C raised
+        right after a ``BEGIN`` or ``COMMIT`` returned (before a flag could follow) would leave
+        a flag wrong, and ``close`` would then fail instead of marking the session stopped.
         """
-        if not self._in_transaction:
+        if not db.in_transaction:
             db.execute("BEGIN IMMEDIATE")
-            self._in_transaction = True
 
     def _commit(self) -> None:
-        if self._db is not None and self._in_transaction:
+        if self._db is not None and self._db.in_transaction:
             self._db.execute("COMMIT")
-            self._in_transaction = False
 
     def _abort(self) -> None:
         db, self._db = self._db, None

@@ -439,3 +439,40 @@ def test_a_live_run_holds_the_store_and_its_kill_9_frees_it_at_once(tmp_path):
     assert len(set(calls)) == 3000 and count_rows(path) == 3000
     assert len(calls) - 3000 <= 200, f"{len(calls) - 3000} examples ran twice"  # in flight only
     assert not Path(lock).exists()
+
+
+class InterruptAfter:
+    """A connection that raises KeyboardInterrupt right after ``statement`` ran, once.
+
+    That is where a Ctrl-C lands when SIGINT arrives during the statement: Python runs the signal
+    handler as soon as the C call returns, before the next line of the caller.
+    """
+
+    def __init__(self, db, statement):
+        self._db, self._statement, self.fired = db, statement, False
+
+    def execute(self, sql, *args):
+        out = self._db.execute(sql, *args)
+        if sql == self._statement and not self.fired:
+            self.fired = True
+            raise KeyboardInterrupt
+        return out
+
+    def __getattr__(self, name):
+        return getattr(self._db, name)
+
+
+@pytest.mark.parametrize("statement", ["COMMIT", "BEGIN IMMEDIATE"])
+def test_ctrl_c_right_after_begin_or_commit_keeps_the_store_consistent(tmp_path, statement):
+    path = tmp_path / "run.db"
+    sink = StoreSink(str(path), fresh=False, configs=["a"])
+    sink.begin(snapshot("a"))
+    sink.add("a", [row(0), row(1)])  # committed: the next add begins a new transaction
+    sink._db = interrupted = InterruptAfter(sink._db, statement)
+    with pytest.raises(KeyboardInterrupt):
+        sink.add("a", [row(2)])
+    assert interrupted.fired
+    sink.close(completed=False)  # as the scheduler does on the way out: must not fail
+    assert count_rows(path) == (3 if statement == "COMMIT" else 2)
+    assert [s["status"] for s in sessions(path)] == ["stopped"]
+    write(path, [row(5)])  # the store is released and writable
