@@ -1,7 +1,231 @@
-"""The conformance suite against the default, local loky backend."""
+"""The conformance suite against the default, local loky backend, with and without its fork server.
 
+The fork server (``procval/backends/_forkserver.py``) must not weaken the invariant: a worker is a
+process that got nothing from the parent but its snapshot, serves one config, and dies with the
+parent. The tests below attack that directly, with real processes and signals.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import types
+from typing import Any
+
+import psutil
+import pytest
+
+import procval
 from backend_suite import BackendSuite
+from helpers import toyframework, toys
+from procval.backends import _forkserver
+from procval.backends.loky import LokyBackend
+
+linux_only = pytest.mark.skipif(
+    not sys.platform.startswith("linux"), reason="the fork server runs on Linux only"
+)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fork_server():
+    """Start this process's fork server before the tests, as the first evaluate() would.
+
+    It lives as long as the test process (like loky's resource trackers), so the suite's leak
+    checks must find it already there: it is not a worker.
+    """
+    return _forkserver.get_server({})
 
 
 class TestLoky(BackendSuite):
     backend = "loky"
+
+
+class TestLokyForkExec(BackendSuite):
+    """The same suite with every worker started as a new interpreter (loky's fork+exec)."""
+
+    @property
+    def backend(self):
+        return LokyBackend(fork_server=False)
+
+
+# ---------------------------------------------------------------- probes (run in workers)
+
+
+def probe(example: Any) -> dict[str, Any]:
+    """What a worker holds: its parent, modules, environment, and a framework's global state."""
+    return {
+        "pid": os.getpid(),
+        "ppid": os.getppid(),
+        "modules": sorted(sys.modules),
+        "parent_only": "procval_test_parent_only" in sys.modules,
+        "model": toyframework._global["model"],
+        "later": os.environ.get("PROCVAL_TEST_LATER"),
+        "hashseed": os.environ.get("PYTHONHASHSEED"),
+    }
+
+
+def slow(example: Any) -> int:
+    time.sleep(0.2)
+    return example
+
+
+def run(program, dataset, **kwargs):
+    kwargs.setdefault("progress", False)
+    kwargs.setdefault("workers", 2)
+    return procval.evaluate(program, dataset, toys.any_score, **kwargs)
+
+
+def server_pid() -> int:
+    server = _forkserver._server
+    assert server is not None and server.alive()
+    return server.pid
+
+
+# ---------------------------------------------------------------- the fork server
+
+
+@linux_only
+def test_workers_are_forked_from_a_clean_server_that_never_saw_the_parents_state(monkeypatch):
+    if _forkserver._server is not None:  # a new server, started while the parent is dirty
+        _forkserver._server.stop()
+        _forkserver._server = None
+    toyframework.configure(model="parent's")
+    monkeypatch.setitem(sys.modules, "procval_test_parent_only", types.ModuleType("x"))
+    try:
+        forked = run(probe, list(range(4)))
+        execd = run(probe, list(range(4)), backend=LokyBackend(fork_server=False))
+    finally:
+        toyframework.configure(model=None)
+    server = server_pid()
+    for row in forked.rows:
+        assert row.prediction["ppid"] == server != os.getpid()
+        assert row.prediction["model"] is None  # the parent configured "parent's"
+        assert not row.prediction["parent_only"]
+    assert {r.prediction["ppid"] for r in execd.rows} == {os.getpid()}
+    # a forked worker holds no module a new interpreter running the same program would not
+    extra = set(forked.rows[0].prediction["modules"]) - set(execd.rows[0].prediction["modules"])
+    assert extra <= {"procval.backends._forkserver"}, extra
+
+
+@linux_only
+def test_env_reaches_the_worker_before_the_snapshot_is_unpickled(tmp_path, monkeypatch):
+    (tmp_path / "procval_test_env_probe.py").write_text(
+        textwrap.dedent("""
+            import os
+            AT_IMPORT = os.environ.get("PROCVAL_TEST_KEY")  # read once, when imported
+
+            def program(example):
+                return AT_IMPORT
+        """)
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import procval_test_env_probe  # the parent imports it without the variable
+
+    assert procval_test_env_probe.AT_IMPORT is None
+    results = run(
+        procval_test_env_probe.program,
+        list(range(6)),
+        configs={
+            "a": procval.Config(env={"PROCVAL_TEST_KEY": "key-a"}),
+            "b": procval.Config(env={"PROCVAL_TEST_KEY": "key-b"}),
+        },
+    )
+    assert [r.prediction for r in results["a"].rows] == ["key-a"] * 6
+    assert [r.prediction for r in results["b"].rows] == ["key-b"] * 6
+    assert "PROCVAL_TEST_KEY" not in os.environ
+    # the parent's environment as it is at the call, not as it was when the server started
+    monkeypatch.setenv("PROCVAL_TEST_LATER", "set after the server started")
+    rows = run(probe, list(range(2))).rows
+    assert {r.prediction["later"] for r in rows} == {"set after the server started"}
+    assert {r.prediction["ppid"] for r in rows} == {server_pid()}
+
+
+@linux_only
+def test_a_variable_read_at_interpreter_start_gets_a_new_interpreter():
+    result = run(probe, list(range(3)), config=procval.Config(env={"PYTHONHASHSEED": "7"}))
+    assert {r.prediction["ppid"] for r in result.rows} == {os.getpid()}  # fork+exec
+    assert {r.prediction["hashseed"] for r in result.rows} == {"7"}
+    assert "PYTHONHASHSEED" not in os.environ or os.environ["PYTHONHASHSEED"] != "7"
+
+
+@linux_only
+@pytest.mark.slow
+def test_killing_the_fork_server_mid_run_kills_its_workers_and_the_run_goes_on():
+    first = server_pid()
+    killed = threading.Event()
+    orphans: list[psutil.Process] = []
+
+    def kill_server_once_workers_run():
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                children = psutil.Process(first).children()
+            except psutil.NoSuchProcess:
+                return
+            if len(children) >= 2:
+                # once both have returned results: workers that die before their first result
+                # count as failing to start, and three of those stop the run (SetupError)
+                time.sleep(1.5)
+                orphans.extend(psutil.Process(first).children())
+                os.kill(first, signal.SIGKILL)
+                killed.set()
+                return
+            time.sleep(0.02)
+
+    killer = threading.Thread(target=kill_server_once_workers_run)
+    killer.start()
+    try:
+        result = run(slow, list(range(80)), threads=2)  # 4 s
+    finally:
+        killer.join(timeout=60)
+    assert killed.is_set()
+    assert [r.example for r in result.rows] == list(range(80))
+    assert result.errors == []  # the examples in flight were rerun, in workers of a new server
+    assert server_pid() != first  # (and the dead one is reaped)
+    _, alive = psutil.wait_procs(orphans, timeout=5)
+    assert orphans and not alive, f"workers outlived their fork server: {alive}"
+
+
+PARENT = textwrap.dedent("""
+    import time
+    import procval
+
+    def slow(example):
+        time.sleep(3600)
+
+    print("started", flush=True)
+    procval.evaluate(slow, range(100), lambda e, p: 1.0, workers=2, progress=False)
+""")
+
+
+@linux_only
+@pytest.mark.slow
+def test_kill_9_of_the_parent_ends_the_server_and_its_workers(tmp_path):
+    script = tmp_path / "parent.py"
+    script.write_text(PARENT)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, env=env)
+    try:
+        assert proc.stdout.readline().strip() == b"started"
+        parent = psutil.Process(proc.pid)
+        deadline = time.monotonic() + 30
+        servers: list[psutil.Process] = []
+        workers: list[psutil.Process] = []
+        while time.monotonic() < deadline and len(workers) < 2:
+            servers = [p for p in parent.children() if "_forkserver" in " ".join(p.cmdline())]
+            workers = servers[0].children() if servers else []
+            time.sleep(0.05)
+        assert len(servers) == 1 and len(workers) == 2, "the workers did not start"
+        time.sleep(0.5)  # the workers have installed their snapshot and watch the server
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+        _, alive = psutil.wait_procs([*servers, *workers], timeout=5)
+        assert not alive, f"outlived their parent: {alive}"
+    finally:
+        proc.kill()
+        proc.communicate(timeout=10)
