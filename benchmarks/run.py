@@ -6,6 +6,7 @@ Usage::
     python benchmarks/run.py --quick          # smaller cases, 1 repetition: a smoke run
     python benchmarks/run.py --case cpu,cold --repeat 5
     python benchmarks/run.py --scaling        # examples/s against workers and threads
+    python benchmarks/run.py --case fresh     # the first evaluate() in a new Python process
 
 Each case runs procval and the alternatives in the same process, interleaved repetition by
 repetition (so a burst of load from elsewhere hits every engine alike), and reports medians.
@@ -15,8 +16,11 @@ metric both, and every result is checked, so no engine can win by skipping work.
 Process-based engines are measured *cold*, the way ``evaluate`` runs: procval starts (and stops)
 its worker processes in every call, so joblib's reusable executor is shut down before each timed
 joblib call and a fresh ``ProcessPoolExecutor`` is made each time. Joblib with its workers already
-running ("warm") is shown for reference. The memory case runs each size in a fresh subprocess and
-reads the peak RSS there (``VmHWM``; :func:`peak_rss` says why not ``ru_maxrss``).
+running ("warm") is shown for reference. procval's fork server lives as long as the process that
+started it, so every call after the first (the benchmark warms up) forks its workers from it; the
+``fresh`` case times the first call in a new Python process, server start included. The memory
+case runs each size in a fresh subprocess and reads the peak RSS there (``VmHWM``;
+:func:`peak_rss` says why not ``ru_maxrss``).
 """
 
 from __future__ import annotations
@@ -428,6 +432,72 @@ def memory_case(sizes: list[int]) -> list[tuple[str, bool]]:
     return [("memory: peak RSS < 300 MB", under), ("memory: flat in n", flat)]
 
 
+# ---------------------------------------------------------------- first call in a fresh process
+
+
+def fresh_child(spins: int) -> None:
+    """In a new process: time the first and second calls, and a serial loop; print JSON."""
+    timings: dict[str, float] = {}
+    trivial = workloads.trivial_examples(10)
+    cpu = workloads.cpu_examples(120, spins)
+    timings["first cold"] = _timed(
+        lambda: check_result(procval_run(workloads.trivial_program, trivial, 2), 10)
+    )
+    timings["second cold"] = _timed(
+        lambda: check_result(procval_run(workloads.trivial_program, trivial, 2), 10)
+    )
+    timings["serial cpu"] = _timed(lambda: check(serial(workloads.cpu_task, cpu), 120))
+    timings["procval cpu"] = _timed(
+        lambda: check_result(procval_run(workloads.cpu_program, cpu, 2), 120)
+    )
+    print(json.dumps(timings))
+
+
+def fresh_cpu_child(spins: int) -> None:
+    """In a new process: time the CPU case as the process's first call; print JSON."""
+    cpu = workloads.cpu_examples(120, spins)
+    first = _timed(lambda: check_result(procval_run(workloads.cpu_program, cpu, 2), 120))
+    print(json.dumps({"procval cpu first": first}))
+
+
+def fresh_case(repeat: int) -> None:
+    """The first ``evaluate`` in a new Python process: no fork server yet, nothing warm.
+
+    Each repetition starts new processes (imports not timed): one times a 10-example call
+    twice (first call, then a later one) and then the CPU case after a serial loop; another
+    times the CPU case as its first call.
+    """
+    spins = workloads.calibrate(0.02)
+    runs = []
+    for _ in range(repeat):
+        timings = {}
+        for flag in ("--fresh-child", "--fresh-cpu-child"):
+            out = subprocess.run(
+                [sys.executable, __file__, flag, str(spins)],
+                check=True,
+                capture_output=True,
+                text=True,
+            )
+            timings.update(json.loads(out.stdout.strip().splitlines()[-1]))
+        runs.append(timings)
+    print(f"\nFirst call in a fresh process ({repeat} processes each; no target)")
+    print(f"  {'measurement':<52} {'median s':>9} {'min s':>8}")
+    labels = {
+        "first cold": "10 trivial examples, 2 workers: first call",
+        "second cold": "10 trivial examples, 2 workers: second call",
+        "procval cpu first": "CPU-bound 120 x 20 ms, 2 workers: first call",
+        "serial cpu": "CPU-bound 120 x 20 ms, serial loop",
+        "procval cpu": "CPU-bound 120 x 20 ms, 2 workers: third call",
+    }
+    for key, label in labels.items():
+        values = [r[key] for r in runs]
+        print(f"  {label:<52} {statistics.median(values):>9.3f} {min(values):>8.3f}")
+    serial_s = statistics.median(r["serial cpu"] for r in runs)
+    for key in ("procval cpu first", "procval cpu"):
+        ratio = serial_s / statistics.median(r[key] for r in runs)
+        print(f"  -> serial loop / {labels[key]}: {ratio:.2f}x")
+
+
 # ---------------------------------------------------------------- scaling table
 
 
@@ -505,15 +575,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--case",
         default="cpu,io,llm,trivial,cold,memory",
-        help="comma-separated subset of: cpu, io, llm, trivial, cold, memory",
+        help="comma-separated subset of: cpu, io, llm, trivial, cold, memory, fresh "
+        "(default: all but fresh)",
     )
     parser.add_argument("--scaling", action="store_true", help="print the scaling table only")
     parser.add_argument("--json", metavar="PATH", help="also write the timings as JSON")
     parser.add_argument("--rss-child", nargs=2, metavar=("N", "STORE"), help=argparse.SUPPRESS)
+    parser.add_argument("--fresh-child", type=int, metavar="SPINS", help=argparse.SUPPRESS)
+    parser.add_argument("--fresh-cpu-child", type=int, metavar="SPINS", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args.rss_child:
         rss_child(int(args.rss_child[0]), args.rss_child[1])
+        return 0
+    if args.fresh_child is not None:
+        fresh_child(args.fresh_child)
+        return 0
+    if args.fresh_cpu_child is not None:
+        fresh_cpu_child(args.fresh_cpu_child)
         return 0
 
     print(f"machine: {machine()}")
@@ -527,7 +606,7 @@ def main(argv: list[str] | None = None) -> int:
     repeat = args.repeat or (1 if args.quick else 3)
     q = args.quick
     wanted = [c.strip() for c in args.case.split(",") if c.strip()]
-    unknown = set(wanted) - {"cpu", "io", "llm", "trivial", "cold", "memory"}
+    unknown = set(wanted) - {"cpu", "io", "llm", "trivial", "cold", "memory", "fresh"}
     if unknown:
         parser.error(f"unknown case(s) {sorted(unknown)}")
     print(f"repetitions: {repeat} (medians shown){'; quick mode' if q else ''}")
@@ -536,7 +615,7 @@ def main(argv: list[str] | None = None) -> int:
     verdicts: list[tuple[str, bool]] = []
     report: dict[str, Any] = {"machine": machine(), "repeat": repeat, "quick": q, "cases": {}}
     for name in wanted:
-        if name == "memory":
+        if name in ("memory", "fresh"):
             continue
         if name == "cpu":
             case = cpu_case(24 if q else 120, workloads.calibrate(0.02))
@@ -551,6 +630,8 @@ def main(argv: list[str] | None = None) -> int:
         measure(case, repeat)
         verdicts += print_case(case, q)
         report["cases"][name] = {c.label: c.times for c in case.contenders}
+    if "fresh" in wanted:
+        fresh_case(repeat)
     if "memory" in wanted:
         verdicts += memory_case([3_000, 30_000] if q else [30_000, 300_000])
 
