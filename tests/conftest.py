@@ -24,15 +24,24 @@ def no_leaked_workers():
     yield
     deadline = psutil.time.time() + 10
     while True:
-        alive = [p for p in me.children(recursive=True) if p.pid not in before and _is_worker(p)]
+        alive = [
+            p for p in me.children(recursive=True) if p.pid not in before and _is_worker(p, me)
+        ]
         if not alive or psutil.time.time() > deadline:
             break
         psutil.time.sleep(0.1)
     assert not alive, f"worker processes outlived the run: {[p.pid for p in alive]}"
 
 
-def _is_worker(proc: psutil.Process) -> bool:
+def _is_worker(proc: psutil.Process, me: psutil.Process) -> bool:
+    """Not loky's resource tracker, nor the fork server (one per test process, by design).
+
+    Workers forked by the server carry its command line too, but they are its children.
+    """
     try:
-        return "resource_tracker" not in " ".join(proc.cmdline())
+        command = " ".join(proc.cmdline())
+        if "_forkserver" in command and proc.ppid() == me.pid:
+            return False
+        return "resource_tracker" not in command
     except psutil.Error:
         return False
