@@ -348,9 +348,10 @@ class _WriterLock:
     happens however the process ends, ``kill -9`` included: a lock is never stale, and the pid
     written in the file serves only the message of a run that finds the store busy. The
     descriptor is not inherited by worker processes: Python opens files non-inheritable
-    (``O_CLOEXEC``, PEP 446) and loky starts workers by fork+exec, so a worker that outlives a
-    killed parent for a moment does not keep the store locked. (Between its fork and its exec a
-    child shares the descriptor, for the few milliseconds loky takes to exec.)
+    (``O_CLOEXEC``, PEP 446); loky's fork+exec workers and the fork server (a ``subprocess``
+    with ``close_fds``) never get it, and the server's forked workers get only the descriptors
+    sent to them. So a worker that outlives a killed parent for a moment does not keep the store
+    locked. (A child between its fork and its exec shares it for those few milliseconds.)
 
     Args:
         store: the run store's path; the lock file is ``store + ".lock"``, symbolic links
