@@ -156,10 +156,14 @@ def evaluate(
         threads=threads, retries=retries, backoff=backoff, parent_pid=os.getpid()
     )
     specs = [WorkerSpec(s, options, dict(c.env)) for s, c in zip(snapshots, named, strict=True)]
-    sink = _open_sink(store, fresh, retry_errors, [c.name for c in named])
-    bars = Progress([c.name for c in named], [e.total for e in examples], enabled=wanted(progress))
-    engine = _backend(backend)
+    sink = _open_sink(store, fresh, retry_errors, [c.name for c in named])  # locks a store
+    bars: Progress | None = None
+    engine: Backend | None = None
     try:
+        bars = Progress(
+            [c.name for c in named], [e.total for e in examples], enabled=wanted(progress)
+        )
+        engine = _backend(backend)
         scheduler = Scheduler(
             engine,
             specs,
@@ -180,9 +184,11 @@ def evaluate(
             ),
         )
     except BaseException:  # e.g. a store that refuses to resume: release what was opened
-        bars.close()
-        sink.close(completed=False)
-        engine.shutdown()
+        if bars is not None:
+            bars.close()
+        sink.close(completed=False)  # and its lock: the next run must not find it taken
+        if engine is not None:
+            engine.shutdown()
         raise
     results = scheduler.run()
     return results if configs is not None else results[named[0].name]

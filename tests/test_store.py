@@ -339,6 +339,25 @@ def test_a_store_that_refuses_to_resume_is_released(tmp_path):
     assert not Path(f"{path}.lock").exists()
 
 
+def test_a_run_failing_before_its_workers_start_releases_the_store(tmp_path, monkeypatch):
+    import procval._api
+
+    def unavailable(backend):
+        raise RuntimeError("no cluster at that address")
+
+    path = tmp_path / "run.db"
+    monkeypatch.setattr(procval._api, "_backend", unavailable)
+    with pytest.raises(RuntimeError, match="no cluster") as info:
+        procval.evaluate(abs, [0, 1], lambda e, p: 1.0, store=path, progress=False)
+    monkeypatch.undo()
+    # the traceback is still alive (as in a notebook, which keeps the last one): it must not
+    # be what holds the store
+    assert info.tb is not None
+    assert not Path(f"{path}.lock").exists()
+    result = procval.evaluate(abs, [0, 1], lambda e, p: 1.0, store=path, progress=False)
+    assert result.score == 1.0
+
+
 HOLD_A_RUN = """
 import sys, time
 import procval
