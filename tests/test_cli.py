@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import csv
 import json
 import os
@@ -356,6 +357,67 @@ def test_a_second_run_on_a_busy_store_fails_fast_naming_the_holder(tmp_path):
     assert stored(store) == (5000, 5000)
     counted = calls(log)
     assert len(counted) == 5000 and sum(counted.values()) - 5000 <= 200  # in flight only
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("when", "delay"),
+    [
+        ("fork server starting", 0.0),
+        ("fork server starting", 0.05),  # its interpreter is importing
+        ("fork server starting", 0.1),
+        ("fork server starting", 0.15),
+        ("workers starting", 0.0),  # forked, unpickling what loky sent
+        ("fork+exec workers starting", 0.0),  # no fork server: new interpreters importing
+        ("fork+exec workers starting", 0.05),
+        ("fork+exec workers starting", 0.1),
+    ],
+)
+def test_ctrl_c_at_a_terminal_during_start_up_prints_no_traceback(tmp_path, when, delay):
+    """A terminal's Ctrl-C reaches the whole process group, start-up processes included."""
+    store = tmp_path / "run.db"
+    env = {"CLI_TASK_N": "200", "CLI_TASK_SLEEP": "0.02"}
+    if when.startswith("fork+exec"):
+        env["PROCVAL_FORK_SERVER"] = "0"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "procval", "run", TASK + ":single", "--store", str(store)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **env},
+        start_new_session=True,  # its own process group, as a shell's job
+    )
+    try:
+        me, deadline = psutil.Process(proc.pid), time.monotonic() + 60
+        while proc.poll() is None and time.monotonic() < deadline:
+            commands = []
+            for child in me.children(recursive=True):
+                with contextlib.suppress(psutil.Error):
+                    commands.append(" ".join(child.cmdline()))
+            servers = [c for c in commands if "_forkserver" in c]
+            spawned = [c for c in commands if "popen_loky_posix" in c]
+            # the server's interpreter is importing; or it has forked its first worker; or a
+            # fork+exec worker's interpreter is importing
+            if (
+                (when == "fork server starting" and servers)
+                or len(servers) > 1
+                or (when.startswith("fork+exec") and spawned)
+            ):
+                break
+            time.sleep(0.002)
+        time.sleep(delay)
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            _, err = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"no exit within 30 s of Ctrl-C; stderr: {proc.stderr}")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    context = f"exit {proc.returncode}; stderr: {err!r}"
+    assert proc.returncode == 130, context
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, context
+    assert len(procval_lines(err)) == 1, context
 
 
 @pytest.mark.slow

@@ -56,6 +56,7 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 import traceback
 from typing import Any
 
@@ -110,6 +111,11 @@ class ForkServer:
             "from procval.backends._forkserver import serve; "
             "serve(int(sys.argv[1]), int(sys.argv[2]))"
         )
+        # The server starts with SIGINT blocked (the mask survives exec) and ignores it before
+        # unblocking: a Ctrl-C at the terminal, sent to the whole process group, must not print
+        # a KeyboardInterrupt traceback from its imports; the parent handles Ctrl-C and kills
+        # the workers. (CPython's and loky's resource trackers start the same way.)
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
         try:
             self._process = subprocess.Popen(
                 [sys.executable, "-c", code, str(server_end.fileno()), str(os.getpid()), argv_path],
@@ -117,6 +123,7 @@ class ForkServer:
                 stdin=subprocess.DEVNULL,
             )
         finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
             server_end.close()
         self._sock = parent_end
         self._lock = threading.Lock()
@@ -332,6 +339,7 @@ def _read_status(fd: int, *, block: bool, closed: int | None = None) -> int | No
 def serve(fd: int, parent: int) -> None:
     """The server's main loop: fork a worker per request, report each one's exit status."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # blocked until now: see start
     sock = socket.socket(fileno=fd)
     for name in PRELOAD:
         __import__(name)
@@ -343,7 +351,10 @@ def serve(fd: int, parent: int) -> None:
     status: dict[int, int] = {}  # worker pid -> the fd to report its exit status on
     if os.getppid() != parent:
         os._exit(0)
-    sock.send(_READY)
+    try:
+        sock.send(_READY)
+    except OSError:  # the parent is gone already (e.g. interrupted while it waited for us)
+        os._exit(0)
     while True:
         ready, _, _ = select.select([sock.fileno(), wake_r], [], [], 0.5)
         if os.getppid() != parent:
@@ -354,18 +365,22 @@ def serve(fd: int, parent: int) -> None:
                     pass
             _reap(status)
         if sock.fileno() in ready:
-            message, fds, _, _ = socket.recv_fds(sock, _MAX_MESSAGE, 256)
+            try:
+                message, fds, _, _ = socket.recv_fds(sock, _MAX_MESSAGE, 256)
+            except OSError:  # the parent died
+                break
             if not message:
                 break  # the parent closed its end, or died
             request = json.loads(message)
             *child_fds, status_w = fds
             pid = os.fork()
             if pid == 0:
-                _child(request["targets"], child_fds, request["data"])
+                _child(request["targets"], child_fds, request["data"], parent)
             for f in child_fds:
                 os.close(f)
             status[pid] = status_w
-            os.write(status_w, _STATUS.pack(pid))
+            with contextlib.suppress(OSError):  # the parent gave up on it (Ctrl-C): it exits
+                os.write(status_w, _STATUS.pack(pid))
             _reap(status)
     os._exit(0)  # workers still alive die too: PR_SET_PDEATHSIG, and their watchdog
 
@@ -386,23 +401,46 @@ def _reap(status: dict[int, int]) -> None:
             os.close(fd)
 
 
-def _child(targets: list[int], fds: list[int], data_fd: int) -> None:
+def _child(targets: list[int], fds: list[int], data_fd: int, parent: int) -> None:
     """In the forked worker: become what loky's ``fork+exec`` would have started. Never returns."""
     code = 1
+    server = os.getppid()
     try:
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        # SIGINT stays ignored, as the worker's initializer wants it: Ctrl-C is the parent's
         _place_fds(fds, targets)
         code = _bootstrap(data_fd)
     except BaseException:
-        with contextlib.suppress(BaseException):
-            sys.stderr.write(f"procval worker failed to start:\n{traceback.format_exc()}")
+        if not _abandoned(server, parent):
+            with contextlib.suppress(BaseException):
+                sys.stderr.write(f"procval worker failed to start:\n{traceback.format_exc()}")
     finally:
         with contextlib.suppress(BaseException):
             sys.stdout.flush()
             sys.stderr.flush()
         os._exit(code)
+
+
+def _abandoned(server: int, parent: int, *, within: float = 2.0) -> bool:
+    """Whether the run this worker was starting for is ending (its parent exits, say on Ctrl-C).
+
+    A parent that exits while a worker unpickles what it sent (its queues' semaphores already
+    unlinked) makes the start fail; that is no error to report. The parent's exit closes the
+    server's socket, so the server exits too: wait a moment for either to go.
+    """
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if os.getppid() != server:
+            return True
+        try:
+            os.kill(parent, 0)
+        except ProcessLookupError:
+            return True
+        except OSError:
+            pass
+        time.sleep(0.05)
+    return False
 
 
 def _place_fds(fds: list[int], targets: list[int]) -> None:
@@ -427,7 +465,10 @@ def _bootstrap(data_fd: int) -> int:
     from multiprocessing import process
 
     with os.fdopen(data_fd, "rb") as source:
-        env = pickle.load(source)
+        try:
+            env = pickle.load(source)
+        except EOFError:  # the parent gave up on this worker before sending anything (Ctrl-C)
+            return 1
         os.environ.clear()
         os.environ.update(env)
         current: Any = process.current_process()

@@ -88,7 +88,16 @@ class LokyWorker:
     def submit(self, shard: bytes) -> Future[bytes]:
         """Queue a shard on this worker's process."""
         try:
-            return self._executor.submit(_worker.run_shard, shard)
+            if self._forked:
+                return self._executor.submit(_worker.run_shard, shard)
+            # the first submit starts the process (fork+exec): it starts with SIGINT blocked, so
+            # a terminal's Ctrl-C (sent to the whole process group) cannot interrupt its imports
+            # with a traceback; the worker's initializer ignores SIGINT, then unblocks it
+            blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+            try:
+                return self._executor.submit(_worker.run_shard, shard)
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         except OSError as exc:
             if not self._forked:
                 raise
