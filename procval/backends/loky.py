@@ -25,9 +25,11 @@ import time
 from concurrent.futures import Future
 from concurrent.futures.process import BrokenProcessPool
 from itertools import count
+from multiprocessing import resource_tracker as mp_resource_tracker
 
 import loky
 from loky import ProcessPoolExecutor
+from loky.backend import resource_tracker
 from loky.backend.context import get_context
 
 from procval import _worker
@@ -92,7 +94,10 @@ class LokyWorker:
                 return self._executor.submit(_worker.run_shard, shard)
             # the first submit starts the process (fork+exec): it starts with SIGINT blocked, so
             # a terminal's Ctrl-C (sent to the whole process group) cannot interrupt its imports
-            # with a traceback; the worker's initializer ignores SIGINT, then unblocks it
+            # with a traceback; the worker's initializer ignores SIGINT, then unblocks it. The
+            # resource trackers start first: CPython's unblocks SIGINT after starting its own.
+            mp_resource_tracker.ensure_running()
+            resource_tracker.ensure_running()
             blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
             try:
                 return self._executor.submit(_worker.run_shard, shard)
