@@ -144,7 +144,8 @@ def initialize(snapshot: bytes, options: WorkerOptions, slots_path: str) -> None
     """
     global _state
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # blocked while starting
+    if hasattr(signal, "pthread_sigmask"):  # (not on Windows)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # blocked while starting
     _record_faults(slots_path + ".fault")
     _watch_parent(options.parent_pid)
     try:

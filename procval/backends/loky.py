@@ -90,7 +90,7 @@ class LokyWorker:
     def submit(self, shard: bytes) -> Future[bytes]:
         """Queue a shard on this worker's process."""
         try:
-            if self._forked:
+            if self._forked or not hasattr(signal, "pthread_sigmask"):  # (not on Windows)
                 return self._executor.submit(_worker.run_shard, shard)
             # the first submit starts the process (fork+exec): it starts with SIGINT blocked, so
             # a terminal's Ctrl-C (sent to the whole process group) cannot interrupt its imports
