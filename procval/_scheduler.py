@@ -220,18 +220,15 @@ class Scheduler:
             for w in run.workers:
                 if w.alone:
                     continue
-                if run.suspects:
-                    if not w.busy():
-                        self._submit(w, [run.suspects.popleft()], drain=True, alone=True)
-                    elif not w.calls:  # finish its stragglers first
-                        self._submit(w, [], drain=True)
+                if run.suspects and not w.busy():
+                    self._submit(w, [run.suspects.popleft()], drain=True, alone=True)
                     continue
-                while len(w.calls) < PIPELINE:
+                while not run.suspects and len(w.calls) < PIPELINE:  # suspects go first
                     items = self._take(run)
                     if not items:
                         break
                     self._submit(w, items, drain=not run.has_unsent())
-                if w.outstanding and not w.calls:  # nothing left to send: fetch the stragglers
+                if w.outstanding and not w.calls:  # nothing (else) to send: fetch the stragglers
                     self._submit(w, [], drain=True)
 
     def _take(self, run: _ConfigRun) -> list[Item]:

@@ -60,6 +60,8 @@ class LokyWorker:
             env=dict(spec.env) or None,
         )
         self._forked = server is not None
+        # fork+exec: the first submit starts the process, with SIGINT blocked (see submit)
+        self._mask_start = not self._forked and hasattr(signal, "pthread_sigmask")
         self._path = slots_path
         self._pid = 0
 
@@ -90,12 +92,13 @@ class LokyWorker:
     def submit(self, shard: bytes) -> Future[bytes]:
         """Queue a shard on this worker's process."""
         try:
-            if self._forked or not hasattr(signal, "pthread_sigmask"):  # (not on Windows)
+            if not self._mask_start:
                 return self._executor.submit(_worker.run_shard, shard)
             # the first submit starts the process (fork+exec): it starts with SIGINT blocked, so
             # a terminal's Ctrl-C (sent to the whole process group) cannot interrupt its imports
             # with a traceback; the worker's initializer ignores SIGINT, then unblocks it. The
             # resource trackers start first: CPython's unblocks SIGINT after starting its own.
+            self._mask_start = False  # later submits start nothing (and probe no tracker)
             mp_resource_tracker.ensure_running()
             resource_tracker.ensure_running()
             blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
