@@ -152,12 +152,12 @@ def streaming_bound(
 
 
 def load_sizer(path: str | None) -> ModuleType:
-    """``procval._shards``, or the module at ``path``."""
+    """``procval.run.shards``, or the module at ``path``."""
     if path is None:
         sys.path.insert(0, os.path.dirname(HERE))
-        import procval._shards
+        import procval.run.shards
 
-        return procval._shards
+        return procval.run.shards
     spec = importlib.util.spec_from_file_location("shards_under_test", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)

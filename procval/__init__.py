@@ -9,13 +9,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 # Only what a worker process needs is imported eagerly: every worker imports this package (it
-# runs procval._worker), and its start-up time is part of every evaluate() call. The parent-side
-# modules (scheduler, progress bars with tqdm, the store with sqlite3, ...) load on first use.
-from procval._worker import current_config, rng
-
-# eager, although parent-side: the function `compare` shares its name with its module, and a
-# later first import of the module would make `procval.compare` the module instead
-from procval.compare import Comparison, ComparisonTable, Interval, compare
+# runs procval.worker.runtime), and its start-up time is part of every evaluate() call. The
+# parent-side modules (the run, the store with sqlite3, the report) load on first use.
 from procval.config import Config
 from procval.errors import (
     IsolationError,
@@ -32,14 +27,16 @@ from procval.errors import (
     TooManyErrors,
     UnalignedResultsError,
 )
+from procval.worker.runtime import current_config, rng
 
 if TYPE_CHECKING:
     from types import ModuleType
 
-    from procval._api import Metric, Program, evaluate
-    from procval._dataset import read_jsonl
+    from procval.report.compare import Comparison, ComparisonTable, Interval, compare
     from procval.results import EvaluationResult, Results, Row, RowError
-    from procval.store import load
+    from procval.run.api import Metric, Program, evaluate
+    from procval.run.dataset import read_jsonl
+    from procval.store.readers import load
     from procval.task import Task
 
 __version__ = "0.1.0"
@@ -79,15 +76,19 @@ __all__ = [
 
 _LAZY_MODULES = {"dspy": "procval.integrations.dspy"}
 _LAZY_NAMES = {
-    "Metric": "procval._api",
-    "Program": "procval._api",
-    "evaluate": "procval._api",
-    "read_jsonl": "procval._dataset",
+    "Comparison": "procval.report.compare",
+    "ComparisonTable": "procval.report.compare",
+    "Interval": "procval.report.compare",
+    "compare": "procval.report.compare",
+    "Metric": "procval.run.api",
+    "Program": "procval.run.api",
+    "evaluate": "procval.run.api",
+    "read_jsonl": "procval.run.dataset",
     "EvaluationResult": "procval.results",
     "Results": "procval.results",
     "Row": "procval.results",
     "RowError": "procval.results",
-    "load": "procval.store",
+    "load": "procval.store.readers",
     "Task": "procval.task",
 }
 

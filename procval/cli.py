@@ -36,9 +36,9 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import IO, Any
 
-from procval import store
 from procval.errors import ProcvalError, TooManyErrors
 from procval.results import Results
+from procval.store import readers as store
 from procval.task import load_task
 
 EXIT_OK = 0
@@ -177,7 +177,7 @@ def report(args: argparse.Namespace) -> int:
 
 
 def _write_html(results: Results, path: str, *, title: str) -> None:
-    from procval._html import render_html
+    from procval.report.html import render_html
 
     page = render_html(results, title=title)
     with open(path, "w", encoding="utf-8") as out:
@@ -199,8 +199,8 @@ def _write_html(results: Results, path: str, *, title: str) -> None:
 )  # fmt: skip
 def compare(args: argparse.Namespace) -> int:
     """``procval compare``: the paired comparison of two stored configs, in a few lines."""
-    from procval.compare import compare as paired
-    from procval.compare import describe
+    from procval.report.compare import compare as paired
+    from procval.report.compare import describe
 
     results = store.load(args.path)
     for name in (args.a, args.b):

@@ -1,6 +1,7 @@
-"""What a worker process must become: :class:`Config`, and its pickled :class:`Snapshot`.
+"""What a worker process must become: :class:`Config`.
 
-A config is taken as a snapshot in the parent (cloudpickled once, before any worker starts).
+A config is taken as a snapshot in the parent (cloudpickled once, before any worker starts; see
+``procval.run.snapshot``).
 Every worker of that config installs exactly those bytes at start, in this order: ``env`` into
 ``os.environ``, ``seed`` into the global RNGs, then ``setup()``. A worker never installs a second
 snapshot, so nothing one config does to its process can reach another config.
@@ -8,16 +9,18 @@ snapshot, so nothing one config does to its process can reach another config.
 
 from __future__ import annotations
 
-import hashlib
-import json
-import re
-import types
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from procval import _pickling
 from procval._convert import to_jsonable
+from procval._identity import describe_callable, digest, text_identity
+
+__all__ = [
+    "Config",
+    "FrozenDict",
+    "SecretEnv",
+]
 
 
 class FrozenDict(Mapping[str, Any]):
@@ -118,124 +121,12 @@ class Config:
         """
         return {
             "name": self.name,
-            "env": {k: _digest(v.encode())[:12] for k, v in sorted(self.env.items())},
+            "env": {k: digest(v.encode())[:12] for k, v in sorted(self.env.items())},
             "seed": self.seed,
             "values": to_jsonable(dict(self.values)),
-            "setup": _describe_callable(self.setup),
+            "setup": describe_callable(self.setup),
         }
 
     def identity(self) -> str:
         """A stable hash of :meth:`describe`: equal for the same config in another process."""
-        text = json.dumps(self.describe(), sort_keys=True, default=repr)
-        return _digest(_ADDRESS.sub("", text).encode())[:16]
-
-
-@dataclass(frozen=True)
-class Snapshot:
-    """A config pickled once in the parent: the bytes every worker of it installs.
-
-    Attributes:
-        name: the config's name.
-        data: the cloudpickled ``(config, program, metric)``, pickled together once.
-        fingerprint: a hash of ``data``; each worker recomputes it from the bytes it installed
-            and stamps it on every row it produces.
-        identity: :meth:`Config.identity`, compared when resuming from a store.
-        description: :meth:`Config.describe`, plus a ``program`` hash of the program's and
-            metric's code; kept in the store (resuming warns when the program changed).
-    """
-
-    name: str
-    data: bytes = field(repr=False)
-    fingerprint: str
-    identity: str
-    description: Mapping[str, Any] = field(repr=False)
-
-
-def take_snapshot(config: Config, program: Any = None, metric: Any = None) -> Snapshot:
-    """Pickle ``config``, with the program and metric its workers run, into one snapshot.
-
-    They are pickled together, in one call, so that functions defined in ``__main__`` or a
-    notebook share one globals dict in the worker: a ``setup`` that changes a module-level
-    variable is seen by the program, as it would be in a single process.
-
-    Raises:
-        SnapshotError: the config, or something its ``setup`` or ``values`` reference, cannot be
-            pickled; the message names the culprit.
-    """
-    if not isinstance(config, Config):
-        raise TypeError(f"expected a procval.Config, got {type(config).__name__}")
-    try:
-        data = _pickling.dumps_fast((config, program, metric))
-    except Exception:  # find which part fails, and say so (the slow path runs only here)
-        _pickling.dumps(
-            config,
-            what=f"config {config.name!r}",
-            hint="create it inside Config.setup, which runs in each worker",
-        )
-        _pickling.dumps(program, what="program")
-        _pickling.dumps(metric, what="metric")
-        data = _pickling.dumps((config, program, metric), what="program and metric")
-    description = config.describe()
-    if program is not None or metric is not None:
-        description["program"] = code_identity(program, metric)
-    return Snapshot(
-        name=config.name,
-        data=data,
-        fingerprint=fingerprint(data),
-        identity=config.identity(),
-        description=description,
-    )
-
-
-def code_identity(*functions: Any) -> str:
-    """A stable hash of callables' code, closures and state: changes when the code changes."""
-    text = json.dumps([_describe_callable(fn) for fn in functions], sort_keys=True, default=repr)
-    return _digest(_ADDRESS.sub("", text).encode())[:16]
-
-
-def fingerprint(data: bytes) -> str:
-    """The fingerprint of snapshot bytes, as stamped on rows."""
-    return _digest(data)[:16]
-
-
-def _digest(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
-
-
-def _code_digest(code: types.CodeType) -> str:
-    parts = [code.co_code, repr(code.co_names).encode()]
-    for const in code.co_consts:
-        parts.append(
-            _code_digest(const).encode()
-            if isinstance(const, types.CodeType)
-            else repr(const).encode()
-        )
-    return _digest(b"\0".join(parts))[:16]
-
-
-def _describe_callable(fn: Any, depth: int = 0) -> Any:
-    """Module, name, code and closure of a callable: stable across processes."""
-    if fn is None:
-        return None
-    code = getattr(fn, "__code__", None)
-    if code is None:
-        inner = getattr(fn, "__func__", None) or getattr(type(fn), "__call__", None)
-        head = f"{type(fn).__module__}.{type(fn).__qualname__}"
-        state = getattr(fn, "__dict__", None)
-        described = to_jsonable(state) if isinstance(state, dict) else repr(fn)
-        return [head, described, _describe_callable(inner, depth + 1) if depth < 3 else None]
-    cells = []
-    for name, cell in zip(code.co_freevars, getattr(fn, "__closure__", None) or (), strict=False):
-        try:
-            cells.append([name, to_jsonable(cell.cell_contents)])
-        except ValueError:
-            cells.append([name, None])
-    return [
-        getattr(fn, "__module__", None),
-        getattr(fn, "__qualname__", None),
-        _code_digest(code),
-        cells,
-    ]
+        return text_identity(self.describe())

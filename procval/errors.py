@@ -28,6 +28,23 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+__all__ = [
+    "IsolationError",
+    "NoRetry",
+    "NotInWorkerError",
+    "ProcvalError",
+    "ProgramChangedWarning",
+    "SetupError",
+    "SnapshotError",
+    "StoreError",
+    "StoreLockedError",
+    "StoreMismatchError",
+    "TaskError",
+    "TooManyErrors",
+    "UnalignedResultsError",
+]
+
+
 if TYPE_CHECKING:
     from collections.abc import Mapping
 

@@ -8,8 +8,17 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
 
+__all__ = [
+    "EvaluationResult",
+    "Results",
+    "Row",
+    "RowError",
+    "Totals",
+]
+
+
 if TYPE_CHECKING:
-    from procval.compare import ComparisonTable, Interval
+    from procval.report.compare import ComparisonTable, Interval
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,7 +187,7 @@ class EvaluationResult:
         Raises:
             ValueError: bad ``confidence``, ``resamples`` or ``seed``.
         """
-        from procval.compare import bootstrap_ci
+        from procval.report.compare import bootstrap_ci
 
         scores = [row.score for row in self.rows]
         return bootstrap_ci(scores, confidence=confidence, resamples=resamples, seed=seed)
@@ -213,7 +222,7 @@ class EvaluationResult:
 
     def _repr_html_(self) -> str:
         """The notebook view: score with its interval, counts, and the first errors."""
-        from procval._html import render_result
+        from procval.report.html import render_result
 
         return render_result(self)
 
@@ -282,9 +291,9 @@ class Results(Mapping[str, EvaluationResult]):
 
         Raises:
             KeyError: no config named ``baseline``.
-            ValueError: both ``baseline`` and ``pairs``; or see :func:`procval.compare`.
+            ValueError: both ``baseline`` and ``pairs``; or see :func:`procval.report.compare`.
         """
-        from procval.compare import compare_all
+        from procval.report.compare import compare_all
 
         if pairs and baseline is not None:
             raise ValueError("pass baseline= or pairs=True, not both: pairs compares every pair")

@@ -34,10 +34,15 @@ from typing import Any
 
 import cloudpickle
 
-from procval._api import Metric, Program, evaluate
 from procval.config import Config
 from procval.errors import TaskError
 from procval.results import Results
+from procval.run.api import Metric, Program, evaluate
+
+__all__ = [
+    "Task",
+    "load_task",
+]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -25,10 +25,10 @@ import procval  # noqa: E402
 from backend_suite import BackendSuite  # noqa: E402
 from helpers import ray_programs, toys  # noqa: E402
 from procval import _pickling  # noqa: E402
-from procval._worker import WorkerOptions  # noqa: E402
-from procval.backends._base import WorkerSpec  # noqa: E402
+from procval.backends import WorkerSpec  # noqa: E402
 from procval.backends.ray import RayBackend  # noqa: E402
-from procval.config import take_snapshot  # noqa: E402
+from procval.run.snapshot import take_snapshot  # noqa: E402
+from procval.wire import Shard, WorkerOptions, WorkItem  # noqa: E402
 
 pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("ray_cluster")]
 
@@ -140,7 +140,7 @@ def test_running_answers_at_once_and_ages_while_the_actor_works():
     )
     worker = backend.start_worker(spec)
     try:
-        worker.submit(_pickling.dumps(([(7, "ex7", {"q": 3})], False), what="shard"))
+        worker.submit(_pickling.dumps(Shard([WorkItem(7, "ex7", {"q": 3})], False), what="shard"))
         seen: list[tuple[int, float]] = []
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and not (seen and seen[0][1] > 0.5):

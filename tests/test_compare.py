@@ -13,9 +13,9 @@ import pytest
 import procval
 from procval.results import EvaluationResult, Results, Row, RowError
 
-# ``procval.compare`` is the function; the modules are reached through the import system.
-comparing = importlib.import_module("procval.compare")
-stats = importlib.import_module("procval._stats")
+# ``procval.report.compare`` is the function; the modules are reached through the import system.
+comparing = importlib.import_module("procval.report.compare")
+stats = importlib.import_module("procval.report.stats")
 
 
 def make_result(name, scores, *, ids=None, errors=(), failure_score=0.0):

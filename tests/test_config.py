@@ -8,7 +8,7 @@ import sys
 import pytest
 
 import procval
-from procval.config import take_snapshot
+from procval.run.snapshot import take_snapshot
 
 
 def test_config_is_immutable_and_validated():

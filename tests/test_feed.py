@@ -1,4 +1,4 @@
-"""The worker's feed (``procval._worker._Feed``): threads take examples across shards.
+"""The worker's feed (``procval.worker.runtime._Feed``): threads take examples across shards.
 
 In-process tests of the hand-over between a shard call and the runner threads; the behaviour
 with real worker processes is in ``backend_suite.py``.
@@ -9,7 +9,7 @@ from __future__ import annotations
 import threading
 import time
 
-from procval._worker import _Feed
+from procval.worker.runtime import _Feed
 
 
 def result(seq: int) -> tuple[int, None, float, None, int, float]:

@@ -10,7 +10,7 @@ from html.parser import HTMLParser
 
 import pytest
 
-from procval._html import render_html
+from procval.report.html import render_html
 from procval.results import EvaluationResult, Results, Row, RowError
 
 EVIL = "<script>alert('pwned')</script>"

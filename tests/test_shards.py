@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from procval._shards import MAX_SIZE, MIN_ROUNDS, TARGET, ShardSizer
+from procval.run.shards import MAX_SIZE, MIN_ROUNDS, TARGET, ShardSizer
 
 
 def test_first_shards_are_small_until_a_timing_comes_back():

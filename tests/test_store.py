@@ -19,9 +19,11 @@ import pytest
 
 import procval
 from helpers import store_programs
-from procval.config import Config, take_snapshot
+from procval.config import Config
 from procval.results import Row, RowError
-from procval.store import StoreSink, count_rows, iter_rows, sessions
+from procval.run.snapshot import take_snapshot
+from procval.store.readers import count_rows, iter_rows, sessions
+from procval.store.writer import StoreSink
 
 SECRET = "sk-live-0123456789-do-not-store"
 
@@ -103,7 +105,7 @@ def test_scores_come_from_the_store_without_reading_rows(tmp_path, monkeypatch):
     def no_rows(self):
         raise AssertionError("rows were read")
 
-    monkeypatch.setattr("procval.store._RowLoader.__call__", no_rows)
+    monkeypatch.setattr("procval.store.readers.RowLoader.__call__", no_rows)
     result = procval.load(path)["a"]
     assert (len(result), result.score, result.totals.errors) == (10, 0.5, 0)
     assert "score 0.5000 over 10 examples" in result.summary()
@@ -340,13 +342,13 @@ def test_a_store_that_refuses_to_resume_is_released(tmp_path):
 
 
 def test_a_run_failing_before_its_workers_start_releases_the_store(tmp_path, monkeypatch):
-    import procval._api
+    import procval.run.api
 
     def unavailable(backend):
         raise RuntimeError("no cluster at that address")
 
     path = tmp_path / "run.db"
-    monkeypatch.setattr(procval._api, "_backend", unavailable)
+    monkeypatch.setattr(procval.run.api, "_backend", unavailable)
     with pytest.raises(RuntimeError, match="no cluster") as info:
         procval.evaluate(abs, [0, 1], lambda e, p: 1.0, store=path, progress=False)
     monkeypatch.undo()

@@ -8,7 +8,7 @@ fresh interpreter that imports only those modules; each worker is then forked fr
     parent (evaluate)                    fork server                     worker
     ─────────────────                    ───────────                     ──────
     first worker: fork+exec ───────────▶ fresh interpreter; imports
-      python -c ...serve()               procval._worker, loky and
+      python -c ...serve()               procval.worker.runtime, loky and
                                          cloudpickle, nothing else; no
                                          user code, no snapshot, one
                                          thread
@@ -36,7 +36,7 @@ reseeded in each (CPython does so after ``fork``).
 
 Lifetimes: the server exits when the parent process dies or closes its end of the socket (EOF),
 or is re-parented (checked twice a second); each worker's ``PR_SET_PDEATHSIG`` and watchdog
-(``procval._worker._watch_parent``, given the server's pid) end it when the server dies. So a
+(``procval.worker.runtime._watch_parent``, given the server's pid) end it when the server dies. So a
 ``kill -9`` of the parent still ends every worker. Linux only; elsewhere workers start by
 ``fork+exec``. ``PROCVAL_FORK_SERVER=0`` turns it off.
 """
@@ -65,7 +65,7 @@ from loky.backend.context import LokyContext
 from loky.backend.process import LokyProcess
 
 #: Modules the server imports: what a loky worker running procval imports before its snapshot.
-PRELOAD = ("loky", "loky.process_executor", "procval._worker")
+PRELOAD = ("loky", "loky.process_executor", "procval.worker.runtime")
 
 #: Environment variables read when an interpreter starts or when a preloaded module is imported.
 STARTUP_ENV_PREFIXES = (

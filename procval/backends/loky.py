@@ -32,10 +32,9 @@ from loky import ProcessPoolExecutor
 from loky.backend import resource_tracker
 from loky.backend.context import get_context
 
-from procval import _worker
-from procval._slots import SlotTable
-from procval.backends import _forkserver
-from procval.backends._base import WorkerSpec
+from procval.backends import WorkerSpec, _forkserver
+from procval.worker import runtime as _worker
+from procval.worker.slots import SlotTable
 
 _EXIT_CODES = re.compile(r"exit codes of the workers are \{([^}]*)\}")
 

@@ -57,9 +57,10 @@ import ray
 from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from procval import _worker
-from procval._slots import SlotTable
-from procval.backends._base import WorkerSpec
+from procval.backends import WorkerSpec
+from procval.wire import WorkerOptions
+from procval.worker import runtime as _worker
+from procval.worker.slots import SlotTable
 
 REMAINS_TIMEOUT = 30.0  # seconds to read a dead actor's files on its node
 STALL = 1.0  # seconds a poll may go unanswered before the slot table is read from outside
@@ -85,7 +86,7 @@ class ProcvalWorker:
     Its process title is ``ray::ProcvalWorker`` (handy in ``ps`` and Ray's dashboard).
     """
 
-    def __init__(self, snapshot: bytes, options: _worker.WorkerOptions, name: str) -> None:
+    def __init__(self, snapshot: bytes, options: WorkerOptions, name: str) -> None:
         self._path = os.path.join(tempfile.gettempdir(), name)
         self._slots = SlotTable(self._path, max(1, options.threads), create=True)
         self._shard = -1

@@ -49,13 +49,13 @@ import loky
 from dspy.evaluate.evaluate import EvaluationResult as _DSPyEvaluationResult
 from dspy.utils.callback import with_callbacks
 
-from procval._api import evaluate
-from procval._dataset import example_id
 from procval.errors import TooManyErrors
 from procval.integrations._dspy_settings import PER_CALL_SETTINGS, snapshot
 from procval.integrations._dspy_settings import _Configure as _Configure  # pickled as ours
 from procval.results import EvaluationResult as _ProcvalResult
 from procval.results import Row
+from procval.run.api import evaluate
+from procval.run.dataset import example_id
 
 __all__ = ["PER_CALL_SETTINGS", "Evaluate", "EvaluationResult", "Scored", "snapshot"]
 

@@ -37,13 +37,14 @@ from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass, field
 
 from procval import _pickling
-from procval._dataset import Examples, Item
-from procval._progress import Progress
-from procval._shards import ShardSizer
-from procval._sink import Sink
-from procval.backends._base import Backend, Worker, WorkerSpec
+from procval.backends import Backend, Worker, WorkerSpec
 from procval.errors import IsolationError, SetupError, TooManyErrors
 from procval.results import Results, Row, RowError, Totals
+from procval.run.dataset import Examples, Item
+from procval.run.progress import Progress
+from procval.run.shards import ShardSizer
+from procval.store.sink import Sink
+from procval.wire import SetupFailed, Shard, ShardDone
 
 _NODE = socket.gethostname()
 PIPELINE = 2  # shards queued per worker, so a worker never waits for its next shard
@@ -247,16 +248,16 @@ class Scheduler:
         self, w: _WorkerRun, items: list[Item], *, drain: bool, alone: bool = False
     ) -> None:
         try:
-            data = _pickling.dumps((items, drain), what="example")
+            data = _pickling.dumps(Shard(items, drain), what="example")
         except Exception:
             items = self._drop_unpicklable(w.config, items)
-            data = _pickling.dumps((items, drain), what="examples")
+            data = _pickling.dumps(Shard(items, drain), what="examples")
         if not items and not (drain and w.outstanding):
             return
         w.alone = alone
         future = w.worker.submit(data)
         w.calls.add(future)
-        w.outstanding.update((item[0], item) for item in items)
+        w.outstanding.update((item.seq, item) for item in items)
         self._owners[future] = w
 
     def _drop_unpicklable(self, run: _ConfigRun, items: list[Item]) -> list[Item]:
@@ -264,7 +265,7 @@ class Scheduler:
         keep, failed = [], []
         for item in items:
             try:
-                _pickling.dumps(item, what=f"example {item[1]!r}")
+                _pickling.dumps(item, what=f"example {item.example_id!r}")
                 keep.append(item)
             except Exception as exc:
                 failed.append(self._error_row(run, item, RowError("SnapshotError", str(exc))))
@@ -293,20 +294,20 @@ class Scheduler:
             return
         del self._owners[future]
         w.calls.discard(future)
-        message = _pickling.loads(data)
-        if message[0] == "setup_error":
+        message: ShardDone | SetupFailed = _pickling.loads(data)
+        if isinstance(message, SetupFailed):
             raise SetupError(
                 f"Config.setup of config {run.name!r} failed in worker {w.worker.label}; "
-                f"fix the config's setup (the worker's traceback follows)\n{message[1]}"
+                f"fix the config's setup (the worker's traceback follows)\n{message.traceback}"
             )
-        _, pid, node, fingerprint, results = message
+        pid, node, fingerprint, results = message
         self._check_provenance(run, pid, node, fingerprint)
         w.produced = True
         run.start_failures = 0
         if w.alone:
             w.alone = False  # the suspect's answer: the worker may take any work again
         else:
-            run.sizer.observe(len(results), sum(result[5] for result in results))
+            run.sizer.observe(len(results), sum(result.duration for result in results))
         failure_score, name, outstanding = self._options.failure_score, run.name, w.outstanding
         rows = []
         for seq, prediction, score, error, attempts, duration in results:
@@ -413,14 +414,14 @@ class Scheduler:
                 )
         rows = []
         for item in lost:
-            if alone and item[0] in running:
+            if alone and item.seq in running:
                 message = f"{how} while running this example alone in {label}"
                 error = RowError("WorkerCrashed", message, log)
                 rows.append(self._error_row(run, item, error, pid=pid))
-            elif alone or item[0] in running or run.lost.get(item[0], 0) >= LOST_LIMIT:
+            elif alone or item.seq in running or run.lost.get(item.seq, 0) >= LOST_LIMIT:
                 run.suspects.append(item)
             else:
-                run.lost[item[0]] = run.lost.get(item[0], 0) + 1
+                run.lost[item.seq] = run.lost.get(item.seq, 0) + 1
                 run.requeue.append(item)
         self._deliver(run, rows)
 
@@ -452,7 +453,7 @@ class Scheduler:
             run, label, pid = w.config, w.worker.label, w.worker.pid
             rows = []
             for item in self._drop(w)[0]:
-                if item[0] in late:
+                if item.seq in late:
                     message = (
                         f"example still running after {timeout:g}s; "
                         f"worker {label} was killed and replaced"

@@ -8,7 +8,9 @@ import os
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
-Item = tuple[int, "int | str", Any]
+from procval.wire import WorkItem
+
+Item = WorkItem  # (seq, example_id, example), as sent to a worker
 
 
 def example_id(example: Any, index: int) -> int | str:
@@ -76,9 +78,9 @@ class Examples:
             self._checked = True
 
     def __iter__(self) -> Iterator[Item]:
-        """Yield ``(index, example_id, example)``; raises ValueError at a duplicate id."""
+        """Yield ``WorkItem(index, example_id, example)``; raises ValueError at a duplicate id."""
         if self._ids is not None:  # a list: ids computed (and checked) once, up front
-            yield from zip(itertools.count(), self._ids, self._data)
+            yield from map(WorkItem, itertools.count(), self._ids, self._data)
             return
         seen: dict[int | str, int] | None = None if self._checked else {}
         for index, example in enumerate(self._data):
@@ -87,7 +89,7 @@ class Examples:
                 first = seen.setdefault(eid, index)
                 if first != index:
                     raise _duplicate(eid, first, index)
-            yield index, eid, example
+            yield WorkItem(index, eid, example)
 
 
 def _duplicate(eid: int | str, first: int, second: int) -> ValueError:

@@ -1,37 +1,22 @@
-"""The small interface between the scheduler and an execution engine.
+"""Execution engines: the small interface between the scheduler and the processes it uses.
 
 A backend starts *workers*. A worker is one process (a loky process, a Ray actor, ...) that has
 installed one config snapshot and runs shards for it until it is closed or killed. The scheduler
 owns everything else (sharding, timeouts, crash recovery, retries of lost work, the store), so
 every backend gets the same guarantees from the same code.
+
+Engines: :mod:`procval.backends.loky` (local processes, forked from ``_forkserver``) and
+:mod:`procval.backends.ray` (Ray actors), each imported when first asked for.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from concurrent.futures import Future
-from dataclasses import dataclass, field
 from typing import Protocol
 
-from procval._worker import WorkerOptions
-from procval.config import Snapshot
+from procval.wire import WorkerSpec
 
-
-@dataclass(frozen=True)
-class WorkerSpec:
-    """What a new worker must install.
-
-    Attributes:
-        snapshot: the config's snapshot; the worker installs ``snapshot.data``, which holds
-            the config, the program and the metric (shipped once per worker).
-        options: threads, retries and backoff, and the parent's pid for the watchdog.
-        env: the config's environment variables, set before the worker's interpreter starts
-            (some libraries read them at import time).
-    """
-
-    snapshot: Snapshot
-    options: WorkerOptions
-    env: Mapping[str, str] = field(default_factory=dict)
+__all__ = ["Backend", "Worker", "WorkerSpec"]
 
 
 class Worker(Protocol):
@@ -48,7 +33,7 @@ class Worker(Protocol):
         ...
 
     def submit(self, shard: bytes) -> Future[bytes]:
-        """Queue a pickled shard; the future resolves to the pickled results."""
+        """Queue a pickled ``wire.Shard``; the future resolves to a pickled ``wire.Reply``."""
         ...
 
     def running(self) -> list[tuple[int, float]]:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-from procval.config import Snapshot
 from procval.results import EvaluationResult, Row, Totals
+from procval.wire import Snapshot
 
 
 class Sink(Protocol):

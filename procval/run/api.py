@@ -10,14 +10,15 @@ from typing import Any, Protocol, overload
 
 import loky
 
-from procval._dataset import Examples
-from procval._progress import Progress, wanted
-from procval._scheduler import RunOptions, Scheduler
-from procval._sink import MemorySink, Sink
-from procval._worker import WorkerOptions
-from procval.backends._base import Backend, WorkerSpec
-from procval.config import Config, take_snapshot
+from procval.backends import Backend, WorkerSpec
+from procval.config import Config
 from procval.results import EvaluationResult, Results
+from procval.run.dataset import Examples
+from procval.run.progress import Progress, wanted
+from procval.run.scheduler import RunOptions, Scheduler
+from procval.run.snapshot import take_snapshot
+from procval.store.sink import MemorySink, Sink
+from procval.wire import WorkerOptions
 
 
 class Program(Protocol):
@@ -292,7 +293,7 @@ def _open_sink(
 ) -> Sink:
     if store is None:
         return MemorySink()
-    from procval.store import StoreSink
+    from procval.store.writer import StoreSink
 
     return StoreSink(os.fspath(store), fresh=fresh, configs=names, retry_errors=retry_errors)
 

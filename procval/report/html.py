@@ -24,7 +24,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from procval._convert import to_jsonable
-from procval.compare import (
+from procval.report.compare import (
     Comparison,
     ComparisonTable,
     Interval,

@@ -51,31 +51,24 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from procval import _pickling
-from procval._slots import SlotTable
-from procval.config import Config, fingerprint
+from procval.config import Config
 from procval.errors import NotInWorkerError
+from procval.wire import (
+    ErrorInfo,
+    ExampleResult,
+    SetupFailed,
+    Shard,
+    ShardDone,
+    WorkerOptions,
+    WorkItem,
+    fingerprint,
+)
+from procval.worker.slots import SlotTable
 
 if TYPE_CHECKING:
     import asyncio  # imported in the worker only for an async program
 
-# An example travels as (seq, example_id, example); a shard as (examples, drain).
-Item = tuple[int, Any, Any]
-# A result travels back as a tuple, for speed:
-#   (seq, prediction, score, error, attempts, duration)
-# where error is None or (type name, message, traceback text).
-Result = tuple[int, Any, float, "tuple[str, str, str] | None", int, float]
-
 _BACKOFF_CAP = 60.0
-
-
-@dataclass
-class WorkerOptions:
-    """What the scheduler tells every worker besides the snapshot."""
-
-    threads: int = 1
-    retries: int = 0
-    backoff: float = 0.5
-    parent_pid: int = 0
 
 
 @dataclass
@@ -198,9 +191,9 @@ def _start_runners(state: _State) -> None:
 
 
 def run_shard(shard: bytes) -> bytes:
-    """Run a pickled shard ``(examples, drain)`` and return the pickled results.
+    """Run a pickled :class:`~procval.wire.Shard`; return the pickled ``ShardDone``.
 
-    ``examples`` is a list of ``(seq, example_id, example)``. With one thread, the results are
+    With one thread, the results are
     those of this shard's examples. Otherwise the examples join the worker's feed and the call
     returns once each of them has started, with every result finished by then (from this shard
     or earlier ones); with ``drain``, once every example given to this worker has finished.
@@ -209,8 +202,9 @@ def run_shard(shard: bytes) -> bytes:
     if state is None:  # pragma: no cover - initialize always runs first
         raise NotInWorkerError("run_shard called before initialize")
     if state.setup_error is not None:
-        return _pickling.dumps(("setup_error", state.setup_error), what="setup error")
-    items, drain = _pickling.loads(shard)
+        return _pickling.dumps(SetupFailed(state.setup_error), what="setup error")
+    message: Shard = _pickling.loads(shard)
+    items, drain = message.items, message.drain
     feed = state.feed
     if feed is None:
         _local.slot = 0
@@ -220,7 +214,7 @@ def run_shard(shard: bytes) -> bytes:
         if state.loop is not None:
             state.loop.call_soon_threadsafe(_dispatch_async, state, feed)
         results = feed.collect(drain=drain)
-    return _dump_results(("ok", state.pid, state.node, state.fingerprint), results)
+    return _dump_results(state, results)
 
 
 class _Feed:
@@ -234,43 +228,43 @@ class _Feed:
         lock = threading.Lock()
         self._work = threading.Condition(lock)  # runners wait here for examples
         self._progress = threading.Condition(lock)  # the shard call waits here for results
-        self._pending: deque[Item] = deque()
+        self._pending: deque[WorkItem] = deque()
         self._running = 0
-        self._done: list[Result] = []
+        self._done: list[ExampleResult] = []
 
-    def put(self, items: list[Item]) -> None:
+    def put(self, items: list[WorkItem]) -> None:
         """Hand examples to the runners."""
         with self._work:
             self._pending.extend(items)
             self._work.notify(len(items))
 
-    def take(self) -> Item:
+    def take(self) -> WorkItem:
         """The next example, once there is one (a runner thread calls this)."""
         with self._work:
             while not self._pending:
                 self._work.wait()
             return self._started()
 
-    def take_nowait(self) -> Item | None:
+    def take_nowait(self) -> WorkItem | None:
         """The next example, or ``None`` (the async dispatcher calls this)."""
         with self._work:
             return self._started() if self._pending else None
 
-    def _started(self) -> Item:
+    def _started(self) -> WorkItem:
         item = self._pending.popleft()
         self._running += 1
         if not self._pending:
             self._progress.notify()
         return item
 
-    def finish(self, result: Result) -> None:
+    def finish(self, result: ExampleResult) -> None:
         """Record a finished example's result."""
         with self._progress:
             self._done.append(result)
             self._running -= 1
             self._progress.notify()
 
-    def collect(self, *, drain: bool) -> list[Result]:
+    def collect(self, *, drain: bool) -> list[ExampleResult]:
         """The results so far, once no example waits (and, with ``drain``, none runs)."""
         with self._progress:
             while self._pending or (drain and self._running):
@@ -286,13 +280,13 @@ def _thread_main(state: _State, feed: _Feed, slot: int) -> None:
         feed.finish(_run_guarded(state, item))
 
 
-def _run_guarded(state: _State, item: Item) -> Result:
+def _run_guarded(state: _State, item: WorkItem) -> ExampleResult:
     """``_run_one``, with whatever else the program raises (e.g. KeyboardInterrupt) as its row."""
     try:
         return _run_one(state, item)
     except BaseException as exc:
         state.slots.stop(_local.slot)
-        return (item[0], None, 0.0, _error(exc), 1, 0.0)
+        return ExampleResult(item.seq, None, 0.0, _error(exc), 1, 0.0)
 
 
 def _dispatch_async(state: _State, feed: _Feed) -> None:
@@ -309,18 +303,18 @@ def _dispatch_async(state: _State, feed: _Feed) -> None:
         task.add_done_callback(state.tasks.discard)
 
 
-async def _run_async_task(state: _State, feed: _Feed, item: Item, slot: int) -> None:
+async def _run_async_task(state: _State, feed: _Feed, item: WorkItem, slot: int) -> None:
     try:
         result = await _run_one_async(state, item, slot)
     except BaseException as exc:  # e.g. CancelledError raised by the program itself
         state.slots.stop(slot)
-        result = (item[0], None, 0.0, _error(exc), 1, 0.0)
+        result = ExampleResult(item.seq, None, 0.0, _error(exc), 1, 0.0)
     state.free_slots.append(slot)
     feed.finish(result)
     _dispatch_async(state, feed)
 
 
-def _run_one(state: _State, item: Item) -> Result:
+def _run_one(state: _State, item: WorkItem) -> ExampleResult:
     seq, example_id, example = item
     slot = _local.slot
     started = time.perf_counter()
@@ -337,17 +331,21 @@ def _run_one(state: _State, item: Item) -> Result:
             if attempts <= state.options.retries and _retryable(exc):
                 time.sleep(_backoff(state, attempts))
                 continue
-            return (seq, None, 0.0, _error(exc), attempts, time.perf_counter() - started)
+            return ExampleResult(
+                seq, None, 0.0, _error(exc), attempts, time.perf_counter() - started
+            )
         try:
             score = _score(state.metric(example, prediction))
         except (Exception, SystemExit) as exc:
-            return (seq, prediction, 0.0, _error(exc), attempts, time.perf_counter() - started)
+            return ExampleResult(
+                seq, prediction, 0.0, _error(exc), attempts, time.perf_counter() - started
+            )
         finally:
             state.slots.stop(slot)
-        return (seq, prediction, score, None, attempts, time.perf_counter() - started)
+        return ExampleResult(seq, prediction, score, None, attempts, time.perf_counter() - started)
 
 
-async def _run_one_async(state: _State, item: Item, slot: int) -> Result:
+async def _run_one_async(state: _State, item: WorkItem, slot: int) -> ExampleResult:
     import asyncio
 
     seq, example_id, example = item
@@ -365,17 +363,21 @@ async def _run_one_async(state: _State, item: Item, slot: int) -> Result:
             if attempts <= state.options.retries and _retryable(exc):
                 await asyncio.sleep(_backoff(state, attempts))
                 continue
-            return (seq, None, 0.0, _error(exc), attempts, time.perf_counter() - started)
+            return ExampleResult(
+                seq, None, 0.0, _error(exc), attempts, time.perf_counter() - started
+            )
         try:
             value = state.metric(example, prediction)
             if inspect.isawaitable(value):
                 value = await value
             score = _score(value)
         except (Exception, SystemExit) as exc:
-            return (seq, prediction, 0.0, _error(exc), attempts, time.perf_counter() - started)
+            return ExampleResult(
+                seq, prediction, 0.0, _error(exc), attempts, time.perf_counter() - started
+            )
         finally:
             state.slots.stop(slot)
-        return (seq, prediction, score, None, attempts, time.perf_counter() - started)
+        return ExampleResult(seq, prediction, score, None, attempts, time.perf_counter() - started)
 
 
 class MetricTypeError(TypeError):
@@ -391,8 +393,8 @@ def _score(value: Any) -> float:
     )
 
 
-def _error(exc: BaseException) -> tuple[str, str, str]:
-    return (type(exc).__name__, str(exc), "".join(traceback.format_exception(exc)))
+def _error(exc: BaseException) -> ErrorInfo:
+    return ErrorInfo(type(exc).__name__, str(exc), "".join(traceback.format_exception(exc)))
 
 
 def _retryable(exc: BaseException) -> bool:
@@ -439,24 +441,25 @@ def _is_async(program: Any) -> bool:
     )
 
 
-def _dump_results(header: tuple[Any, ...], results: list[Result]) -> bytes:
+def _dump_results(state: _State, results: list[ExampleResult]) -> bytes:
+    done = ShardDone(state.pid, state.node, state.fingerprint, results)
     try:
-        return _pickling.dumps((*header, results), what="results")
+        return _pickling.dumps(done, what="results")
     except Exception:
         fixed = []
         for result in results:
             try:
-                _pickling.dumps(result[1], what="prediction")
+                _pickling.dumps(result.prediction, what="prediction")
                 fixed.append(result)
             except Exception as exc:
-                error = (
+                error = ErrorInfo(
                     "UnpicklablePrediction",
                     f"the prediction cannot be sent back to the parent: {exc}; "
                     "return plain data (str, dict, dataclass) from the program",
                     "",
                 )
-                fixed.append((result[0], None, 0.0, error, result[4], result[5]))
-        return _pickling.dumps((*header, fixed), what="results")
+                fixed.append(result._replace(prediction=None, score=0.0, error=error))
+        return _pickling.dumps(done._replace(results=fixed), what="results")
 
 
 def _record_faults(path: str) -> None:

@@ -1,10 +1,10 @@
-"""The statistics behind :func:`procval.compare`, on plain lists of scores.
+"""The statistics behind :func:`procval.report.compare`, on plain lists of scores.
 
 What the comparison needs, without rows, configs or example ids: percentile bootstrap intervals
 (:func:`bootstrap_ci`; ``_resample_means`` and ``_intervals`` for paired columns), the exact sign
 test (:func:`sign_test`), the paired permutation test (:func:`permutation_test`), Holm's
 adjustment (:func:`holm`) and the checks of the options they share (:func:`check_options`).
-:mod:`procval.compare` pairs the rows and calls these; it re-exports the public names.
+:mod:`procval.report.compare` pairs the rows and calls these; it re-exports the public names.
 
 Resampling uses numpy when it is installed and pure Python otherwise. With numpy, scores with
 few distinct values are resampled as multinomial counts of those values, which is the same

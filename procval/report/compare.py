@@ -27,7 +27,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, overload
 
 from procval._convert import to_jsonable
-from procval._stats import (
+from procval.errors import UnalignedResultsError
+from procval.report.stats import (
     Interval,
     _binary,
     _intervals,
@@ -38,7 +39,6 @@ from procval._stats import (
     permutation_test,
     sign_test,
 )
-from procval.errors import UnalignedResultsError
 
 if TYPE_CHECKING:
     from procval.results import EvaluationResult
@@ -289,7 +289,7 @@ class ComparisonTable(Sequence[Comparison]):
         return "\n".join(lines)
 
     def _repr_html_(self) -> str:
-        from procval._html import render_table
+        from procval.report.html import render_table
 
         return render_table(self)
 

@@ -1,0 +1,170 @@
+"""Reading a run store: whole runs (``load``), streamed rows (``iter_rows``), counts, sessions.
+
+Readers take no lock and may read while a run writes (the file is in WAL mode).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import sqlite3
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+from procval.errors import StoreError
+from procval.results import EvaluationResult, Results, Row, Totals
+from procval.store.codec import decode
+from procval.store.schema import SELECT, connect
+
+
+def load(path: str | os.PathLike[str]) -> Results:
+    """A finished or partial run from a store, as the mapping ``evaluate`` returns.
+
+    Each config's rows are read from the store when first asked for (``result.rows``); counts,
+    the score and errors by type come from the store without reading the rows. Each row's
+    ``example`` and ``prediction`` are the stored JSON values.
+
+    Args:
+        path: a run store written by ``evaluate(..., store=path)`` or ``procval run``.
+
+    Returns:
+        A :class:`procval.Results` mapping config name to :class:`procval.EvaluationResult`,
+        in the order the configs were first stored.
+
+    Raises:
+        StoreError: there is no store at ``path``, or the file is not a procval run store.
+    """
+    path = os.fspath(path)
+    with contextlib.closing(connect(path, create=False)) as db:
+        names = [name for (name,) in db.execute("SELECT name FROM configs ORDER BY rowid")]
+        return Results({name: result_of(path, db, name) for name in names})
+
+
+def iter_rows(
+    path: str | os.PathLike[str], configs: Sequence[str] | None = None
+) -> Iterator[dict[str, Any]]:
+    """Stream the stored rows as flat dicts, config by config in dataset order.
+
+    Memory stays constant however many rows there are (for exports).
+
+    Args:
+        path: the run store.
+        configs: the configs to read (default: all, in the order they were stored).
+
+    Yields:
+        Dicts with keys ``config, index, example_id, example, prediction, score, error_type,
+        error_message, error_traceback, attempts, duration, worker_pid, node, fingerprint``;
+        ``example`` and ``prediction`` decoded from JSON.
+
+    Raises:
+        StoreError: no store at ``path``, not a store, or a config name it does not hold.
+    """
+    path = os.fspath(path)
+    with contextlib.closing(connect(path, create=False)) as db:
+        names = check_names(path, db, configs)
+        for name in names:
+            cursor = db.execute(f"{SELECT} WHERE config = ? ORDER BY idx", (name,))
+            for record in cursor:
+                row = decode(record)
+                yield {
+                    "config": row.config,
+                    "index": row.index,
+                    "example_id": row.example_id,
+                    "example": row.example,
+                    "prediction": row.prediction,
+                    "score": row.score,
+                    "error_type": row.error.type if row.error else None,
+                    "error_message": row.error.message if row.error else None,
+                    "error_traceback": row.error.traceback if row.error else None,
+                    "attempts": row.attempts,
+                    "duration": row.duration,
+                    "worker_pid": row.worker_pid,
+                    "node": row.node,
+                    "fingerprint": row.fingerprint,
+                }
+
+
+def count_rows(path: str | os.PathLike[str], configs: Sequence[str] | None = None) -> int:
+    """How many rows the store holds (for ``configs`` only, if given); 0 if there is no store."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        return 0
+    with contextlib.closing(connect(path, create=False)) as db:
+        if configs is None:
+            return int(db.execute("SELECT COUNT(*) FROM rows").fetchone()[0])
+        return sum(
+            int(db.execute("SELECT COUNT(*) FROM rows WHERE config = ?", (n,)).fetchone()[0])
+            for n in configs
+        )
+
+
+def sessions(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The store's sessions (one per run), oldest first, as dicts.
+
+    Keys: ``started``, ``ended`` (epoch seconds), ``status``, ``pid``.
+
+    ``status`` is ``"completed"``, ``"stopped"`` (interrupted or failed), or ``"running"`` for a
+    session that is still running or whose process was killed.
+    """
+    path = os.fspath(path)
+    with contextlib.closing(connect(path, create=False)) as db:
+        cursor = db.execute("SELECT started, ended, status, pid FROM sessions ORDER BY id")
+        return [dict(zip(("started", "ended", "status", "pid"), r, strict=True)) for r in cursor]
+
+
+class RowLoader:
+    """Reads one config's rows from the store when called (picklable, unlike a closure)."""
+
+    def __init__(self, path: str, config: str) -> None:
+        self.path = path
+        self.config = config
+
+    def __call__(self) -> list[Row]:
+        """The config's rows, in dataset order."""
+        with contextlib.closing(connect(self.path, create=False)) as db:
+            cursor = db.execute(f"{SELECT} WHERE config = ? ORDER BY idx", (self.config,))
+            return [decode(record) for record in cursor]
+
+
+def result_of(
+    path: str, db: sqlite3.Connection, config: str, *, duration: float | None = None
+) -> EvaluationResult:
+    """The result of ``config`` over its stored rows (read when first asked for)."""
+    stored, fingerprint = db.execute(
+        "SELECT duration, fingerprint FROM configs WHERE name = ?", (config,)
+    ).fetchone()
+    error_types = db.execute(
+        "SELECT error_type, COUNT(*) FROM rows WHERE config = ? AND error_type IS NOT NULL "
+        "GROUP BY error_type",
+        (config,),
+    ).fetchall()
+    return EvaluationResult(
+        config,
+        RowLoader(path, config),
+        duration=float(stored if duration is None else duration),
+        totals=totals(db, config),
+        error_types=dict(error_types),
+        fingerprint=fingerprint,
+    )
+
+
+def totals(db: sqlite3.Connection, config: str, *, only_ok: bool = False) -> Totals:
+    """Count, score sum and errors of ``config``'s rows (only successful ones with ``only_ok``)."""
+    n, score_sum, errors, nan = db.execute(
+        "SELECT COUNT(*), TOTAL(score), COUNT(error_type), COUNT(*) - COUNT(score) "
+        "FROM rows WHERE config = ?" + (" AND error_type IS NULL" if only_ok else ""),
+        (config,),
+    ).fetchone()
+    return Totals(n=n, score_sum=math.nan if nan else float(score_sum), errors=errors)
+
+
+def check_names(path: str, db: sqlite3.Connection, wanted: Iterable[str] | None) -> list[str]:
+    """``wanted`` (default: every config, in stored order), each checked to be in the store."""
+    names = [name for (name,) in db.execute("SELECT name FROM configs ORDER BY rowid")]
+    if wanted is None:
+        return names
+    unknown = [n for n in wanted if n not in names]
+    if unknown:
+        raise StoreError(f"the store {path} has no config {unknown[0]!r}; it has {names}")
+    return list(wanted)

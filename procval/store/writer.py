@@ -1,0 +1,320 @@
+"""The run store's writer: the scheduler's sink for a run with ``store=``.
+
+The parent process is the store's only writer; workers never touch it. Rows arrive through
+:class:`StoreSink` (the scheduler's ``Sink``) one shard at a time, and each shard's rows are
+committed in one transaction before the scheduler reports them. The file is in WAL mode with
+``synchronous=NORMAL``: a committed transaction survives a ``kill -9`` of the parent (it is in
+the operating system's hands), and a crash mid-transaction rolls it back, so the store is never
+corrupted and loses at most the rows that were still in workers. Other processes may read the
+store while a run writes it (``procval report`` during a run).
+
+Tables::
+
+    meta      key, value: format = 'procval-store', version
+    configs   name, identity, fingerprint, description (JSON: Config.describe(), env names and
+              value hashes only, never env values), created, duration (seconds, all sessions)
+    sessions  one per evaluate() call: started, ended, status (running/completed/stopped), pid
+    rows      config, example_id (JSON, so 3 and "3" differ), idx, example_hash, example and
+              prediction (JSON), score (NULL for NaN), error_type/_message/_traceback,
+              attempts, duration, worker_pid, node, fingerprint, session
+
+Examples and predictions are stored as JSON through :func:`procval._convert.to_jsonable`:
+plain JSON values as they are; mappings, lists, tuples and sets item by item; dataclasses
+field by field; pydantic models by ``model_dump(mode="json")``; objects with ``toDict()`` or
+``to_dict()`` (DSPy) through it; other objects by their public ``__dict__``; anything else as its
+``repr()``. A row read back from the store holds these JSON values, not the original objects.
+
+One writer at a time: a run holds an exclusive ``flock`` on ``PATH.lock`` (next to the store)
+from the moment its sink opens until it closes, and a second run on the same store fails at
+once, before any worker starts, with :class:`procval.StoreLockedError` naming the holder's pid
+and host. The kernel drops the lock when the holder exits, however it exits (``kill -9``
+included), so a lock is never stale; the file itself is removed on a clean close and may be left
+behind by a killed run (harmless: the pid in it is only read for the message). The lock covers
+the whole store, not a config: a run's session, its configs and ``fresh`` are one unit, SQLite
+has one writer at a time anyway, and runs of different configs in parallel belong in one call
+(``configs=``, which shares the workers) or in separate stores. Readers (``load``, ``report``,
+``export``, ``compare``) never take it.
+
+Resuming: an example whose id already has a row is not run again, provided the stored example
+has the same content (a hash of its canonical JSON); a config name stored with a different
+:meth:`procval.Config.identity` is refused. ``fresh=True`` discards the stored rows of the configs
+being run, and only those.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import sqlite3
+import time
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+from procval.errors import ProgramChangedWarning, StoreError, StoreMismatchError
+from procval.results import EvaluationResult, Row, Totals
+from procval.store.codec import encode, text_hash, to_json
+from procval.store.lock import WriterLock
+from procval.store.readers import result_of, totals
+from procval.store.schema import INSERT, REPLACE_FAILED, connect
+from procval.wire import Snapshot
+
+
+class StoreSink:
+    """The scheduler's sink for a run with ``store=``: rows go to a SQLite file as they arrive.
+
+    Args:
+        path: the store file; created (with its schema) on the first ``begin`` if missing.
+        fresh: discard the stored rows of the configs being run instead of resuming them.
+        configs: the names of the configs of this run.
+        retry_errors: run again the examples whose stored row has an error (their new rows
+            replace the old ones); otherwise a failed example counts as done.
+
+    Raises:
+        StoreError: ``path`` exists but is not a procval run store, or cannot be opened.
+        StoreLockedError: another live process is writing the store (see the module's doc).
+    """
+
+    def __init__(
+        self, path: str, *, fresh: bool, configs: list[str], retry_errors: bool = False
+    ) -> None:
+        self._path = path
+        self._fresh = fresh
+        self._retry_errors = retry_errors
+        self._names = list(configs)
+        with contextlib.closing(connect(path, create=True)):
+            pass  # fail now, before any worker starts, if the file is not a store ...
+        self._lock = WriterLock(path)  # ... or if another run is writing it
+        self._db: sqlite3.Connection | None = None
+        self._session = 0
+        self._closed = False
+        self._done: dict[str, dict[int | str, int]] = {}
+        self._prior: dict[str, float] = {}  # duration of earlier sessions, per config
+        self._started: dict[str, float] = {}
+
+    # ------------------------------------------------------------------ Sink protocol
+
+    def begin(self, snapshot: Snapshot) -> Totals:
+        """Register a config, refusing one stored under the same name with another identity.
+
+        Returns:
+            The totals of the rows already stored for the config (none after ``fresh``).
+
+        Raises:
+            StoreMismatchError: the store holds a different config of this name.
+        """
+        db = self._writer()
+        name = snapshot.name
+        try:
+            self._write(db)
+            stored = db.execute(
+                "SELECT identity, description, duration FROM configs WHERE name = ?", (name,)
+            ).fetchone()
+            if stored is not None and self._fresh:
+                db.execute("DELETE FROM rows WHERE config = ?", (name,))
+                stored = (snapshot.identity, None, 0.0)
+            if stored is not None and stored[0] != snapshot.identity:
+                raise _identity_mismatch(self._path, db, snapshot, stored[1])
+            if stored is not None and stored[1]:
+                _warn_if_program_changed(self._path, snapshot, json.loads(stored[1]))
+            description = json.dumps(dict(snapshot.description), sort_keys=True, default=repr)
+            db.execute(
+                "INSERT INTO configs (name, identity, fingerprint, description, created, duration)"
+                " VALUES (?, ?, ?, ?, ?, 0) ON CONFLICT (name) DO UPDATE SET"
+                " identity = excluded.identity, fingerprint = excluded.fingerprint,"
+                " description = excluded.description, duration = ?",
+                (name, snapshot.identity, snapshot.fingerprint, description, time.time(),
+                 stored[2] if stored else 0.0),
+            )  # fmt: skip
+            self._prior[name] = stored[2] if stored else 0.0
+            self._started[name] = time.perf_counter()
+            only_ok = " AND error_type IS NULL" if self._retry_errors else ""
+            self._done[name] = {
+                json.loads(eid): digest
+                for eid, digest in db.execute(
+                    "SELECT example_id, example_hash FROM rows WHERE config = ?" + only_ok,
+                    (name,),
+                )
+            }
+            return totals(db, name, only_ok=bool(only_ok))
+        except BaseException:
+            self._abort()
+            raise
+
+    def is_done(self, config: str, index: int, example_id: int | str, example: Any) -> bool:
+        """Whether the example has a stored row; its content must match the stored one.
+
+        Raises:
+            StoreMismatchError: the stored example of this id has different content.
+        """
+        digest = self._done[config].get(example_id)
+        if digest is None:
+            return False
+        if digest != text_hash(to_json(example)):
+            raise StoreMismatchError(
+                f"example {example_id!r} of config {config!r} differs from the one stored under "
+                f"that id in {self._path}; resuming would mix results of two datasets. Start over "
+                "with fresh=True (procval run --fresh), use a new store path, or give changed "
+                "examples new ids"
+            )
+        return True
+
+    def add(self, config: str, rows: list[Row]) -> None:
+        """Write ``rows`` and commit them (one transaction per call) before returning."""
+        if not rows:
+            return
+        db = self._writer()
+        records = [encode(row, config, self._session) for row in rows]
+        self._write(db)
+        try:
+            db.executemany(REPLACE_FAILED if self._retry_errors else INSERT, records)
+        except sqlite3.IntegrityError:
+            raise self._duplicate(db, config, rows) from None
+        elapsed = time.perf_counter() - self._started[config]
+        db.execute(
+            "UPDATE configs SET duration = ? WHERE name = ?",
+            (self._prior[config] + elapsed, config),
+        )
+        self._commit()
+
+    def _duplicate(self, db: sqlite3.Connection, config: str, rows: list[Row]) -> ValueError:
+        """The ValueError for the row whose id is stored already (a duplicate id)."""
+        for row in rows:
+            found = db.execute(
+                "SELECT idx FROM rows WHERE config = ? AND example_id = ?",
+                (config, json.dumps(row.example_id)),
+            ).fetchone()
+            if found is not None and found[0] != row.index:
+                first, second = sorted((int(found[0]), row.index))
+                return ValueError(
+                    f"duplicate example id {row.example_id!r} at positions {first} and {second}; "
+                    "ids must be unique (drop the 'id' field to number examples by position)"
+                )
+        return ValueError(f"a row of config {config!r} could not be stored: duplicate id")
+
+    def result(self, config: str, duration: float) -> EvaluationResult:
+        """The config's result over all stored rows (all sessions); rows load when first read.
+
+        While the sink is open, ``duration`` (this session's) is stored too. Once it is closed,
+        the writer lock is gone and nothing is written: ``add`` stored the duration with each
+        shard, so only the last instants of the session are missing from the stored one.
+        """
+        total = self._prior[config] + duration
+        db = self._db
+        if db is None:
+            with contextlib.closing(connect(self._path, create=False)) as reader:
+                return result_of(self._path, reader, config, duration=total)
+        self._write(db)
+        db.execute("UPDATE configs SET duration = ? WHERE name = ?", (total, config))
+        self._commit()
+        return result_of(self._path, db, config)
+
+    def close(self, *, completed: bool) -> None:
+        """Commit, mark the session completed or stopped, close the file, release the store.
+
+        Idempotent.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        db = self._db
+        if db is None:
+            self._lock.release()
+            return
+        try:
+            self._write(db)
+            db.execute(
+                "UPDATE sessions SET ended = ?, status = ? WHERE id = ?",
+                (time.time(), "completed" if completed else "stopped", self._session),
+            )
+            self._commit()
+            with contextlib.suppress(sqlite3.OperationalError):  # a reader holds the WAL
+                db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        finally:
+            db.close()
+            self._db = None
+            self._lock.release()
+
+    # ------------------------------------------------------------------ connection
+
+    def _writer(self) -> sqlite3.Connection:
+        if self._db is None:
+            if self._closed:
+                raise StoreError(f"the run store {self._path} was closed")
+            db = connect(self._path, create=True)
+            try:
+                db.execute("PRAGMA journal_mode = WAL")
+                db.execute("PRAGMA synchronous = NORMAL")
+                db.execute("BEGIN IMMEDIATE")
+                cursor = db.execute(
+                    "INSERT INTO sessions (started, status, pid, node, configs) "
+                    "VALUES (?, 'running', ?, ?, ?)",
+                    (time.time(), os.getpid(), socket.gethostname(), json.dumps(self._names)),
+                )
+                self._session = cursor.lastrowid or 0
+            except sqlite3.Error as exc:
+                db.close()
+                raise StoreError(f"cannot write the run store {self._path}: {exc}") from exc
+            except BaseException:  # Ctrl-C: roll back (by closing) what this began
+                db.close()
+                raise
+            self._db = db
+        return self._db
+
+    def _write(self, db: sqlite3.Connection) -> None:
+        """Start a transaction unless one is open (``begin`` leaves its own open until rows come).
+
+        Keeping ``begin``'s writes uncommitted until the first rows arrive means a run that fails
+        before producing anything (a mismatch in a later config, a setup error) changes nothing.
+        Whether a transaction is open is asked of SQLite, not tracked here: a Ctrl-C raised
+        right after a ``BEGIN`` or ``COMMIT`` returned (before a flag could follow) would leave
+        a flag wrong, and ``close`` would then fail instead of marking the session stopped.
+        """
+        if not db.in_transaction:
+            db.execute("BEGIN IMMEDIATE")
+
+    def _commit(self) -> None:
+        if self._db is not None and self._db.in_transaction:
+            self._db.execute("COMMIT")
+
+    def _abort(self) -> None:
+        db, self._db = self._db, None
+        self._closed = True
+        try:
+            if db is not None:
+                with contextlib.suppress(sqlite3.Error):
+                    db.execute("ROLLBACK")
+                db.close()
+        finally:
+            self._lock.release()
+
+
+def _warn_if_program_changed(path: str, snapshot: Snapshot, stored: Mapping[str, Any]) -> None:
+    before, now = stored.get("program"), snapshot.description.get("program")
+    if before and now and before != now:
+        warnings.warn(
+            ProgramChangedWarning(
+                f"the program or metric of config {snapshot.name!r} changed since its rows in "
+                f"{path} were computed; the results will mix both versions. Pass fresh=True "
+                "(procval run --fresh) to recompute them all"
+            ),
+            stacklevel=5,
+        )
+
+
+def _identity_mismatch(
+    path: str, db: sqlite3.Connection, snapshot: Snapshot, stored: str | None
+) -> StoreMismatchError:
+    rows = db.execute("SELECT COUNT(*) FROM rows WHERE config = ?", (snapshot.name,)).fetchone()[0]
+    before: Mapping[str, Any] = json.loads(stored) if stored else {}
+    now = json.loads(json.dumps(dict(snapshot.description), sort_keys=True, default=repr))
+    changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+    what = f" (its {', '.join(changed)} changed)" if changed else ""
+    return StoreMismatchError(
+        f"config {snapshot.name!r} differs from the config stored under that name in {path}"
+        f"{what}; resuming would mix results of two configs. Start over with fresh=True "
+        f"(procval run --fresh), which discards its {rows} stored rows, or use another store "
+        "path or config name"
+    )

@@ -1,0 +1,186 @@
+"""The messages that cross the pipe between the parent and a worker, by name.
+
+Everything a worker receives or sends is one of these types, pickled; nothing is read by
+position::
+
+    parent ──WorkerSpec(Snapshot, WorkerOptions, env)──▶ worker   once, at start (its bytes)
+    parent ──Shard(items=[WorkItem, ...], drain)────────▶ worker   per shard
+    parent ◀──ShardDone(pid, node, fingerprint, results=[ExampleResult, ...])   per shard
+    parent ◀──SetupFailed(traceback)                                the snapshot did not install
+
+They are ``NamedTuple``s: they pickle as compactly as the bare tuples they replace and cost no
+more per example (a shard may carry thousands), yet every field has a name. This module imports
+nothing of procval's, so both sides can use it; the worker side must stay light (see
+``tests/test_imports.py``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+__all__ = [
+    "ErrorInfo",
+    "ExampleResult",
+    "Reply",
+    "SetupFailed",
+    "Shard",
+    "ShardDone",
+    "Snapshot",
+    "WorkItem",
+    "WorkerOptions",
+    "WorkerSpec",
+    "fingerprint",
+]
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A config pickled once in the parent: the bytes every worker of it installs.
+
+    Attributes:
+        name: the config's name.
+        data: the cloudpickled ``(config, program, metric)``, pickled together once.
+        fingerprint: a hash of ``data``; each worker recomputes it from the bytes it installed
+            and stamps it on every row it produces.
+        identity: :meth:`Config.identity`, compared when resuming from a store.
+        description: :meth:`Config.describe`, plus a ``program`` hash of the program's and
+            metric's code; kept in the store (resuming warns when the program changed).
+    """
+
+    name: str
+    data: bytes = field(repr=False)
+    fingerprint: str
+    identity: str
+    description: Mapping[str, Any] = field(repr=False)
+
+
+@dataclass
+class WorkerOptions:
+    """What the scheduler tells every worker besides the snapshot.
+
+    Attributes:
+        threads: examples run at once in the worker (threads, or async tasks).
+        retries: extra attempts for an example whose program raises.
+        backoff: seconds before the first retry, doubled each time (with jitter).
+        parent_pid: the process whose death ends the worker (its watchdog); 0 for none.
+    """
+
+    threads: int = 1
+    retries: int = 0
+    backoff: float = 0.5
+    parent_pid: int = 0
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """What a new worker must install.
+
+    Attributes:
+        snapshot: the config's snapshot; the worker installs ``snapshot.data``, which holds
+            the config, the program and the metric (shipped once per worker).
+        options: threads, retries and backoff, and the parent's pid for the watchdog.
+        env: the config's environment variables, set before the worker's interpreter starts
+            (some libraries read them at import time).
+    """
+
+    snapshot: Snapshot
+    options: WorkerOptions
+    env: Mapping[str, str] = field(default_factory=dict)
+
+
+class WorkItem(NamedTuple):
+    """One example on its way to a worker.
+
+    Attributes:
+        seq: the example's position in the dataset; its key in the scheduler and slot table.
+        example_id: the example's id (its ``id`` key or attribute, else ``seq``).
+        example: the example itself.
+    """
+
+    seq: int
+    example_id: Any
+    example: Any
+
+
+class Shard(NamedTuple):
+    """Examples for a worker to run.
+
+    Attributes:
+        items: the examples; empty for a pure drain.
+        drain: answer only once every example given to the worker so far has finished (the
+            scheduler has nothing more to send it); otherwise once these have all started.
+    """
+
+    items: list[WorkItem]
+    drain: bool
+
+
+class ErrorInfo(NamedTuple):
+    """Why an example has no score, as the worker saw it.
+
+    Attributes:
+        type: the exception's class name.
+        message: ``str()`` of the exception.
+        traceback: the formatted traceback ("" where there is none).
+    """
+
+    type: str
+    message: str
+    traceback: str
+
+
+class ExampleResult(NamedTuple):
+    """One example's outcome, as the worker reports it.
+
+    Attributes:
+        seq: the ``WorkItem.seq`` it answers.
+        prediction: what the program returned (None when it raised).
+        score: the metric's value (0.0 on error; the parent applies ``failure_score``).
+        error: None, or what went wrong.
+        attempts: how many times the program was called.
+        duration: seconds spent in the worker, all attempts included.
+    """
+
+    seq: int
+    prediction: Any
+    score: float
+    error: ErrorInfo | None
+    attempts: int
+    duration: float
+
+
+class ShardDone(NamedTuple):
+    """A worker's answer to a shard: the results finished since its last answer.
+
+    Attributes:
+        pid: the worker's process id.
+        node: where the worker runs (the host, or the Ray node).
+        fingerprint: the fingerprint of the snapshot the worker installed.
+        results: finished examples, of this shard or of earlier ones (stragglers).
+    """
+
+    pid: int
+    node: str
+    fingerprint: str
+    results: list[ExampleResult]
+
+
+class SetupFailed(NamedTuple):
+    """The worker could not install its snapshot (unpickling or ``Config.setup`` raised).
+
+    Attributes:
+        traceback: the worker's formatted traceback.
+    """
+
+    traceback: str
+
+
+Reply = ShardDone | SetupFailed
+
+
+def fingerprint(data: bytes) -> str:
+    """The fingerprint of snapshot bytes, as stamped on rows (the worker recomputes it)."""
+    return hashlib.sha256(data).hexdigest()[:16]
