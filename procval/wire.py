@@ -8,8 +8,9 @@ position::
     parent ◀──ShardDone(pid, node, fingerprint, results=[ExampleResult, ...])   per shard
     parent ◀──SetupFailed(traceback)                                the snapshot did not install
 
-They are ``NamedTuple``s: they pickle as compactly as the bare tuples they replace and cost no
-more per example (a shard may carry thousands), yet every field has a name. This module imports
+They are ``NamedTuple``s, so every field has a name. A shard may carry thousands of examples:
+``Shard`` and ``ShardDone`` send their items as plain tuples and name them again on arrival,
+which keeps the per-example cost of the wire what it was with bare tuples. This module imports
 nothing of procval's, so both sides can use it; the worker side must stay light (see
 ``tests/test_imports.py``).
 """
@@ -19,6 +20,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from itertools import repeat
 from typing import Any, NamedTuple
 
 __all__ = [
@@ -117,6 +119,15 @@ class Shard(NamedTuple):
     items: list[WorkItem]
     drain: bool
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Each item crosses as a plain tuple (pickled in C, ~8x faster than a NamedTuple, whose
+        # pickling calls Python per object) and is named again on arrival.
+        return (_shard, (list(map(tuple, self.items)), self.drain))
+
+
+def _shard(items: list[tuple[Any, ...]], drain: bool) -> Shard:
+    return Shard(list(map(_named, repeat(WorkItem), items)), drain)
+
 
 class ErrorInfo(NamedTuple):
     """Why an example has no score, as the worker saw it.
@@ -167,6 +178,17 @@ class ShardDone(NamedTuple):
     fingerprint: str
     results: list[ExampleResult]
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # as for Shard: results cross as plain tuples (an error stays an ErrorInfo)
+        return (
+            _shard_done,
+            (self.pid, self.node, self.fingerprint, list(map(tuple, self.results))),
+        )
+
+
+def _shard_done(pid: int, node: str, fingerprint: str, results: list[tuple[Any, ...]]) -> ShardDone:
+    return ShardDone(pid, node, fingerprint, list(map(_named, repeat(ExampleResult), results)))
+
 
 class SetupFailed(NamedTuple):
     """The worker could not install its snapshot (unpickling or ``Config.setup`` raised).
@@ -179,6 +201,8 @@ class SetupFailed(NamedTuple):
 
 
 Reply = ShardDone | SetupFailed
+
+_named = tuple.__new__  # tuple.__new__(WorkItem, values): a NamedTuple built in C
 
 
 def fingerprint(data: bytes) -> str:
