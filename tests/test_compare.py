@@ -16,6 +16,7 @@ from procval.results import EvaluationResult, Results, Row, RowError
 # ``procval.report.compare`` is the function; the modules are reached through the import system.
 comparing = importlib.import_module("procval.report.compare")
 stats = importlib.import_module("procval.report.stats")
+text = importlib.import_module("procval.report.text")
 
 
 def make_result(name, scores, *, ids=None, errors=(), failure_score=0.0):
@@ -384,15 +385,15 @@ def test_describe_lists_the_first_flipped_examples():
     a = make_result("a", [1, 0, 1, 1, 0, 1], ids=["k1", "k2", "k3", "k4", "k5", "k6"], errors={4})
     b = make_result("b", [1, 1, 0, 1, 1, 0], ids=["k1", "k2", "k3", "k4", "k5", "k6"])
     c = procval.compare(a, b, resamples=200)
-    text = comparing.describe(c, a, b, examples=3)
-    lines = text.splitlines()
+    described = text.describe(c, a, b, examples=3)
+    lines = described.splitlines()
     assert lines[: len(repr(c).splitlines())] == repr(c).splitlines()
-    assert "First 3 of 4 examples where they differ:" in text
+    assert "First 3 of 4 examples where they differ:" in described
     assert lines[-6].split()[:3] == ["k2", "a", "loses"]
     assert lines[-4] == "  k3  a wins   a: 'answer k3' (1)  b: 'answer k3' (0)"
     assert lines[-3].startswith('      input: {"id": "k3", "question": "qk3"}')
-    assert "k6" not in text
-    assert "<ValueError> (0)" in comparing.describe(c, a, b, examples=4)
-    assert comparing.describe(procval.compare(a, a, resamples=10), a, a) == repr(
+    assert "k6" not in described
+    assert "<ValueError> (0)" in text.describe(c, a, b, examples=4)
+    assert text.describe(procval.compare(a, a, resamples=10), a, a) == repr(
         procval.compare(a, a, resamples=10)
     )
