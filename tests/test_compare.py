@@ -11,7 +11,9 @@ from fractions import Fraction
 import pytest
 
 import procval
-from procval.results import EvaluationResult, Results, Row, RowError
+from helpers import rows as test_rows
+from helpers.rows import make_row
+from procval.results import Results, RowError
 
 # ``procval.report.compare`` is the function; the modules are reached through the import system.
 comparing = importlib.import_module("procval.report.compare")
@@ -26,21 +28,17 @@ def make_result(name, scores, *, ids=None, errors=(), failure_score=0.0):
     for i, (example_id, score) in enumerate(zip(ids, scores, strict=True)):
         failed = i in errors
         rows.append(
-            Row(
-                index=i,
-                example_id=example_id,
+            make_row(
+                i,
+                example_id,
+                config=name,
                 example={"id": example_id, "question": f"q{example_id}"},
                 prediction=None if failed else f"answer {example_id}",
                 score=failure_score if failed else float(score),
                 error=RowError("ValueError", "bad <input>", "Traceback ...") if failed else None,
-                attempts=1,
-                duration=0.01,
-                worker_pid=1,
-                config=name,
-                fingerprint="f",
             )
         )
-    return EvaluationResult(name, rows, duration=1.0)
+    return test_rows.make_result(name, rows)
 
 
 @pytest.fixture(params=["numpy", "python"])

@@ -19,8 +19,9 @@ import pytest
 
 import procval
 from helpers import store_programs
+from helpers.rows import make_row as row
 from procval.config import Config
-from procval.results import Row, RowError
+from procval.results import RowError
 from procval.run.snapshot import take_snapshot
 from procval.store.readers import count_rows, iter_rows, sessions
 from procval.store.writer import StoreSink
@@ -30,24 +31,6 @@ SECRET = "sk-live-0123456789-do-not-store"
 
 def snapshot(name: str = "a", **values):
     return take_snapshot(Config(name=name, values=values))
-
-
-def row(index, example_id=None, *, config="a", prediction=None, error=None, score=1.0):
-    example_id = index if example_id is None else example_id
-    return Row(
-        index=index,
-        example_id=example_id,
-        example={"id": example_id, "x": index},
-        prediction=prediction,
-        score=score,
-        error=error,
-        attempts=1,
-        duration=0.01,
-        worker_pid=4242,
-        config=config,
-        fingerprint="f" * 16,
-        node="here",
-    )
 
 
 def write(path, rows, *, config="a", values=None, fresh=False, duration=1.0):
@@ -364,6 +347,7 @@ HOLD_A_RUN = """
 import sys, time
 import procval
 from helpers import store_programs
+from helpers.rows import make_row as row
 
 PAUSE = float(sys.argv[2])
 
