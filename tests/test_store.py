@@ -19,6 +19,7 @@ import pytest
 
 import procval
 from helpers import store_programs
+from helpers.processes import assert_gone, start, stop, wait_for_rows
 from helpers.rows import make_row as row
 from procval.config import Config
 from procval.results import RowError
@@ -347,6 +348,7 @@ HOLD_A_RUN = """
 import sys, time
 import procval
 from helpers import store_programs
+from helpers.processes import assert_gone, start, stop, wait_for_rows
 from helpers.rows import make_row as row
 
 PAUSE = float(sys.argv[2])
@@ -362,22 +364,9 @@ print(len(result))
 """
 
 
-def run_script(path, pause, n, log, **options):
-    tests = str(Path(__file__).resolve().parent)
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(filter(None, [tests, os.environ.get("PYTHONPATH")])),
-        store_programs.LOG_VARIABLE: str(log),
-    }
+def run_script(path, pause, n, log):
     command = [sys.executable, "-c", HOLD_A_RUN, str(path), str(pause), str(n)]
-    return subprocess.Popen(command, env=env, text=True, **options)
-
-
-def rows_so_far(path) -> int:
-    try:
-        return count_rows(path)
-    except procval.StoreError:  # the holder has made the file but not its tables yet
-        return 0
+    return start(command, env={store_programs.LOG_VARIABLE: str(log)})
 
 
 def open_paths(process: psutil.Process) -> set[str]:
@@ -391,13 +380,9 @@ def open_paths(process: psutil.Process) -> set[str]:
 def test_a_live_run_holds_the_store_and_its_kill_9_frees_it_at_once(tmp_path):
     path, log = tmp_path / "run.db", tmp_path / "calls.log"
     lock = f"{path}.lock"
-    holder = run_script(path, 0.01, 3000, log, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    holder = run_script(path, 0.01, 3000, log)
     try:
-        deadline = time.monotonic() + 60
-        while rows_so_far(path) < 20:
-            assert holder.poll() is None, holder.communicate()
-            assert time.monotonic() < deadline, "the holder stored no rows within 60 s"
-            time.sleep(0.05)
+        wait_for_rows(path, 20, holder)
         workers = psutil.Process(holder.pid).children(recursive=True)
         assert workers, "the run has no worker processes"
         # The lock is the holder's alone: no worker (nor loky's resource tracker) inherited it,
@@ -435,16 +420,12 @@ def test_a_live_run_holds_the_store_and_its_kill_9_frees_it_at_once(tmp_path):
         # at once, whether or not the workers have finished dying: no retry, no wait
         StoreSink(str(path), fresh=False, configs=["default"]).close(completed=False)
     finally:
-        holder.kill()
-        holder.communicate(timeout=10)
-    deadline = time.monotonic() + 10
-    while any(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers):
-        assert time.monotonic() < deadline, "workers outlived their killed parent"
-        time.sleep(0.05)
+        stop(holder)
+    assert_gone(workers)
     at_kill = count_rows(path)
     assert 20 <= at_kill < 3000
 
-    resumed = run_script(path, 0, 3000, log, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    resumed = run_script(path, 0, 3000, log)
     out, err = resumed.communicate(timeout=120)
     assert resumed.returncode == 0 and out.strip() == "3000", err
     calls = store_programs.calls(log)
