@@ -200,7 +200,7 @@ def _write_html(results: Results, path: str, *, title: str) -> None:
 def compare(args: argparse.Namespace) -> int:
     """``procval compare``: the paired comparison of two stored configs, in a few lines."""
     from procval.report.compare import compare as paired
-    from procval.report.compare import describe
+    from procval.report.text import describe
 
     results = store.load(args.path)
     for name in (args.a, args.b):

@@ -1,4 +1,8 @@
-"""What an evaluation returns: rows, their errors as data, and per-config results."""
+"""What an evaluation returns: rows, their errors as data, and per-config results.
+
+Statistics, comparisons and the notebook views are computed by :mod:`procval.report`, imported
+on first use. Imports go one way: this module calls into the report, which never imports it.
+"""
 
 from __future__ import annotations
 
@@ -18,7 +22,8 @@ __all__ = [
 
 
 if TYPE_CHECKING:
-    from procval.report.compare import ComparisonTable, Interval
+    from procval.report.compare import ComparisonTable
+    from procval.report.stats import Interval
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,7 +192,7 @@ class EvaluationResult:
         Raises:
             ValueError: bad ``confidence``, ``resamples`` or ``seed``.
         """
-        from procval.report.compare import bootstrap_ci
+        from procval.report.stats import bootstrap_ci
 
         scores = [row.score for row in self.rows]
         return bootstrap_ci(scores, confidence=confidence, resamples=resamples, seed=seed)
@@ -222,7 +227,7 @@ class EvaluationResult:
 
     def _repr_html_(self) -> str:
         """The notebook view: score with its interval, counts, and the first errors."""
-        from procval.report.html import render_result
+        from procval.report.notebook import render_result
 
         return render_result(self)
 

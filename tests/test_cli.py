@@ -22,6 +22,14 @@ import psutil
 import pytest
 
 import procval
+from helpers.processes import (
+    assert_gone,
+    signal_group,
+    start_cli,
+    stop,
+    stored,
+    wait_for_rows,
+)
 from procval import cli
 from procval.task import TaskError, load_task
 
@@ -38,52 +46,6 @@ def procval_cli(*args, env=None, cwd=None, timeout=120):
         env={**os.environ, **(env or {})},
         cwd=cwd,
     )
-
-
-def start_cli(*args, env):
-    return subprocess.Popen(
-        [sys.executable, "-m", "procval", *map(str, args)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, **env},
-    )
-
-
-def stored(path) -> tuple[int, int]:
-    """(rows, distinct ids) in a store, read with plain sqlite3; (0, 0) while it is not there."""
-    try:
-        with sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5) as db:
-            return db.execute("SELECT COUNT(*), COUNT(DISTINCT example_id) FROM rows").fetchone()
-    except sqlite3.Error:
-        return (0, 0)
-
-
-def wait_for_rows(path, n, proc, within=60.0):
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, f"the run ended early: {proc.communicate()}"
-        if stored(path)[0] >= n:
-            return
-        time.sleep(0.05)
-    proc.kill()
-    pytest.fail(f"fewer than {n} rows reached the store within {within}s")
-
-
-def is_alive(process: psutil.Process) -> bool:
-    try:
-        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:  # it ended between the two questions
-        return False
-
-
-def assert_gone(processes, within=10.0):
-    deadline = time.monotonic() + within
-    alive = list(processes)
-    while alive and time.monotonic() < deadline:
-        alive = [p for p in alive if is_alive(p)]
-        time.sleep(0.05)
-    assert not alive, f"processes outlived their parent: {[p.pid for p in alive]}"
 
 
 def calls(log: Path) -> collections.Counter:
@@ -309,8 +271,7 @@ def test_sigkill_mid_run_then_resume(tmp_path):
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=10)
     finally:
-        proc.kill()
-        proc.communicate(timeout=10)
+        stop(proc)
     assert_gone(children)
     at_kill = stored(store)
     assert at_kill[0] == at_kill[1] >= 1000  # the store opens, and holds no duplicate
@@ -349,8 +310,7 @@ def test_a_second_run_on_a_busy_store_fails_fast_naming_the_holder(tmp_path):
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=10)
     finally:
-        proc.kill()
-        proc.communicate(timeout=10)
+        stop(proc)
 
     resumed = procval_cli(*args, env={**env, "CLI_TASK_SLEEP": "0"}, timeout=180)
     assert resumed.returncode == 0, resumed.stderr
@@ -379,12 +339,12 @@ def test_ctrl_c_at_a_terminal_during_start_up_prints_no_traceback(tmp_path, when
     env = {"CLI_TASK_N": "200", "CLI_TASK_SLEEP": "0.02"}
     if when.startswith("fork+exec"):
         env["PROCVAL_FORK_SERVER"] = "0"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "procval", "run", TASK + ":single", "--store", str(store)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, **env},
+    proc = start_cli(
+        "run",
+        TASK + ":single",
+        "--store",
+        store,
+        env=env,
         start_new_session=True,  # its own process group, as a shell's job
     )
     try:
@@ -406,14 +366,13 @@ def test_ctrl_c_at_a_terminal_during_start_up_prints_no_traceback(tmp_path, when
                 break
             time.sleep(0.002)
         time.sleep(delay)
-        os.killpg(proc.pid, signal.SIGINT)
+        signal_group(proc, signal.SIGINT)
         try:
             _, err = proc.communicate(timeout=30)
         except subprocess.TimeoutExpired:
             pytest.fail(f"no exit within 30 s of Ctrl-C; stderr: {proc.stderr}")
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
+        stop(proc, group=True)
     context = f"exit {proc.returncode}; stderr: {err!r}"
     assert proc.returncode == 130, context
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, context
@@ -438,7 +397,7 @@ def test_sigint_mid_run_exits_promptly_with_a_resume_hint(tmp_path):
             pytest.fail(f"no exit within 30 s of SIGINT; stderr: {err!r}")
         elapsed = time.monotonic() - sent
     finally:
-        proc.kill()
+        stop(proc)
     context = f"exit {proc.returncode} {elapsed:.1f}s after SIGINT; stderr: {err!r}"
     assert proc.returncode == 130, context
     assert elapsed < 10, context

@@ -1,4 +1,4 @@
-"""The HTML report (procval/_html.py): structure, escaping, and a real headless browser."""
+"""The HTML report (procval/report/html.py): structure, escaping, and a real headless browser."""
 
 from __future__ import annotations
 
@@ -10,34 +10,30 @@ from html.parser import HTMLParser
 
 import pytest
 
+from helpers.rows import make_result, make_row
 from procval.report.html import render_html
-from procval.results import EvaluationResult, Results, Row, RowError
+from procval.results import Results, RowError
 
 EVIL = "<script>alert('pwned')</script>"
 
 
 def make_rows(name, outcomes, *, prediction="fine"):
     """Rows from (score, error_type or None) pairs; every input carries markup to escape."""
-    rows = []
-    for i, (score, error) in enumerate(outcomes):
-        rows.append(
-            Row(
-                index=i,
-                example_id=f"ex-{i}",
-                example={"id": f"ex-{i}", "question": f"{EVIL} question {i}"},
-                prediction=None if error else f"{prediction} {i} </td><img src=x onerror=1>",
-                score=float(score),
-                error=RowError(error, "failed <b>loudly</b> & badly", "Traceback <tb>")
-                if error
-                else None,
-                attempts=1,
-                duration=0.01,
-                worker_pid=1,
-                config=name,
-                fingerprint="f",
-            )
+    rows = [
+        make_row(
+            i,
+            f"ex-{i}",
+            config=name,
+            example={"id": f"ex-{i}", "question": f"{EVIL} question {i}"},
+            prediction=None if error else f"{prediction} {i} </td><img src=x onerror=1>",
+            score=float(score),
+            error=RowError(error, "failed <b>loudly</b> & badly", "Traceback <tb>")
+            if error
+            else None,
         )
-    return EvaluationResult(name, rows, duration=2.5)
+        for i, (score, error) in enumerate(outcomes)
+    ]
+    return make_result(name, rows, duration=2.5)
 
 
 def sample_results(n=40):
@@ -141,11 +137,7 @@ def test_one_config_and_agreeing_configs():
 
 def test_report_survives_configs_without_common_examples():
     a = make_rows("a", [(1, None)] * 3)
-    b = EvaluationResult(
-        "b",
-        [Row(0, "other", {}, "p", 0.0, None, 1, 0.0, 1, "b", "f")],
-        duration=1.0,
-    )
+    b = make_result("b", [make_row(0, "other", config="b", example={}, prediction="p", score=0.0)])
     text = " ".join(parse(render_html([a, b])).text)
     assert "no example id in common" in text
 
