@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import os
+import sys
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Protocol, overload
 
@@ -109,7 +110,9 @@ def evaluate(
     start (``env``, then ``seed``, then ``setup()``) and never serve another config.
 
     Args:
-        program: called as ``program(example)`` in a worker; may be ``async def``.
+        program: called as ``program(example)`` in a worker; may be ``async def``. A DSPy
+            program (a ``dspy.Module``, such as ``dspy.Predict``) is called as DSPy calls it,
+            ``program(**example.inputs())``, on each ``dspy.Example``.
         dataset: any iterable of examples (list, generator, :func:`read_jsonl`). An example's id
             is its ``id`` key or attribute, else its position.
         metric: called as ``metric(example, prediction)``; returns a bool or a number.
@@ -146,6 +149,7 @@ def evaluate(
     """
     named = _named_configs(config, configs)
     _check_callables(program, metric)
+    program = _dspy_way(program)
     _check_counts(workers, threads, retries, backoff, timeout, max_errors)
     _check_backend(backend)
     _check_store_options(store, fresh, retry_errors)
@@ -250,6 +254,20 @@ def _check_callables(program: Any, metric: Any) -> None:
         except TypeError as exc:
             call = "program(example)" if args == 1 else "metric(example, prediction)"
             raise TypeError(f"{what} cannot be called as {call}: {exc}") from None
+
+
+def _dspy_way(program: Any) -> Any:
+    """A ``dspy.Module`` wrapped to be called as ``program(**example.inputs())``.
+
+    DSPy is looked up in ``sys.modules``, never imported: a DSPy program means DSPy is loaded.
+    """
+    dspy = sys.modules.get("dspy")
+    module = getattr(dspy, "Module", None)
+    if not (isinstance(module, type) and isinstance(program, module)):
+        return program
+    from procval.integrations._dspy_call import wrap
+
+    return wrap(program)
 
 
 def _check_counts(
