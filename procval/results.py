@@ -349,6 +349,6 @@ def _all_failed(result: EvaluationResult) -> str:
         if len(kinds) > 1:
             what += " (first of: " + ", ".join(f"{n} x {k}" for k, n in kinds.items()) + ")"
     return (
-        f"ALL {totals.n} EXAMPLES FAILED: {what}; the score {result.score:g} is "
+        f"ALL {totals.n} EXAMPLES FAILED: {what}; the score {result.score} is "
         "failure_score, not a measurement"
     )
