@@ -343,7 +343,7 @@ def _all_failed(result: EvaluationResult) -> str:
     if error is None:
         what = ", ".join(f"{n} x {kind}" for kind, n in kinds.items())
     else:
-        message = error.message.strip().splitlines()[0] if error.message.strip() else ""
+        message = error.message.strip().splitlines()[0].rstrip(".") if error.message.strip() else ""
         message = message if len(message) <= 200 else message[:197] + "..."
         what = f"{error.type}: {message}" if message else error.type
         if len(kinds) > 1:

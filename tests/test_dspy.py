@@ -380,13 +380,13 @@ def test_the_readme_dspy_snippet_runs_as_written(capsys):
 
 
 class _Answer(dspy.Module):
-    """A module of one's own: forward takes the inputs as keywords, as DSPy calls it."""
+    """A module of one's own: forward takes the inputs as keywords only, as DSPy passes them."""
 
     def __init__(self) -> None:
         super().__init__()
         self.predict = dspy.Predict("question -> answer")
 
-    def forward(self, question: str) -> dspy.Prediction:
+    def forward(self, *, question: str) -> dspy.Prediction:
         return self.predict(question=question)
 
 

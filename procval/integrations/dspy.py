@@ -16,6 +16,8 @@
     Evaluate(...)(program): snapshot() ──▶ procval.evaluate ──▶ program(**example.inputs()),
       ◀── rows ── dspy-style EvaluationResult          metric(example, prediction), in
           (score in percent, results tuples)           num_threads // workers threads each
+      as rows arrive: "Error for ..." per failed example, then "Average Metric: x / n (p%)",
+      on DSPy's own loggers (dspy.utils.parallelizer, dspy.evaluate.evaluate)
 
 What stays in a process: each worker builds its own DSPy cache object. The in-memory cache
 starts empty in every worker; the disk cache (a SQLite-backed ``diskcache`` directory, safe for
