@@ -74,7 +74,7 @@ __all__ = [
     "rng",
 ]
 
-_LAZY_MODULES = {"dspy": "procval.integrations.dspy"}
+_LAZY_MODULES = {"dspy": "procval.dspy"}
 _LAZY_NAMES = {
     "Comparison": "procval.report.compare",
     "ComparisonTable": "procval.report.compare",

@@ -174,9 +174,21 @@ class EvaluationResult:
             f"config {self.config!r}: score {self.score:.4f} over {totals.n} examples "
             f"({totals.errors} errors) in {self.duration:.2f}s"
         ]
+        warning = _all_failed(self)
+        if warning:
+            lines.append(f"  {warning}")
         for kind, count in self.error_types.items():
             lines.append(f"  {count} x {kind}")
         return "\n".join(lines)
+
+    def _first_error(self) -> RowError | None:
+        """The first failed row's error, without reading every row of a stored result."""
+        if self._rows is None:
+            first = getattr(self._load, "first_error", None)
+            if callable(first):
+                error: RowError | None = first()
+                return error
+        return next((row.error for row in self.rows if row.error is not None), None)
 
     def ci(self, confidence: float = 0.95, resamples: int = 10_000, seed: int = 0) -> Interval:
         """A bootstrap confidence interval of :attr:`score`, resampling the examples.
@@ -267,6 +279,10 @@ class Results(Mapping[str, EvaluationResult]):
                 f"{name:<{width}}  {result.score:>7.4f}  {totals.n:>7}  {totals.errors:>6}  "
                 f"{result.duration:>7.2f}s"
             )
+        for name, result in self._results.items():
+            warning = _all_failed(result)
+            if warning:
+                lines.append(f"{name}: {warning}")
         return "\n".join(lines)
 
     def compare(
@@ -320,3 +336,24 @@ class Results(Mapping[str, EvaluationResult]):
 
 def _index(row: Row) -> int:
     return row.index
+
+
+def _all_failed(result: EvaluationResult) -> str:
+    """A loud line when every example failed (its score is then failure_score), else ""."""
+    totals = result.totals
+    if not totals.n or totals.errors < totals.n:
+        return ""
+    kinds = result.error_types
+    error = result._first_error()
+    if error is None:
+        what = ", ".join(f"{n} x {kind}" for kind, n in kinds.items())
+    else:
+        message = error.message.strip().splitlines()[0].rstrip(".") if error.message.strip() else ""
+        message = message if len(message) <= 200 else message[:197] + "..."
+        what = f"{error.type}: {message}" if message else error.type
+        if len(kinds) > 1:
+            what += " (first of: " + ", ".join(f"{n} x {k}" for k, n in kinds.items()) + ")"
+    return (
+        f"ALL {totals.n} EXAMPLES FAILED: {what}; the score {result.score} is "
+        "failure_score, not a measurement"
+    )

@@ -13,7 +13,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 from procval.errors import StoreError
-from procval.results import EvaluationResult, Results, Row, Totals
+from procval.results import EvaluationResult, Results, Row, RowError, Totals
 from procval.store.codec import decode
 from procval.store.schema import SELECT, connect
 
@@ -125,6 +125,16 @@ class RowLoader:
         with contextlib.closing(connect(self.path, create=False)) as db:
             cursor = db.execute(f"{SELECT} WHERE config = ? ORDER BY idx", (self.config,))
             return [decode(record) for record in cursor]
+
+    def first_error(self) -> RowError | None:
+        """The error of the config's first failed row (by dataset order), or None."""
+        with contextlib.closing(connect(self.path, create=False)) as db:
+            found = db.execute(
+                "SELECT error_type, error_message FROM rows WHERE config = ? AND error_type IS "
+                "NOT NULL ORDER BY idx LIMIT 1",
+                (self.config,),
+            ).fetchone()
+        return None if found is None else RowError(found[0], found[1] or "")
 
 
 def result_of(
