@@ -49,11 +49,6 @@ KNOWN_FAILURES = {
         "exist and is not created",
         "cannot create the run store runs/big.db: directory",
     ),
-    ("README.md", 'dspy.configure(lm=gpt4o);      a = procval.dspy.snapshot("gpt-4o")'): (
-        "issue 13 item 2, fixed on another branch: procval.evaluate calls program(example), "
-        "which a dspy.Predict refuses, so both configs score 0.0",
-        "{'gpt-4o': 0.0, 'gpt-4o-mini': 0.0}",
-    ),
 }
 
 

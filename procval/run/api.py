@@ -312,7 +312,7 @@ def _dspy_way(program: Any) -> Any:
     module = getattr(dspy, "Module", None)
     if not (isinstance(module, type) and isinstance(program, module)):
         return program
-    from procval.integrations._dspy_call import wrap
+    from procval._dspy_call import wrap
 
     return wrap(program)
 
