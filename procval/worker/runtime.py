@@ -150,7 +150,12 @@ def initialize(snapshot: bytes, options: WorkerOptions, slots_path: str) -> None
         unreadable: str | None = traceback.format_exc()
     else:
         runner = execute.Runner(
-            program, metric, config.seed, options.retries, options.backoff, slots
+            program,
+            metric,
+            seed=config.seed,
+            retries=options.retries,
+            backoff=options.backoff,
+            slots=slots,
         )
         unreadable = None
     os.environ.update(config.env)
