@@ -168,15 +168,37 @@ class EvaluationResult:
         return self.totals.n
 
     def summary(self) -> str:
-        """A few lines: score, examples, errors by type, duration."""
+        """A few lines: score, examples, duration, and errors by type with an example of each.
+
+        Each error type's line names its first failed example and the first line of its
+        message (``3 x ValueError, e.g. q7: seven: 7``); :attr:`errors` holds every one.
+        """
         totals = self.totals
+        samples = self._error_samples()
         lines = [
             f"config {self.config!r}: score {self.score:.4f} over {totals.n} examples "
             f"({totals.errors} errors) in {self.duration:.2f}s"
         ]
         for kind, count in self.error_types.items():
-            lines.append(f"  {count} x {kind}")
+            lines.append(f"  {count} x {kind}{_example_of(samples.get(kind))}")
         return "\n".join(lines)
+
+    def _error_samples(self) -> dict[str, tuple[int | str, str]]:
+        """``{type: (example_id, message)}`` of each error type's first failed example.
+
+        A stored result asks the store (one grouped query), without reading every row.
+        """
+        if not self.error_types:
+            return {}
+        ask = getattr(self._load, "error_samples", None) if self._rows is None else None
+        if callable(ask):
+            found: dict[str, tuple[int | str, str]] = ask()
+            return found
+        samples: dict[str, tuple[int | str, str]] = {}
+        for row in self.errors:
+            if row.error is not None:
+                samples.setdefault(row.error.type, (row.example_id, row.error.message))
+        return samples
 
     def ci(self, confidence: float = 0.95, resamples: int = 10_000, seed: int = 0) -> Interval:
         """A bootstrap confidence interval of :attr:`score`, resampling the examples.
@@ -320,3 +342,15 @@ class Results(Mapping[str, EvaluationResult]):
 
 def _index(row: Row) -> int:
     return row.index
+
+
+def _example_of(sample: tuple[int | str, str] | None, width: int = 160) -> str:
+    """``", e.g. ID: first line of the message"`` (clipped to ``width``), or "" for None."""
+    if sample is None:
+        return ""
+    example_id, message = sample
+    lines = message.strip().splitlines()
+    first = lines[0].strip() if lines else ""
+    if len(first) > width:
+        first = first[: width - 1] + "…"
+    return f", e.g. {example_id}: {first}" if first else f", e.g. {example_id}"
