@@ -98,7 +98,7 @@ def _configs_table(runs: Sequence[ResultLike], configs: Mapping[str, Any]) -> st
         cells = [
             esc(run.config),
             esc(env),
-            esc(description.get("seed", _DASH)) if info else _DASH,
+            esc(_seed(description)) if info else _DASH,
             f"<code>{esc(fingerprint or _DASH)}</code>",
             f"<code>{esc(info.get('identity') or _DASH)}</code>",
             esc(workers),
@@ -138,3 +138,10 @@ def _configs_table(runs: Sequence[ResultLike], configs: Mapping[str, Any]) -> st
 def _fingerprints(run: ResultLike) -> str:
     found = sorted({row.fingerprint for row in run.rows if row.fingerprint})
     return ", ".join(found)
+
+
+def _seed(description: Mapping[str, Any]) -> str:
+    if "seed" not in description:
+        return _DASH
+    seed = description["seed"]
+    return "none (not seeded)" if seed is None else str(seed)
