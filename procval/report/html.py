@@ -5,7 +5,8 @@
     Scores          per config: score, bootstrap interval, an inline SVG bar, errors, time
     Differences     every other config minus the best one, paired: interval (inline SVG),
                     p-value, Holm-adjusted p-value, wins / losses / ties
-    Errors          counts by error type and config, one sample traceback per type
+    Errors          counts by error type and config, one sample traceback per type, and how
+                    to list every failed example
     Disagreements   the examples whose scores differ between configs: input, each config's
                     prediction and score (capped, saying how many were left out)
     Run             sessions (started, ended, status, host) and per config its env names,
