@@ -167,22 +167,6 @@ class EvaluationResult:
     def __len__(self) -> int:
         return self.totals.n
 
-    def summary(self) -> str:
-        """A few lines: score, examples, duration, and errors by type with an example of each.
-
-        Each error type's line names its first failed example and the first line of its
-        message (``3 x ValueError, e.g. q7: seven: 7``); :attr:`errors` holds every one.
-        """
-        totals = self.totals
-        samples = self._error_samples()
-        lines = [
-            f"config {self.config!r}: score {self.score:.4f} over {totals.n} examples "
-            f"({totals.errors} errors) in {self.duration:.2f}s"
-        ]
-        for kind, count in self.error_types.items():
-            lines.append(f"  {count} x {kind}{_example_of(samples.get(kind))}")
-        return "\n".join(lines)
-
     def _error_samples(self) -> dict[str, tuple[int | str, str]]:
         """``{type: (example_id, message)}`` of each error type's first failed example.
 
@@ -199,6 +183,22 @@ class EvaluationResult:
             if row.error is not None:
                 samples.setdefault(row.error.type, (row.example_id, row.error.message))
         return samples
+
+    def summary(self) -> str:
+        """A few lines: score, examples, duration, and errors by type with an example of each.
+
+        Each error type's line names its first failed example and the first line of its
+        message (``3 x ValueError, e.g. q7: seven: 7``); :attr:`errors` holds every one.
+        """
+        totals = self.totals
+        samples = self._error_samples()
+        lines = [
+            f"config {self.config!r}: score {self.score:.4f} over {totals.n} examples "
+            f"({totals.errors} errors) in {self.duration:.2f}s"
+        ]
+        for kind, count in self.error_types.items():
+            lines.append(f"  {count} x {kind}{_example_of(samples.get(kind))}")
+        return "\n".join(lines)
 
     def ci(self, confidence: float = 0.95, resamples: int = 10_000, seed: int = 0) -> Interval:
         """A bootstrap confidence interval of :attr:`score`, resampling the examples.
@@ -340,10 +340,6 @@ class Results(Mapping[str, EvaluationResult]):
         return f"Results({', '.join(f'{k}={v.score:.4f}' for k, v in self._results.items())})"
 
 
-def _index(row: Row) -> int:
-    return row.index
-
-
 def _example_of(sample: tuple[int | str, str] | None, width: int = 160) -> str:
     """``", e.g. ID: first line of the message"`` (clipped to ``width``), or "" for None."""
     if sample is None:
@@ -354,3 +350,7 @@ def _example_of(sample: tuple[int | str, str] | None, width: int = 160) -> str:
     if len(first) > width:
         first = first[: width - 1] + "…"
     return f", e.g. {example_id}: {first}" if first else f", e.g. {example_id}"
+
+
+def _index(row: Row) -> int:
+    return row.index
