@@ -5,7 +5,7 @@
     procval run TASK --store PATH [--config NAME ...] [--workers N] [--threads N] [--timeout S]
                 [--retries N] [--max-errors N] [--limit N] [--fresh] [--retry-errors]
                 [--backend loky|ray] [--no-progress]
-    procval report PATH [--html FILE]
+    procval report PATH [--html FILE] [--errors]
     procval compare PATH A B [--confidence C] [--resamples N] [--seed N] [--common-only]
                 [--examples N]
     procval export PATH [--format jsonl|csv] [--output FILE] [--config NAME ...]
@@ -158,9 +158,14 @@ def run(args: argparse.Namespace) -> int:
     "per config: score, examples, errors by type, duration",
     arg("path", help="the run store"),
     arg("--html", metavar="FILE", help="also write a self-contained HTML report to FILE"),
+    arg("--errors", action="store_true", help="also list every failed example, one per line"),
 )
 def report(args: argparse.Namespace) -> int:
-    """``procval report``: a summary of every config in a store (rows are not read)."""
+    """``procval report``: a summary of every config in a store (rows are not read).
+
+    Each error type comes with its first failed example and message; ``--errors`` lists every
+    failed example (id, type, first line of the message), streamed from the store.
+    """
     results = store.load(args.path)
     sessions = store.sessions(args.path)
     if sessions:
@@ -171,15 +176,34 @@ def report(args: argparse.Namespace) -> int:
         print("no config has been stored yet")
     for result in results.values():
         print(result.summary())
+    failed = any(result.totals.errors for result in results.values())
+    if args.errors:
+        _print_errors(args.path)
+    elif failed:
+        path = shlex.quote(args.path)
+        print(f"every failed example: procval report {path} --errors "
+              f"(with tracebacks: procval export {path} --format jsonl)")  # fmt: skip
     if args.html:
-        _write_html(results, args.html, title=f"procval report: {os.path.basename(args.path)}")
+        _write_html(results, args.path, args.html)
     return EXIT_OK
 
 
-def _write_html(results: Results, path: str, *, title: str) -> None:
+def _print_errors(path: str) -> None:
+    """Every failed example, config by config in dataset order: ``id  type: message``."""
+    config = None
+    for name, example_id, kind, message in store.iter_errors(path):
+        if name != config:
+            config = name
+            print(f"errors in {name!r}:")
+        lines = message.strip().splitlines()
+        print(f"  {example_id}  {kind}: {lines[0].strip() if lines else ''}".rstrip())
+
+
+def _write_html(results: Results, store_path: str, path: str) -> None:
     from procval.report.html import render_html
 
-    page = render_html(results, title=title)
+    title = f"procval report: {os.path.basename(store_path)}"
+    page = render_html(results, title=title, details=store.run_details(store_path))
     with open(path, "w", encoding="utf-8") as out:
         out.write(page)
     print(f"wrote {path}")

@@ -167,9 +167,31 @@ class EvaluationResult:
     def __len__(self) -> int:
         return self.totals.n
 
+    def _error_samples(self) -> dict[str, tuple[int | str, str]]:
+        """``{type: (example_id, message)}`` of each error type's first failed example.
+
+        A stored result asks the store (one grouped query), without reading every row.
+        """
+        if not self.error_types:
+            return {}
+        ask = getattr(self._load, "error_samples", None) if self._rows is None else None
+        if callable(ask):
+            found: dict[str, tuple[int | str, str]] = ask()
+            return found
+        samples: dict[str, tuple[int | str, str]] = {}
+        for row in self.errors:
+            if row.error is not None:
+                samples.setdefault(row.error.type, (row.example_id, row.error.message))
+        return samples
+
     def summary(self) -> str:
-        """A few lines: score, examples, errors by type, duration."""
+        """A few lines: score, examples, duration, and errors by type with an example of each.
+
+        Each error type's line names its first failed example and the first line of its
+        message (``3 x ValueError, e.g. q7: seven: 7``); :attr:`errors` holds every one.
+        """
         totals = self.totals
+        samples = self._error_samples()
         lines = [
             f"config {self.config!r}: score {self.score:.4f} over {totals.n} examples "
             f"({totals.errors} errors) in {self.duration:.2f}s"
@@ -178,7 +200,7 @@ class EvaluationResult:
         if warning:
             lines.append(f"  {warning}")
         for kind, count in self.error_types.items():
-            lines.append(f"  {count} x {kind}")
+            lines.append(f"  {count} x {kind}{_example_of(samples.get(kind))}")
         return "\n".join(lines)
 
     def _first_error(self) -> RowError | None:
@@ -332,6 +354,18 @@ class Results(Mapping[str, EvaluationResult]):
 
     def __repr__(self) -> str:
         return f"Results({', '.join(f'{k}={v.score:.4f}' for k, v in self._results.items())})"
+
+
+def _example_of(sample: tuple[int | str, str] | None, width: int = 160) -> str:
+    """``", e.g. ID: first line of the message"`` (clipped to ``width``), or "" for None."""
+    if sample is None:
+        return ""
+    example_id, message = sample
+    lines = message.strip().splitlines()
+    first = lines[0].strip() if lines else ""
+    if len(first) > width:
+        first = first[: width - 1] + "…"
+    return f", e.g. {example_id}: {first}" if first else f", e.g. {example_id}"
 
 
 def _index(row: Row) -> int:

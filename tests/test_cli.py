@@ -411,3 +411,67 @@ def test_sigint_mid_run_exits_promptly_with_a_resume_hint(tmp_path):
     ), context
     assert 20 <= rows < 2000, context  # interrupted mid run, and every stored row is counted
     assert_gone(children)
+
+
+# ---------------------------------------------------------------- report: errors
+
+
+def answer(example):
+    if example["n"] % 10 == 3:
+        raise ValueError(f"no answer for {example['id']}\nsecond line of detail")
+    return "yes" if example["n"] == 5 else example["n"]
+
+
+def exact(example, prediction):
+    return prediction if isinstance(prediction, str) else prediction == example["n"]
+
+
+@pytest.fixture(scope="module")
+def failing_store(tmp_path_factory):
+    store = tmp_path_factory.mktemp("errors") / "errors.db"
+    data = [{"id": f"q{i}", "n": i} for i in range(30)]
+    procval.evaluate(answer, data, exact, workers=1, progress=False, store=store)
+    return store
+
+
+def test_report_shows_each_error_types_first_example_and_how_to_see_them_all(failing_store):
+    out = procval_cli("report", failing_store, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "3 x ValueError, e.g. q3: no answer for q3\n" in out.stdout  # the first line only
+    assert re.search(r"1 x MetricTypeError, e.g. q5: .*'yes'", out.stdout), out.stdout
+    hint = f"every failed example: procval report {failing_store} --errors"
+    assert hint in out.stdout and f"procval export {failing_store} --format jsonl" in out.stdout
+
+    listed = procval_cli("report", failing_store, "--errors", timeout=60)
+    assert listed.returncode == 0, listed.stderr
+    lines = listed.stdout.splitlines()
+    start = lines.index("errors in 'default':")
+    assert [line.split()[:2] for line in lines[start + 1 :]] == [
+        ["q3", "ValueError:"],
+        ["q5", "MetricTypeError:"],
+        ["q13", "ValueError:"],
+        ["q23", "ValueError:"],
+    ]
+    assert "  q13  ValueError: no answer for q13" in lines
+    assert hint not in listed.stdout
+
+
+def test_report_reads_error_examples_without_reading_the_rows(failing_store, monkeypatch, capsys):
+    from procval.store import readers
+
+    def refuse(self):
+        raise AssertionError("procval report read every row")
+
+    monkeypatch.setattr(readers.RowLoader, "__call__", refuse)
+    assert cli.main(["report", str(failing_store)]) == 0
+    assert "3 x ValueError, e.g. q3: no answer for q3" in capsys.readouterr().out
+    summary = procval.load(failing_store)["default"].summary()
+    assert "3 x ValueError, e.g. q3: no answer for q3" in summary
+
+
+def test_a_result_in_memory_summarises_its_errors_the_same_way():
+    data = [{"id": f"q{i}", "n": i} for i in range(15)]
+    result = procval.evaluate(answer, data, exact, workers=1, progress=False)
+    lines = result.summary().splitlines()
+    assert lines[1] == "  2 x ValueError, e.g. q3: no answer for q3"
+    assert lines[2].startswith("  1 x MetricTypeError, e.g. q5: ")

@@ -5,9 +5,13 @@
     Scores          per config: score, bootstrap interval, an inline SVG bar, errors, time
     Differences     every other config minus the best one, paired: interval (inline SVG),
                     p-value, Holm-adjusted p-value, wins / losses / ties
-    Errors          counts by error type and config, one sample traceback per type
+    Errors          counts by error type and config, one sample traceback per type, and how
+                    to list every failed example
     Disagreements   the examples whose scores differ between configs: input, each config's
                     prediction and score (capped, saying how many were left out)
+    Run             sessions (started, ended, status, host) and per config its env names,
+                    seed, fingerprint, identity, workers, threads, versions, hosts
+                    (:mod:`procval.report.runinfo`)
 
 Nothing is fetched: no scripts, fonts or stylesheets, and a Content-Security-Policy that forbids
 them. Every value from a run (names, inputs, predictions, messages) goes through
@@ -17,6 +21,7 @@ them. Every value from a run (names, inputs, predictions, messages) goes through
 from __future__ import annotations
 
 import math
+import shlex
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any, cast
@@ -36,6 +41,7 @@ from procval.report.markup import (
     plural,
 )
 from procval.report.protocol import ResultLike, RowLike, is_result
+from procval.report.runinfo import run_section, run_span
 from procval.report.stats import Interval, holm
 from procval.report.text import format_p
 
@@ -46,7 +52,8 @@ body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;color:#
  margin:0;background:#f6f8fa}
 main{max-width:1120px;margin:0 auto;padding:24px 28px 48px;background:#fff;min-height:100vh}
 h1{font-size:26px;margin:0 0 4px}h2{font-size:19px;margin:32px 0 8px;
- border-bottom:1px solid #d0d7de;padding-bottom:4px}
+ border-bottom:1px solid #d0d7de;padding-bottom:4px}h3{font-size:15px;margin:16px 0 4px}
+code{font:12px ui-monospace,SFMono-Regular,Menlo,Consolas,monospace}
 .meta,.note{color:#59636e}.note{font-size:13px}
 table{border-collapse:collapse;width:100%;margin:8px 0}
 th,td{padding:5px 8px;border-bottom:1px solid #e6e9ec;text-align:left;vertical-align:top}
@@ -72,6 +79,7 @@ def render_html(
     confidence: float = 0.95,
     resamples: int = 10_000,
     seed: int = 0,
+    details: Mapping[str, Any] | None = None,
 ) -> str:
     """Render results as one self-contained HTML page (see the module docstring).
 
@@ -82,6 +90,9 @@ def render_html(
         confidence: level of the bootstrap intervals.
         resamples: bootstrap resamples (and sign flips) per interval and comparison.
         seed: seed of the resamples.
+        details: what the store says about the run, as
+            :func:`procval.store.readers.run_details` returns it (``procval report`` passes
+            it); without it the run section shows only what the rows carry.
 
     Returns:
         The page, as a string to write to a ``.html`` file.
@@ -95,10 +106,12 @@ def render_html(
         f'<h1>{esc(title)}</h1><p class="meta">{len(runs)} config{plural(len(runs))} · '
         f"{n} example{plural(n)} · {confidence:.0%} intervals from a bootstrap over examples "
         f"({resamples} resamples, seed {seed})</p>",
+        f"<p class='meta'>{esc(run_span(details))}</p>" if run_span(details) else "",
         _scores_section(runs, intervals, best, confidence),
         _differences_section(runs, best, stats),
-        _errors_section(runs),
+        _errors_section(runs, (details or {}).get("path")),
         _disagreements_section(runs, max_rows),
+        run_section(runs, details),
     ]
     return _page(title, "".join(parts))
 
@@ -172,7 +185,7 @@ def _differences_section(runs: list[ResultLike], best: int | None, stats: dict[s
     )
 
 
-def _errors_section(runs: list[ResultLike]) -> str:
+def _errors_section(runs: list[ResultLike], store: str | None) -> str:
     head = "<section id='errors'><h2>Errors by type</h2>"
     counts = {run.config: run.error_types for run in runs}
     kinds = Counter[str]()
@@ -199,8 +212,23 @@ def _errors_section(runs: list[ResultLike]) -> str:
         head + f"<table><tr><th>error type</th>{names}</tr>" + "".join(rows) + "</table>"
         "<p class='note'>One example of each type (open for the traceback):</p>"
         + "".join(samples)
+        + _every_error_note(store)
         + "</section>"
     )
+
+
+def _every_error_note(store: str | None) -> str:
+    """How to see every failed example, not only the first of each type."""
+    path = shlex.quote(store) if store else "STORE"
+    listing = f"procval report {path} --errors"
+    export = f"procval export {path} --format jsonl"
+    where = (
+        f"<code>{esc(listing)}</code> lists one line each; <code>{esc(export)}</code> has "
+        "their tracebacks"
+    )
+    if not store:
+        where += " (for a run with a store), <code>result.errors</code> in Python"
+    return f"<p class='note'>Every failed example: {where}.</p>"
 
 
 def _disagreements_section(runs: list[ResultLike], max_rows: int) -> str:

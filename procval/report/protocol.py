@@ -63,6 +63,18 @@ class RowLike(Protocol):
     def config(self) -> str:
         """The config's name."""
 
+    @property
+    def worker_pid(self) -> int:
+        """The process that produced the row."""
+
+    @property
+    def node(self) -> str:
+        """The host that ran the process."""
+
+    @property
+    def fingerprint(self) -> str:
+        """The snapshot installed in that process."""
+
 
 class TotalsLike(Protocol):
     """Running totals of one config's rows (:class:`procval.results.Totals`)."""

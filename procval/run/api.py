@@ -166,7 +166,7 @@ def evaluate(
         threads=threads, retries=retries, backoff=backoff, parent_pid=os.getpid()
     )
     specs = [WorkerSpec(s, options, dict(c.env)) for s, c in zip(snapshots, named, strict=True)]
-    sink = _open_sink(store, fresh, retry_errors, [c.name for c in named])  # locks a store
+    sink = _open_sink(store, fresh, retry_errors, [c.name for c in named], workers, threads)
     callback = _ON_ROWS.get()
     if callback is not None:
         sink = _ObservedSink(sink, callback)
@@ -354,13 +354,22 @@ def _check_store_options(
 
 
 def _open_sink(
-    store: str | os.PathLike[str] | None, fresh: bool, retry_errors: bool, names: list[str]
+    store: str | os.PathLike[str] | None,
+    fresh: bool,
+    retry_errors: bool,
+    names: list[str],
+    workers: int | None,
+    threads: int,
 ) -> Sink:
+    """The run's sink; a store's is locked (and its run options kept for the report)."""
     if store is None:
         return MemorySink()
     from procval.store.writer import StoreSink
 
-    return StoreSink(os.fspath(store), fresh=fresh, configs=names, retry_errors=retry_errors)
+    run = {"workers": workers, "threads": threads}  # workers None: the backend's default
+    return StoreSink(
+        os.fspath(store), fresh=fresh, configs=names, retry_errors=retry_errors, run=run
+    )
 
 
 def _check_backend(backend: str | Backend) -> None:
