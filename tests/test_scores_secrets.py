@@ -68,7 +68,7 @@ def test_a_nan_or_inf_score_is_an_error_row_counted_in_summary_report_and_compar
     report = cli("report", str(store))
     assert report.returncode == 0, report.stderr
     assert "score 0.5000 over 8 examples (3 errors)" in report.stdout, report.stdout
-    assert "NonFiniteScore" in report.stdout and "nan" not in report.stdout.split("score")[1][:8]
+    assert "3 x NonFiniteScore" in report.stdout, report.stdout
     compared = cli("compare", str(store), "a", "b")
     assert compared.returncode == 0, compared.stderr
     assert "nan" not in compared.stdout.lower() and "3 errors" in compared.stdout, compared.stdout
@@ -78,16 +78,13 @@ def test_a_nan_or_inf_score_is_an_error_row_counted_in_summary_report_and_compar
 
 
 def test_a_setup_closure_or_object_is_described_by_names_and_hashes_never_values():
-    for setup in (sp.make_setup(SECRET), sp.KeyedSetup(SECRET)):
-        config = procval.Config(setup=setup)
+    for make in (sp.make_setup, sp.KeyedSetup):
+        config = procval.Config(setup=make(SECRET))
         text = json.dumps(config.describe())
-        assert SECRET not in text and "key" in text, text
-        other = procval.Config(setup=type(setup)(SECRET + "x") if isinstance(setup, sp.KeyedSetup)
-                               else sp.make_setup(SECRET + "x"))  # fmt: skip
-        assert other.identity() != config.identity()  # a changed captured value still counts
-        assert procval.Config(setup=sp.make_setup(SECRET)).identity() == (
-            procval.Config(setup=sp.make_setup(SECRET)).identity()
-        )
+        assert SECRET not in text and '"key"' in text, text
+        assert procval.Config(setup=make(SECRET)).identity() == config.identity()
+        # a changed captured value still changes the identity: resuming then refuses
+        assert procval.Config(setup=make(SECRET + "x")).identity() != config.identity()
 
 
 def test_a_config_without_captured_values_keeps_its_identity():
