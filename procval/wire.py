@@ -50,6 +50,8 @@ class Snapshot:
         identity: :meth:`Config.identity`, compared when resuming from a store.
         description: :meth:`Config.describe`, plus a ``program`` hash of the program's and
             metric's code; kept in the store (resuming warns when the program changed).
+        identity_v1: the identity procval 0.1.0 gave the config when it differs (a ``setup``
+            closure), else ``""``; resuming a store written by 0.1.0 accepts it.
     """
 
     name: str
@@ -57,6 +59,7 @@ class Snapshot:
     fingerprint: str
     identity: str
     description: Mapping[str, Any] = field(repr=False)
+    identity_v1: str = ""
 
 
 @dataclass

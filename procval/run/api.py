@@ -20,6 +20,7 @@ from procval.run.dataset import Examples
 from procval.run.progress import Progress, wanted
 from procval.run.scheduler import RunOptions, Scheduler
 from procval.run.snapshot import take_snapshot
+from procval.store.scrub import scrubbed
 from procval.store.sink import MemorySink, Sink
 from procval.wire import Snapshot, WorkerOptions
 
@@ -170,6 +171,7 @@ def evaluate(
     callback = _ON_ROWS.get()
     if callback is not None:
         sink = _ObservedSink(sink, callback)
+    sink = scrubbed(sink, named)  # outermost: env values leave every row before anyone sees it
     bars: Progress | None = None
     engine: Backend | None = None
     try:

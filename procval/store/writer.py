@@ -126,7 +126,8 @@ class StoreSink:
             if stored is not None and self._fresh:
                 db.execute("DELETE FROM rows WHERE config = ?", (name,))
                 stored = (snapshot.identity, None, 0.0)
-            if stored is not None and stored[0] != snapshot.identity:
+            # a store written by 0.1.0 holds the identity it gave: accepted, then replaced
+            if stored is not None and stored[0] not in (snapshot.identity, snapshot.identity_v1):
                 raise _identity_mismatch(self._path, db, snapshot, stored[1])
             if stored is not None and stored[1]:
                 _warn_if_program_changed(self._path, snapshot, json.loads(stored[1]))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextvars
 import hashlib
 import inspect
+import math
 import numbers
 import random
 import sys
@@ -33,6 +34,10 @@ _example_rng: contextvars.ContextVar[random.Random | None] = contextvars.Context
 
 class MetricTypeError(TypeError):
     """A metric returned something other than a bool or a real number."""
+
+
+class NonFiniteScore(ValueError):
+    """A metric returned NaN or an infinity: the example gets an error row, not that score."""
 
 
 class Runner:
@@ -209,12 +214,28 @@ def _numpy() -> Any:
 
 
 def _score(value: Any) -> float:
+    """The metric's value as a float: a bool, a real number, or a numpy bool; finite.
+
+    A NaN or infinite score would turn the config's mean into NaN or inf while its error count
+    stays 0, so it raises :class:`NonFiniteScore`: the example becomes an error row (its
+    prediction kept), counted and shown by the summary, report and comparison.
+    """
     if isinstance(value, bool | numbers.Real):
-        return float(value)
-    raise MetricTypeError(
-        f"metric returned a {type(value).__module__}.{type(value).__qualname__} ({value!r:.80}); "
-        "it must return a bool, int or float"
-    )
+        score = float(value)
+    else:
+        numpy = sys.modules.get("numpy")  # a numpy bool is not a numbers.Real
+        if numpy is None or not isinstance(value, numpy.bool_):
+            raise MetricTypeError(
+                f"metric returned a {type(value).__module__}.{type(value).__qualname__} "
+                f"({value!r:.80}); it must return a bool, int or float"
+            )
+        score = float(bool(value))
+    if not math.isfinite(score):
+        raise NonFiniteScore(
+            f"metric returned {score!r} for this example; a metric must return a finite number "
+            "(return 0.0, or raise, for an example it cannot score)"
+        )
+    return score
 
 
 def _error(exc: BaseException) -> ErrorInfo:
