@@ -8,7 +8,8 @@ Usage::
                                                          # next shard waits for the slowest
                                                          # example of the current one
 
-The model follows ``procval/run/scheduler.py`` and ``procval/worker/runtime.py``: each worker keeps ``PIPELINE`` shards
+The model follows ``procval/run/scheduler.py`` and ``procval/worker/runtime.py``: each worker
+keeps ``PIPELINE`` shards
 queued; its threads take the next example as soon as they are free, and a shard's call returns
 once its last example has started (with ``--barrier``: once its slowest example is done, and the
 threads of the next shard start together). After each returned shard the sizer observes
