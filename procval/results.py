@@ -6,6 +6,7 @@ on first use. Imports go one way: this module calls into the report, which never
 
 from __future__ import annotations
 
+import copy
 import math
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -110,6 +111,8 @@ class EvaluationResult:
         self._totals = totals
         self._error_types = dict(error_types) if error_types is not None else None
         self._fingerprint = fingerprint
+        self._found = 0
+        self._added: int | None = None
 
     @property
     def config(self) -> str:
@@ -164,12 +167,27 @@ class EvaluationResult:
         """The fingerprint of the snapshot the rows were produced under."""
         return self._fingerprint
 
+    @property
+    def found(self) -> int:
+        """Rows that were already in the run store when the call began (a resume); else 0."""
+        return self._found
+
+    @property
+    def added(self) -> int:
+        """Rows this call produced (all of them, unless it resumed a store or was loaded)."""
+        return self.totals.n - self._found if self._added is None else self._added
+
     def __len__(self) -> int:
         return self.totals.n
 
     def summary(self) -> str:
         """A few lines: score, examples, errors by type, duration."""
         totals = self.totals
+        if not totals.n:
+            return (
+                f"config {self.config!r}: no rows (none of its examples finished: it was "
+                "stopped, or its workers could not start; see the output of its run)"
+            )
         lines = [
             f"config {self.config!r}: score {self.score:.4f} over {totals.n} examples "
             f"({totals.errors} errors) in {self.duration:.2f}s"
@@ -320,3 +338,10 @@ class Results(Mapping[str, EvaluationResult]):
 
 def _index(row: Row) -> int:
     return row.index
+
+
+def _with_counts(result: EvaluationResult, *, found: int, added: int) -> EvaluationResult:
+    """``result`` with what one call found in the store and added to it (the scheduler's)."""
+    counted = copy.copy(result)
+    counted._found, counted._added = found, added
+    return counted

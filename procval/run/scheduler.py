@@ -23,6 +23,11 @@
                              gets a "WorkerCrashed" row
                  max_errors  too many failed rows: stop, keep what finished, raise
 
+    A config that cannot start (``Config.setup`` raised, or its workers die before any result)
+    stops alone: the other configs run to completion, then ``SetupError`` is raised with their
+    results. A dataset that raises while it is read stops being read: the examples read before
+    it run and are stored, then its exception is raised.
+
 The states (a worker STARTING, PRODUCING, ALONE, RETIRED, DEAD; an example's fate when its worker
 is killed: REQUEUE, RERUN, SUSPECT, CRASHED, TIMEOUT) and the rules between them are in
 :mod:`procval.run.lifecycle`, drawn there; the queues and pools are in :mod:`procval.run.pools`.
@@ -41,8 +46,9 @@ from concurrent.futures import FIRST_COMPLETED, Future, wait
 from procval import _pickling
 from procval.backends import Backend, WorkerSpec
 from procval.errors import IsolationError, SetupError, TooManyErrors
-from procval.results import Results, Row, RowError, Totals
+from procval.results import Results, Row, RowError, Totals, _with_counts
 from procval.run.dataset import Examples, Item
+from procval.run.frames import user_traceback
 from procval.run.lifecycle import (
     START_FAILURES,
     ExampleFate,
@@ -51,7 +57,7 @@ from procval.run.lifecycle import (
     fate_after_death,
     fate_after_timeout,
 )
-from procval.run.pools import ConfigRun, RunOptions, WorkerRun
+from procval.run.pools import ConfigRun, RunOptions, SetupFailure, WorkerRun
 from procval.run.progress import Progress
 from procval.run.shards import ShardSizer
 from procval.store.sink import Sink
@@ -91,6 +97,7 @@ class Scheduler:
                 total=data.total,
                 sizer=ShardSizer(spec.options.threads),
                 totals=prior,
+                found=prior.n,
             )
             progress.advance(
                 run.name, prior.n, n=prior.n, score_sum=prior.score_sum, errors=prior.errors
@@ -114,9 +121,10 @@ class Scheduler:
                 self._wait()
                 self._check_timeouts()
                 self._check_errors()
-            completed = True
             for w in self._live():
                 self._retire(w)
+            self._raise_failures()
+            completed = True
         except BaseException:
             self._kill_all()
             raise
@@ -127,14 +135,69 @@ class Scheduler:
         return self._results()
 
     def _results(self) -> Results:
+        """The results of the configs that could start (a failed config has none)."""
         return Results(
             {
-                run.name: self._sink.result(
-                    run.name, (run.finished or time.perf_counter()) - run.started
+                run.name: _with_counts(
+                    self._sink.result(
+                        run.name, (run.finished or time.perf_counter()) - run.started
+                    ),
+                    found=run.found,
+                    added=run.totals.n - run.found,
                 )
                 for run in self._runs
+                if run.setup_failure is None
             }
         )
+
+    def _raise_failures(self) -> None:
+        """At the end of a run: raise a config's setup failure, else a dataset's error."""
+        failed = [run for run in self._runs if run.setup_failure is not None]
+        if failed:
+            ran = [run.name for run in self._runs if run.setup_failure is None]
+            others = (
+                f"the other configs ({', '.join(map(repr, ran))}) ran to completion" if ran else ""
+            )
+            first = failed[0].setup_failure
+            assert first is not None
+            more = f"; {len(failed) - 1} more config(s) failed too" if len(failed) > 1 else ""
+            message = "; ".join(filter(None, [first.message + more, others]))
+            detail = f"{SetupError.TRACEBACK_FOLLOWS}\n{first.traceback}" if first.traceback else ""
+            raise SetupError(
+                message + detail,
+                results=self._results(),
+                tracebacks={
+                    run.name: run.setup_failure.traceback for run in failed if run.setup_failure
+                },
+            )
+        for run in self._runs:
+            if run.dataset_error is not None:
+                error = run.dataset_error
+                hint = self._options.resume_hint
+                kept = "are in the store" if hint else "were not kept (no store=)"
+                if hasattr(error, "add_note"):  # Python 3.11+
+                    error.add_note(
+                        f"procval: the dataset of config {run.name!r} raised this; the "
+                        f"{run.totals.n - run.found} examples read before it ran and {kept}. "
+                        f"Fix the dataset, then {hint or 'run again'}"
+                    )
+                raise error
+
+    def _fail_setup(self, run: ConfigRun, failure: SetupFailure) -> None:
+        """Stop a config that cannot start; the other configs go on (``_raise_failures``)."""
+        if run.setup_failure is not None:
+            return
+        run.setup_failure = failure
+        run.stop()
+        for w in list(run.workers):
+            for future in w.calls:
+                self._owners.pop(future, None)
+            w.calls.clear()
+            w.outstanding.clear()
+            run.workers.remove(w)
+            w.worker.kill()
+            w.move(WorkerEvent.DIED)
+        run.finished = time.perf_counter()
 
     def _live(self) -> list[WorkerRun]:
         return [w for run in self._runs for w in run.workers]
@@ -239,10 +302,15 @@ class Scheduler:
         w.calls.discard(future)
         message: ShardDone | SetupFailed = _pickling.loads(data)
         if isinstance(message, SetupFailed):
-            raise SetupError(
-                f"Config.setup of config {run.name!r} failed in worker {w.worker.label}; "
-                f"fix the config's setup (the worker's traceback follows)\n{message.traceback}"
+            self._fail_setup(
+                run,
+                SetupFailure(
+                    f"Config.setup of config {run.name!r} failed in worker {w.worker.label}; "
+                    "fix the config's setup",
+                    user_traceback(message.traceback),
+                ),
             )
+            return
         pid, node, fingerprint, results = message
         self._check_provenance(run, pid, node, fingerprint)
         alone = w.state is WorkerState.ALONE  # the suspect's reply: timings of one example
@@ -358,10 +426,12 @@ class Scheduler:
         if verdict.start_failure:
             run.start_failures += 1
             if run.start_failures >= START_FAILURES:
-                raise SetupError(
+                message = (
                     f"workers of config {run.name!r} die before running any example ({how}); "
                     "check Config.setup and what the program imports"
                 )
+                self._fail_setup(run, SetupFailure(message, log))
+                return
         message = f"{how} while running this example alone in {label}"
         self._apply(run, lost, verdict.fates, RowError("WorkerCrashed", message, log), pid)
 
@@ -370,6 +440,8 @@ class Scheduler:
         if timeout is None:
             return
         for w in self._live():
+            if not w.state.live:  # killed meanwhile: its config could not start
+                continue
             late = {
                 seq
                 for seq, seconds in w.worker.running()
@@ -413,8 +485,9 @@ class Scheduler:
         lost = self._unfinished(w)
         if w in w.config.workers:
             w.config.workers.remove(w)
-        w.worker.kill()
-        w.move(WorkerEvent.DIED)
+        if w.state.live:  # else its config's setup failure killed it already
+            w.worker.kill()
+            w.move(WorkerEvent.DIED)
         return lost
 
     def _retire(self, w: WorkerRun) -> None:
@@ -436,6 +509,7 @@ class Scheduler:
             f"Look at the errors in .results, fix their cause, then {hint or 'run again'}",
             failed=self._errors,
             results=results,
+            limit=limit,
         )
 
     def _kill_all(self) -> None:
@@ -443,7 +517,9 @@ class Scheduler:
         for w in self._live():
             with contextlib.suppress(Exception):
                 self._unfinished(w)
-            w.worker.kill()
-            w.move(WorkerEvent.DIED)
-            w.config.workers.remove(w)
+            if w.state.live:
+                w.worker.kill()
+                w.move(WorkerEvent.DIED)
+            if w in w.config.workers:
+                w.config.workers.remove(w)
         self._owners.clear()
