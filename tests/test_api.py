@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import traceback
 
 import psutil
 import pytest
@@ -222,3 +223,30 @@ def test_parent_environ_is_not_changed_by_config_env():
     before = dict(os.environ)
     run(config=procval.Config(env={"PROCVAL_TEST_SECRET": "s3cret"}), workers=1)
     assert dict(os.environ) == before
+
+
+class UnreadableData(OSError):
+    """A dataset whose source fails midway (a network share gone, say)."""
+
+
+def test_a_dataset_that_raises_midway_keeps_every_example_read_before_it(tmp_path):
+    def examples():
+        for i in range(3000):
+            if i == 2000:
+                raise UnreadableData(f"lost the share at example {i}")
+            yield {"id": i, "q": i}
+
+    store = tmp_path / "run.db"
+    with pytest.raises(UnreadableData, match="lost the share at example 2000") as caught:
+        run(dataset=examples(), workers=2, threads=4, store=store)
+    rows = procval.load(store)["default"].rows
+    assert [row.example_id for row in rows] == list(range(2000))  # none lost, none twice
+    assert all(row.error is None for row in rows)
+    if sys.version_info >= (3, 11):
+        assert (
+            "the 2000 examples read before it ran and are in the store" in caught.value.__notes__[0]
+        )
+    # the traceback is the user's: its innermost frame is the generator's raise
+    assert caught.value.__traceback__ is not None
+    last = traceback.extract_tb(caught.value.__traceback__)[-1]
+    assert last.name == "examples" and "raise UnreadableData" in (last.line or "")

@@ -262,8 +262,10 @@ def test_a_config_whose_setup_fails_stops_alone_and_the_others_run_to_completion
 
 def test_a_config_whose_workers_die_at_start_stops_alone():
     backend = FakeBackend(lambda w, item: Vanish() if w.spec.snapshot.name == "bad" else item)
-    with pytest.raises(SetupError, match="workers of config 'bad' die before running any"):
+    with pytest.raises(SetupError, match="workers of config 'bad' die before running any") as info:
         run(backend, {"bad": 10, "good": 30}, workers=2)
+    assert sorted(rows(info.value.results, "good")) == list(range(30))
+    assert info.value.tracebacks == {"bad": ""}  # nothing to show: they died without one
     assert sum(w.spec.snapshot.name == "bad" for w in backend.workers) == START_FAILURES
 
 
