@@ -281,8 +281,9 @@ class Results(Mapping[str, EvaluationResult]):
         lines = [f"{'config':<{width}}  {'score':>7}  {'n':>7}  {'errors':>6}  {'time':>8}"]
         for name, result in self._results.items():
             totals = result.totals
+            score = f"{result.score:>7.4f}" if totals.n else f"{'-':>7}"  # no rows: no score
             lines.append(
-                f"{name:<{width}}  {result.score:>7.4f}  {totals.n:>7}  {totals.errors:>6}  "
+                f"{name:<{width}}  {score}  {totals.n:>7}  {totals.errors:>6}  "
                 f"{result.duration:>7.2f}s"
             )
         return "\n".join(lines)

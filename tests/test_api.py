@@ -250,3 +250,23 @@ def test_a_dataset_that_raises_midway_keeps_every_example_read_before_it(tmp_pat
     assert caught.value.__traceback__ is not None
     last = traceback.extract_tb(caught.value.__traceback__)[-1]
     assert last.name == "examples" and "raise UnreadableData" in (last.line or "")
+
+
+def test_a_missing_jsonl_file_is_refused_at_the_users_call(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError) as caught:
+        procval.read_jsonl("missing.jsonl")  # the line the traceback must show
+    message = str(caught.value)
+    assert (
+        f"no JSONL file at 'missing.jsonl': {tmp_path / 'missing.jsonl'} does not exist" in message
+    )
+    frames = traceback.extract_tb(caught.value.__traceback__)
+    assert frames[0].name == "test_a_missing_jsonl_file_is_refused_at_the_users_call"
+    assert "procval.read_jsonl" in (frames[0].line or "")
+
+
+def test_a_config_without_rows_says_so_instead_of_a_nan_score():
+    empty = procval.EvaluationResult("broken", [], duration=0.0)
+    assert empty.summary().startswith("config 'broken': no rows")
+    assert "nan" not in empty.summary()
+    assert "nan" not in procval.Results({"broken": empty}).summary()
