@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from procval.backends import Worker, WorkerSpec
 from procval.results import Totals
 from procval.run.dataset import Item
+from procval.run.failures import SetupFailure
 from procval.run.lifecycle import WorkerEvent, WorkerState, advance
 from procval.run.shards import ShardSizer
 
@@ -161,16 +162,3 @@ class ConfigRun:
         self.exhausted = True
         self.requeue.clear()
         self.suspects.clear()
-
-
-@dataclass(frozen=True)
-class SetupFailure:
-    """Why a config cannot start.
-
-    Attributes:
-        message: one sentence naming the config, the worker and what to fix.
-        traceback: the worker's traceback, only the frames of the user's code ("" if none).
-    """
-
-    message: str
-    traceback: str = ""

@@ -23,10 +23,8 @@
                              gets a "WorkerCrashed" row
                  max_errors  too many failed rows: stop, keep what finished, raise
 
-    A config that cannot start (``Config.setup`` raised, or its workers die before any result)
-    stops alone: the other configs run to completion, then ``SetupError`` is raised with their
-    results. A dataset that raises while it is read stops being read: the examples read before
-    it run and are stored, then its exception is raised.
+    A config that cannot start stops alone (``SetupError`` once the others finished); a dataset
+    that raises is read no further, and its error is raised once what was read has run.
 
 The states (a worker STARTING, PRODUCING, ALONE, RETIRED, DEAD; an example's fate when its worker
 is killed: REQUEUE, RERUN, SUSPECT, CRASHED, TIMEOUT) and the rules between them are in
@@ -45,9 +43,10 @@ from concurrent.futures import FIRST_COMPLETED, Future, wait
 
 from procval import _pickling
 from procval.backends import Backend, WorkerSpec
-from procval.errors import IsolationError, SetupError, TooManyErrors
+from procval.errors import IsolationError, TooManyErrors
 from procval.results import Results, Row, RowError, Totals, _with_counts
 from procval.run.dataset import Examples, Item
+from procval.run.failures import SetupFailure, note_dataset_error, setup_error
 from procval.run.frames import user_traceback
 from procval.run.lifecycle import (
     START_FAILURES,
@@ -57,7 +56,7 @@ from procval.run.lifecycle import (
     fate_after_death,
     fate_after_timeout,
 )
-from procval.run.pools import ConfigRun, RunOptions, SetupFailure, WorkerRun
+from procval.run.pools import ConfigRun, RunOptions, WorkerRun
 from procval.run.progress import Progress
 from procval.run.shards import ShardSizer
 from procval.store.sink import Sink
@@ -136,12 +135,11 @@ class Scheduler:
 
     def _results(self) -> Results:
         """The results of the configs that could start (a failed config has none)."""
+        now, sink = time.perf_counter(), self._sink
         return Results(
             {
                 run.name: _with_counts(
-                    self._sink.result(
-                        run.name, (run.finished or time.perf_counter()) - run.started
-                    ),
+                    sink.result(run.name, (run.finished or now) - run.started),
                     found=run.found,
                     added=run.totals.n - run.found,
                 )
@@ -152,36 +150,15 @@ class Scheduler:
 
     def _raise_failures(self) -> None:
         """At the end of a run: raise a config's setup failure, else a dataset's error."""
-        failed = [run for run in self._runs if run.setup_failure is not None]
-        if failed:
+        failures = {run.name: run.setup_failure for run in self._runs if run.setup_failure}
+        if failures:
             ran = [run.name for run in self._runs if run.setup_failure is None]
-            others = (
-                f"the other configs ({', '.join(map(repr, ran))}) ran to completion" if ran else ""
-            )
-            first = failed[0].setup_failure
-            assert first is not None
-            more = f"; {len(failed) - 1} more config(s) failed too" if len(failed) > 1 else ""
-            message = "; ".join(filter(None, [first.message + more, others]))
-            detail = f"{SetupError.TRACEBACK_FOLLOWS}\n{first.traceback}" if first.traceback else ""
-            raise SetupError(
-                message + detail,
-                results=self._results(),
-                tracebacks={
-                    run.name: run.setup_failure.traceback for run in failed if run.setup_failure
-                },
-            )
+            raise setup_error(failures, ran, self._results())
         for run in self._runs:
             if run.dataset_error is not None:
-                error = run.dataset_error
+                read = run.totals.n - run.found
                 hint = self._options.resume_hint
-                kept = "are in the store" if hint else "were not kept (no store=)"
-                if hasattr(error, "add_note"):  # Python 3.11+
-                    error.add_note(
-                        f"procval: the dataset of config {run.name!r} raised this; the "
-                        f"{run.totals.n - run.found} examples read before it ran and {kept}. "
-                        f"Fix the dataset, then {hint or 'run again'}"
-                    )
-                raise error
+                raise note_dataset_error(run.dataset_error, run.name, read, hint)
 
     def _fail_setup(self, run: ConfigRun, failure: SetupFailure) -> None:
         """Stop a config that cannot start; the other configs go on (``_raise_failures``)."""
@@ -190,13 +167,7 @@ class Scheduler:
         run.setup_failure = failure
         run.stop()
         for w in list(run.workers):
-            for future in w.calls:
-                self._owners.pop(future, None)
-            w.calls.clear()
-            w.outstanding.clear()
-            run.workers.remove(w)
-            w.worker.kill()
-            w.move(WorkerEvent.DIED)
+            self._discard(w)
         run.finished = time.perf_counter()
 
     def _live(self) -> list[WorkerRun]:
@@ -302,14 +273,9 @@ class Scheduler:
         w.calls.discard(future)
         message: ShardDone | SetupFailed = _pickling.loads(data)
         if isinstance(message, SetupFailed):
-            self._fail_setup(
-                run,
-                SetupFailure(
-                    f"Config.setup of config {run.name!r} failed in worker {w.worker.label}; "
-                    "fix the config's setup",
-                    user_traceback(message.traceback),
-                ),
-            )
+            failed = f"Config.setup of config {run.name!r} failed in worker {w.worker.label}"
+            shown = user_traceback(message.traceback)  # the user's frames
+            self._fail_setup(run, SetupFailure(f"{failed}; fix the config's setup", shown))
             return
         pid, node, fingerprint, results = message
         self._check_provenance(run, pid, node, fingerprint)
@@ -483,12 +449,20 @@ class Scheduler:
     def _drop(self, w: WorkerRun) -> tuple[list[Item], bool]:
         """Kill the worker and take it out of the run; return ``_unfinished(w)``."""
         lost = self._unfinished(w)
+        self._discard(w)
+        return lost
+
+    def _discard(self, w: WorkerRun) -> None:
+        """Kill the worker (unless dead already) and forget it, and whatever it still owes."""
+        for future in w.calls:
+            self._owners.pop(future, None)
+        w.calls.clear()
+        w.outstanding.clear()
         if w in w.config.workers:
             w.config.workers.remove(w)
-        if w.state.live:  # else its config's setup failure killed it already
+        if w.state.live:
             w.worker.kill()
             w.move(WorkerEvent.DIED)
-        return lost
 
     def _retire(self, w: WorkerRun) -> None:
         if w in w.config.workers:
@@ -517,9 +491,5 @@ class Scheduler:
         for w in self._live():
             with contextlib.suppress(Exception):
                 self._unfinished(w)
-            if w.state.live:
-                w.worker.kill()
-                w.move(WorkerEvent.DIED)
-            if w in w.config.workers:
-                w.config.workers.remove(w)
+            self._discard(w)
         self._owners.clear()
