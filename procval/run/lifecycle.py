@@ -37,8 +37,9 @@ The rules for a death, in order (``fate_after_death``):
 
 A death before the worker's first reply with nothing running is a *start failure*;
 ``START_FAILURES`` in a row (no reply from any worker of the config in between) stop that
-config, as a ``SetupFailed`` reply does: the other configs run on, then ``SetupError`` is raised. On a timeout the late examples are TIMEOUT and the others RERUN (no loss
-counted: the timeout explains the death).
+config, as a ``SetupFailed`` reply does: the other configs run on, then ``SetupError`` is
+raised. On a timeout the late examples are TIMEOUT and the others RERUN (no loss counted: the
+timeout explains the death).
 """
 
 from __future__ import annotations
