@@ -6,6 +6,7 @@ on first use. Imports go one way: this module calls into the report, which never
 
 from __future__ import annotations
 
+import copy
 import math
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -110,6 +111,8 @@ class EvaluationResult:
         self._totals = totals
         self._error_types = dict(error_types) if error_types is not None else None
         self._fingerprint = fingerprint
+        self._found = 0
+        self._added: int | None = None
 
     @property
     def config(self) -> str:
@@ -164,6 +167,16 @@ class EvaluationResult:
         """The fingerprint of the snapshot the rows were produced under."""
         return self._fingerprint
 
+    @property
+    def found(self) -> int:
+        """Rows that were already in the run store when the call began (a resume); else 0."""
+        return self._found
+
+    @property
+    def added(self) -> int:
+        """Rows this call produced (all of them, unless it resumed a store or was loaded)."""
+        return self.totals.n - self._found if self._added is None else self._added
+
     def __len__(self) -> int:
         return self.totals.n
 
@@ -191,6 +204,11 @@ class EvaluationResult:
         message (``3 x ValueError, e.g. q7: seven: 7``); :attr:`errors` holds every one.
         """
         totals = self.totals
+        if not totals.n:
+            return (
+                f"config {self.config!r}: no rows (none of its examples finished: it was "
+                "stopped, or its workers could not start; see the output of its run)"
+            )
         samples = self._error_samples()
         lines = [
             f"config {self.config!r}: score {self.score:.4f} over {totals.n} examples "
@@ -297,8 +315,9 @@ class Results(Mapping[str, EvaluationResult]):
         lines = [f"{'config':<{width}}  {'score':>7}  {'n':>7}  {'errors':>6}  {'time':>8}"]
         for name, result in self._results.items():
             totals = result.totals
+            score = f"{result.score:>7.4f}" if totals.n else f"{'-':>7}"  # no rows: no score
             lines.append(
-                f"{name:<{width}}  {result.score:>7.4f}  {totals.n:>7}  {totals.errors:>6}  "
+                f"{name:<{width}}  {score}  {totals.n:>7}  {totals.errors:>6}  "
                 f"{result.duration:>7.2f}s"
             )
         for name, result in self._results.items():
@@ -391,3 +410,10 @@ def _all_failed(result: EvaluationResult) -> str:
         f"ALL {totals.n} EXAMPLES FAILED: {what}; the score {result.score} is "
         "failure_score, not a measurement"
     )
+
+
+def _with_counts(result: EvaluationResult, *, found: int, added: int) -> EvaluationResult:
+    """``result`` with what one call found in the store and added to it (the scheduler's)."""
+    counted = copy.copy(result)
+    counted._found, counted._added = found, added
+    return counted

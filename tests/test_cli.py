@@ -35,6 +35,7 @@ from procval.task import TaskError, load_task
 
 HELPERS = Path(__file__).resolve().parent / "helpers"
 TASK = str(HELPERS / "cli_task.py")
+FAILING = str(HELPERS / "cli_failing_task.py")
 
 
 def procval_cli(*args, env=None, cwd=None, timeout=120):
@@ -111,6 +112,7 @@ def test_run_resume_report_and_export(tmp_path):
     first = procval_cli("run", f"{TASK}:task", "--store", store, "--limit", "5", env=env)
     assert first.returncode == 0, first.stderr
     assert sum(calls(log).values()) == 10  # 5 examples x 2 configs
+    assert "resumed" not in first.stdout  # nothing was there before
 
     exe = shutil.which("procval")  # the console script, this time
     assert exe is not None
@@ -127,6 +129,8 @@ def test_run_resume_report_and_export(tmp_path):
     table = second.stdout
     assert "base" in table and "offset" in table and "0.9000" in table
     assert "errors in 'base': 3 x ValueError" in table
+    assert "resumed 'base': 5 examples were already done, 25 ran now" in table
+    assert "resumed 'offset': 5 examples were already done, 25 ran now" in table
 
     report = procval_cli("report", store)
     assert report.returncode == 0, report.stderr
@@ -153,10 +157,22 @@ def test_run_resume_report_and_export(tmp_path):
 
 
 @pytest.mark.slow
+def test_resuming_a_finished_store_says_that_nothing_was_left_to_run(tmp_path):
+    store, log = tmp_path / "run.db", tmp_path / "calls.log"
+    env = {"CLI_TASK_N": "12", "CLI_TASK_LOG": str(log)}
+    assert procval_cli("run", f"{TASK}:single", "--store", store, env=env).returncode == 0
+    again = procval_cli("run", f"{TASK}:single", "--store", store, env=env)
+    assert again.returncode == 0, again.stderr
+    assert "resumed 'default': 12 examples were already done, 0 ran now" in again.stdout
+    assert sum(calls(log).values()) == 12  # the second run ran nothing
+
+
+@pytest.mark.slow
 def test_too_many_errors_exits_3_with_a_resume_hint(tmp_path):
     store = tmp_path / "run.db"
     out = procval_cli("run", f"{TASK}:single", "--store", store, "--max-errors", "0", env={})
-    assert_one_error_line(out, "max_errors=0", "Resume with: procval run", status=3)
+    assert_one_error_line(out, "more than --max-errors 0", "Resume with: procval run", status=3)
+    assert "max_errors=" not in out.stderr and "store=" not in out.stderr  # flags, not arguments
     assert "default" in out.stdout  # the partial results' table
     hint = out.stderr.split("Resume with: ")[1]
     assert "--max-errors 0" in hint and "--retry-errors" in hint  # rerun the failed ones
@@ -208,6 +224,62 @@ def test_bad_input_is_one_line_on_stderr(other_files, args, fragments):
     assert_one_error_line(out, *fragments)
     assert out.stdout == ""
     assert not (other_files / "r.db").exists()
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "expected"),
+    [
+        ("--workers", "0", "argument --workers: must be an integer of at least 1, got 0"),
+        ("--threads", "-1", "argument --threads: must be an integer of at least 1, got -1"),
+        ("--timeout", "0", "argument --timeout: must be a number above 0, got 0"),
+        ("--retries", "x", "argument --retries: must be an integer of at least 0, got 'x'"),
+        ("--max-errors", "-1", "argument --max-errors: must be an integer of at least 0, got -1"),
+        ("--limit", "0", "argument --limit: must be an integer of at least 1, got 0"),
+    ],
+)
+def test_a_bad_flag_value_is_named_by_its_flag_not_an_api_argument(tmp_path, flag, value, expected):
+    out = procval_cli("run", f"{TASK}:single", "--store", tmp_path / "r.db", flag, value)
+    assert out.returncode == 2, out.stderr
+    assert procval_lines(out.stderr)[-1] == f"procval run: error: {expected}"
+    assert "None" not in out.stderr and "=" not in out.stderr.split("error:")[1]
+    assert not (tmp_path / "r.db").exists()
+
+
+def test_a_missing_dataset_file_names_the_task_files_line(tmp_path):
+    from helpers.cli_failing_task import MISSING_LINE
+
+    out = procval_cli("run", f"{FAILING}:missing_data", "--store", tmp_path / "r.db", cwd=tmp_path)
+    assert_one_error_line(
+        out,
+        "the task's dataset function failed: FileNotFoundError: no JSONL file at "
+        f"'no_such_file.jsonl': {tmp_path / 'no_such_file.jsonl'} does not exist",
+        f"({FAILING}:{MISSING_LINE})",
+    )
+    assert "procval/run/dataset.py" not in out.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("debug", ["", "1"], ids=["plain", "PROCVAL_DEBUG"])
+def test_a_config_that_cannot_start_does_not_stop_the_others(tmp_path, debug):
+    store = tmp_path / "run.db"
+    out = procval_cli(
+        "run", f"{FAILING}:mixed", "--store", store, "--no-progress", env={"PROCVAL_DEBUG": debug}
+    )
+    assert out.returncode == 2, out.stderr  # the same with PROCVAL_DEBUG=1
+    assert stored(store) == (500, 500)  # every example of the healthy config
+    assert re.search(r"^healthy\s+1\.0000\s+500\s+0\s", out.stdout, re.M), out.stdout
+    lines = procval_lines(out.stderr)
+    assert lines[-1].startswith("procval: error: Config.setup of config 'broken' failed in worker")
+    assert "the other configs ('healthy') ran to completion" in lines[-1]
+    assert "[RuntimeError: no GPU on this machine]; the worker's traceback is above" in lines[-1]
+    shown = out.stderr.split("config 'broken' could not start; its worker's traceback:\n")[1]
+    assert "in broken_setup" in shown and "RuntimeError: no GPU on this machine" in shown
+    assert "procval/worker" not in shown.split("procval: error:")[0]  # the user's frames only
+
+    report = procval_cli("report", store)
+    assert report.returncode == 0, report.stderr
+    assert "config 'healthy': score 1.0000 over 500 examples" in report.stdout
+    assert "config 'broken': no rows" in report.stdout and "nan" not in report.stdout
 
 
 def test_module_form_and_file_form_find_the_same_task():

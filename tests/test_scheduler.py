@@ -7,7 +7,9 @@ in ``backend_suite.py``.
 
 from __future__ import annotations
 
+import sys
 import threading
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import pytest
@@ -20,7 +22,8 @@ from procval.run.dataset import Examples
 from procval.run.lifecycle import LOST_LIMIT, START_FAILURES, ExampleFate, WorkerState
 from procval.run.progress import Progress
 from procval.run.scheduler import RunOptions, Scheduler
-from procval.store.sink import MemorySink
+from procval.store.sink import MemorySink, Sink
+from procval.store.writer import StoreSink
 from procval.wire import Shard, Snapshot, WorkerOptions, WorkerSpec, WorkItem, fingerprint
 
 
@@ -32,14 +35,22 @@ def spec(name: str = "c") -> WorkerSpec:
 
 def run(
     backend: FakeBackend,
-    n: int | dict[str, int] = 20,
+    n: int | dict[str, int | Iterable[Any]] = 20,
     *,
     workers: int = 1,
-    sink: MemorySink | None = None,
+    sink: Sink | None = None,
     **options: Any,
 ) -> Results:
-    """Run the scheduler over ``n`` examples (ids 0..n-1) per config, bounded in time."""
+    """Run the scheduler over ``n`` examples (ids 0..n-1) per config, bounded in time.
+
+    A config's ``n`` may be an iterable of examples instead (a generator, say).
+    """
     sizes = n if isinstance(n, dict) else {"c": n}
+    data = {
+        name: [{"id": i} for i in range(size)] if isinstance(size, int) else size
+        for name, size in sizes.items()
+    }
+    totals = [size if isinstance(size, int) else None for size in sizes.values()]
     outcome: dict[str, Any] = {}
 
     def target() -> None:
@@ -47,9 +58,9 @@ def run(
             outcome["results"] = Scheduler(
                 backend,
                 [spec(name) for name in sizes],
-                [Examples([{"id": i} for i in range(size)], passes=1) for size in sizes.values()],
+                [Examples(examples, passes=1) for examples in data.values()],
                 sink or MemorySink(),
-                Progress(list(sizes), list(sizes.values()), enabled=False),
+                Progress(list(sizes), totals, enabled=False),
                 RunOptions(workers=workers, **options),
             ).run()
         except BaseException as exc:
@@ -228,8 +239,80 @@ def test_workers_dying_before_any_result_end_the_run_at_the_start_failure_limit(
 
 
 def test_a_setup_failure_is_a_setup_error_with_the_workers_traceback():
-    with pytest.raises(SetupError, match=r"(?s)Config.setup of config 'c' failed.*no GPU"):
+    with pytest.raises(SetupError, match=r"(?s)Config.setup of config 'c' failed.*no GPU") as info:
         run(FakeBackend(setup_fails=True), 5)
+    assert dict(info.value.results) == {}
+
+
+def test_a_config_whose_setup_fails_stops_alone_and_the_others_run_to_completion():
+    backend = FakeBackend(setup_fails={"bad"})
+    with pytest.raises(SetupError) as caught:
+        run(backend, {"bad": 30, "good": 40}, workers=2)
+    error = caught.value
+    assert "Config.setup of config 'bad' failed" in str(error)
+    assert "the other configs ('good') ran to completion" in str(error)
+    assert list(error.results) == ["good"]  # the healthy config's result, complete
+    assert sorted(rows(error.results, "good")) == list(range(40))
+    traceback = error.tracebacks["bad"]  # the user's frames, not procval's
+    assert "/home/user/tasks.py" in traceback and traceback.endswith("RuntimeError: no GPU\n")
+    assert "runtime.py" not in traceback and "config.setup()" not in traceback
+    assert all(w.killed for w in backend.workers if w.spec.snapshot.name == "bad")
+    assert sum(w.spec.snapshot.name == "good" for w in backend.workers) == 2  # got bad's slot
+
+
+def test_a_config_whose_workers_die_at_start_stops_alone():
+    backend = FakeBackend(lambda w, item: Vanish() if w.spec.snapshot.name == "bad" else item)
+    with pytest.raises(SetupError, match="workers of config 'bad' die before running any") as info:
+        run(backend, {"bad": 10, "good": 30}, workers=2)
+    assert sorted(rows(info.value.results, "good")) == list(range(30))
+    assert info.value.tracebacks == {"bad": ""}  # nothing to show: they died without one
+    assert sum(w.spec.snapshot.name == "bad" for w in backend.workers) == START_FAILURES
+
+
+class DatasetBroke(Exception):
+    """A user's dataset failing to read an example."""
+
+
+def breaking(n: int, at: int) -> Iterator[dict[str, int]]:
+    for i in range(n):
+        if i == at:
+            raise DatasetBroke(f"example {at} is unreadable")
+        yield {"id": i}
+
+
+def test_a_dataset_that_raises_midway_finishes_what_was_read_then_raises_its_error():
+    # every third example is still running when its shard replies: in flight at the raise
+    backend = FakeBackend(lambda w, item: Late() if item.example_id % 3 == 0 else item.example)
+    sink = MemorySink()
+    with pytest.raises(DatasetBroke, match="example 25 is unreadable") as caught:
+        run(backend, {"c": breaking(40, 25)}, workers=2, sink=sink)
+    kept = sink.result("c", 0.0).rows
+    assert [row.example_id for row in kept] == list(range(25))  # all read, none twice
+    assert all(row.error is None for row in kept)
+    assert backend.deaths == 0 and all(w.closed for w in backend.workers)
+    if sys.version_info >= (3, 11):
+        (note,) = caught.value.__notes__
+        assert "the 25 examples read before it ran" in note
+
+
+def test_a_dataset_error_in_one_config_lets_the_other_finish():
+    sink = MemorySink()
+    with pytest.raises(DatasetBroke):
+        run(FakeBackend(), {"broken": breaking(40, 10), "fine": 30}, workers=2, sink=sink)
+    assert len(sink.result("broken", 0.0).rows) == 10
+    assert len(sink.result("fine", 0.0).rows) == 30
+
+
+def test_a_result_knows_the_rows_it_found_in_the_store_and_the_rows_it_added(tmp_path):
+    path = str(tmp_path / "run.db")
+    first = run(FakeBackend(), 10, sink=StoreSink(path, fresh=False, configs=["c"]))["c"]
+    assert (first.found, first.added, len(first)) == (0, 10, 10)
+    again = run(FakeBackend(), 15, sink=StoreSink(path, fresh=False, configs=["c"]))["c"]
+    assert (again.found, again.added, len(again)) == (10, 5, 15)
+    done = run(FakeBackend(), 15, sink=StoreSink(path, fresh=False, configs=["c"]))["c"]
+    assert (done.found, done.added, len(done)) == (15, 0, 15)
+    memory = run(FakeBackend(), 7)["c"]
+    assert (memory.found, memory.added) == (0, 7)
 
 
 def test_a_timeout_gives_the_late_example_a_row_and_reruns_the_others_in_flight():

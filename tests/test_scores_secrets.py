@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sqlite3
 import subprocess
 import sys
@@ -195,3 +196,18 @@ def test_a_prediction_object_holding_a_secret_is_kept_as_its_scrubbed_json():
     assert scrub.value(answer) == {"text": "token ***ENV:B*** here"}
     answer.text = "clean"
     assert scrub.value(answer) is answer
+
+
+def test_a_setup_error_does_not_show_an_env_secret(tmp_path):
+    secret = "sk-setup-secret-0123456789"
+
+    def setup():
+        raise RuntimeError(f"cannot log in with {os.environ['STORE_TEST_SECRET']}")
+
+    config = procval.Config("leaky", setup=setup, env={"STORE_TEST_SECRET": secret})
+    with pytest.raises(procval.SetupError) as info:
+        procval.evaluate(
+            lambda e: e, [1, 2], lambda e, p: 1.0, config=config, workers=1, progress=False
+        )
+    text = str(info.value) + "".join(info.value.tracebacks.values())
+    assert secret not in text and "***ENV:STORE_TEST_SECRET***" in text

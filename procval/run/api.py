@@ -143,14 +143,19 @@ def evaluate(
         backend: ``"loky"`` (local processes), ``"ray"``, or a backend object.
 
     Returns:
-        An :class:`EvaluationResult` for ``config=``, a :class:`Results` mapping for ``configs=``.
+        An :class:`EvaluationResult` for ``config=``, a :class:`Results` mapping for ``configs=``;
+        each result's ``found`` and ``added`` say how many rows were in the store already and
+        how many this call produced.
 
     Raises:
         ValueError: bad arguments (both config and configs, workers < 1, an empty dataset,
             duplicate example ids, ...), raised before any worker starts.
         TypeError: a program or metric that is not callable or takes the wrong arguments.
         SnapshotError: the program, metric or a config cannot be pickled.
-        SetupError: a config's ``setup`` failed in its workers.
+        SetupError: a config's ``setup`` failed in its workers, or they died before any result;
+            the other configs ran to completion first (``.results``, ``.tracebacks``).
+        Exception: whatever the dataset raised while it was read, once the examples read
+            before it have run (and are stored, with ``store=``).
         TooManyErrors: more than ``max_errors`` examples failed.
     """
     named = _named_configs(config, configs)

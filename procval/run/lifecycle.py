@@ -36,9 +36,10 @@ The rules for a death, in order (``fate_after_death``):
   something else: REQUEUE, one more loss counted.
 
 A death before the worker's first reply with nothing running is a *start failure*;
-``START_FAILURES`` in a row (no reply from any worker of the config in between) end the run
-with a ``SetupError``. On a timeout the late examples are TIMEOUT and the others RERUN (no loss
-counted: the timeout explains the death).
+``START_FAILURES`` in a row (no reply from any worker of the config in between) stop that
+config, as a ``SetupFailed`` reply does: the other configs run on, then ``SetupError`` is
+raised. On a timeout the late examples are TIMEOUT and the others RERUN (no loss counted: the
+timeout explains the death).
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ __all__ = [
     "fate_after_timeout",
 ]
 
-START_FAILURES = 3  # fresh workers of a config dying before any result: give up
+START_FAILURES = 3  # fresh workers of a config dying before any result: give that config up
 LOST_LIMIT = 3  # an example lost in this many unexplained deaths is run alone
 
 

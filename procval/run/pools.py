@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from procval.backends import Worker, WorkerSpec
 from procval.results import Totals
 from procval.run.dataset import Item
+from procval.run.failures import SetupFailure
 from procval.run.lifecycle import WorkerEvent, WorkerState, advance
 from procval.run.shards import ShardSizer
 
@@ -77,6 +78,11 @@ class ConfigRun:
         workers: the config's live workers.
         exhausted: ``source`` has nothing left.
         start_failures: deaths before any reply since the config's last reply.
+        found: rows already finished when the run began (a resumed run).
+        dataset_error: what the dataset raised while being read (the examples read before
+            it still run; the scheduler raises it at the end).
+        setup_failure: why the config cannot start (its workers failed ``Config.setup`` or
+            died before any result), with the worker's traceback; None while it runs.
     """
 
     spec: WorkerSpec
@@ -90,6 +96,9 @@ class ConfigRun:
     workers: list[WorkerRun] = field(default_factory=list)
     exhausted: bool = False
     start_failures: int = 0
+    found: int = 0
+    dataset_error: Exception | None = None
+    setup_failure: SetupFailure | None = None
     started: float = field(default_factory=time.perf_counter)
     finished: float | None = None
 
@@ -126,15 +135,30 @@ class ConfigRun:
         while self.requeue and len(items) < size:
             items.append(self.requeue.popleft())
         while not self.exhausted and len(items) < size:
-            try:
-                items.append(next(self.source))
-            except StopIteration:
-                self.exhausted = True
+            item = self._read()
+            if item is not None:
+                items.append(item)
         return items
 
     def probe(self) -> None:
         """Read ahead one example, to learn whether a source with nothing left is exhausted."""
+        item = self._read()
+        if item is not None:
+            self.requeue.appendleft(item)
+
+    def _read(self) -> Item | None:
+        """The source's next example; None once it is exhausted or raised (kept, not raised)."""
         try:
-            self.requeue.appendleft(next(self.source))
+            return next(self.source)
         except StopIteration:
             self.exhausted = True
+        except Exception as exc:  # the dataset's own error: what was read before it still runs
+            self.exhausted = True
+            self.dataset_error = exc
+        return None
+
+    def stop(self) -> None:
+        """Send nothing more: drop the examples not sent yet and stop reading the source."""
+        self.exhausted = True
+        self.requeue.clear()
+        self.suspects.clear()

@@ -23,6 +23,9 @@
                              gets a "WorkerCrashed" row
                  max_errors  too many failed rows: stop, keep what finished, raise
 
+    A config that cannot start stops alone (``SetupError`` once the others finished); a dataset
+    that raises is read no further, and its error is raised once what was read has run.
+
 The states (a worker STARTING, PRODUCING, ALONE, RETIRED, DEAD; an example's fate when its worker
 is killed: REQUEUE, RERUN, SUSPECT, CRASHED, TIMEOUT) and the rules between them are in
 :mod:`procval.run.lifecycle`, drawn there; the queues and pools are in :mod:`procval.run.pools`.
@@ -40,9 +43,11 @@ from concurrent.futures import FIRST_COMPLETED, Future, wait
 
 from procval import _pickling
 from procval.backends import Backend, WorkerSpec
-from procval.errors import IsolationError, SetupError, TooManyErrors
-from procval.results import Results, Row, RowError, Totals
+from procval.errors import IsolationError, TooManyErrors
+from procval.results import Results, Row, RowError, Totals, _with_counts
 from procval.run.dataset import Examples, Item
+from procval.run.failures import SetupFailure, note_dataset_error, setup_error
+from procval.run.frames import user_traceback
 from procval.run.lifecycle import (
     START_FAILURES,
     ExampleFate,
@@ -54,6 +59,7 @@ from procval.run.lifecycle import (
 from procval.run.pools import ConfigRun, RunOptions, WorkerRun
 from procval.run.progress import Progress
 from procval.run.shards import ShardSizer
+from procval.store.scrub import Scrubber
 from procval.store.sink import Sink
 from procval.wire import SetupFailed, Shard, ShardDone
 
@@ -91,6 +97,7 @@ class Scheduler:
                 total=data.total,
                 sizer=ShardSizer(spec.options.threads),
                 totals=prior,
+                found=prior.n,
             )
             progress.advance(
                 run.name, prior.n, n=prior.n, score_sum=prior.score_sum, errors=prior.errors
@@ -114,9 +121,10 @@ class Scheduler:
                 self._wait()
                 self._check_timeouts()
                 self._check_errors()
-            completed = True
             for w in self._live():
                 self._retire(w)
+            self._raise_failures()
+            completed = True
         except BaseException:
             self._kill_all()
             raise
@@ -127,14 +135,42 @@ class Scheduler:
         return self._results()
 
     def _results(self) -> Results:
+        """The results of the configs that could start (a failed config has none)."""
+        now, sink = time.perf_counter(), self._sink
         return Results(
             {
-                run.name: self._sink.result(
-                    run.name, (run.finished or time.perf_counter()) - run.started
+                run.name: _with_counts(
+                    sink.result(run.name, (run.finished or now) - run.started),
+                    found=run.found,
+                    added=run.totals.n - run.found,
                 )
                 for run in self._runs
+                if run.setup_failure is None
             }
         )
+
+    def _raise_failures(self) -> None:
+        """At the end of a run: raise a config's setup failure, else a dataset's error."""
+        failures = {run.name: run.setup_failure for run in self._runs if run.setup_failure}
+        if failures:
+            ran = [run.name for run in self._runs if run.setup_failure is None]
+            raise setup_error(failures, ran, self._results())
+        for run in self._runs:
+            if run.dataset_error is not None:
+                read = run.totals.n - run.found
+                hint = self._options.resume_hint
+                raise note_dataset_error(run.dataset_error, run.name, read, hint)
+
+    def _fail_setup(self, run: ConfigRun, failure: SetupFailure) -> None:
+        """Stop a config that cannot start; the other configs go on (``_raise_failures``)."""
+        if run.setup_failure is not None:
+            return
+        scrub = Scrubber(run.spec.env)  # a setup that put a secret in its exception
+        run.setup_failure = SetupFailure(scrub.text(failure.message), scrub.text(failure.traceback))
+        run.stop()
+        for w in list(run.workers):
+            self._discard(w)
+        run.finished = time.perf_counter()
 
     def _live(self) -> list[WorkerRun]:
         return [w for run in self._runs for w in run.workers]
@@ -239,10 +275,10 @@ class Scheduler:
         w.calls.discard(future)
         message: ShardDone | SetupFailed = _pickling.loads(data)
         if isinstance(message, SetupFailed):
-            raise SetupError(
-                f"Config.setup of config {run.name!r} failed in worker {w.worker.label}; "
-                f"fix the config's setup (the worker's traceback follows)\n{message.traceback}"
-            )
+            failed = f"Config.setup of config {run.name!r} failed in worker {w.worker.label}"
+            shown = user_traceback(message.traceback)  # the user's frames
+            self._fail_setup(run, SetupFailure(f"{failed}; fix the config's setup", shown))
+            return
         pid, node, fingerprint, results = message
         self._check_provenance(run, pid, node, fingerprint)
         alone = w.state is WorkerState.ALONE  # the suspect's reply: timings of one example
@@ -358,10 +394,12 @@ class Scheduler:
         if verdict.start_failure:
             run.start_failures += 1
             if run.start_failures >= START_FAILURES:
-                raise SetupError(
+                message = (
                     f"workers of config {run.name!r} die before running any example ({how}); "
                     "check Config.setup and what the program imports"
                 )
+                self._fail_setup(run, SetupFailure(message, log))
+                return
         message = f"{how} while running this example alone in {label}"
         self._apply(run, lost, verdict.fates, RowError("WorkerCrashed", message, log), pid)
 
@@ -370,6 +408,8 @@ class Scheduler:
         if timeout is None:
             return
         for w in self._live():
+            if not w.state.live:  # killed meanwhile: its config could not start
+                continue
             late = {
                 seq
                 for seq, seconds in w.worker.running()
@@ -411,11 +451,20 @@ class Scheduler:
     def _drop(self, w: WorkerRun) -> tuple[list[Item], bool]:
         """Kill the worker and take it out of the run; return ``_unfinished(w)``."""
         lost = self._unfinished(w)
+        self._discard(w)
+        return lost
+
+    def _discard(self, w: WorkerRun) -> None:
+        """Kill the worker (unless dead already) and forget it, and whatever it still owes."""
+        for future in w.calls:
+            self._owners.pop(future, None)
+        w.calls.clear()
+        w.outstanding.clear()
         if w in w.config.workers:
             w.config.workers.remove(w)
-        w.worker.kill()
-        w.move(WorkerEvent.DIED)
-        return lost
+        if w.state.live:
+            w.worker.kill()
+            w.move(WorkerEvent.DIED)
 
     def _retire(self, w: WorkerRun) -> None:
         if w in w.config.workers:
@@ -436,6 +485,7 @@ class Scheduler:
             f"Look at the errors in .results, fix their cause, then {hint or 'run again'}",
             failed=self._errors,
             results=results,
+            limit=limit,
         )
 
     def _kill_all(self) -> None:
@@ -443,7 +493,5 @@ class Scheduler:
         for w in self._live():
             with contextlib.suppress(Exception):
                 self._unfinished(w)
-            w.worker.kill()
-            w.move(WorkerEvent.DIED)
-            w.config.workers.remove(w)
+            self._discard(w)
         self._owners.clear()

@@ -9,7 +9,8 @@ by ``script(worker, item)``, which returns one of:
 - any value: the prediction, scored 1.0;
 - :class:`Fail`: the program raised (an error row);
 - :class:`Late`: still running when its shard replies; it finishes when the next shard arrives
-  (its result then travels with that shard's reply, as a straggler's does);
+  (its result then travels with that shard's reply, as a straggler's does), or at once in a
+  drain shard (a drain's reply waits for everything but a :class:`Hang`);
 - :class:`Hang`: runs for ever; ``running()`` reports it as running for ``seconds``;
 - :class:`Crash`: the worker dies while running it (the slot table still shows it; its futures
   fail and ``death()`` says how);
@@ -21,12 +22,14 @@ scheduler's own code path reads them.
 
 from __future__ import annotations
 
+import os
 import pickle
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
+import procval
 from procval.wire import (
     ErrorInfo,
     ExampleResult,
@@ -74,6 +77,16 @@ class Vanish:
 
 
 Script = Callable[["FakeWorker", WorkItem], Any]
+
+# what a worker whose Config.setup raised sends: procval's frame, then the user's
+_RUNTIME = os.path.join(os.path.dirname(procval.__file__), "worker", "runtime.py")
+SETUP_TRACEBACK = f"""Traceback (most recent call last):
+  File "{_RUNTIME}", line 167, in initialize
+    config.setup()
+  File "/home/user/tasks.py", line 10, in setup
+    raise RuntimeError("no GPU")
+RuntimeError: no GPU
+"""
 
 
 class WorkerDied(Exception):
@@ -123,23 +136,29 @@ class FakeWorker:
             return future
         message: Shard = pickle.loads(shard)
         self.shards.append(message)
-        if self.backend.setup_fails:
-            future.set_result(pickle.dumps(SetupFailed("Traceback ...\nRuntimeError: no GPU")))
+        fails = self.backend.setup_fails
+        if fails is True or (fails and self.spec.snapshot.name in fails):
+            future.set_result(pickle.dumps(SetupFailed(SETUP_TRACEBACK)))
             return future
         if self.number < self.backend.start_deaths:
             self._die("exit code 1", "")
             future.set_exception(WorkerDied(self._death))
             return future
         self._pending.append((future, message.drain))
-        for item in self._late:  # stragglers finish before the new shard's examples start
-            self._running.pop(item.seq, None)
-            self._done.append(_result(item.seq, item.example, None))
-        self._late = []
+        self._finish_late()  # stragglers finish before the new shard's examples start
         for item in message.items:
             if not self._start(item):
                 return future
+        if message.drain:  # a drain waits for its own late examples too (not for a Hang)
+            self._finish_late()
         self._reply()
         return future
+
+    def _finish_late(self) -> None:
+        for item in self._late:
+            self._running.pop(item.seq, None)
+            self._done.append(_result(item.seq, item.example, None))
+        self._late = []
 
     def _start(self, item: WorkItem) -> bool:
         step = self.backend.script(self, item)
@@ -209,7 +228,7 @@ class FakeBackend:
 
     Args:
         script: what each example does in each worker (module docstring); default: succeed.
-        setup_fails: every worker replies ``SetupFailed``.
+        setup_fails: every worker replies ``SetupFailed`` (True), or those of these configs.
         start_deaths: the first this many workers die at their first shard, running nothing.
         fingerprint: a fingerprint to reply with instead of the snapshot's.
         pid: each worker's pid from its number (default: 1000 + number).
@@ -220,7 +239,7 @@ class FakeBackend:
         self,
         script: Script = answer,
         *,
-        setup_fails: bool = False,
+        setup_fails: bool | Collection[str] = False,
         start_deaths: int = 0,
         fingerprint: str | None = None,
         pid: Callable[[int], int] = lambda number: 1000 + number,
