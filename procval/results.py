@@ -105,6 +105,8 @@ class EvaluationResult:
         self._totals = totals
         self._error_types = dict(error_types) if error_types is not None else None
         self._fingerprint = fingerprint
+        self.replaced_workers = 0
+        """Workers of this config lost in this session (died, froze, never placed) and replaced."""
 
     @property
     def config(self) -> str:
@@ -171,6 +173,8 @@ class EvaluationResult:
         ]
         for kind, count in self.error_types.items():
             lines.append(f"  {count} x {kind}")
+        if self.replaced_workers:
+            lines.append(f"  {self.replaced_workers} workers lost and replaced")
         return "\n".join(lines)
 
     def ci(self, confidence: float = 0.95, resamples: int = 10_000, seed: int = 0) -> Interval:
@@ -262,6 +266,11 @@ class Results(Mapping[str, EvaluationResult]):
                 f"{name:<{width}}  {result.score:>7.4f}  {totals.n:>7}  {totals.errors:>6}  "
                 f"{result.duration:>7.2f}s"
             )
+        replaced = [
+            f"{n} {r.replaced_workers}" for n, r in self._results.items() if r.replaced_workers
+        ]
+        if replaced:
+            lines.append(f"workers lost and replaced: {', '.join(replaced)}")
         return "\n".join(lines)
 
     def compare(

@@ -89,6 +89,7 @@ class _ConfigRun:
     workers: list[_WorkerRun] = field(default_factory=list)
     exhausted: bool = False
     start_failures: int = 0
+    replaced: int = 0  # workers lost (died, silent, unplaced) and replaced
     started: float = field(default_factory=time.perf_counter)
     finished: float | None = None
 
@@ -127,6 +128,7 @@ class Scheduler:
         self._owners: dict[Future[bytes], _WorkerRun] = {}
         self._provenance: dict[tuple[str, int], str] = {}
         self._errors = 0
+        self._failed: dict[str, str] = {}  # configs the backend cannot run, and why
         self._runs: list[_ConfigRun] = []
         for spec, data in zip(specs, examples, strict=True):
             prior = sink.begin(spec.snapshot)  # earlier sessions' errors do not count here
@@ -159,9 +161,16 @@ class Scheduler:
                 self._wait()
                 self._check_timeouts()
                 self._check_errors()
-            completed = True
+            completed = not self._failed
             for w in self._live():
                 self._retire(w)
+            if self._failed:
+                raise SetupError(
+                    "; ".join(
+                        f"config {n!r} could not run: {why}" for n, why in self._failed.items()
+                    )
+                    + ". The other configs finished and their rows are stored"
+                )
         except BaseException:
             self._kill_all()
             raise
@@ -172,14 +181,12 @@ class Scheduler:
         return self._results()
 
     def _results(self) -> Results:
-        return Results(
-            {
-                run.name: self._sink.result(
-                    run.name, (run.finished or time.perf_counter()) - run.started
-                )
-                for run in self._runs
-            }
-        )
+        results = {}
+        for run in self._runs:
+            duration = (run.finished or time.perf_counter()) - run.started
+            results[run.name] = result = self._sink.result(run.name, duration)
+            result.replaced_workers = run.replaced
+        return Results(results)
 
     def _live(self) -> list[_WorkerRun]:
         return [w for run in self._runs for w in run.workers]
@@ -290,6 +297,9 @@ class Scheduler:
         try:
             data = future.result()
         except BaseException as exc:
+            if getattr(exc, "fails_config", False):  # the backend cannot run this config at all
+                self._fail_config(run, str(exc))
+                return
             self._on_death(w, w.worker.death(exc) or f"the worker failed ({exc!r})")
             return
         del self._owners[future]
@@ -360,6 +370,7 @@ class Scheduler:
             n=run.totals.n,
             score_sum=run.totals.score_sum,
             errors=run.totals.errors,
+            replaced=run.replaced,
         )
 
     def _error_row(
@@ -405,6 +416,7 @@ class Scheduler:
         running = {seq for seq, _ in w.worker.running() if seq in w.outstanding}
         label, pid, log = w.worker.label, w.worker.pid, w.worker.crash_log()
         lost, alone = self._drop(w)
+        run.replaced += 1
         if not w.produced and not running:
             run.start_failures += 1
             if run.start_failures >= START_FAILURES:
@@ -424,6 +436,15 @@ class Scheduler:
                 run.lost[item.seq] = run.lost.get(item.seq, 0) + 1
                 run.requeue.append(item)
         self._deliver(run, rows)
+
+    def _fail_config(self, run: _ConfigRun, why: str) -> None:
+        """Give up on a config the backend cannot run; its slots go to the other configs."""
+        for w in list(run.workers):
+            self._drop(w)
+        run.requeue.clear()
+        run.suspects.clear()
+        run.source, run.exhausted = iter(()), True
+        self._failed.setdefault(run.name, why)
 
     def _drop(self, w: _WorkerRun) -> tuple[list[Item], bool]:
         """Kill the worker and take it out of the run; return ``_unfinished(w)``."""
