@@ -65,7 +65,7 @@ class RayWorker:
         self._name = name  # the actor's file name, if it dies before describing itself
         self._slots = slots
         self._tasks = tasks  # options (runtime_env) for the small tasks that read its files
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # _send fails shards under it, and _fail takes it
         self._poll_lock = threading.Lock()
         self._queued: deque[tuple[int, bytes, Future[bytes]]] = deque()
         self._futures: dict[int, Future[bytes]] = {}
@@ -267,6 +267,8 @@ class RayWorker:
         now = time.monotonic()
         if not self._description.done():
             return "unplaced" if now - self.created > placement_timeout else None
+        if self._description.exception() is not None:
+            return None  # it died starting: its shards fail with Ray's error
         if not self._futures:
             return None
         self._refresh()
@@ -286,9 +288,9 @@ class RayWorker:
         self._lost = exc
         self._remains = Remains(found=False, running=[])
         self._how = exc.how
-        self.kill()
-        for future in list(self._futures.values()):
+        for future in list(self._futures.values()):  # before kill(), which cancels queued ones
             _resolve(future, exc=exc)
+        self.kill()
 
     # failures ------------------------------------------------------------
     def death(self, exc: BaseException) -> str | None:

@@ -297,13 +297,13 @@ def _unplaced_message(config: str, options: Mapping[str, Any], waited: float, ot
     offered = "; ".join(
         f"node {n['NodeID'][:8]} ({n.get('NodeManagerHostname', '?')}): "
         + ", ".join(
-            f"{k} {_amount(v)}"
+            f"{k} {_amount(k, v)}"
             for k, v in sorted(n.get("Resources", {}).items())
             if not k.startswith("node:") and k != "object_store_memory"
         )
         for n in nodes
     )
-    wants = ", ".join(f"{k} {_amount(v)}" for k, v in asked.items()) or "nothing"
+    wants = ", ".join(f"{k} {_amount(k, v)}" for k, v in asked.items()) or "nothing"
     if missing:
         why = f"no live node has {', '.join(repr(m) for m in missing)} in that amount"
     else:
@@ -330,8 +330,8 @@ def _asked(options: Mapping[str, Any]) -> dict[str, float]:
     return {k: v for k, v in asked.items() if v > 0}
 
 
-def _amount(value: Any) -> str:
-    return f"{float(value):g}"
+def _amount(name: str, value: Any) -> str:
+    return f"{float(value) / 2**30:.1f} GiB" if name == "memory" else f"{float(value):g}"
 
 
 def _actor_class() -> Any:
