@@ -274,3 +274,23 @@ def test_a_dead_drivers_slot_files_are_swept_by_the_next_actor(tmp_path):
         progress=False,
     )
     assert not os.path.exists(path) and not os.path.exists(path + ".fault")
+
+
+def test_an_actor_in_a_slow_setup_counts_as_placed():
+    """The mark an actor leaves in Ray's internal KV at its first moment (Ray internals)."""
+    from procval.backends._ray_actor import was_placed
+
+    backend = RayBackend(num_cpus=0.5)
+    config = procval.Config("slow", setup=ray_programs.slow_setup)
+    worker = backend.start_worker(
+        WorkerSpec(take_snapshot(config, toys.program, toys.metric), WorkerOptions())
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not was_placed(worker._name) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert was_placed(worker._name) and not worker.started  # placed, still in its setup
+    finally:
+        worker.kill()
+        backend.shutdown()
+    assert not was_placed(worker._name)  # the run's marks are removed at shutdown

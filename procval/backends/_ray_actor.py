@@ -39,6 +39,7 @@ class ProcvalWorker:
     """
 
     def __init__(self, snapshot: bytes, options: WorkerOptions, name: str) -> None:
+        mark_placed(name)  # placed: a slow Config.setup is not a placement failure
         remove_stale()
         self._path = os.path.join(tempfile.gettempdir(), name)
         self._slots = SlotTable(self._path, max(1, options.threads), create=True)
@@ -157,6 +158,38 @@ def remove_stale() -> int:
             _remove_files(path)
             removed += 1
     return removed
+
+
+# Ray's internal key-value store (GCS), ``ray.experimental.internal_kv``: the one way found for
+# an actor to say "I was placed" before its constructor returns (the state API needs the
+# dashboard). Tested on Ray 2.60; tests/test_backend_ray.py fails loudly if it stops working.
+_KV_NAMESPACE = "procval"
+
+
+def mark_placed(name: str) -> None:
+    """Record that the actor whose files are called ``name`` was placed and is starting."""
+    from ray.experimental import internal_kv
+
+    with contextlib.suppress(Exception):
+        internal_kv._internal_kv_put(name, b"1", namespace=_KV_NAMESPACE)
+
+
+def was_placed(name: str) -> bool:
+    """Whether :func:`mark_placed` ran for ``name`` (in the driver: a call to the GCS)."""
+    from ray.experimental import internal_kv
+
+    try:
+        return bool(internal_kv._internal_kv_exists(name, namespace=_KV_NAMESPACE))
+    except Exception:
+        return False
+
+
+def forget_placed(prefix: str) -> None:
+    """Remove the run's placement marks."""
+    from ray.experimental import internal_kv
+
+    with contextlib.suppress(Exception):
+        internal_kv._internal_kv_del(prefix, del_by_prefix=True, namespace=_KV_NAMESPACE)
 
 
 def _gone(pid: int) -> bool:

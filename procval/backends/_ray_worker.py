@@ -24,7 +24,7 @@ import ray
 from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from procval.backends._ray_actor import Remains, read_files
+from procval.backends._ray_actor import Remains, read_files, was_placed
 
 REMAINS_TIMEOUT = 30.0  # seconds to read a dead actor's files on its node
 STALL = 1.0  # seconds a poll may go unanswered before the slot table is read from outside
@@ -81,6 +81,7 @@ class RayWorker:
         self._error_pid = 0
         self._error_node = ""
         self.created = time.monotonic()
+        self._placed = False  # its constructor began: placed, maybe in a slow Config.setup
         self._heard = self.created  # the last sign of life: an answer, a result
         self.closing: Any = None
         """The ObjectRef of the actor's close call, once :meth:`close` was called."""
@@ -259,14 +260,18 @@ class RayWorker:
         """Poll the actor; if it owes work and is silent, or never started, say why it is lost.
 
         Called by the backend's monitor thread, never by the scheduler. Returns "unplaced" when
-        it has not started within ``placement_timeout`` (the caller words the error, it knows
-        the cluster), "silent" after declaring it lost, else None.
+        no node took it within ``placement_timeout`` (the caller words the error, it knows the
+        cluster; an actor still in its constructor, a slow ``Config.setup``, was placed), "silent"
+        after declaring it lost, else None.
         """
         if self.killed or self._dead is not None or self._lost is not None:
             return None
         now = time.monotonic()
         if not self._description.done():
-            return "unplaced" if now - self.created > placement_timeout else None
+            if self._placed or now - self.created <= placement_timeout:
+                return None
+            self._placed = was_placed(self._name)
+            return None if self._placed else "unplaced"
         if self._description.exception() is not None:
             return None  # it died starting: its shards fail with Ray's error
         if not self._futures:

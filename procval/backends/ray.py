@@ -52,7 +52,7 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from procval.backends import WorkerSpec
-from procval.backends._ray_actor import PREFIX, ProcvalWorker, remove_leftovers
+from procval.backends._ray_actor import PREFIX, ProcvalWorker, forget_placed, remove_leftovers
 from procval.backends._ray_worker import LostWorker, RayWorker, _remote, _remote_cache
 
 __all__ = ["RayBackend"]
@@ -89,11 +89,13 @@ class RayBackend:
             ``num_gpus``, ``memory``, ``resources``, ``accelerator_type``,
             ``scheduling_strategy``.
         grace: seconds ``shutdown`` gives closing actors to exit before killing them.
-        placement_timeout: seconds an actor may wait to be placed and started. Past it, the
-            actor is given up: if no actor of its config runs, the config fails with an error
-            naming what it asks for and what the cluster offers, and its worker slots go to
-            the other configs; otherwise the slot is retried later. Raise it when a
-            ``runtime_env`` installs packages (``pip``) or the cluster autoscales.
+        placement_timeout: seconds an actor may wait for a node to take it. Past it, if no
+            live node has what it asks for, the config fails with an error naming the resource
+            and what the cluster offers, and its worker slots go to the other configs; if other
+            actors of its config run, the actor is given up and its slot retried later (a
+            frozen node); otherwise it keeps waiting for a busy cluster. An actor whose
+            constructor began (a slow ``Config.setup``) was placed. Raise it when the cluster
+            autoscales.
         lost_after: seconds an actor that owes results may go without answering a poll (nor
             a read of its slot table on its node) before it counts as lost: it is killed and
             replaced and its examples rerun (never ``Timeout`` rows). A frozen or partitioned
@@ -233,13 +235,15 @@ class RayBackend:
         if verdict == "silent":
             self.lost_workers += 1
         elif verdict == "unplaced":
-            self.lost_workers += 1
             config, options = self._configs[worker]
             others = [
                 w
                 for w in self._workers
                 if w is not worker and self._configs[w][0] == config and w.started and not w.killed
             ]
+            if not others and not _missing(options):
+                return  # a node could take it once others finish: waiting is no failure
+            self.lost_workers += 1
             worker.lose(
                 LostWorker(
                     _unplaced_message(config, options, self._placement_timeout, bool(others)),
@@ -264,6 +268,8 @@ class RayBackend:
             if not worker.examined and worker.node_id:
                 leftovers.add(worker.node_id)
         self._remove_leftovers(leftovers)
+        if self._workers:
+            forget_placed(f"{PREFIX}{self._run}-")
         self._workers.clear()
         self._configs.clear()
         self._snapshots.clear()
@@ -289,11 +295,7 @@ def _unplaced_message(config: str, options: Mapping[str, Any], waited: float, ot
     """Why an actor of ``config`` did not start: what it asks for, what the cluster offers."""
     asked = _asked(options)
     nodes = [n for n in ray.nodes() if n.get("Alive")]
-    missing = [
-        name
-        for name, amount in asked.items()
-        if not any(float(n.get("Resources", {}).get(name, 0)) >= amount for n in nodes)
-    ]
+    missing = _missing(options, nodes)
     offered = "; ".join(
         f"node {n['NodeID'][:8]} ({n.get('NodeManagerHostname', '?')}): "
         + ", ".join(
@@ -319,6 +321,17 @@ def _unplaced_message(config: str, options: Mapping[str, Any], waited: float, ot
         f"no actor of config {config!r} was placed within {waited:g}s (placement_timeout): "
         f"each asks for {wants}; {why}. The cluster offers: {offered or 'no live node'}. {fix}"
     )
+
+
+def _missing(options: Mapping[str, Any], nodes: list[dict[str, Any]] | None = None) -> list[str]:
+    """The resources of ``options`` that no live node has in the amount asked for."""
+    if nodes is None:
+        nodes = [n for n in ray.nodes() if n.get("Alive")]
+    return [
+        name
+        for name, amount in _asked(options).items()
+        if not any(float(n.get("Resources", {}).get(name, 0)) >= amount for n in nodes)
+    ]
 
 
 def _asked(options: Mapping[str, Any]) -> dict[str, float]:

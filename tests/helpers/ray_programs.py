@@ -50,3 +50,8 @@ def slow_double(example: dict[str, Any]) -> int:
     """A third of a second per example (long enough to act on a node mid-run), then q * 2."""
     time.sleep(0.3)
     return example["q"] * 2
+
+
+def slow_setup() -> None:
+    """A Config.setup that takes 4 seconds (loading a model, say)."""
+    time.sleep(4)
