@@ -55,7 +55,7 @@ class Row:
         worker_pid: the process that produced the row.
         config: the config's name.
         fingerprint: the snapshot installed in that process.
-        node: the host that ran the process.
+        node: the host that ran the process (with the Ray backend, the Ray node id).
     """
 
     index: int
