@@ -113,6 +113,7 @@ class EvaluationResult:
         self._fingerprint = fingerprint
         self._found = 0
         self._added: int | None = None
+        self._replaced = 0
 
     @property
     def config(self) -> str:
@@ -177,6 +178,11 @@ class EvaluationResult:
         """Rows this call produced (all of them, unless it resumed a store or was loaded)."""
         return self.totals.n - self._found if self._added is None else self._added
 
+    @property
+    def replaced_workers(self) -> int:
+        """Workers of this config lost in this call (died, froze, never placed) and replaced."""
+        return self._replaced
+
     def __len__(self) -> int:
         return self.totals.n
 
@@ -219,6 +225,8 @@ class EvaluationResult:
             lines.append(f"  {warning}")
         for kind, count in self.error_types.items():
             lines.append(f"  {count} x {kind}{_example_of(samples.get(kind))}")
+        if self.replaced_workers:
+            lines.append(f"  {self.replaced_workers} workers lost and replaced")
         return "\n".join(lines)
 
     def _first_error(self) -> RowError | None:
@@ -324,6 +332,11 @@ class Results(Mapping[str, EvaluationResult]):
             warning = _all_failed(result)
             if warning:
                 lines.append(f"{name}: {warning}")
+        replaced = [
+            f"{n} {r.replaced_workers}" for n, r in self._results.items() if r.replaced_workers
+        ]
+        if replaced:
+            lines.append(f"workers lost and replaced: {', '.join(replaced)}")
         return "\n".join(lines)
 
     def compare(
@@ -412,8 +425,10 @@ def _all_failed(result: EvaluationResult) -> str:
     )
 
 
-def _with_counts(result: EvaluationResult, *, found: int, added: int) -> EvaluationResult:
-    """``result`` with what one call found in the store and added to it (the scheduler's)."""
+def _with_counts(
+    result: EvaluationResult, *, found: int, added: int, replaced: int = 0
+) -> EvaluationResult:
+    """``result`` with what one call found in the store, added to it and lost (the scheduler's)."""
     counted = copy.copy(result)
-    counted._found, counted._added = found, added
+    counted._found, counted._added, counted._replaced = found, added, replaced
     return counted

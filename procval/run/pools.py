@@ -79,6 +79,7 @@ class ConfigRun:
         exhausted: ``source`` has nothing left.
         start_failures: deaths before any reply since the config's last reply.
         found: rows already finished when the run began (a resumed run).
+        replaced: workers lost (died, silent, never placed) and replaced, in this call.
         dataset_error: what the dataset raised while being read (the examples read before
             it still run; the scheduler raises it at the end).
         setup_failure: why the config cannot start (its workers failed ``Config.setup`` or
@@ -97,6 +98,7 @@ class ConfigRun:
     exhausted: bool = False
     start_failures: int = 0
     found: int = 0
+    replaced: int = 0
     dataset_error: Exception | None = None
     setup_failure: SetupFailure | None = None
     started: float = field(default_factory=time.perf_counter)

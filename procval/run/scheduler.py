@@ -43,7 +43,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, wait
 
 from procval import _pickling
 from procval.backends import Backend, WorkerSpec
-from procval.errors import IsolationError, TooManyErrors
+from procval.errors import TooManyErrors
 from procval.results import Results, Row, RowError, Totals, _with_counts
 from procval.run.dataset import Examples, Item
 from procval.run.failures import SetupFailure, note_dataset_error, setup_error
@@ -58,6 +58,7 @@ from procval.run.lifecycle import (
 )
 from procval.run.pools import ConfigRun, RunOptions, WorkerRun
 from procval.run.progress import Progress
+from procval.run.provenance import Provenance
 from procval.run.shards import ShardSizer
 from procval.store.scrub import Scrubber
 from procval.store.sink import Sink
@@ -86,7 +87,7 @@ class Scheduler:
         self._progress = progress
         self._options = options
         self._owners: dict[Future[bytes], WorkerRun] = {}
-        self._provenance: dict[tuple[str, int], str] = {}
+        self._provenance = Provenance()
         self._errors = 0
         self._runs: list[ConfigRun] = []
         for spec, data in zip(specs, examples, strict=True):
@@ -143,6 +144,7 @@ class Scheduler:
                     sink.result(run.name, (run.finished or now) - run.started),
                     found=run.found,
                     added=run.totals.n - run.found,
+                    replaced=run.replaced,
                 )
                 for run in self._runs
                 if run.setup_failure is None
@@ -269,7 +271,10 @@ class Scheduler:
         try:
             data = future.result()
         except BaseException as exc:
-            self._on_death(w, w.worker.death(exc) or f"the worker failed ({exc!r})")
+            if getattr(exc, "fails_config", False):  # the backend cannot run this config at all
+                self._fail_setup(run, SetupFailure(f"config {run.name!r} could not run: {exc}"))
+            else:
+                self._on_death(w, w.worker.death(exc) or f"the worker failed ({exc!r})")
             return
         del self._owners[future]
         w.calls.discard(future)
@@ -280,7 +285,7 @@ class Scheduler:
             self._fail_setup(run, SetupFailure(f"{failed}; fix the config's setup", shown))
             return
         pid, node, fingerprint, results = message
-        self._check_provenance(run, pid, node, fingerprint)
+        self._provenance.check(run.name, run.spec.snapshot.fingerprint, pid, node, fingerprint)
         alone = w.state is WorkerState.ALONE  # the suspect's reply: timings of one example
         w.move(WorkerEvent.REPLIED)
         w.replies += 1
@@ -310,18 +315,6 @@ class Scheduler:
             )
         self._deliver(run, rows)
 
-    def _check_provenance(self, run: ConfigRun, pid: int, node: str, fingerprint: str) -> None:
-        if fingerprint != run.spec.snapshot.fingerprint:
-            raise IsolationError(
-                f"a worker of config {run.name!r} (pid {pid}) reports snapshot {fingerprint}, "
-                f"expected {run.spec.snapshot.fingerprint}"
-            )
-        first = self._provenance.setdefault((node, pid), fingerprint)
-        if first != fingerprint:
-            raise IsolationError(
-                f"process {pid} on {node} produced rows for snapshots {first} and {fingerprint}"
-            )
-
     def _deliver(self, run: ConfigRun, rows: list[Row]) -> None:
         if not rows:
             return
@@ -339,6 +332,7 @@ class Scheduler:
             n=run.totals.n,
             score_sum=run.totals.score_sum,
             errors=run.totals.errors,
+            replaced=run.replaced,
         )
 
     def _error_row(
@@ -384,6 +378,7 @@ class Scheduler:
         running = {seq for seq, _ in w.worker.running() if seq in w.outstanding}
         label, pid, log = w.worker.label, w.worker.pid, w.worker.crash_log()
         lost, alone = self._drop(w)
+        run.replaced += 1
         verdict = fate_after_death(
             [item.seq for item in lost],
             running,
