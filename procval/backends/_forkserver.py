@@ -37,7 +37,11 @@ reseeded in each (CPython does so after ``fork``).
 Lifetimes: the server exits when the parent process dies or closes its end of the socket (EOF),
 or is re-parented (checked twice a second); each worker's ``PR_SET_PDEATHSIG`` and watchdog
 (``procval.worker.lifeline.watch_parent``, given the server's pid) end it when the server dies. So a
-``kill -9`` of the parent still ends every worker. Linux only; elsewhere workers start by
+``kill -9`` of the parent still ends every worker. Each worker leads a process group of its own
+(``lifeline.lead_process_group``); when a worker exits, however it exits, the server kills its
+group before it reaps it (the pid cannot name another group until then), and at its own exit it
+kills the group of every worker still alive: a program's children (``subprocess.Popen("sleep
+300")``) never outlive the run, nor keep its stdout open. Linux only; elsewhere workers start by
 ``fork+exec``. ``PROCVAL_FORK_SERVER=0`` turns it off.
 """
 
@@ -382,13 +386,29 @@ def serve(fd: int, parent: int) -> None:
             with contextlib.suppress(OSError):  # the parent gave up on it (Ctrl-C): it exits
                 os.write(status_w, _STATUS.pack(pid))
             _reap(status)
+    for pid in status:  # not reaped: each pid still names the worker's group
+        _kill_group(pid)
     os._exit(0)  # workers still alive die too: PR_SET_PDEATHSIG, and their watchdog
+
+
+def _kill_group(pid: int) -> None:
+    """SIGKILL the process group a worker leads: its descendants die with it."""
+    with contextlib.suppress(OSError):
+        if os.getpgid(pid) == pid:
+            os.killpg(pid, signal.SIGKILL)
 
 
 def _reap(status: dict[int, int]) -> None:
     while status:
+        try:  # peek first: while the worker is not reaped, its pid still names its group
+            exited = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:
+            return
+        if exited is None:
+            return
+        _kill_group(exited.si_pid)
         try:
-            pid, code = os.waitpid(-1, os.WNOHANG)
+            pid, code = os.waitpid(exited.si_pid, os.WNOHANG)
         except ChildProcessError:
             return
         if pid == 0:

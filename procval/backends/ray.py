@@ -331,6 +331,10 @@ class RayWorker:
         return reader.remote(path, self._slots, final=final)
 
     # failures ------------------------------------------------------------
+    def silent_for(self) -> float:
+        """0.0: Ray's own health checks find a frozen actor (its slot table beats, unread)."""
+        return 0.0
+
     def death(self, exc: BaseException) -> str | None:
         """How the actor died, if ``exc`` says it did: exit code, fatal signal or Ray's reason."""
         if not isinstance(exc, RayActorError):

@@ -21,6 +21,8 @@
                              was running become suspects, the rest are requeued; a suspect is
                              rerun alone in an idle worker and, if it kills that one too,
                              gets a "WorkerCrashed" row
+                 liveness    a worker owes answers but shows no sign of life (no heartbeat,
+                             no CPU) for ``liveness`` s: kill it, rerun its examples
                  max_errors  too many failed rows: stop, keep what finished, raise
 
 The states (a worker STARTING, PRODUCING, ALONE, RETIRED, DEAD; an example's fate when its worker
@@ -49,6 +51,7 @@ from procval.run.lifecycle import (
     WorkerEvent,
     WorkerState,
     fate_after_death,
+    fate_after_loss,
     fate_after_timeout,
 )
 from procval.run.pools import ConfigRun, RunOptions, WorkerRun
@@ -113,6 +116,7 @@ class Scheduler:
                 self._fill()
                 self._wait()
                 self._check_timeouts()
+                self._check_liveness()
                 self._check_errors()
             completed = True
             for w in self._live():
@@ -238,6 +242,8 @@ class Scheduler:
         del self._owners[future]
         w.calls.discard(future)
         message: ShardDone | SetupFailed = _pickling.loads(data)
+        if isinstance(message, SetupFailed) and message.reason:
+            raise _refused(run.name, w.worker.label, message.reason)
         if isinstance(message, SetupFailed):
             raise SetupError(
                 f"Config.setup of config {run.name!r} failed in worker {w.worker.label}; "
@@ -385,6 +391,33 @@ class Scheduler:
             fates = fate_after_timeout([item.seq for item in lost], late)
             self._apply(run, lost, fates, RowError("Timeout", message), pid)
 
+    def _check_liveness(self) -> None:
+        """Kill and replace each worker that owes answers and has been silent for too long.
+
+        A stopped or frozen worker (SIGSTOP, stuck in the kernel) never answers, whether it
+        was running an example or pickling results between two: its examples are rerun
+        (``lifecycle.fate_after_loss``), none of them counted as an attempt.
+        """
+        bound = self._options.liveness
+        for w in self._live():
+            if not w.calls:
+                continue
+            silent = w.worker.silent_for()
+            if silent <= bound:
+                continue
+            run, label, pid = w.config, w.worker.label, w.worker.pid
+            running = {seq for seq, _ in w.worker.running() if seq in w.outstanding}
+            lost, alone = self._drop(w)
+            fates = fate_after_loss(
+                [item.seq for item in lost], running, alone=alone, losses=run.losses
+            )
+            message = (
+                f"worker {label} showed no sign of life for {silent:.0f}s (stopped, or stuck "
+                "in the operating system) while it ran this example alone, after losing it "
+                f"before; PROCVAL_LIVENESS={bound:g} sets the bound"
+            )
+            self._apply(run, lost, fates, RowError("WorkerLost", message), pid)
+
     def _apply(
         self,
         run: ConfigRun,
@@ -404,7 +437,7 @@ class Scheduler:
                 run.requeue.append(item)
             elif fate is ExampleFate.SUSPECT:
                 run.suspects.append(item)
-            else:  # CRASHED or TIMEOUT: a row with the error
+            else:  # CRASHED, TIMEOUT or LOST: a row with the error
                 rows.append(self._error_row(run, item, error, pid=pid))
         self._deliver(run, rows)
 
@@ -447,3 +480,8 @@ class Scheduler:
             w.move(WorkerEvent.DIED)
             w.config.workers.remove(w)
         self._owners.clear()
+
+
+def _refused(name: str, label: str, reason: str) -> SetupError:
+    """The error for a worker that refused to start (``SetupFailed.reason``): one line."""
+    return SetupError(f"a worker of config {name!r} ({label}) refused to start: {reason}")

@@ -13,7 +13,9 @@ by ``script(worker, item)``, which returns one of:
 - :class:`Hang`: runs for ever; ``running()`` reports it as running for ``seconds``;
 - :class:`Crash`: the worker dies while running it (the slot table still shows it; its futures
   fail and ``death()`` says how);
-- :class:`Vanish`: the worker dies as it reaches it, with nothing shown running.
+- :class:`Vanish`: the worker dies as it reaches it, with nothing shown running;
+- :class:`Freeze`: the worker freezes (as under SIGSTOP) after it ran the example, or while it
+  runs it (``running=True``): it never replies, and ``silent_for()`` reports ``seconds``.
 
 Replies are real pickled ``procval.wire.ShardDone`` / ``SetupFailed`` messages, so the
 scheduler's own code path reads them.
@@ -73,6 +75,14 @@ class Vanish:
     how: str = "exit code 1"
 
 
+@dataclass(frozen=True)
+class Freeze:
+    """The worker freezes: after running this example (or while, with ``running``)."""
+
+    running: bool = False
+    seconds: float = 3600.0
+
+
 Script = Callable[["FakeWorker", WorkItem], Any]
 
 
@@ -99,6 +109,7 @@ class FakeWorker:
         self._late: list[WorkItem] = []
         self._done: list[ExampleResult] = []
         self._pending: list[tuple[Future[bytes], bool]] = []  # (future, drain) not replied
+        self._silent = 0.0  # what silent_for() reports (a frozen worker's silence)
 
     @property
     def label(self) -> str:
@@ -123,6 +134,9 @@ class FakeWorker:
             return future
         message: Shard = pickle.loads(shard)
         self.shards.append(message)
+        if self._silent:  # frozen: takes nothing up, answers nothing
+            self._pending.append((future, message.drain))
+            return future
         if self.backend.setup_fails:
             future.set_result(pickle.dumps(SetupFailed("Traceback ...\nRuntimeError: no GPU")))
             return future
@@ -138,7 +152,8 @@ class FakeWorker:
         for item in message.items:
             if not self._start(item):
                 return future
-        self._reply()
+        if not self._silent:
+            self._reply()
         return future
 
     def _start(self, item: WorkItem) -> bool:
@@ -149,6 +164,13 @@ class FakeWorker:
             return False
         if isinstance(step, Vanish):
             self._die(step.how, "")
+            return False
+        if isinstance(step, Freeze):
+            self._silent = step.seconds
+            if step.running:
+                self._running[item.seq] = step.seconds
+                return False
+            self._done.append(_result(item.seq, item.example, None))
             return False
         if isinstance(step, Hang):
             self._running[item.seq] = step.seconds
@@ -182,6 +204,10 @@ class FakeWorker:
     def running(self) -> list[tuple[int, float]]:
         """``(seq, seconds)`` of the examples running (still shown after a crash)."""
         return list(self._running.items())
+
+    def silent_for(self) -> float:
+        """0.0, or ``Freeze.seconds`` once frozen."""
+        return self._silent
 
     def death(self, exc: BaseException) -> str | None:
         """How the worker died, if ``exc`` says it did."""
