@@ -110,10 +110,14 @@ class ForkServer:
         self.owner = os.getpid()
         parent_end, server_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         argv_path = json.dumps([p or os.getcwd() for p in sys.path])
+        # procval is imported from the parent's own package, first on the path for that import
+        # only: a folder named "procval" first on the parent's path (next to a task file) must
+        # not replace the code the server and its workers run (it would not be the parent's)
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         code = (
-            "import sys, json; sys.path[:] = json.loads(sys.argv[3]); "
-            "from procval.backends._forkserver import serve; "
-            "serve(int(sys.argv[1]), int(sys.argv[2]))"
+            "import sys, json; path = json.loads(sys.argv[3]); sys.path[:] = [sys.argv[4], *path]; "
+            "from procval.backends._forkserver import serve; import procval.worker.runtime; "
+            "sys.path[:] = path; serve(int(sys.argv[1]), int(sys.argv[2]))"
         )
         # The server starts with SIGINT blocked (the mask survives exec) and ignores it before
         # unblocking: a Ctrl-C at the terminal, sent to the whole process group, must not print
@@ -122,7 +126,15 @@ class ForkServer:
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
         try:
             self._process = subprocess.Popen(
-                [sys.executable, "-c", code, str(server_end.fileno()), str(os.getpid()), argv_path],
+                [
+                    sys.executable,
+                    "-c",
+                    code,
+                    str(server_end.fileno()),
+                    str(os.getpid()),
+                    argv_path,
+                    root,
+                ],
                 pass_fds=[server_end.fileno()],
                 stdin=subprocess.DEVNULL,
             )
