@@ -32,13 +32,12 @@ from loky import ProcessPoolExecutor
 from loky.backend import resource_tracker
 from loky.backend.context import get_context
 
-import procval as _procval
 from procval.backends import WorkerSpec, _forkserver
 from procval.worker import runtime as _worker
 from procval.worker.slots import SlotTable
 
 _EXIT_CODES = re.compile(r"exit codes of the workers are \{([^}]*)\}")
-_PROCVAL = os.path.dirname(os.path.abspath(_procval.__file__))  # the parent's procval package
+_PROCVAL = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the parent's procval
 _TICKS = float(os.sysconf("SC_CLK_TCK")) if hasattr(os, "sysconf") else 100.0
 
 
