@@ -71,12 +71,20 @@ class WorkerOptions:
         retries: extra attempts for an example whose program raises.
         backoff: seconds before the first retry, doubled each time (with jitter).
         parent_pid: the process whose death ends the worker (its watchdog); 0 for none.
+        procval_path: the folder of the parent's ``procval`` package; a worker that imports
+            ``procval`` from elsewhere (a folder named ``procval`` next to the task file, say)
+            refuses to start. "" checks nothing (a backend whose workers may run on other
+            machines, where procval is installed in another place).
+        session: the worker leads a session (and process group) of its own, so that the
+            backend can kill its descendants with it.
     """
 
     threads: int = 1
     retries: int = 0
     backoff: float = 0.5
     parent_pid: int = 0
+    procval_path: str = ""
+    session: bool = False
 
 
 @dataclass(frozen=True)
@@ -197,10 +205,13 @@ class SetupFailed(NamedTuple):
     """The worker could not install its snapshot (unpickling or ``Config.setup`` raised).
 
     Attributes:
-        traceback: the worker's formatted traceback.
+        traceback: the worker's formatted traceback ("" when it refused to start).
+        reason: why the worker refused to start, on one line, naming the fix (e.g. it imports
+            another ``procval`` than the parent's); "" when the snapshot itself failed.
     """
 
     traceback: str
+    reason: str = ""
 
 
 Reply = ShardDone | SetupFailed

@@ -8,6 +8,7 @@ decided in :mod:`procval.run.lifecycle`; the scheduler applies it here.
 
 from __future__ import annotations
 
+import os
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -21,16 +22,42 @@ from procval.run.failures import SetupFailure
 from procval.run.lifecycle import WorkerEvent, WorkerState, advance
 from procval.run.shards import ShardSizer
 
+LIVENESS = 60.0  # seconds without a sign of life after which a worker that owes answers is lost
+
+
+def default_liveness() -> float:
+    """``PROCVAL_LIVENESS`` (seconds) if set, else :data:`LIVENESS`.
+
+    Raises:
+        ValueError: the variable is not a positive number.
+    """
+    value = os.environ.get("PROCVAL_LIVENESS", "")
+    if not value:
+        return LIVENESS
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = 0.0
+    if not seconds > 0:
+        raise ValueError(f"PROCVAL_LIVENESS must be a positive number of seconds, got {value!r}")
+    return seconds
+
 
 @dataclass
 class RunOptions:
-    """Scheduler settings from ``evaluate``'s keywords."""
+    """Scheduler settings from ``evaluate``'s keywords.
+
+    Attributes:
+        liveness: seconds a worker that owes answers may show no sign of life (no heartbeat,
+            no CPU time) before it is killed and replaced (``PROCVAL_LIVENESS``, default 60).
+    """
 
     workers: int
     failure_score: float = 0.0
     timeout: float | None = None
     max_errors: int | None = None
     resume_hint: str = ""
+    liveness: float = field(default_factory=default_liveness)
 
 
 @dataclass(eq=False)

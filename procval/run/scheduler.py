@@ -21,6 +21,8 @@
                              was running become suspects, the rest are requeued; a suspect is
                              rerun alone in an idle worker and, if it kills that one too,
                              gets a "WorkerCrashed" row
+                 liveness    a worker owes answers but shows no sign of life (no heartbeat,
+                             no CPU) for ``liveness`` s: kill it, rerun its examples
                  max_errors  too many failed rows: stop, keep what finished, raise
 
     A config that cannot start stops alone (``SetupError`` once the others finished); a dataset
@@ -54,6 +56,7 @@ from procval.run.lifecycle import (
     WorkerEvent,
     WorkerState,
     fate_after_death,
+    fate_after_loss,
     fate_after_timeout,
 )
 from procval.run.pools import ConfigRun, RunOptions, WorkerRun
@@ -121,6 +124,7 @@ class Scheduler:
                 self._fill()
                 self._wait()
                 self._check_timeouts()
+                self._check_liveness()
                 self._check_errors()
             for w in self._live():
                 self._retire(w)
@@ -280,9 +284,7 @@ class Scheduler:
         w.calls.discard(future)
         message: ShardDone | SetupFailed = _pickling.loads(data)
         if isinstance(message, SetupFailed):
-            failed = f"Config.setup of config {run.name!r} failed in worker {w.worker.label}"
-            shown = user_traceback(message.traceback)  # the user's frames
-            self._fail_setup(run, SetupFailure(f"{failed}; fix the config's setup", shown))
+            self._fail_setup(run, _setup_failure(run.name, w.worker.label, message))
             return
         pid, node, fingerprint, results = message
         self._provenance.check(run.name, run.spec.snapshot.fingerprint, pid, node, fingerprint)
@@ -420,6 +422,33 @@ class Scheduler:
             fates = fate_after_timeout([item.seq for item in lost], late)
             self._apply(run, lost, fates, RowError("Timeout", message), pid)
 
+    def _check_liveness(self) -> None:
+        """Kill and replace each worker that owes answers and has been silent for too long.
+
+        A stopped or frozen worker (SIGSTOP, stuck in the kernel) never answers, whether it
+        was running an example or pickling results between two: its examples are rerun
+        (``lifecycle.fate_after_loss``), none of them counted as an attempt.
+        """
+        bound = self._options.liveness
+        for w in self._live():
+            if not w.calls:
+                continue
+            silent = w.worker.silent_for()
+            if silent <= bound:
+                continue
+            run, label, pid = w.config, w.worker.label, w.worker.pid
+            running = {seq for seq, _ in w.worker.running() if seq in w.outstanding}
+            lost, alone = self._drop(w)
+            fates = fate_after_loss(
+                [item.seq for item in lost], running, alone=alone, losses=run.losses
+            )
+            message = (
+                f"worker {label} showed no sign of life for {silent:.0f}s (stopped, or stuck "
+                "in the operating system) while it ran this example alone, after losing it "
+                f"before; PROCVAL_LIVENESS={bound:g} sets the bound"
+            )
+            self._apply(run, lost, fates, RowError("WorkerLost", message), pid)
+
     def _apply(
         self,
         run: ConfigRun,
@@ -439,7 +468,7 @@ class Scheduler:
                 run.requeue.append(item)
             elif fate is ExampleFate.SUSPECT:
                 run.suspects.append(item)
-            else:  # CRASHED or TIMEOUT: a row with the error
+            else:  # CRASHED, TIMEOUT or LOST: a row with the error
                 rows.append(self._error_row(run, item, error, pid=pid))
         self._deliver(run, rows)
 
@@ -490,3 +519,12 @@ class Scheduler:
                 self._unfinished(w)
             self._discard(w)
         self._owners.clear()
+
+
+def _setup_failure(name: str, label: str, message: SetupFailed) -> SetupFailure:
+    """Why a worker did not install its snapshot: a refusal in one line, or setup's traceback."""
+    if message.reason:  # e.g. the worker would run another procval than the parent's
+        return SetupFailure(f"a worker of config {name!r} ({label}) refused to start: "
+                            f"{message.reason}")  # fmt: skip
+    failed = f"Config.setup of config {name!r} failed in worker {label}"
+    return SetupFailure(f"{failed}; fix the config's setup", user_traceback(message.traceback))
