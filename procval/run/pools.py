@@ -19,7 +19,7 @@ from procval.backends import Worker, WorkerSpec
 from procval.results import Totals
 from procval.run.dataset import Item
 from procval.run.failures import SetupFailure
-from procval.run.lifecycle import WorkerEvent, WorkerState, advance
+from procval.run.lifecycle import ExampleFate, WorkerEvent, WorkerState, advance
 from procval.run.shards import ShardSizer
 
 LIVENESS = 60.0  # seconds without a sign of life after which a worker that owes answers is lost
@@ -149,6 +149,22 @@ class ConfigRun:
         if self.total is None:
             return None
         return max(0, self.total - self.totals.n)
+
+    def place(self, lost: list[Item], fates: dict[int, ExampleFate]) -> list[Item]:
+        """Put a killed worker's examples where their fates say; return those owed a row."""
+        owed = []
+        for item in lost:
+            fate = fates[item.seq]
+            if fate is ExampleFate.REQUEUE:
+                self.losses[item.seq] = self.losses.get(item.seq, 0) + 1
+                self.requeue.append(item)
+            elif fate is ExampleFate.RERUN:
+                self.requeue.append(item)
+            elif fate is ExampleFate.SUSPECT:
+                self.suspects.append(item)
+            else:  # CRASHED, TIMEOUT or LOST: a row with the error
+                owed.append(item)
+        return owed
 
     def could_use_worker(self) -> bool:
         """Whether another worker would have something to do."""

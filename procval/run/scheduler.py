@@ -38,7 +38,6 @@ serves two configs. Everything runs in the caller's thread; Ctrl-C kills every w
 from __future__ import annotations
 
 import contextlib
-import socket
 import time
 from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, wait
@@ -62,6 +61,7 @@ from procval.run.lifecycle import (
 from procval.run.pools import ConfigRun, RunOptions, WorkerRun
 from procval.run.progress import Progress
 from procval.run.provenance import Provenance
+from procval.run.rows import error_row, rows_of
 from procval.run.shards import ShardSizer
 from procval.store.scrub import Scrubber
 from procval.store.sink import Sink
@@ -69,7 +69,6 @@ from procval.wire import SetupFailed, Shard, ShardDone
 
 __all__ = ["PIPELINE", "RunOptions", "Scheduler"]
 
-_NODE = socket.gethostname()
 PIPELINE = 2  # shards queued per worker, so a worker never waits for its next shard
 
 
@@ -294,27 +293,15 @@ class Scheduler:
         run.start_failures = 0
         if not alone:
             run.sizer.observe(len(results), sum(result.duration for result in results))
-        failure_score, name, outstanding = self._options.failure_score, run.name, w.outstanding
-        rows = []
-        for seq, prediction, score, error, attempts, duration in results:
-            index, example_id, example = outstanding.pop(seq)
-            # positional, in Row's field order: a third faster than keywords, per example
-            rows.append(
-                Row(
-                    index,
-                    example_id,
-                    example,
-                    prediction,
-                    failure_score if error else score,
-                    RowError(*error) if error else None,
-                    attempts,
-                    duration,
-                    pid,
-                    name,
-                    fingerprint,
-                    node,
-                )
-            )
+        rows = rows_of(
+            results,
+            w.outstanding,
+            config=run.name,
+            fingerprint=fingerprint,
+            pid=pid,
+            node=node,
+            failure_score=self._options.failure_score,
+        )
         self._deliver(run, rows)
 
     def _deliver(self, run: ConfigRun, rows: list[Row]) -> None:
@@ -340,21 +327,11 @@ class Scheduler:
     def _error_row(
         self, run: ConfigRun, item: Item, error: RowError, *, pid: int = 0, node: str = ""
     ) -> Row:
-        index, example_id, example = item
-        return Row(
-            index=index,
-            example_id=example_id,
-            example=example,
-            prediction=None,
-            score=self._options.failure_score,
-            error=error,
-            attempts=1,
-            duration=0.0,
-            worker_pid=pid,
-            config=run.name,
-            fingerprint=run.spec.snapshot.fingerprint,
-            node=node or _NODE,
-        )
+        snapshot, score = run.spec.snapshot, self._options.failure_score
+        return error_row(
+            item, error, config=run.name, fingerprint=snapshot.fingerprint, failure_score=score,
+            pid=pid, node=node,
+        )  # fmt: skip
 
     # ---------------------------------------------------------------- failures
 
@@ -458,18 +435,7 @@ class Scheduler:
         pid: int,
     ) -> None:
         """Move a killed worker's examples where their fates say; ``error`` for the rows."""
-        rows = []
-        for item in lost:
-            fate = fates[item.seq]
-            if fate is ExampleFate.REQUEUE:
-                run.losses[item.seq] = run.losses.get(item.seq, 0) + 1
-                run.requeue.append(item)
-            elif fate is ExampleFate.RERUN:
-                run.requeue.append(item)
-            elif fate is ExampleFate.SUSPECT:
-                run.suspects.append(item)
-            else:  # CRASHED, TIMEOUT or LOST: a row with the error
-                rows.append(self._error_row(run, item, error, pid=pid))
+        rows = [self._error_row(run, item, error, pid=pid) for item in run.place(lost, fates)]
         self._deliver(run, rows)
 
     def _drop(self, w: WorkerRun) -> tuple[list[Item], bool]:
