@@ -68,12 +68,16 @@ class WorkerOptions:
         retries: extra attempts for an example whose program raises.
         backoff: seconds before the first retry, doubled each time (with jitter).
         parent_pid: the process whose death ends the worker (its watchdog); 0 for none.
+        log: where the worker sends its log records, ``(socket path, {logger name: level})``
+            (the parent's listening Unix datagram socket and its loggers' levels, "" for the
+            root logger); None: records stay in the worker (:mod:`procval.worker.logs`).
     """
 
     threads: int = 1
     retries: int = 0
     backoff: float = 0.5
     parent_pid: int = 0
+    log: tuple[str, dict[str, int]] | None = None
 
 
 @dataclass(frozen=True)
@@ -153,6 +157,8 @@ class ExampleResult(NamedTuple):
         error: None, or what went wrong.
         attempts: how many times the program was called.
         duration: seconds spent in the worker, all attempts included.
+        events: what the example recorded while it ran (``(kind, payload)`` pairs: DSPy
+            callback events and LM history entries), replayed in the parent; None for none.
     """
 
     seq: int
@@ -161,6 +167,7 @@ class ExampleResult(NamedTuple):
     error: ErrorInfo | None
     attempts: int
     duration: float
+    events: list[tuple[str, Any]] | None = None
 
 
 class ShardDone(NamedTuple):

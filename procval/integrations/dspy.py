@@ -52,6 +52,8 @@ from dspy.evaluate.evaluate import EvaluationResult as _DSPyEvaluationResult
 from dspy.utils.callback import with_callbacks
 
 from procval.errors import TooManyErrors
+from procval.integrations import _dspy_observe as _observe
+from procval.integrations._dspy_observe import in_worker
 from procval.integrations._dspy_settings import PER_CALL_SETTINGS, snapshot
 from procval.integrations._dspy_settings import _Configure as _Configure  # pickled as ours
 from procval.results import EvaluationResult as _ProcvalResult
@@ -59,7 +61,7 @@ from procval.results import Row
 from procval.run.api import evaluate, on_rows
 from procval.run.dataset import example_id
 
-__all__ = ["PER_CALL_SETTINGS", "Evaluate", "EvaluationResult", "Scored", "snapshot"]
+__all__ = ["PER_CALL_SETTINGS", "Evaluate", "EvaluationResult", "Scored", "in_worker", "snapshot"]
 
 logger = logging.getLogger(__name__)
 # DSPy's own loggers, so that its handler (time, level, name) shows these lines as DSPy's do and
@@ -247,6 +249,10 @@ class Evaluate(dspy.Evaluate):
         workers, threads = _plan(num_threads, self.workers)
         limit = self.max_errors if self.max_errors is not None else dspy.settings.max_errors
         config = snapshot()
+        relay = config.setup.relay if isinstance(config.setup, _Configure) else None
+        if relay is not None:  # the workers' callback events and LM history come back here
+            relay.program = program
+            relay.hold_history = True
         traceback = (
             self.provide_traceback
             if self.provide_traceback is not None
@@ -276,6 +282,9 @@ class Evaluate(dspy.Evaluate):
                 "kept in the TooManyErrors' .results."
             )
             raise
+        finally:
+            if relay is not None:
+                relay.flush_history()  # in devset order
         return self._report(outcome, devset, metric, display_table, save_as_csv, save_as_json)
 
     def _report(
@@ -429,8 +438,12 @@ class _Program:
     def __init__(self, program: Callable[..., Any], metric: Callable[..., Any]) -> None:
         self.program = program
         self.metric = metric
+        self.watched = False
 
     def __call__(self, example: Any) -> Scored:
+        if not self.watched:  # once per worker: name the program's modules and LMs for replay
+            _observe.watch(self.program, _observe.current_token())
+            self.watched = True
         example = _unwrap(example)
         prediction = self.program(**example.inputs())
         return Scored(prediction, self.metric(example, prediction))

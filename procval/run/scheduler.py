@@ -42,6 +42,7 @@ from procval import _pickling
 from procval.backends import Backend, WorkerSpec
 from procval.errors import IsolationError, SetupError, TooManyErrors
 from procval.results import Results, Row, RowError, Totals
+from procval.run import logs, replay
 from procval.run.dataset import Examples, Item
 from procval.run.lifecycle import (
     START_FAILURES,
@@ -107,6 +108,7 @@ class Scheduler:
     def run(self) -> Results:
         """Run to completion and return the results (rows are in the sink)."""
         completed = False
+        listener = logs.start([run.spec for run in self._runs])  # workers' logs come here
         try:
             while not all(run.done() for run in self._runs):
                 self._assign_workers()
@@ -121,6 +123,7 @@ class Scheduler:
             self._kill_all()
             raise
         finally:
+            logs.stop(listener, [run.spec for run in self._runs])
             self._progress.close()
             self._sink.close(completed=completed)
             self._backend.shutdown()
@@ -253,7 +256,7 @@ class Scheduler:
             run.sizer.observe(len(results), sum(result.duration for result in results))
         failure_score, name, outstanding = self._options.failure_score, run.name, w.outstanding
         rows = []
-        for seq, prediction, score, error, attempts, duration in results:
+        for seq, prediction, score, error, attempts, duration, *_ in results:
             index, example_id, example = outstanding.pop(seq)
             # positional, in Row's field order: a third faster than keywords, per example
             rows.append(
@@ -273,6 +276,7 @@ class Scheduler:
                 )
             )
         self._deliver(run, rows)
+        replay.deliver(name, rows, results)  # what the examples recorded in the worker
 
     def _check_provenance(self, run: ConfigRun, pid: int, node: str, fingerprint: str) -> None:
         if fingerprint != run.spec.snapshot.fingerprint:

@@ -60,7 +60,7 @@ from procval.wire import (
     WorkerOptions,
     fingerprint,
 )
-from procval.worker import execute, lifeline, runners
+from procval.worker import execute, lifeline, logs, runners
 from procval.worker.feed import Feed
 from procval.worker.slots import SlotTable
 
@@ -142,6 +142,7 @@ def initialize(snapshot: bytes, options: WorkerOptions, slots_path: str) -> None
     lifeline.ignore_interrupts()  # Ctrl-C is the parent's to handle
     lifeline.record_faults(slots_path + ".fault")
     lifeline.watch_parent(options.parent_pid)
+    logs.install(options.log)  # log records go to the parent as they happen
     slots = SlotTable(slots_path, max(1, options.threads))
     try:
         config, program, metric = _pickling.loads(snapshot)
