@@ -29,7 +29,9 @@ carries (its fields, its LM usage under ``track_usage=True``) does come back wit
 
 from __future__ import annotations
 
+import contextvars
 import csv
+import functools
 import importlib.util
 import json
 import logging
@@ -70,6 +72,33 @@ _executor_logger = logging.getLogger("dspy.utils.parallelizer")
 _evaluate_logger = logging.getLogger("dspy.evaluate.evaluate")
 
 _THREADS_PER_PROCESS = 4  # Evaluate(workers=None): one process per 4 examples in flight
+
+
+_ALL_CALLBACKS: contextvars.ContextVar[list[Any] | None] = contextvars.ContextVar(
+    "procval_dspy_callbacks", default=None
+)
+
+
+def _callbacks_here(call: Callable[..., Any]) -> Callable[..., Any]:
+    """Run ``Evaluate.__call__`` (and its evaluate callbacks) without the in-worker callbacks.
+
+    Those run where the program runs, only there; the snapshot still carries them.
+    """
+
+    @functools.wraps(call)
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+        everything = list(dspy.settings.get("callbacks") or [])
+        here = [c for c in everything if not _observe.runs_in_worker(c)]
+        if len(here) == len(everything):
+            return call(self, *args, **kwargs)
+        token = _ALL_CALLBACKS.set(everything)
+        try:
+            with dspy.context(callbacks=here):
+                return call(self, *args, **kwargs)
+        finally:
+            _ALL_CALLBACKS.reset(token)
+
+    return wrapper
 
 
 class EvaluationResult(_DSPyEvaluationResult):
@@ -186,6 +215,7 @@ class Evaluate(dspy.Evaluate):
         self.retries = retries
         self.store = store
 
+    @_callbacks_here
     @with_callbacks
     def __call__(
         self,
@@ -248,7 +278,8 @@ class Evaluate(dspy.Evaluate):
         _check_inputs(devset)
         workers, threads = _plan(num_threads, self.workers)
         limit = self.max_errors if self.max_errors is not None else dspy.settings.max_errors
-        config = snapshot()
+        everything = _ALL_CALLBACKS.get()
+        config = snapshot() if everything is None else snapshot(callbacks=everything)
         relay = config.setup.relay if isinstance(config.setup, _Configure) else None
         if relay is not None:  # the workers' callback events and LM history come back here
             relay.program = program
