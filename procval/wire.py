@@ -77,6 +77,9 @@ class WorkerOptions:
             machines, where procval is installed in another place).
         session: the worker leads a session (and process group) of its own, so that the
             backend can kill its descendants with it.
+        log: where the worker sends its log records, ``(socket path, {logger name: level})``
+            (the parent's listening Unix datagram socket and its loggers' levels, "" for the
+            root logger); None: records stay in the worker (:mod:`procval.worker.logs`).
     """
 
     threads: int = 1
@@ -85,6 +88,7 @@ class WorkerOptions:
     parent_pid: int = 0
     procval_path: str = ""
     session: bool = False
+    log: tuple[str, dict[str, int]] | None = None
 
 
 @dataclass(frozen=True)
@@ -164,6 +168,8 @@ class ExampleResult(NamedTuple):
         error: None, or what went wrong.
         attempts: how many times the program was called.
         duration: seconds spent in the worker, all attempts included.
+        events: what the example recorded while it ran (``(kind, payload)`` pairs: DSPy
+            callback events and LM history entries), replayed in the parent; None for none.
     """
 
     seq: int
@@ -172,6 +178,7 @@ class ExampleResult(NamedTuple):
     error: ErrorInfo | None
     attempts: int
     duration: float
+    events: list[tuple[str, Any]] | None = None
 
 
 class ShardDone(NamedTuple):

@@ -46,6 +46,7 @@ from procval import _pickling
 from procval.backends import Backend, WorkerSpec
 from procval.errors import TooManyErrors
 from procval.results import Results, Row, RowError, Totals, _with_counts
+from procval.run import logs, replay
 from procval.run.dataset import Examples, Item
 from procval.run.failures import SetupFailure, note_dataset_error, setup_error
 from procval.run.frames import user_traceback
@@ -117,6 +118,7 @@ class Scheduler:
     def run(self) -> Results:
         """Run to completion and return the results (rows are in the sink)."""
         completed = False
+        listener = logs.start([run.spec for run in self._runs])  # workers' logs come here
         try:
             while not all(run.done() for run in self._runs):
                 self._assign_workers()
@@ -133,6 +135,7 @@ class Scheduler:
             self._kill_all()
             raise
         finally:
+            logs.stop(listener, [run.spec for run in self._runs])
             self._progress.close()
             self._sink.close(completed=completed)
             self._backend.shutdown()
@@ -303,6 +306,7 @@ class Scheduler:
             failure_score=self._options.failure_score,
         )
         self._deliver(run, rows)
+        replay.deliver(run.name, rows, results)  # what the examples recorded in the worker
 
     def _deliver(self, run: ConfigRun, rows: list[Row]) -> None:
         if not rows:

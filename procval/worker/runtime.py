@@ -64,7 +64,7 @@ from procval.wire import (
     WorkerOptions,
     fingerprint,
 )
-from procval.worker import execute, lifeline, runners
+from procval.worker import execute, lifeline, logs, runners
 from procval.worker.feed import Feed
 from procval.worker.slots import BEAT, SlotTable
 
@@ -152,6 +152,7 @@ def initialize(snapshot: bytes, options: WorkerOptions, slots_path: str) -> None
         lifeline.lead_process_group()
     lifeline.record_faults(slots_path + ".fault")
     lifeline.watch_parent(options.parent_pid)
+    logs.install(options.log)  # log records go to the parent as they happen
     slots = SlotTable(slots_path, max(1, options.threads))
     lifeline.beat(slots, BEAT)
     refusal = other_procval(options.procval_path)
