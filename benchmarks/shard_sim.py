@@ -1,14 +1,15 @@
-"""A discrete-event model of the scheduler's loop, for tuning ``procval/_shards.py`` in seconds.
+"""A discrete-event model of the scheduler's loop, for tuning ``procval/run/shards.py`` in seconds.
 
 Usage::
 
-    python benchmarks/shard_sim.py                       # the sizer in procval/_shards.py
+    python benchmarks/shard_sim.py                       # the sizer in procval/run/shards.py
     python benchmarks/shard_sim.py old_shards.py         # another version of the module
     python benchmarks/shard_sim.py --barrier             # workers as they were before: the
                                                          # next shard waits for the slowest
                                                          # example of the current one
 
-The model follows ``_scheduler.py`` and ``_worker.py``: each worker keeps ``PIPELINE`` shards
+The model follows ``procval/run/scheduler.py`` and ``procval/worker/runtime.py``: each worker
+keeps ``PIPELINE`` shards
 queued; its threads take the next example as soon as they are free, and a shard's call returns
 once its last example has started (with ``--barrier``: once its slowest example is done, and the
 threads of the next shard start together). After each returned shard the sizer observes
@@ -36,7 +37,7 @@ from types import ModuleType
 from typing import Any
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-PIPELINE = 2  # shards queued per worker, as in _scheduler.py
+PIPELINE = 2  # shards queued per worker, as in procval/run/scheduler.py
 SHARD_COST = 0.002  # seconds of fixed cost per shard (IPC, pickling, bookkeeping)
 EXAMPLE_COST = 20e-6  # seconds of procval's own work per example
 
@@ -167,7 +168,7 @@ def load_sizer(path: str | None) -> ModuleType:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("module", nargs="?", help="a _shards.py to test (default: procval's)")
+    parser.add_argument("module", nargs="?", help="a shards.py to test (default: procval's)")
     parser.add_argument("--barrier", action="store_true", help="model a barrier per shard")
     parser.add_argument("--seeds", type=int, default=3, help="runs per case (median shown)")
     args = parser.parse_args(argv)

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 # Only what a worker process needs is imported eagerly: every worker imports this package (it
 # runs procval.worker.runtime), and its start-up time is part of every evaluate() call. The
 # parent-side modules (the run, the store with sqlite3, the report) load on first use.
+from procval._version import __version__ as __version__
 from procval.config import Config
 from procval.errors import (
     IsolationError,
@@ -41,7 +42,6 @@ if TYPE_CHECKING:
     from procval.store.readers import load
     from procval.task import Task
 
-__version__ = "0.1.0"
 
 __all__ = [
     "Comparison",
@@ -78,7 +78,7 @@ __all__ = [
     "rng",
 ]
 
-_LAZY_MODULES = {"dspy": "procval.integrations.dspy"}
+_LAZY_MODULES = {"dspy": "procval.dspy"}
 _LAZY_NAMES = {
     "Comparison": "procval.report.compare",
     "ComparisonTable": "procval.report.compare",

@@ -11,6 +11,12 @@ own globals, instead of with a private copy of the globals it references. So a
 ``mytask.SETTINGS`` that ``mytask.program`` reads, as it would in one process. Functions of
 ``__main__`` (scripts, notebooks) are pickled by value in one call per snapshot, so they share one
 globals dict in the worker and behave the same way.
+
+Another: code pickled by value keeps its file name. cloudpickle replaces ``co_filename`` with
+``"<dynamic-code>"`` (to make its bytes independent of where a function was defined), which
+makes every traceback of a ``__main__``, notebook or task-file function read
+``File "<dynamic-code>", line N``. Here the original name travels, so a worker's traceback names
+the user's file and line, and shows the source line when the file is readable in the worker.
 """
 
 from __future__ import annotations
@@ -20,8 +26,9 @@ import io
 import pickle
 import sys
 import types
+from collections import ChainMap
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import cloudpickle
 from cloudpickle import cloudpickle as _cp
@@ -32,8 +39,24 @@ PROTOCOL = 5
 _MAX_DEPTH = 6
 
 
+def _reduce_code(code: types.CodeType) -> tuple[Any, ...]:
+    """The reduction cloudpickle makes of a code object, with the real ``co_filename`` put back."""
+    rebuild, args = _cp._code_reduce(code)
+    fixed = tuple(
+        code.co_filename if isinstance(arg, str) and arg == _DYNAMIC else arg for arg in args
+    )
+    return (rebuild, fixed)
+
+
+_DYNAMIC = "<dynamic-code>"  # what cloudpickle (3.x) writes in place of co_filename
+
+
 class _Pickler(cloudpickle.Pickler):
-    """cloudpickle, except for functions that can be rebuilt inside their own module."""
+    """cloudpickle, but functions rebuilt in their own module and code keeping its file name."""
+
+    dispatch_table: ClassVar[ChainMap[Any, Any]] = ChainMap(
+        {types.CodeType: _reduce_code}, cloudpickle.Pickler.dispatch_table
+    )
 
     def reducer_override(self, obj: Any) -> Any:
         if isinstance(obj, types.FunctionType):

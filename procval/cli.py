@@ -5,7 +5,7 @@
     procval run TASK --store PATH [--config NAME ...] [--workers N] [--threads N] [--timeout S]
                 [--retries N] [--max-errors N] [--limit N] [--fresh] [--retry-errors]
                 [--backend loky|ray] [--no-progress]
-    procval report PATH [--html FILE]
+    procval report PATH [--html FILE] [--errors]
     procval compare PATH A B [--confidence C] [--resamples N] [--seed N] [--common-only]
                 [--examples N]
     procval export PATH [--format jsonl|csv] [--output FILE] [--config NAME ...]
@@ -13,10 +13,12 @@
 ``TASK`` is ``path/to/file.py:name`` or ``module:name`` (see :mod:`procval.task`).
 
 Exit status: 0 when the run completed (even if some examples failed), 2 for bad input (a wrong
-task path, a missing store or one of another format, a store that another live run is writing,
-a config that cannot be set up), 3 when ``--max-errors`` stopped the run, 130 when interrupted
-(Ctrl-C or SIGTERM; a second one exits at once). Errors are one line on stderr,
-``procval: error: ...``; set ``PROCVAL_DEBUG=1`` to see the traceback instead.
+task path or flag, a missing store or one of another format, a store that another live run is
+writing, a config that cannot be set up: the other configs run to completion first, and the
+failed one's worker traceback is printed), 3 when ``--max-errors`` stopped the run, 130 when
+interrupted (Ctrl-C or SIGTERM; a second one exits at once). Errors are one line on stderr,
+``procval: error: ...``, in the words of the flags; set ``PROCVAL_DEBUG=1`` to see the
+traceback too (the exit status stays the same).
 
 Each subcommand is one function registered with :func:`command`: adding a subcommand is that
 function and its decorator line.
@@ -32,11 +34,12 @@ import os
 import shlex
 import signal
 import sys
+import traceback
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import IO, Any
 
-from procval.errors import ProcvalError, StoreError, StoreFullError, TooManyErrors
+from procval.errors import ProcvalError, SetupError, StoreError, StoreFullError, TooManyErrors
 from procval.results import Results
 from procval.store import readers as store
 from procval.task import load_task
@@ -84,6 +87,30 @@ def command(name: str, help: str, *arguments: Argument) -> Callable[[Handler], H
     return register
 
 
+def at_least(low: int | float, kind: type[int] | type[float] = int) -> Callable[[str], Any]:
+    """An argparse ``type=``: a number of ``kind`` not below ``low`` (above it, for floats).
+
+    The CLI checks its flags itself, so that a bad value is named by its flag, not by the
+    keyword argument of :func:`procval.evaluate` it becomes.
+    """
+    what = f"an integer of at least {low}" if kind is int else f"a number above {low:g}"
+
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
+        if value < low or (kind is float and value <= low):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in some messages
+    return parse
+
+
+COUNT, COUNT0, SECONDS = at_least(1), at_least(0), at_least(0, float)
+
+
 class Failure(Exception):
     """A failure reported as one line on stderr with a given exit status."""
 
@@ -101,12 +128,12 @@ class Failure(Exception):
     arg("task", help="the task: path/to/file.py:name or module:name"),
     arg("--store", required=True, metavar="PATH", help="the run store; resumed if it exists"),
     arg("--config", action="extend", nargs="+", metavar="NAME", help="run only these configs"),
-    arg("--workers", type=int, metavar="N", help="worker processes in total (default: CPUs)"),
-    arg("--threads", type=int, metavar="N", help="examples at once in each worker"),
-    arg("--timeout", type=float, metavar="S", help="seconds an example may run"),
-    arg("--retries", type=int, metavar="N", help="retries of an example whose program raises"),
-    arg("--max-errors", type=int, metavar="N", help="stop once more examples than N failed"),
-    arg("--limit", type=int, metavar="N", help="evaluate only the first N examples"),
+    arg("--workers", type=COUNT, metavar="N", help="worker processes in total (default: CPUs)"),
+    arg("--threads", type=COUNT, metavar="N", help="examples at once in each worker"),
+    arg("--timeout", type=SECONDS, metavar="S", help="seconds an example may run"),
+    arg("--retries", type=COUNT0, metavar="N", help="retries of an example whose program raises"),
+    arg("--max-errors", type=COUNT0, metavar="N", help="stop once more examples than N failed"),
+    arg("--limit", type=COUNT, metavar="N", help="evaluate only the first N examples"),
     arg("--fresh", action="store_true", help="discard these configs' stored rows first"),
     arg("--retry-errors", action="store_true", help="rerun examples whose stored row failed"),
     arg("--backend", choices=("loky", "ray"), help="where workers run (default: loky, local)"),
@@ -134,25 +161,59 @@ def run(args: argparse.Namespace) -> int:
         )
     except TooManyErrors as exc:
         if isinstance(exc.results, Results):
-            print(exc.results.summary())
+            _print_summary(exc.results)
         # Only this call's failures count toward --max-errors; rerun the failed ones once fixed.
         again = _resume_command(args.argv, add=("--retry-errors",))
-        message = _first_line(exc).rstrip(".")
-        raise Failure(f"{message}. Resume with: {again}", EXIT_TOO_MANY_ERRORS) from exc
+        limit = f"--max-errors {args.max_errors}" if args.max_errors is not None else (
+            f"the task's max_errors={exc.limit}"
+        )  # fmt: skip
+        raise Failure(
+            f"{exc.failed} examples failed, more than {limit}; the run stopped early (examples "
+            f"already running finish first). Resume with: {again}",
+            EXIT_TOO_MANY_ERRORS,
+        ) from exc
     except StoreFullError as exc:  # the rows so far are stored: say how to resume
         raise Failure(f"{_first_line(exc).rstrip('.')}: {resume}") from exc
+    except SetupError as exc:
+        if isinstance(exc.results, Results) and exc.results:
+            _print_summary(exc.results)
+            print(f"rows are in {args.store}")
+        raise Failure(_setup_failure(exc)) from exc
     except KeyboardInterrupt:
         rows = _count(args.store, names)
         print(f"procval: interrupted; {rows} rows are in the store. Resume with: {resume}",
               file=sys.stderr)  # fmt: skip
         return EXIT_INTERRUPTED
+    _print_summary(results)
+    print(f"rows are in {args.store}; see them with: procval report {shlex.quote(args.store)}")
+    return EXIT_OK
+
+
+def _setup_failure(exc: SetupError) -> str:
+    """Print each failed config's worker traceback (the user's frames); return the one line."""
+    last = ""
+    for name, worker_traceback in exc.tracebacks.items():
+        if worker_traceback.strip():
+            print(f"config {name!r} could not start; its worker's traceback:", file=sys.stderr)
+            print(worker_traceback.rstrip(), file=sys.stderr)
+            last = last or worker_traceback.strip().splitlines()[-1]
+    first = str(exc).splitlines()[0].removesuffix(SetupError.TRACEBACK_FOLLOWS)
+    return f"{first} [{last}]; the worker's traceback is above" if last else first
+
+
+def _print_summary(results: Results) -> None:
+    """The table, each config's errors by type, and on a resume what was done before and now."""
     print(results.summary())
     for name, result in results.items():
         if result.error_types:
             kinds = ", ".join(f"{n} x {kind}" for kind, n in result.error_types.items())
             print(f"errors in {name!r}: {kinds}")
-    print(f"rows are in {args.store}; see them with: procval report {shlex.quote(args.store)}")
-    return EXIT_OK
+    if any(result.found for result in results.values()):
+        for name, result in results.items():
+            print(
+                f"resumed {name!r}: {result.found} examples were already done, "
+                f"{result.added} ran now"
+            )
 
 
 @command(
@@ -160,9 +221,14 @@ def run(args: argparse.Namespace) -> int:
     "per config: score, examples, errors by type, duration",
     arg("path", help="the run store"),
     arg("--html", metavar="FILE", help="also write a self-contained HTML report to FILE"),
+    arg("--errors", action="store_true", help="also list every failed example, one per line"),
 )
 def report(args: argparse.Namespace) -> int:
-    """``procval report``: a summary of every config in a store (rows are not read)."""
+    """``procval report``: a summary of every config in a store (rows are not read).
+
+    Each error type comes with its first failed example and message; ``--errors`` lists every
+    failed example (id, type, first line of the message), streamed from the store.
+    """
     results = store.load(args.path)
     sessions = store.sessions(args.path)
     if sessions:
@@ -173,15 +239,34 @@ def report(args: argparse.Namespace) -> int:
         print("no config has been stored yet")
     for result in results.values():
         print(result.summary())
+    failed = any(result.totals.errors for result in results.values())
+    if args.errors:
+        _print_errors(args.path)
+    elif failed:
+        path = shlex.quote(args.path)
+        print(f"every failed example: procval report {path} --errors "
+              f"(with tracebacks: procval export {path} --format jsonl)")  # fmt: skip
     if args.html:
-        _write_html(results, args.html, title=f"procval report: {os.path.basename(args.path)}")
+        _write_html(results, args.path, args.html)
     return EXIT_OK
 
 
-def _write_html(results: Results, path: str, *, title: str) -> None:
+def _print_errors(path: str) -> None:
+    """Every failed example, config by config in dataset order: ``id  type: message``."""
+    config = None
+    for name, example_id, kind, message in store.iter_errors(path):
+        if name != config:
+            config = name
+            print(f"errors in {name!r}:")
+        lines = message.strip().splitlines()
+        print(f"  {example_id}  {kind}: {lines[0].strip() if lines else ''}".rstrip())
+
+
+def _write_html(results: Results, store_path: str, path: str) -> None:
     from procval.report.html import render_html
 
-    page = render_html(results, title=title)
+    title = f"procval report: {os.path.basename(store_path)}"
+    page = render_html(results, title=title, details=store.run_details(store_path))
     with open(path, "w", encoding="utf-8") as out:
         out.write(page)
     print(f"wrote {path}")
@@ -202,7 +287,7 @@ def _write_html(results: Results, path: str, *, title: str) -> None:
 def compare(args: argparse.Namespace) -> int:
     """``procval compare``: the paired comparison of two stored configs, in a few lines."""
     from procval.report.compare import compare as paired
-    from procval.report.compare import describe
+    from procval.report.text import describe
 
     results = store.load(args.path)
     for name in (args.a, args.b):
@@ -296,7 +381,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.handler(args))
     except (Failure, ProcvalError, ValueError, TypeError) as exc:
         if os.environ.get("PROCVAL_DEBUG"):
-            raise
+            traceback.print_exc()  # the details, with the same exit status
         print(f"procval: error: {_first_line(exc)}", file=sys.stderr)
         return exc.status if isinstance(exc, Failure) else EXIT_USAGE
     except KeyboardInterrupt:

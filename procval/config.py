@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from procval._convert import to_jsonable
-from procval._identity import describe_callable, digest, text_identity
+from procval._identity import describe_callable, describe_callable_v1, digest, text_identity
 
 __all__ = [
     "Config",
@@ -117,16 +117,30 @@ class Config:
     def describe(self) -> dict[str, Any]:
         """A JSON-friendly description with no secret in it: env names only, values hashed.
 
-        This is what the run store keeps, and what resuming compares (see :meth:`identity`).
+        ``setup`` is described by its module, name and code; the values its closure captured
+        (or, for a callable object, its attributes) appear as names and hashes only. This is
+        what the run store keeps, and what resuming compares (see :meth:`identity`).
         """
+        return self._describe(describe_callable)
+
+    def identity(self) -> str:
+        """A stable hash of :meth:`describe`: equal for the same config in another process."""
+        return text_identity(self.describe())
+
+    def _identity_v1(self) -> str:
+        """The identity procval 0.1.0 gave this config, or ``""`` when it equals :meth:`identity`.
+
+        0.1.0 described a ``setup``'s captured values as they were; a store it wrote keeps
+        that identity, which resuming accepts (and then replaces by :meth:`identity`).
+        """
+        old = text_identity(self._describe(describe_callable_v1))
+        return "" if old == self.identity() else old
+
+    def _describe(self, describe_setup: Callable[[Any], Any]) -> dict[str, Any]:
         return {
             "name": self.name,
             "env": {k: digest(v.encode())[:12] for k, v in sorted(self.env.items())},
             "seed": self.seed,
             "values": to_jsonable(dict(self.values)),
-            "setup": describe_callable(self.setup),
+            "setup": describe_setup(self.setup),
         }
-
-    def identity(self) -> str:
-        """A stable hash of :meth:`describe`: equal for the same config in another process."""
-        return text_identity(self.describe())

@@ -66,7 +66,30 @@ class NotInWorkerError(ProcvalError, RuntimeError):
 
 
 class SetupError(ProcvalError, RuntimeError):
-    """A config could not be installed in a worker: ``setup`` raised, or workers die at start."""
+    """A config could not be installed in a worker: ``setup`` raised, or workers die at start.
+
+    The other configs of the call run to completion first (and are stored, with ``store=``);
+    then this is raised.
+
+    Attributes:
+        results: the configs that ran, as a :class:`procval.Results` mapping (the failed
+            configs left out; empty when none ran).
+        tracebacks: each failed config's worker traceback (only the frames of the user's
+            code; "" when the workers died without one), by config name.
+    """
+
+    TRACEBACK_FOLLOWS = " (the worker's traceback follows)"  # ends the message's first line
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        results: Mapping[str, Any] | None = None,
+        tracebacks: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.results: Mapping[str, Any] = results if results is not None else {}
+        self.tracebacks: dict[str, str] = dict(tracebacks or {})
 
 
 class IsolationError(ProcvalError, RuntimeError):
@@ -82,12 +105,21 @@ class TooManyErrors(ProcvalError, RuntimeError):
     Attributes:
         failed: how many examples had failed when the run stopped.
         results: what finished before the stop, as ``evaluate`` would have returned it.
+        limit: the ``max_errors`` that was exceeded.
     """
 
-    def __init__(self, message: str, *, failed: int, results: Mapping[str, Any] | Any) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        failed: int,
+        results: Mapping[str, Any] | Any,
+        limit: int | None = None,
+    ) -> None:
         super().__init__(message)
         self.failed = failed
         self.results = results
+        self.limit = limit
 
 
 class TaskError(ProcvalError, ValueError):

@@ -1,7 +1,12 @@
-"""What an evaluation returns: rows, their errors as data, and per-config results."""
+"""What an evaluation returns: rows, their errors as data, and per-config results.
+
+Statistics, comparisons and the notebook views are computed by :mod:`procval.report`, imported
+on first use. Imports go one way: this module calls into the report, which never imports it.
+"""
 
 from __future__ import annotations
 
+import copy
 import math
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -18,7 +23,8 @@ __all__ = [
 
 
 if TYPE_CHECKING:
-    from procval.report.compare import ComparisonTable, Interval
+    from procval.report.compare import ComparisonTable
+    from procval.report.stats import Interval
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +111,9 @@ class EvaluationResult:
         self._totals = totals
         self._error_types = dict(error_types) if error_types is not None else None
         self._fingerprint = fingerprint
+        self._found = 0
+        self._added: int | None = None
+        self._replaced = 0
 
     @property
     def config(self) -> str:
@@ -159,19 +168,75 @@ class EvaluationResult:
         """The fingerprint of the snapshot the rows were produced under."""
         return self._fingerprint
 
+    @property
+    def found(self) -> int:
+        """Rows that were already in the run store when the call began (a resume); else 0."""
+        return self._found
+
+    @property
+    def added(self) -> int:
+        """Rows this call produced (all of them, unless it resumed a store or was loaded)."""
+        return self.totals.n - self._found if self._added is None else self._added
+
+    @property
+    def replaced_workers(self) -> int:
+        """Workers of this config lost in this call (died, froze, never placed) and replaced."""
+        return self._replaced
+
     def __len__(self) -> int:
         return self.totals.n
 
+    def _error_samples(self) -> dict[str, tuple[int | str, str]]:
+        """``{type: (example_id, message)}`` of each error type's first failed example.
+
+        A stored result asks the store (one grouped query), without reading every row.
+        """
+        if not self.error_types:
+            return {}
+        ask = getattr(self._load, "error_samples", None) if self._rows is None else None
+        if callable(ask):
+            found: dict[str, tuple[int | str, str]] = ask()
+            return found
+        samples: dict[str, tuple[int | str, str]] = {}
+        for row in self.errors:
+            if row.error is not None:
+                samples.setdefault(row.error.type, (row.example_id, row.error.message))
+        return samples
+
     def summary(self) -> str:
-        """A few lines: score, examples, errors by type, duration."""
+        """A few lines: score, examples, duration, and errors by type with an example of each.
+
+        Each error type's line names its first failed example and the first line of its
+        message (``3 x ValueError, e.g. q7: seven: 7``); :attr:`errors` holds every one.
+        """
         totals = self.totals
+        if not totals.n:
+            return (
+                f"config {self.config!r}: no rows (none of its examples finished: it was "
+                "stopped, or its workers could not start; see the output of its run)"
+            )
+        samples = self._error_samples()
         lines = [
             f"config {self.config!r}: score {self.score:.4f} over {totals.n} examples "
             f"({totals.errors} errors) in {self.duration:.2f}s"
         ]
+        warning = _all_failed(self)
+        if warning:
+            lines.append(f"  {warning}")
         for kind, count in self.error_types.items():
-            lines.append(f"  {count} x {kind}")
+            lines.append(f"  {count} x {kind}{_example_of(samples.get(kind))}")
+        if self.replaced_workers:
+            lines.append(f"  {self.replaced_workers} workers lost and replaced")
         return "\n".join(lines)
+
+    def _first_error(self) -> RowError | None:
+        """The first failed row's error, without reading every row of a stored result."""
+        if self._rows is None:
+            first = getattr(self._load, "first_error", None)
+            if callable(first):
+                error: RowError | None = first()
+                return error
+        return next((row.error for row in self.rows if row.error is not None), None)
 
     def ci(self, confidence: float = 0.95, resamples: int = 10_000, seed: int = 0) -> Interval:
         """A bootstrap confidence interval of :attr:`score`, resampling the examples.
@@ -187,7 +252,7 @@ class EvaluationResult:
         Raises:
             ValueError: bad ``confidence``, ``resamples`` or ``seed``.
         """
-        from procval.report.compare import bootstrap_ci
+        from procval.report.stats import bootstrap_ci
 
         scores = [row.score for row in self.rows]
         return bootstrap_ci(scores, confidence=confidence, resamples=resamples, seed=seed)
@@ -222,7 +287,7 @@ class EvaluationResult:
 
     def _repr_html_(self) -> str:
         """The notebook view: score with its interval, counts, and the first errors."""
-        from procval.report.html import render_result
+        from procval.report.notebook import render_result
 
         return render_result(self)
 
@@ -258,10 +323,20 @@ class Results(Mapping[str, EvaluationResult]):
         lines = [f"{'config':<{width}}  {'score':>7}  {'n':>7}  {'errors':>6}  {'time':>8}"]
         for name, result in self._results.items():
             totals = result.totals
+            score = f"{result.score:>7.4f}" if totals.n else f"{'-':>7}"  # no rows: no score
             lines.append(
-                f"{name:<{width}}  {result.score:>7.4f}  {totals.n:>7}  {totals.errors:>6}  "
+                f"{name:<{width}}  {score}  {totals.n:>7}  {totals.errors:>6}  "
                 f"{result.duration:>7.2f}s"
             )
+        for name, result in self._results.items():
+            warning = _all_failed(result)
+            if warning:
+                lines.append(f"{name}: {warning}")
+        replaced = [
+            f"{n} {r.replaced_workers}" for n, r in self._results.items() if r.replaced_workers
+        ]
+        if replaced:
+            lines.append(f"workers lost and replaced: {', '.join(replaced)}")
         return "\n".join(lines)
 
     def compare(
@@ -313,5 +388,47 @@ class Results(Mapping[str, EvaluationResult]):
         return f"Results({', '.join(f'{k}={v.score:.4f}' for k, v in self._results.items())})"
 
 
+def _example_of(sample: tuple[int | str, str] | None, width: int = 160) -> str:
+    """``", e.g. ID: first line of the message"`` (clipped to ``width``), or "" for None."""
+    if sample is None:
+        return ""
+    example_id, message = sample
+    lines = message.strip().splitlines()
+    first = lines[0].strip() if lines else ""
+    if len(first) > width:
+        first = first[: width - 1] + "…"
+    return f", e.g. {example_id}: {first}" if first else f", e.g. {example_id}"
+
+
 def _index(row: Row) -> int:
     return row.index
+
+
+def _all_failed(result: EvaluationResult) -> str:
+    """A loud line when every example failed (its score is then failure_score), else ""."""
+    totals = result.totals
+    if not totals.n or totals.errors < totals.n:
+        return ""
+    kinds = result.error_types
+    error = result._first_error()
+    if error is None:
+        what = ", ".join(f"{n} x {kind}" for kind, n in kinds.items())
+    else:
+        message = error.message.strip().splitlines()[0].rstrip(".") if error.message.strip() else ""
+        message = message if len(message) <= 200 else message[:197] + "..."
+        what = f"{error.type}: {message}" if message else error.type
+        if len(kinds) > 1:
+            what += " (first of: " + ", ".join(f"{n} x {k}" for k, n in kinds.items()) + ")"
+    return (
+        f"ALL {totals.n} EXAMPLES FAILED: {what}; the score {result.score} is "
+        "failure_score, not a measurement"
+    )
+
+
+def _with_counts(
+    result: EvaluationResult, *, found: int, added: int, replaced: int = 0
+) -> EvaluationResult:
+    """``result`` with what one call found in the store, added to it and lost (the scheduler's)."""
+    counted = copy.copy(result)
+    counted._found, counted._added, counted._replaced = found, added, replaced
+    return counted

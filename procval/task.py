@@ -28,7 +28,6 @@ import importlib.util
 import itertools
 import os
 import sys
-import traceback
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -38,6 +37,7 @@ from procval.config import Config
 from procval.errors import TaskError
 from procval.results import Results
 from procval.run.api import Metric, Program, evaluate
+from procval.run.frames import user_frame
 
 __all__ = [
     "Task",
@@ -117,8 +117,15 @@ class Task:
         """The dataset (calling ``dataset`` if it is a function), cut to ``limit`` examples.
 
         The cut is lazy: a generator stays a generator, a re-iterable stays re-iterable.
+
+        Raises:
+            TaskError: the dataset function raised (the message names the user's file and line;
+                the original exception is the cause).
         """
-        data = self.dataset() if callable(self.dataset) else self.dataset
+        try:
+            data = self.dataset() if callable(self.dataset) else self.dataset
+        except Exception as exc:
+            raise TaskError(f"the task's dataset function failed: {_describe(exc)}") from exc
         if limit is None:
             return data
         if iter(data) is data:  # a one-shot iterator
@@ -257,8 +264,8 @@ def _import_module(name: str) -> Any:
 
 def _describe(exc: BaseException) -> str:
     """``Type: message (file:line)``, the line being the innermost frame in the user's code."""
-    frames = [f for f in traceback.extract_tb(exc.__traceback__) if "importlib" not in f.filename]
-    where = f" ({frames[-1].filename}:{frames[-1].lineno})" if frames else ""
+    frame = user_frame(exc.__traceback__)  # not procval's, e.g. read_jsonl's, nor importlib's
+    where = f" ({frame.filename}:{frame.lineno})" if frame else ""
     if isinstance(exc, SyntaxError) and exc.filename:
         where = f" ({exc.filename}:{exc.lineno})"
     return f"{type(exc).__name__}: {exc}{where}"

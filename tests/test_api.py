@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import traceback
 
 import psutil
 import pytest
@@ -222,3 +223,50 @@ def test_parent_environ_is_not_changed_by_config_env():
     before = dict(os.environ)
     run(config=procval.Config(env={"PROCVAL_TEST_SECRET": "s3cret"}), workers=1)
     assert dict(os.environ) == before
+
+
+class UnreadableData(OSError):
+    """A dataset whose source fails midway (a network share gone, say)."""
+
+
+def test_a_dataset_that_raises_midway_keeps_every_example_read_before_it(tmp_path):
+    def examples():
+        for i in range(3000):
+            if i == 2000:
+                raise UnreadableData(f"lost the share at example {i}")
+            yield {"id": i, "q": i}
+
+    store = tmp_path / "run.db"
+    with pytest.raises(UnreadableData, match="lost the share at example 2000") as caught:
+        run(dataset=examples(), workers=2, threads=4, store=store)
+    rows = procval.load(store)["default"].rows
+    assert [row.example_id for row in rows] == list(range(2000))  # none lost, none twice
+    assert all(row.error is None for row in rows)
+    if sys.version_info >= (3, 11):
+        assert (
+            "the 2000 examples read before it ran and are in the store" in caught.value.__notes__[0]
+        )
+    # the traceback is the user's: its innermost frame is the generator's raise
+    assert caught.value.__traceback__ is not None
+    last = traceback.extract_tb(caught.value.__traceback__)[-1]
+    assert last.name == "examples" and "raise UnreadableData" in (last.line or "")
+
+
+def test_a_missing_jsonl_file_is_refused_at_the_users_call(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError) as caught:
+        procval.read_jsonl("missing.jsonl")  # the line the traceback must show
+    message = str(caught.value)
+    assert (
+        f"no JSONL file at 'missing.jsonl': {tmp_path / 'missing.jsonl'} does not exist" in message
+    )
+    frames = traceback.extract_tb(caught.value.__traceback__)
+    assert frames[0].name == "test_a_missing_jsonl_file_is_refused_at_the_users_call"
+    assert "procval.read_jsonl" in (frames[0].line or "")
+
+
+def test_a_config_without_rows_says_so_instead_of_a_nan_score():
+    empty = procval.EvaluationResult("broken", [], duration=0.0)
+    assert empty.summary().startswith("config 'broken': no rows")
+    assert "nan" not in empty.summary()
+    assert "nan" not in procval.Results({"broken": empty}).summary()

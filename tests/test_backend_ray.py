@@ -1,7 +1,9 @@
 """The conformance suite against the Ray backend, plus what only Ray has (nodes, resources).
 
 One local Ray cluster (2 CPUs) is started for the whole session, on first use, and shared by
-every test here; the actors find ``helpers`` through the job's ``PYTHONPATH``.
+every test here; the actors find ``helpers`` (and this checkout's procval) through the job's
+``PYTHONPATH``. It is always a new cluster (``address="local"``): a cluster registered on the
+machine (``ray start``, ``RAY_ADDRESS``) is never joined.
 """
 
 from __future__ import annotations
@@ -38,11 +40,11 @@ TESTS = os.path.dirname(os.path.abspath(__file__))
 @pytest.fixture(scope="session")
 def ray_cluster():
     """One local cluster for the session (a start costs seconds and ~800 MB)."""
-    if ray.is_initialized():  # someone else's: use it as it is
-        yield
-        return
+    if ray.is_initialized():  # another test module's cluster: not the one these tests need
+        ray.shutdown()
     path = os.pathsep.join(p for p in (TESTS, os.environ.get("PYTHONPATH")) if p)
     ray.init(
+        address="local",
         num_cpus=2,
         resources={"procval_test": 2},
         include_dashboard=False,
@@ -109,7 +111,8 @@ def test_rows_carry_the_node_and_the_actor_process(no_leaked_workers):
     pids = {}
     for name, result in results.items():
         for row in result.rows:
-            assert row.node == socket.gethostname() == row.prediction["host"]
+            # the Ray node, not the host: several nodes may share one host
+            assert row.node == row.prediction["node_id"] == ray.get_runtime_context().get_node_id()
             assert row.worker_pid == row.prediction["pid"] != os.getpid()
             pids.setdefault(name, set()).add(row.worker_pid)
         # every actor carries the run's marker, so Ray started a fresh process for it
@@ -149,7 +152,7 @@ def test_running_answers_at_once_and_ages_while_the_actor_works():
             assert time.perf_counter() - started < 0.05  # cached: never a round trip
             time.sleep(0.05)
         assert [seq for seq, _ in seen] == [7]
-        assert worker.pid and worker.label == f"pid {worker.pid} on {socket.gethostname()}"
+        assert worker.pid and worker.label.startswith(f"pid {worker.pid} on {socket.gethostname()}")
     finally:
         worker.kill()
         backend.shutdown()
@@ -235,3 +238,59 @@ def test_cli_run_with_backend_ray(tmp_path, capsys):
     rows = procval.load(store)["default"].rows
     assert len(rows) == 30 and all(r.node for r in rows)
     assert {r.worker_pid for r in rows}.isdisjoint({os.getpid()})
+
+
+def test_the_suite_starts_its_own_local_cluster_and_workers_import_this_checkout():
+    """Never a cluster found on the machine (RAY_ADDRESS, ray start); actors import this procval."""
+    assert ray.get_runtime_context().gcs_address  # connected, to the cluster started above
+    result = procval.evaluate(
+        ray_programs.procval_file, [0], toys.any_score, backend="ray", workers=1, progress=False
+    )
+    assert result.rows[0].prediction == procval.__file__
+
+
+def test_a_dead_drivers_slot_files_are_swept_by_the_next_actor(tmp_path):
+    """A slot table whose actor process is gone (a driver's kill -9) is removed at next start."""
+    from procval.backends._ray_actor import PREFIX
+    from procval.worker.slots import SlotTable
+
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    path = os.path.join(tempfile.gettempdir(), f"{PREFIX}deadbeef0000-0.slots")
+    table = SlotTable(path, 1, create=True)
+    table.mark_ready(int(dead.stdout))
+    table.close()
+    open(path + ".fault", "w").close()
+    procval.evaluate(
+        toys.program,
+        toys.dataset(2),
+        toys.metric,
+        backend=RayBackend(num_cpus=0.5),
+        workers=1,
+        progress=False,
+    )
+    assert not os.path.exists(path) and not os.path.exists(path + ".fault")
+
+
+def test_an_actor_in_a_slow_setup_counts_as_placed():
+    """The mark an actor leaves in Ray's internal KV at its first moment (Ray internals)."""
+    from procval.backends._ray_actor import was_placed
+
+    backend = RayBackend(num_cpus=0.5)
+    config = procval.Config("slow", setup=ray_programs.slow_setup)
+    worker = backend.start_worker(
+        WorkerSpec(take_snapshot(config, toys.program, toys.metric), WorkerOptions())
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not was_placed(worker._name) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert was_placed(worker._name) and not worker.started  # placed, still in its setup
+    finally:
+        worker.kill()
+        backend.shutdown()
+    assert not was_placed(worker._name)  # the run's marks are removed at shutdown

@@ -22,11 +22,20 @@ import psutil
 import pytest
 
 import procval
+from helpers.processes import (
+    assert_gone,
+    signal_group,
+    start_cli,
+    stop,
+    stored,
+    wait_for_rows,
+)
 from procval import cli
 from procval.task import TaskError, load_task
 
 HELPERS = Path(__file__).resolve().parent / "helpers"
 TASK = str(HELPERS / "cli_task.py")
+FAILING = str(HELPERS / "cli_failing_task.py")
 
 
 def procval_cli(*args, env=None, cwd=None, timeout=120):
@@ -38,52 +47,6 @@ def procval_cli(*args, env=None, cwd=None, timeout=120):
         env={**os.environ, **(env or {})},
         cwd=cwd,
     )
-
-
-def start_cli(*args, env):
-    return subprocess.Popen(
-        [sys.executable, "-m", "procval", *map(str, args)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, **env},
-    )
-
-
-def stored(path) -> tuple[int, int]:
-    """(rows, distinct ids) in a store, read with plain sqlite3; (0, 0) while it is not there."""
-    try:
-        with sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5) as db:
-            return db.execute("SELECT COUNT(*), COUNT(DISTINCT example_id) FROM rows").fetchone()
-    except sqlite3.Error:
-        return (0, 0)
-
-
-def wait_for_rows(path, n, proc, within=60.0):
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, f"the run ended early: {proc.communicate()}"
-        if stored(path)[0] >= n:
-            return
-        time.sleep(0.05)
-    proc.kill()
-    pytest.fail(f"fewer than {n} rows reached the store within {within}s")
-
-
-def is_alive(process: psutil.Process) -> bool:
-    try:
-        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:  # it ended between the two questions
-        return False
-
-
-def assert_gone(processes, within=10.0):
-    deadline = time.monotonic() + within
-    alive = list(processes)
-    while alive and time.monotonic() < deadline:
-        alive = [p for p in alive if is_alive(p)]
-        time.sleep(0.05)
-    assert not alive, f"processes outlived their parent: {[p.pid for p in alive]}"
 
 
 def calls(log: Path) -> collections.Counter:
@@ -149,6 +112,7 @@ def test_run_resume_report_and_export(tmp_path):
     first = procval_cli("run", f"{TASK}:task", "--store", store, "--limit", "5", env=env)
     assert first.returncode == 0, first.stderr
     assert sum(calls(log).values()) == 10  # 5 examples x 2 configs
+    assert "resumed" not in first.stdout  # nothing was there before
 
     exe = shutil.which("procval")  # the console script, this time
     assert exe is not None
@@ -165,6 +129,8 @@ def test_run_resume_report_and_export(tmp_path):
     table = second.stdout
     assert "base" in table and "offset" in table and "0.9000" in table
     assert "errors in 'base': 3 x ValueError" in table
+    assert "resumed 'base': 5 examples were already done, 25 ran now" in table
+    assert "resumed 'offset': 5 examples were already done, 25 ran now" in table
 
     report = procval_cli("report", store)
     assert report.returncode == 0, report.stderr
@@ -191,10 +157,22 @@ def test_run_resume_report_and_export(tmp_path):
 
 
 @pytest.mark.slow
+def test_resuming_a_finished_store_says_that_nothing_was_left_to_run(tmp_path):
+    store, log = tmp_path / "run.db", tmp_path / "calls.log"
+    env = {"CLI_TASK_N": "12", "CLI_TASK_LOG": str(log)}
+    assert procval_cli("run", f"{TASK}:single", "--store", store, env=env).returncode == 0
+    again = procval_cli("run", f"{TASK}:single", "--store", store, env=env)
+    assert again.returncode == 0, again.stderr
+    assert "resumed 'default': 12 examples were already done, 0 ran now" in again.stdout
+    assert sum(calls(log).values()) == 12  # the second run ran nothing
+
+
+@pytest.mark.slow
 def test_too_many_errors_exits_3_with_a_resume_hint(tmp_path):
     store = tmp_path / "run.db"
     out = procval_cli("run", f"{TASK}:single", "--store", store, "--max-errors", "0", env={})
-    assert_one_error_line(out, "max_errors=0", "Resume with: procval run", status=3)
+    assert_one_error_line(out, "more than --max-errors 0", "Resume with: procval run", status=3)
+    assert "max_errors=" not in out.stderr and "store=" not in out.stderr  # flags, not arguments
     assert "default" in out.stdout  # the partial results' table
     hint = out.stderr.split("Resume with: ")[1]
     assert "--max-errors 0" in hint and "--retry-errors" in hint  # rerun the failed ones
@@ -246,6 +224,62 @@ def test_bad_input_is_one_line_on_stderr(other_files, args, fragments):
     assert_one_error_line(out, *fragments)
     assert out.stdout == ""
     assert not (other_files / "r.db").exists()
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "expected"),
+    [
+        ("--workers", "0", "argument --workers: must be an integer of at least 1, got 0"),
+        ("--threads", "-1", "argument --threads: must be an integer of at least 1, got -1"),
+        ("--timeout", "0", "argument --timeout: must be a number above 0, got 0"),
+        ("--retries", "x", "argument --retries: must be an integer of at least 0, got 'x'"),
+        ("--max-errors", "-1", "argument --max-errors: must be an integer of at least 0, got -1"),
+        ("--limit", "0", "argument --limit: must be an integer of at least 1, got 0"),
+    ],
+)
+def test_a_bad_flag_value_is_named_by_its_flag_not_an_api_argument(tmp_path, flag, value, expected):
+    out = procval_cli("run", f"{TASK}:single", "--store", tmp_path / "r.db", flag, value)
+    assert out.returncode == 2, out.stderr
+    assert procval_lines(out.stderr)[-1] == f"procval run: error: {expected}"
+    assert "None" not in out.stderr and "=" not in out.stderr.split("error:")[1]
+    assert not (tmp_path / "r.db").exists()
+
+
+def test_a_missing_dataset_file_names_the_task_files_line(tmp_path):
+    from helpers.cli_failing_task import MISSING_LINE
+
+    out = procval_cli("run", f"{FAILING}:missing_data", "--store", tmp_path / "r.db", cwd=tmp_path)
+    assert_one_error_line(
+        out,
+        "the task's dataset function failed: FileNotFoundError: no JSONL file at "
+        f"'no_such_file.jsonl': {tmp_path / 'no_such_file.jsonl'} does not exist",
+        f"({FAILING}:{MISSING_LINE})",
+    )
+    assert "procval/run/dataset.py" not in out.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("debug", ["", "1"], ids=["plain", "PROCVAL_DEBUG"])
+def test_a_config_that_cannot_start_does_not_stop_the_others(tmp_path, debug):
+    store = tmp_path / "run.db"
+    out = procval_cli(
+        "run", f"{FAILING}:mixed", "--store", store, "--no-progress", env={"PROCVAL_DEBUG": debug}
+    )
+    assert out.returncode == 2, out.stderr  # the same with PROCVAL_DEBUG=1
+    assert stored(store) == (500, 500)  # every example of the healthy config
+    assert re.search(r"^healthy\s+1\.0000\s+500\s+0\s", out.stdout, re.M), out.stdout
+    lines = procval_lines(out.stderr)
+    assert lines[-1].startswith("procval: error: Config.setup of config 'broken' failed in worker")
+    assert "the other configs ('healthy') ran to completion" in lines[-1]
+    assert "[RuntimeError: no GPU on this machine]; the worker's traceback is above" in lines[-1]
+    shown = out.stderr.split("config 'broken' could not start; its worker's traceback:\n")[1]
+    assert "in broken_setup" in shown and "RuntimeError: no GPU on this machine" in shown
+    assert "procval/worker" not in shown.split("procval: error:")[0]  # the user's frames only
+
+    report = procval_cli("report", store)
+    assert report.returncode == 0, report.stderr
+    assert "config 'healthy': score 1.0000 over 500 examples" in report.stdout
+    assert "config 'broken': no rows" in report.stdout and "nan" not in report.stdout
 
 
 def test_module_form_and_file_form_find_the_same_task():
@@ -309,8 +343,7 @@ def test_sigkill_mid_run_then_resume(tmp_path):
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=10)
     finally:
-        proc.kill()
-        proc.communicate(timeout=10)
+        stop(proc)
     assert_gone(children)
     at_kill = stored(store)
     assert at_kill[0] == at_kill[1] >= 1000  # the store opens, and holds no duplicate
@@ -349,8 +382,7 @@ def test_a_second_run_on_a_busy_store_fails_fast_naming_the_holder(tmp_path):
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=10)
     finally:
-        proc.kill()
-        proc.communicate(timeout=10)
+        stop(proc)
 
     resumed = procval_cli(*args, env={**env, "CLI_TASK_SLEEP": "0"}, timeout=180)
     assert resumed.returncode == 0, resumed.stderr
@@ -379,12 +411,12 @@ def test_ctrl_c_at_a_terminal_during_start_up_prints_no_traceback(tmp_path, when
     env = {"CLI_TASK_N": "200", "CLI_TASK_SLEEP": "0.02"}
     if when.startswith("fork+exec"):
         env["PROCVAL_FORK_SERVER"] = "0"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "procval", "run", TASK + ":single", "--store", str(store)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, **env},
+    proc = start_cli(
+        "run",
+        TASK + ":single",
+        "--store",
+        store,
+        env=env,
         start_new_session=True,  # its own process group, as a shell's job
     )
     try:
@@ -406,14 +438,13 @@ def test_ctrl_c_at_a_terminal_during_start_up_prints_no_traceback(tmp_path, when
                 break
             time.sleep(0.002)
         time.sleep(delay)
-        os.killpg(proc.pid, signal.SIGINT)
+        signal_group(proc, signal.SIGINT)
         try:
             _, err = proc.communicate(timeout=30)
         except subprocess.TimeoutExpired:
             pytest.fail(f"no exit within 30 s of Ctrl-C; stderr: {proc.stderr}")
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
+        stop(proc, group=True)
     context = f"exit {proc.returncode}; stderr: {err!r}"
     assert proc.returncode == 130, context
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, context
@@ -438,7 +469,7 @@ def test_sigint_mid_run_exits_promptly_with_a_resume_hint(tmp_path):
             pytest.fail(f"no exit within 30 s of SIGINT; stderr: {err!r}")
         elapsed = time.monotonic() - sent
     finally:
-        proc.kill()
+        stop(proc)
     context = f"exit {proc.returncode} {elapsed:.1f}s after SIGINT; stderr: {err!r}"
     assert proc.returncode == 130, context
     assert elapsed < 10, context
@@ -452,3 +483,67 @@ def test_sigint_mid_run_exits_promptly_with_a_resume_hint(tmp_path):
     ), context
     assert 20 <= rows < 2000, context  # interrupted mid run, and every stored row is counted
     assert_gone(children)
+
+
+# ---------------------------------------------------------------- report: errors
+
+
+def answer(example):
+    if example["n"] % 10 == 3:
+        raise ValueError(f"no answer for {example['id']}\nsecond line of detail")
+    return "yes" if example["n"] == 5 else example["n"]
+
+
+def exact(example, prediction):
+    return prediction if isinstance(prediction, str) else prediction == example["n"]
+
+
+@pytest.fixture(scope="module")
+def failing_store(tmp_path_factory):
+    store = tmp_path_factory.mktemp("errors") / "errors.db"
+    data = [{"id": f"q{i}", "n": i} for i in range(30)]
+    procval.evaluate(answer, data, exact, workers=1, progress=False, store=store)
+    return store
+
+
+def test_report_shows_each_error_types_first_example_and_how_to_see_them_all(failing_store):
+    out = procval_cli("report", failing_store, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "3 x ValueError, e.g. q3: no answer for q3\n" in out.stdout  # the first line only
+    assert re.search(r"1 x MetricTypeError, e.g. q5: .*'yes'", out.stdout), out.stdout
+    hint = f"every failed example: procval report {failing_store} --errors"
+    assert hint in out.stdout and f"procval export {failing_store} --format jsonl" in out.stdout
+
+    listed = procval_cli("report", failing_store, "--errors", timeout=60)
+    assert listed.returncode == 0, listed.stderr
+    lines = listed.stdout.splitlines()
+    start = lines.index("errors in 'default':")
+    assert [line.split()[:2] for line in lines[start + 1 :]] == [
+        ["q3", "ValueError:"],
+        ["q5", "MetricTypeError:"],
+        ["q13", "ValueError:"],
+        ["q23", "ValueError:"],
+    ]
+    assert "  q13  ValueError: no answer for q13" in lines
+    assert hint not in listed.stdout
+
+
+def test_report_reads_error_examples_without_reading_the_rows(failing_store, monkeypatch, capsys):
+    from procval.store import readers
+
+    def refuse(self):
+        raise AssertionError("procval report read every row")
+
+    monkeypatch.setattr(readers.RowLoader, "__call__", refuse)
+    assert cli.main(["report", str(failing_store)]) == 0
+    assert "3 x ValueError, e.g. q3: no answer for q3" in capsys.readouterr().out
+    summary = procval.load(failing_store)["default"].summary()
+    assert "3 x ValueError, e.g. q3: no answer for q3" in summary
+
+
+def test_a_result_in_memory_summarises_its_errors_the_same_way():
+    data = [{"id": f"q{i}", "n": i} for i in range(15)]
+    result = procval.evaluate(answer, data, exact, workers=1, progress=False)
+    lines = result.summary().splitlines()
+    assert lines[1] == "  2 x ValueError, e.g. q3: no answer for q3"
+    assert lines[2].startswith("  1 x MetricTypeError, e.g. q5: ")

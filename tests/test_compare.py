@@ -11,11 +11,14 @@ from fractions import Fraction
 import pytest
 
 import procval
-from procval.results import EvaluationResult, Results, Row, RowError
+from helpers import rows as test_rows
+from helpers.rows import make_row
+from procval.results import Results, RowError
 
 # ``procval.report.compare`` is the function; the modules are reached through the import system.
 comparing = importlib.import_module("procval.report.compare")
 stats = importlib.import_module("procval.report.stats")
+text = importlib.import_module("procval.report.text")
 
 
 def make_result(name, scores, *, ids=None, errors=(), failure_score=0.0):
@@ -25,21 +28,17 @@ def make_result(name, scores, *, ids=None, errors=(), failure_score=0.0):
     for i, (example_id, score) in enumerate(zip(ids, scores, strict=True)):
         failed = i in errors
         rows.append(
-            Row(
-                index=i,
-                example_id=example_id,
+            make_row(
+                i,
+                example_id,
+                config=name,
                 example={"id": example_id, "question": f"q{example_id}"},
                 prediction=None if failed else f"answer {example_id}",
                 score=failure_score if failed else float(score),
                 error=RowError("ValueError", "bad <input>", "Traceback ...") if failed else None,
-                attempts=1,
-                duration=0.01,
-                worker_pid=1,
-                config=name,
-                fingerprint="f",
             )
         )
-    return EvaluationResult(name, rows, duration=1.0)
+    return test_rows.make_result(name, rows)
 
 
 @pytest.fixture(params=["numpy", "python"])
@@ -384,15 +383,15 @@ def test_describe_lists_the_first_flipped_examples():
     a = make_result("a", [1, 0, 1, 1, 0, 1], ids=["k1", "k2", "k3", "k4", "k5", "k6"], errors={4})
     b = make_result("b", [1, 1, 0, 1, 1, 0], ids=["k1", "k2", "k3", "k4", "k5", "k6"])
     c = procval.compare(a, b, resamples=200)
-    text = comparing.describe(c, a, b, examples=3)
-    lines = text.splitlines()
+    described = text.describe(c, a, b, examples=3)
+    lines = described.splitlines()
     assert lines[: len(repr(c).splitlines())] == repr(c).splitlines()
-    assert "First 3 of 4 examples where they differ:" in text
+    assert "First 3 of 4 examples where they differ:" in described
     assert lines[-6].split()[:3] == ["k2", "a", "loses"]
     assert lines[-4] == "  k3  a wins   a: 'answer k3' (1)  b: 'answer k3' (0)"
     assert lines[-3].startswith('      input: {"id": "k3", "question": "qk3"}')
-    assert "k6" not in text
-    assert "<ValueError> (0)" in comparing.describe(c, a, b, examples=4)
-    assert comparing.describe(procval.compare(a, a, resamples=10), a, a) == repr(
+    assert "k6" not in described
+    assert "<ValueError> (0)" in text.describe(c, a, b, examples=4)
+    assert text.describe(procval.compare(a, a, resamples=10), a, a) == repr(
         procval.compare(a, a, resamples=10)
     )

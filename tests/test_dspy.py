@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import importlib
 import json
+import logging
 import os
 import pickle
+import re
 import runpy
 import subprocess
 import sys
@@ -17,7 +19,7 @@ import pytest
 dspy = pytest.importorskip("dspy")
 
 import procval  # noqa: E402
-from helpers import dspy_toys  # noqa: E402
+from helpers import dspy_toys, toys  # noqa: E402
 from procval.integrations._dspy_settings import _import_type  # noqa: E402
 from procval.integrations.dspy import _plan  # noqa: E402
 
@@ -44,11 +46,29 @@ def test_import_procval_does_not_import_dspy():
     code = "import sys, procval; print('dspy' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "False", out.stderr
-    assert procval.dspy is sys.modules["procval.integrations.dspy"]
+    assert procval.dspy is sys.modules["procval.dspy"]
 
 
-def test_without_dspy_the_error_says_how_to_install_it():
-    code = "import sys; sys.modules['dspy'] = None; import procval; procval.dspy"
+def test_procval_dspy_is_a_module_to_import_from():
+    code = (
+        "import procval.dspy\n"
+        "from procval.dspy import Evaluate, EvaluationResult, Scored, snapshot\n"
+        "import procval.integrations.dspy as home\n"
+        "assert Evaluate is home.Evaluate and snapshot is home.snapshot\n"
+        "assert set(procval.dspy.__all__) == set(home.__all__)\n"
+        "print(procval.dspy.Evaluate.__name__)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "Evaluate"
+
+
+@pytest.mark.parametrize(
+    "statement",
+    ["import procval; procval.dspy", "import procval.dspy", "from procval.dspy import Evaluate"],
+)
+def test_without_dspy_the_error_says_how_to_install_it(statement):
+    code = f"import sys; sys.modules['dspy'] = None; {statement}"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode != 0
     assert "ImportError" in out.stderr
@@ -327,3 +347,189 @@ def test_bad_arguments_fail_before_any_worker_starts():
     no_inputs = [dspy.Example(question="q", answer="a")]
     with pytest.raises(ValueError, match=r"devset\[0\] has no inputs"):
         evaluate(program, metric=dspy_toys.exact_match, devset=no_inputs)
+
+
+# ---------------------------------------------------------------- procval.evaluate, DSPy programs
+
+
+def _readme_dspy_block() -> str:
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    section = readme.split("\n## DSPy\n", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, flags=re.DOTALL)
+    assert len(blocks) == 1, "the README's DSPy section has one Python block"
+    return blocks[0]
+
+
+def test_the_readme_dspy_snippet_runs_as_written(capsys):
+    """The block runs unchanged; only the LMs and the data are offline stand-ins."""
+    names = {
+        "gpt4o": dspy_toys.knowing_lm(),
+        "gpt4o_mini": dspy_toys.clueless_lm(),
+        "devset": dspy_toys.devset(),
+        "metric": dspy_toys.exact_match,
+    }
+    exec(compile(_readme_dspy_block(), "README.md", "exec"), names)
+    results, result = names["results"], names["result"]
+    assert {name: r.score for name, r in results.items()} == {"gpt-4o": 1.0, "gpt-4o-mini": 0.0}
+    assert not any(r.errors for r in results.values())
+    assert result.score == 100.0 and not result.errors
+    out, err = capsys.readouterr()
+    assert " INFO dspy.evaluate.evaluate: Average Metric: 4 / 4 (100.0%)\n" in err  # DSPy's line
+    assert "gpt-4o-mini   0.0000        4       0" in out
+
+
+class _Answer(dspy.Module):
+    """A module of one's own: forward takes the inputs as keywords only, as DSPy passes them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.predict = dspy.Predict("question -> answer")
+
+    def forward(self, *, question: str) -> dspy.Prediction:
+        return self.predict(question=question)
+
+
+@pytest.mark.parametrize(
+    "make", [lambda: dspy.Predict("question -> answer"), _Answer], ids=["Predict", "Module"]
+)
+def test_evaluate_calls_a_dspy_module_the_dspy_way(make):
+    config = procval.dspy.snapshot(lm=dspy_toys.knowing_lm())
+    result = procval.evaluate(
+        make(), dspy_toys.devset(), dspy_toys.exact_match, config=config, workers=1
+    )
+    assert not result.errors, result.summary()
+    assert result.score == 1.0
+    assert {row.prediction.answer for row in result.rows} == set(dspy_toys.QUESTIONS.values())
+
+
+def test_a_dspy_program_keeps_its_identity_when_a_store_is_resumed(tmp_path):
+    """DSPy gives each Predict random bytes (``stage``): a new object is still the same program."""
+    store, devset = tmp_path / "run.sqlite", dspy_toys.devset()
+    config = procval.dspy.snapshot("knowing", lm=dspy_toys.knowing_lm())
+    procval.evaluate(
+        _Answer(), devset[:2], dspy_toys.exact_match, config=config, store=store, workers=1
+    )
+    # warnings are errors here: a ProgramChangedWarning fails the test
+    again = procval.evaluate(
+        _Answer(), devset, dspy_toys.exact_match, config=config, store=store, workers=1
+    )
+    assert again.score == 1.0 and len(again) == 4
+
+
+# ---------------------------------------------------------------- every example failed
+
+LOUD = (
+    "ALL 4 EXAMPLES FAILED: ValueError: cannot handle ex0; "
+    "the score 0.0 is failure_score, not a measurement"
+)
+
+
+def _all_failing_store(tmp_path):
+    store = tmp_path / "failed.sqlite"
+    results = procval.evaluate(
+        toys.failing_program,
+        toys.dataset(4),
+        toys.metric,
+        configs={"broken": procval.Config()},
+        store=store,
+        workers=1,
+    )
+    return store, results
+
+
+def test_a_config_whose_every_example_failed_says_so_loudly(tmp_path):
+    store, results = _all_failing_store(tmp_path)
+    assert LOUD in results["broken"].summary()
+    assert f"broken: {LOUD}" in results.summary()
+    loaded = procval.load(store)  # rows are not read: the first error comes from the store
+    assert LOUD in loaded["broken"].summary()
+    assert f"broken: {LOUD}" in loaded.summary()
+
+
+def test_a_config_with_some_successes_gets_no_warning():
+    result = procval.evaluate(toys.sometimes_failing, toys.dataset(10), toys.metric, workers=1)
+    assert result.errors and len(result.errors) < len(result)
+    assert "FAILED" not in result.summary()
+    assert "FAILED" not in procval.Results({"c": result}).summary()
+
+
+def test_procval_report_and_run_say_every_example_failed(tmp_path, capsys):
+    from procval import cli
+
+    store, _ = _all_failing_store(tmp_path)
+    capsys.readouterr()
+    assert cli.main(["report", str(store)]) == 0
+    assert LOUD in capsys.readouterr().out
+    task = tmp_path / "broken_task.py"
+    task.write_text(
+        "import procval\n"
+        "from helpers import toys\n"
+        "task = procval.Task(toys.failing_program, toys.dataset(4), toys.metric, workers=1)\n"
+    )
+    run = ["run", f"{task}:task", "--store", str(tmp_path / "run.db"), "--no-progress"]
+    assert cli.main(run) == 0
+    assert LOUD in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- DSPy's console lines
+
+
+def _scheduler_running() -> bool:
+    from procval.run.scheduler import Scheduler
+
+    frame = sys._getframe()
+    while frame is not None:
+        if frame.f_code is Scheduler.run.__code__:
+            return True
+        frame = frame.f_back
+    return False
+
+
+class _Recorder(logging.Handler):
+    """Keeps each record with whether the run was still going when it was logged."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[tuple[logging.LogRecord, bool]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append((record, _scheduler_running()))
+
+
+@pytest.mark.parametrize("provide_traceback", [False, True])
+def test_failed_examples_are_logged_as_they_happen_in_dspys_words(provide_traceback):
+    devset = dspy_toys.devset({**dspy_toys.QUESTIONS, dspy_toys.UNKNOWN: "?"})
+    recorder = _Recorder()
+    dspy_logger = logging.getLogger("dspy")
+    dspy_logger.addHandler(recorder)
+    try:
+        evaluate = procval.dspy.Evaluate(
+            devset=devset,
+            metric=dspy_toys.exact_match,
+            num_threads=2,
+            workers=1,
+            provide_traceback=provide_traceback,
+        )
+        with dspy.context(lm=dspy_toys.knowing_lm()):
+            evaluate(dspy.Predict("question -> answer"))
+    finally:
+        dspy_logger.removeHandler(recorder)
+    errors = [(r, live) for r, live in recorder.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1
+    record, live = errors[0]
+    assert live, "the error was logged after the run, not as it happened"
+    assert record.name == "dspy.utils.parallelizer"  # DSPy's handler: time, level, name
+    message = record.getMessage()
+    assert message.startswith(f"Error for {devset[-1]}: AdapterParseError: ")
+    assert ("Traceback (most recent call last)" in message) == provide_traceback
+    assert ("Set `provide_traceback=True` for traceback." in message) != provide_traceback
+    average = [r for r, _ in recorder.records if r.getMessage().startswith("Average Metric")]
+    assert [(r.name, r.levelno, r.getMessage()) for r in average] == [
+        ("dspy.evaluate.evaluate", logging.INFO, "Average Metric: 4.0 / 5 (80.0%)")
+    ]
+    dspy_handler = next(h for h in dspy_logger.handlers if h.get_name() == "dspy_handler")
+    line = dspy_handler.format(average[0])
+    assert re.fullmatch(
+        r"\d{4}/\d\d/\d\d \d\d:\d\d:\d\d INFO dspy.evaluate.evaluate: Average Metric: .*", line
+    )

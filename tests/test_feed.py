@@ -1,4 +1,4 @@
-"""The worker's feed (``procval.worker.runtime._Feed``): threads take examples across shards.
+"""The worker's feed (``procval.worker.feed.Feed``): threads take examples across shards.
 
 In-process tests of the hand-over between a shard call and the runner threads; the behaviour
 with real worker processes is in ``backend_suite.py``.
@@ -9,7 +9,7 @@ from __future__ import annotations
 import threading
 import time
 
-from procval.worker.runtime import _Feed
+from procval.worker.feed import Feed
 
 
 def result(seq: int) -> tuple[int, None, float, None, int, float]:
@@ -23,7 +23,7 @@ def start(target, *args) -> threading.Thread:
 
 
 def test_a_shard_call_returns_once_its_examples_have_started_not_finished():
-    feed, release = _Feed(), threading.Event()
+    feed, release = Feed(), threading.Event()
 
     def runner() -> None:
         item = feed.take()
@@ -40,7 +40,7 @@ def test_a_shard_call_returns_once_its_examples_have_started_not_finished():
 
 
 def test_a_straggler_comes_back_with_a_later_shard():
-    feed, slow = _Feed(), threading.Event()
+    feed, slow = Feed(), threading.Event()
 
     def runner(first_is_slow: bool) -> None:
         item = feed.take()
@@ -67,7 +67,7 @@ def test_a_straggler_comes_back_with_a_later_shard():
 
 
 def test_take_nowait_is_none_when_nothing_waits():
-    feed = _Feed()
+    feed = Feed()
     assert feed.take_nowait() is None
     feed.put([(5, "x", None)])
     assert feed.take_nowait() == (5, "x", None)

@@ -1,43 +1,40 @@
-"""The HTML report (procval/_html.py): structure, escaping, and a real headless browser."""
+"""The HTML report (procval/report/html.py): structure, escaping, and a real headless browser."""
 
 from __future__ import annotations
 
 import shutil
 import struct
 import subprocess
+import time
 import zlib
 from html.parser import HTMLParser
 
 import pytest
 
+from helpers.rows import make_result, make_row
 from procval.report.html import render_html
-from procval.results import EvaluationResult, Results, Row, RowError
+from procval.results import Results, RowError
 
 EVIL = "<script>alert('pwned')</script>"
 
 
 def make_rows(name, outcomes, *, prediction="fine"):
     """Rows from (score, error_type or None) pairs; every input carries markup to escape."""
-    rows = []
-    for i, (score, error) in enumerate(outcomes):
-        rows.append(
-            Row(
-                index=i,
-                example_id=f"ex-{i}",
-                example={"id": f"ex-{i}", "question": f"{EVIL} question {i}"},
-                prediction=None if error else f"{prediction} {i} </td><img src=x onerror=1>",
-                score=float(score),
-                error=RowError(error, "failed <b>loudly</b> & badly", "Traceback <tb>")
-                if error
-                else None,
-                attempts=1,
-                duration=0.01,
-                worker_pid=1,
-                config=name,
-                fingerprint="f",
-            )
+    rows = [
+        make_row(
+            i,
+            f"ex-{i}",
+            config=name,
+            example={"id": f"ex-{i}", "question": f"{EVIL} question {i}"},
+            prediction=None if error else f"{prediction} {i} </td><img src=x onerror=1>",
+            score=float(score),
+            error=RowError(error, "failed <b>loudly</b> & badly", "Traceback <tb>")
+            if error
+            else None,
         )
-    return EvaluationResult(name, rows, duration=2.5)
+        for i, (score, error) in enumerate(outcomes)
+    ]
+    return make_result(name, rows, duration=2.5)
 
 
 def sample_results(n=40):
@@ -86,7 +83,7 @@ def test_report_has_every_section():
     assert page.tags[0] == "html"
     assert "Nightly eval" in page.text
     sections = [value for name, value in page.attrs if name == "id"]
-    assert sections == ["scores", "differences", "errors", "disagreements"]
+    assert sections == ["scores", "differences", "errors", "disagreements", "run"]
     assert page.rows["scores"] == 3  # header and one row per config
     assert page.rows["differences"] == 2  # header and "weak" minus the best, "strong"
     assert page.tags.count("svg") >= 2 + 1 + 2  # bars, a difference, and their axes
@@ -141,11 +138,7 @@ def test_one_config_and_agreeing_configs():
 
 def test_report_survives_configs_without_common_examples():
     a = make_rows("a", [(1, None)] * 3)
-    b = EvaluationResult(
-        "b",
-        [Row(0, "other", {}, "p", 0.0, None, 1, 0.0, 1, "b", "f")],
-        duration=1.0,
-    )
+    b = make_result("b", [make_row(0, "other", config="b", example={}, prediction="p", score=0.0)])
     text = " ".join(parse(render_html([a, b])).text)
     assert "no example id in common" in text
 
@@ -174,10 +167,108 @@ def test_report_command_writes_the_html_file(tmp_path, capsys):
     page = parse(out_file.read_text(encoding="utf-8"))
     assert "procval report: run <1>.db" in page.text
     sections = [value for name, value in page.attrs if name == "id"]
-    assert sections == ["scores", "differences", "errors", "disagreements"]
+    assert sections == ["scores", "differences", "errors", "disagreements", "run"]
     assert "marquee" not in page.tags  # the prediction only shows up as text
     assert any("cannot score <marquee>3</marquee>" in chunk for chunk in page.text)
     assert "All configs scored every example the same" in " ".join(page.text)
+
+
+class Tables(HTMLParser):
+    """The text of every cell of the section ``section``'s tables, row by row."""
+
+    def __init__(self, section):
+        super().__init__(convert_charrefs=True)
+        self.wanted, self.inside, self.rows, self.cell = section, False, [], None
+        self.notes = []
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "section":
+            self.inside = dict(attrs).get("id") == self.wanted
+        elif self.inside and tag == "tr":
+            self.rows.append([])
+        elif self.inside and tag in ("td", "th"):
+            self.cell = []
+
+    def handle_endtag(self, tag):
+        if self.inside and tag in ("td", "th") and self.cell is not None:
+            self.rows[-1].append("".join(self.cell).strip())
+            self.cell = None
+
+    def handle_data(self, data):
+        if self.cell is not None:
+            self.cell.append(data)
+        elif self.inside:
+            self.notes.append(data)
+
+
+def tables(page, section):
+    parser = Tables(section)
+    parser.feed(page)
+    parser.close()
+    return parser
+
+
+def test_report_command_html_says_when_the_run_happened_and_what_each_config_was(tmp_path):
+    import platform
+    import socket
+
+    import procval
+    from procval import cli
+
+    path = tmp_path / "run.db"
+    secret = "hunter2-do-not-show"
+    env = {"PROCVAL_TEST_API_KEY": secret, "OTHER_VAR": "x"}
+    configs = {
+        "keyed": procval.Config(name="keyed", env=env, seed=7),
+        "plain": procval.Config(name="plain", values={"x": 1}),
+    }
+    data = [{"id": f"n{i}", "n": i} for i in range(8)]
+    before = time.time()
+    first = procval.evaluate(
+        parity, data[:4], is_even, configs=configs, workers=2, threads=2, progress=False,
+        store=path,
+    )  # fmt: skip
+    procval.evaluate(parity, data, is_even, configs=configs, workers=1, progress=False, store=path)
+    after = time.time()
+    out_file = tmp_path / "report.html"
+    assert cli.main(["report", str(path), "--html", str(out_file)]) == 0
+    source = out_file.read_text(encoding="utf-8")
+    assert secret not in source
+    run = tables(source, "run")
+    sessions = [r for r in run.rows if r and r[0].isdigit()]
+    assert [r[0] for r in sessions] == ["1", "2"]
+    for row in sessions:
+        started, ended = (time.mktime(time.strptime(t, "%Y-%m-%d %H:%M:%S %z")) for t in row[1:3])
+        assert before - 1 <= started <= ended <= after + 1
+        assert row[4] == "completed" and row[5] == socket.gethostname()
+    header = next(r for r in run.rows if r and r[0] == "config")
+    by_config = {r[0]: dict(zip(header, r, strict=True)) for r in run.rows if r[0] in configs}
+    keyed, plain = by_config["keyed"], by_config["plain"]
+    assert (
+        keyed["env (names)"] == "OTHER_VAR, PROCVAL_TEST_API_KEY" and plain["env (names)"] == "none"
+    )
+    assert keyed["seed"] == "7" and plain["seed"] == "none (not seeded)"
+    assert keyed["fingerprint"] == first["keyed"].fingerprint
+    assert keyed["identity"] == configs["keyed"].identity()
+    assert keyed["threads"] == "1" and keyed["workers asked"] == "1"  # the last session's
+    assert int(keyed["worker processes"]) >= 2  # one per session at least, all sessions
+    assert keyed["procval"] == procval.__version__
+    assert keyed["Python"] == platform.python_version()
+    assert keyed["hosts"] == socket.gethostname()
+    page = parse(source)
+    text = " ".join(page.text)
+    assert "2 sessions, the last one completed" in text  # under the title
+    errors = " ".join(tables(source, "errors").notes)
+    assert f"procval report {path} --errors" in errors
+
+
+def test_results_in_memory_get_a_run_section_from_their_rows():
+    run = tables(render_html(sample_results()), "run")
+    header = next(r for r in run.rows if r and r[0] == "config")
+    strong = dict(zip(header, next(r for r in run.rows if r[0] == "strong"), strict=True))
+    assert strong["fingerprint"] == "f" * 16 and strong["worker processes"] == "1"
+    assert strong["hosts"] == "here" and strong["seed"] == "–"
+    assert "not read from a run store" in " ".join(run.notes)
 
 
 def png_size_and_data(path):

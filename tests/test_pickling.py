@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import traceback
+
+import pytest
+
 import procval
 from helpers import toys, user_module
 from procval import _pickling
@@ -51,3 +57,73 @@ def test_recursive_local_functions_still_pickle():
         return fact
 
     assert _pickling.loads(_pickling.dumps(make(), what="fact"))(5) == 120
+
+
+def test_code_pickled_by_value_keeps_its_file_line_and_source_line(tmp_path):
+    path = tmp_path / "user_code.py"
+    path.write_text("def f(x):\n    y = x + 1\n    raise ValueError(f'refused {y}')\n")
+    namespace = {"__name__": "not_an_importable_module"}  # so cloudpickle pickles f by value
+    exec(compile(path.read_text(), str(path), "exec"), namespace)
+    clone = _pickling.loads(_pickling.dumps(namespace["f"], what="f"))
+    assert clone.__code__.co_filename == str(path)
+    with pytest.raises(ValueError) as caught:
+        clone(1)
+    text = "".join(traceback.format_exception(caught.value))
+    assert f'File "{path}", line 3, in f' in text and "raise ValueError(f'refused {y}')" in text
+
+
+SCRIPT = """\
+import sys
+import procval
+
+
+def program(example):
+    if example == 2:
+        raise ValueError("two is refused")
+    return example
+
+
+def metric(example, prediction):
+    return 1.0
+
+
+def broken_setup():
+    raise RuntimeError("setup is broken")
+
+
+if __name__ == "__main__":
+    procval.evaluate(program, [1, 2], metric, store=sys.argv[1], workers=1, progress=False)
+    try:
+        config = procval.Config(setup=broken_setup)
+        procval.evaluate(program, [1], metric, config=config, workers=1, progress=False)
+    except procval.SetupError as exc:
+        print(exc)
+"""
+
+
+def test_tracebacks_of_a_script_name_its_file_in_rows_the_html_report_and_setup_error(tmp_path):
+    script = tmp_path / "my_eval.py"
+    script.write_text(SCRIPT)
+    store = tmp_path / "runs.db"
+    run = subprocess.run(
+        [sys.executable, str(script), str(store)], capture_output=True, text=True, timeout=120
+    )
+    assert run.returncode == 0, run.stderr
+    assert "<dynamic-code>" not in run.stdout
+    assert f'File "{script}", line 16, in broken_setup' in run.stdout, run.stdout
+    assert 'raise RuntimeError("setup is broken")' in run.stdout
+
+    (row,) = procval.load(store)["default"].errors
+    assert f'File "{script}", line 7, in program' in row.error.traceback, row.error.traceback
+    assert 'raise ValueError("two is refused")' in row.error.traceback
+
+    html = tmp_path / "report.html"
+    report = subprocess.run(
+        [sys.executable, "-m", "procval", "report", str(store), "--html", str(html)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert report.returncode == 0, report.stderr
+    page = html.read_text()
+    assert str(script) in page and "line 7, in program" in page and "<dynamic-code>" not in page

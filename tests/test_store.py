@@ -19,8 +19,10 @@ import pytest
 
 import procval
 from helpers import store_programs
+from helpers.processes import assert_gone, start, stop, wait_for_rows
+from helpers.rows import make_row as row
 from procval.config import Config
-from procval.results import Row, RowError
+from procval.results import RowError
 from procval.run.snapshot import take_snapshot
 from procval.store.readers import count_rows, iter_rows, sessions
 from procval.store.writer import StoreSink
@@ -30,24 +32,6 @@ SECRET = "sk-live-0123456789-do-not-store"
 
 def snapshot(name: str = "a", **values):
     return take_snapshot(Config(name=name, values=values))
-
-
-def row(index, example_id=None, *, config="a", prediction=None, error=None, score=1.0):
-    example_id = index if example_id is None else example_id
-    return Row(
-        index=index,
-        example_id=example_id,
-        example={"id": example_id, "x": index},
-        prediction=prediction,
-        score=score,
-        error=error,
-        attempts=1,
-        duration=0.01,
-        worker_pid=4242,
-        config=config,
-        fingerprint="f" * 16,
-        node="here",
-    )
 
 
 def write(path, rows, *, config="a", values=None, fresh=False, duration=1.0):
@@ -364,6 +348,8 @@ HOLD_A_RUN = """
 import sys, time
 import procval
 from helpers import store_programs
+from helpers.processes import assert_gone, start, stop, wait_for_rows
+from helpers.rows import make_row as row
 
 PAUSE = float(sys.argv[2])
 
@@ -378,22 +364,9 @@ print(len(result))
 """
 
 
-def run_script(path, pause, n, log, **options):
-    tests = str(Path(__file__).resolve().parent)
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(filter(None, [tests, os.environ.get("PYTHONPATH")])),
-        store_programs.LOG_VARIABLE: str(log),
-    }
+def run_script(path, pause, n, log):
     command = [sys.executable, "-c", HOLD_A_RUN, str(path), str(pause), str(n)]
-    return subprocess.Popen(command, env=env, text=True, **options)
-
-
-def rows_so_far(path) -> int:
-    try:
-        return count_rows(path)
-    except procval.StoreError:  # the holder has made the file but not its tables yet
-        return 0
+    return start(command, env={store_programs.LOG_VARIABLE: str(log)})
 
 
 def open_paths(process: psutil.Process) -> set[str]:
@@ -407,13 +380,9 @@ def open_paths(process: psutil.Process) -> set[str]:
 def test_a_live_run_holds_the_store_and_its_kill_9_frees_it_at_once(tmp_path):
     path, log = tmp_path / "run.db", tmp_path / "calls.log"
     lock = f"{path}.lock"
-    holder = run_script(path, 0.01, 3000, log, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    holder = run_script(path, 0.01, 3000, log)
     try:
-        deadline = time.monotonic() + 60
-        while rows_so_far(path) < 20:
-            assert holder.poll() is None, holder.communicate()
-            assert time.monotonic() < deadline, "the holder stored no rows within 60 s"
-            time.sleep(0.05)
+        wait_for_rows(path, 20, holder)
         workers = psutil.Process(holder.pid).children(recursive=True)
         assert workers, "the run has no worker processes"
         # The lock is the holder's alone: no worker (nor loky's resource tracker) inherited it,
@@ -451,16 +420,12 @@ def test_a_live_run_holds_the_store_and_its_kill_9_frees_it_at_once(tmp_path):
         # at once, whether or not the workers have finished dying: no retry, no wait
         StoreSink(str(path), fresh=False, configs=["default"]).close(completed=False)
     finally:
-        holder.kill()
-        holder.communicate(timeout=10)
-    deadline = time.monotonic() + 10
-    while any(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers):
-        assert time.monotonic() < deadline, "workers outlived their killed parent"
-        time.sleep(0.05)
+        stop(holder)
+    assert_gone(workers)
     at_kill = count_rows(path)
     assert 20 <= at_kill < 3000
 
-    resumed = run_script(path, 0, 3000, log, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    resumed = run_script(path, 0, 3000, log)
     out, err = resumed.communicate(timeout=120)
     assert resumed.returncode == 0 and out.strip() == "3000", err
     calls = store_programs.calls(log)

@@ -36,7 +36,7 @@ reseeded in each (CPython does so after ``fork``).
 
 Lifetimes: the server exits when the parent process dies or closes its end of the socket (EOF),
 or is re-parented (checked twice a second); each worker's ``PR_SET_PDEATHSIG`` and watchdog
-(``procval.worker.runtime._watch_parent``, given the server's pid) end it when the server dies. So a
+(``procval.worker.lifeline.watch_parent``, given the server's pid) end it when the server dies. So a
 ``kill -9`` of the parent still ends every worker. Linux only; elsewhere workers start by
 ``fork+exec``. ``PROCVAL_FORK_SERVER=0`` turns it off.
 """

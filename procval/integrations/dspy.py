@@ -16,6 +16,8 @@
     Evaluate(...)(program): snapshot() ──▶ procval.evaluate ──▶ program(**example.inputs()),
       ◀── rows ── dspy-style EvaluationResult          metric(example, prediction), in
           (score in percent, results tuples)           num_threads // workers threads each
+      as rows arrive: "Error for ..." per failed example, then "Average Metric: x / n (p%)",
+      on DSPy's own loggers (dspy.utils.parallelizer, dspy.evaluate.evaluate)
 
 What stays in a process: each worker builds its own DSPy cache object. The in-memory cache
 starts empty in every worker; the disk cache (a SQLite-backed ``diskcache`` directory, safe for
@@ -54,12 +56,16 @@ from procval.integrations._dspy_settings import PER_CALL_SETTINGS, snapshot
 from procval.integrations._dspy_settings import _Configure as _Configure  # pickled as ours
 from procval.results import EvaluationResult as _ProcvalResult
 from procval.results import Row
-from procval.run.api import evaluate
+from procval.run.api import evaluate, on_rows
 from procval.run.dataset import example_id
 
 __all__ = ["PER_CALL_SETTINGS", "Evaluate", "EvaluationResult", "Scored", "snapshot"]
 
 logger = logging.getLogger(__name__)
+# DSPy's own loggers, so that its handler (time, level, name) shows these lines as DSPy's do and
+# a filter set on them applies here too: failed examples as they happen, the mean at the end.
+_executor_logger = logging.getLogger("dspy.utils.parallelizer")
+_evaluate_logger = logging.getLogger("dspy.evaluate.evaluate")
 
 _THREADS_PER_PROCESS = 4  # Evaluate(workers=None): one process per 4 examples in flight
 
@@ -241,25 +247,34 @@ class Evaluate(dspy.Evaluate):
         workers, threads = _plan(num_threads, self.workers)
         limit = self.max_errors if self.max_errors is not None else dspy.settings.max_errors
         config = snapshot()
+        traceback = (
+            self.provide_traceback
+            if self.provide_traceback is not None
+            else dspy.settings.provide_traceback
+        )
         try:
-            outcome = evaluate(
-                _Program(program, metric),
-                _dataset(devset),
-                _score,
-                config=config,
-                workers=workers,
-                threads=threads,
-                failure_score=self.failure_score,
-                progress=bool(display_progress),
-                timeout=self.timeout,
-                retries=self.retries,
-                max_errors=None if limit is None else max(0, limit - 1),  # DSPy stops at limit
-                store=self.store,
-            )
+            with on_rows(_ErrorLog(devset, bool(traceback))):
+                outcome = evaluate(
+                    _Program(program, metric),
+                    _dataset(devset),
+                    _score,
+                    config=config,
+                    workers=workers,
+                    threads=threads,
+                    failure_score=self.failure_score,
+                    progress=bool(display_progress),
+                    timeout=self.timeout,
+                    retries=self.retries,
+                    max_errors=None if limit is None else max(0, limit - 1),  # as DSPy stops
+                    store=self.store,
+                )
         except TooManyErrors as exc:
             partial = exc.results[config.name] if isinstance(exc.results, Mapping) else exc.results
-            exc.results = self._report(partial, devset, metric, False, None, None)
-            logger.warning("Execution cancelled due to errors; the finished examples are kept.")
+            exc.results = self._report(partial, devset, metric, False, None, None, final=False)
+            _executor_logger.warning(
+                "Execution cancelled due to errors or interruption; the finished examples are "
+                "kept in the TooManyErrors' .results."
+            )
             raise
         return self._report(outcome, devset, metric, display_table, save_as_csv, save_as_json)
 
@@ -271,26 +286,19 @@ class Evaluate(dspy.Evaluate):
         display_table: bool | int,
         save_as_csv: str | None,
         save_as_json: str | None,
+        *,
+        final: bool = True,
     ) -> EvaluationResult:
-        """Log, display and save the rows as ``dspy.Evaluate`` does; return the DSPy result."""
-        traceback = (
-            self.provide_traceback
-            if self.provide_traceback is not None
-            else dspy.settings.provide_traceback
-        )
-        for row in outcome.errors:
-            assert row.error is not None
-            if traceback:
-                logger.error(f"Error for {devset[row.index]}: {row.error}\n{row.error.traceback}")
-            else:
-                logger.error(
-                    f"Error for {devset[row.index]}: {row.error}. "
-                    "Set `provide_traceback=True` for traceback."
-                )
+        """Log the mean, display and save the rows as ``dspy.Evaluate`` does; the DSPy result.
+
+        The failed examples were logged as they happened (:class:`_ErrorLog`); a run stopped by
+        ``max_errors`` (``final=False``) logs no mean, as DSPy's does not.
+        """
         results = [(devset[row.index], *_result(row)) for row in outcome.rows]
         ncorrect, ntotal = sum(score for *_, score in results), len(results)
         percent = 100 * ncorrect / ntotal if ntotal else 0.0
-        logger.info(f"Average Metric: {ncorrect} / {ntotal} ({round(percent, 1)}%)")
+        if final:
+            _evaluate_logger.info(f"Average Metric: {ncorrect} / {ntotal} ({round(percent, 1)}%)")
         metric_name = (
             metric.__name__ if isinstance(metric, types.FunctionType) else type(metric).__name__
         )
@@ -299,7 +307,7 @@ class Evaluate(dspy.Evaluate):
                 table = self._construct_result_table(results, metric_name)
                 self._display_result_table(table, display_table, metric_name)
             else:
-                logger.warning("Skipping table display since `pandas` is not installed.")
+                _evaluate_logger.warning("Skipping table display since `pandas` is not installed.")
         if save_as_csv:
             data = self._prepare_results_output(results, metric_name)
             with open(save_as_csv, "w", newline="") as f:
@@ -310,6 +318,26 @@ class Evaluate(dspy.Evaluate):
             with open(save_as_json, "w") as f:
                 json.dump(self._prepare_results_output(results, metric_name), f)
         return EvaluationResult(score=round(percent, 2), results=results, evaluation=outcome)
+
+
+class _ErrorLog:
+    """Logs each failed example as its row arrives in the parent, in DSPy's words."""
+
+    def __init__(self, devset: list[Any], traceback: bool) -> None:
+        self.devset = devset
+        self.traceback = traceback
+
+    def __call__(self, config: str, rows: list[Row]) -> None:
+        for row in rows:
+            if row.error is None:
+                continue
+            example = self.devset[row.index]
+            if self.traceback:
+                _executor_logger.error(f"Error for {example}: {row.error}\n{row.error.traceback}")
+            else:
+                _executor_logger.error(
+                    f"Error for {example}: {row.error}. Set `provide_traceback=True` for traceback."
+                )
 
 
 def _plan(num_threads: int | None, workers: int | None) -> tuple[int, int]:

@@ -12,51 +12,42 @@ each example is, so it detects far smaller differences than two scores with thei
 
 Errored rows take part with the score they carry (``failure_score``); they are counted.
 
-This module pairs the rows and presents the outcome; the statistics themselves (bootstrap,
-sign and permutation tests, Holm's adjustment, with numpy or in pure Python) are in
-``procval/_stats.py``, whose public functions are re-exported here.
+This module pairs the rows and holds the outcome; the statistics themselves (bootstrap, sign
+and permutation tests, Holm's adjustment, with numpy or in pure Python) are in
+:mod:`procval.report.stats`, the plain-text report in :mod:`procval.report.text`. A result is
+read through :class:`procval.report.protocol.ResultLike`: nothing here imports
+:mod:`procval.results`.
 """
 
 from __future__ import annotations
 
 import itertools
-import json
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, overload
+from typing import Any, overload
 
-from procval._convert import to_jsonable
 from procval.errors import UnalignedResultsError
+from procval.report.protocol import ResultLike, RowLike, is_result
 from procval.report.stats import (
     Interval,
     _binary,
     _intervals,
     _resample_means,
-    bootstrap_ci,
     check_options,
     holm,
     permutation_test,
     sign_test,
 )
-
-if TYPE_CHECKING:
-    from procval.results import EvaluationResult
+from procval.report.text import format_p
 
 __all__ = [
     "Comparison",
     "ComparisonTable",
     "Interval",
     "UnalignedResultsError",
-    "bootstrap_ci",
-    "check_options",
     "compare",
     "compare_all",
-    "describe",
-    "format_p",
-    "holm",
-    "permutation_test",
-    "sign_test",
 ]
 
 
@@ -156,8 +147,8 @@ class Comparison:
 
 
 def compare(
-    a: EvaluationResult,
-    b: EvaluationResult,
+    a: ResultLike,
+    b: ResultLike,
     *,
     confidence: float = 0.95,
     resamples: int = 10_000,
@@ -183,10 +174,8 @@ def compare(
         ValueError: bad ``confidence``, ``resamples`` or ``seed``, or duplicate example ids.
         TypeError: ``a`` or ``b`` is not an ``EvaluationResult``.
     """
-    from procval.results import EvaluationResult
-
     for name, value in (("a", a), ("b", b)):
-        if not isinstance(value, EvaluationResult):
+        if not is_result(value):
             raise TypeError(f"{name} must be an EvaluationResult, got {type(value).__name__}")
     check_options(confidence, resamples, seed)
     pairs, missing_in_a, missing_in_b = _align(a, b, common_only=common_only)
@@ -289,14 +278,14 @@ class ComparisonTable(Sequence[Comparison]):
         return "\n".join(lines)
 
     def _repr_html_(self) -> str:
-        from procval.report.html import render_table
+        from procval.report.notebook import render_table
 
         return render_table(self)
 
 
 def compare_all(
-    results: Sequence[EvaluationResult],
-    baseline: EvaluationResult | None,
+    results: Sequence[ResultLike],
+    baseline: ResultLike | None,
     **options: Any,
 ) -> ComparisonTable:
     """Compare every result with ``baseline``, or, without one, every pair (later vs earlier).
@@ -316,56 +305,12 @@ def compare_all(
     return ComparisonTable([compare(x, y, **options) for x, y in pairs])
 
 
-def describe(
-    comparison: Comparison, a: EvaluationResult, b: EvaluationResult, *, examples: int = 5
-) -> str:
-    """The comparison's summary followed by the first examples on which a and b differ.
-
-    This is what ``procval compare`` prints. ``a`` and ``b`` are the results compared.
-
-    Args:
-        comparison: the result of ``compare(a, b)``.
-        a: the first result, for its rows.
-        b: the second result.
-        examples: how many differing examples to list, in ``a``'s dataset order.
-
-    Returns:
-        Several lines of text, without a final newline.
-    """
-    flipped = set(comparison.wins) | set(comparison.losses)
-    lines = [repr(comparison)]
-    if not flipped or examples <= 0:
-        return lines[0]
-    by_id_b = {row.example_id: row for row in b.rows}
-    shown = [row for row in a.rows if row.example_id in flipped][:examples]
-    lines.append(f"First {len(shown)} of {len(flipped)} examples where they differ:")
-    width = max(len(str(row.example_id)) for row in shown)
-    for row in shown:
-        other = by_id_b[row.example_id]
-        verb = "a wins " if row.score > other.score else "a loses"
-        lines.append(f"  {row.example_id!s:<{width}}  {verb}  a: {_short(row)}  b: {_short(other)}")
-        lines.append(f"  {'':<{width}}  input: {_clip(_plain(row.example), 88)}")
-    return "\n".join(lines)
-
-
-# ------------------------------------------------------------------------------------- presentation
-
-
-def format_p(p: float) -> str:
-    """A p-value for people: three decimals, or scientific notation below 0.001."""
-    if math.isnan(p):
-        return "nan"
-    if p == 0.0:
-        return "<1e-300"
-    return f"{p:.3f}" if p >= 0.001 else f"{p:.1e}"
-
-
 # --------------------------------------------------------------------------------- the plumbing
 
 
 def _align(
-    a: EvaluationResult, b: EvaluationResult, *, common_only: bool
-) -> tuple[list[tuple[Any, Any]], int, int]:
+    a: ResultLike, b: ResultLike, *, common_only: bool
+) -> tuple[list[tuple[RowLike, RowLike]], int, int]:
     by_id_b = {row.example_id: row for row in b.rows}
     ids_a = [row.example_id for row in a.rows]
     for result, count in ((a, len(set(ids_a))), (b, len(by_id_b))):
@@ -402,26 +347,6 @@ def _align(
             missing_in_b=missing_in_b,
         )
     return pairs, missing_in_a, missing_in_b
-
-
-def _short(row: Any) -> str:
-    """A row's prediction (or error) and score, in a few words for a terminal line."""
-    shown = f"<{row.error.type}>" if row.error is not None else _clip(_plain(row.prediction), 32)
-    return f"{shown} ({row.score:g})"
-
-
-def _plain(value: Any) -> str:
-    if isinstance(value, str):
-        return repr(value)
-    try:
-        return json.dumps(to_jsonable(value), ensure_ascii=False)
-    except (TypeError, ValueError):
-        return repr(value)
-
-
-def _clip(text: str, width: int) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 def _ids(count: int) -> str:

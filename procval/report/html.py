@@ -5,48 +5,55 @@
     Scores          per config: score, bootstrap interval, an inline SVG bar, errors, time
     Differences     every other config minus the best one, paired: interval (inline SVG),
                     p-value, Holm-adjusted p-value, wins / losses / ties
-    Errors          counts by error type and config, one sample traceback per type
+    Errors          counts by error type and config, one sample traceback per type, and how
+                    to list every failed example
     Disagreements   the examples whose scores differ between configs: input, each config's
                     prediction and score (capped, saying how many were left out)
+    Run             sessions (started, ended, status, host) and per config its env names,
+                    seed, fingerprint, identity, workers, threads, versions, hosts
+                    (:mod:`procval.report.runinfo`)
 
 Nothing is fetched: no scripts, fonts or stylesheets, and a Content-Security-Policy that forbids
 them. Every value from a run (names, inputs, predictions, messages) goes through
-:func:`html.escape`.
+:func:`procval.report.markup.esc`.
 """
 
 from __future__ import annotations
 
-import html
-import json
 import math
+import shlex
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping, Sequence
+from typing import Any, cast
 
-from procval._convert import to_jsonable
-from procval.report.compare import (
-    Comparison,
-    ComparisonTable,
-    Interval,
-    UnalignedResultsError,
-    compare,
-    format_p,
-    holm,
+from procval._version import __version__
+from procval.report.compare import Comparison, UnalignedResultsError, compare
+from procval.report.markup import (
+    as_text,
+    axis_svg,
+    bar_svg,
+    ci_text,
+    clip,
+    diff_svg,
+    domain,
+    esc,
+    num,
+    plural,
 )
+from procval.report.protocol import ResultLike, RowLike, is_result
+from procval.report.runinfo import run_section, run_span
+from procval.report.stats import Interval, holm
+from procval.report.text import format_p
 
-if TYPE_CHECKING:
-    from procval.results import EvaluationResult, Row
-
-_TEXT_LIMIT = 300  # characters of an input or prediction shown in a table cell
-_BAR_WIDTH = 240
-_BAR_HEIGHT = 18
+__all__ = ["render_html"]
 
 _CSS = """
 body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;color:#1f2328;
  margin:0;background:#f6f8fa}
 main{max-width:1120px;margin:0 auto;padding:24px 28px 48px;background:#fff;min-height:100vh}
 h1{font-size:26px;margin:0 0 4px}h2{font-size:19px;margin:32px 0 8px;
- border-bottom:1px solid #d0d7de;padding-bottom:4px}
+ border-bottom:1px solid #d0d7de;padding-bottom:4px}h3{font-size:15px;margin:16px 0 4px}
+code{font:12px ui-monospace,SFMono-Regular,Menlo,Consolas,monospace}
 .meta,.note{color:#59636e}.note{font-size:13px}
 table{border-collapse:collapse;width:100%;margin:8px 0}
 th,td{padding:5px 8px;border-bottom:1px solid #e6e9ec;text-align:left;vertical-align:top}
@@ -65,13 +72,14 @@ _CSP = "default-src 'none'; style-src 'unsafe-inline'; img-src data:"
 
 
 def render_html(
-    results: Mapping[str, EvaluationResult] | Sequence[EvaluationResult] | EvaluationResult,
+    results: Mapping[str, ResultLike] | Sequence[ResultLike] | ResultLike,
     *,
     title: str = "procval report",
     max_rows: int = 50,
     confidence: float = 0.95,
     resamples: int = 10_000,
     seed: int = 0,
+    details: Mapping[str, Any] | None = None,
 ) -> str:
     """Render results as one self-contained HTML page (see the module docstring).
 
@@ -82,6 +90,9 @@ def render_html(
         confidence: level of the bootstrap intervals.
         resamples: bootstrap resamples (and sign flips) per interval and comparison.
         seed: seed of the resamples.
+        details: what the store says about the run, as
+            :func:`procval.store.readers.run_details` returns it (``procval report`` passes
+            it); without it the run section shows only what the rows carry.
 
     Returns:
         The page, as a string to write to a ``.html`` file.
@@ -92,84 +103,39 @@ def render_html(
     best = _best(runs)
     n = max((len(r) for r in runs), default=0)
     parts = [
-        f'<h1>{_e(title)}</h1><p class="meta">{len(runs)} config{_s(len(runs))} · '
-        f"{n} example{_s(n)} · {confidence:.0%} intervals from a bootstrap over examples "
+        f'<h1>{esc(title)}</h1><p class="meta">{len(runs)} config{plural(len(runs))} · '
+        f"{n} example{plural(n)} · {confidence:.0%} intervals from a bootstrap over examples "
         f"({resamples} resamples, seed {seed})</p>",
+        f"<p class='meta'>{esc(run_span(details))}</p>" if run_span(details) else "",
         _scores_section(runs, intervals, best, confidence),
         _differences_section(runs, best, stats),
-        _errors_section(runs),
+        _errors_section(runs, (details or {}).get("path")),
         _disagreements_section(runs, max_rows),
+        run_section(runs, details),
     ]
     return _page(title, "".join(parts))
-
-
-def render_result(result: EvaluationResult, *, errors: int = 5) -> str:
-    """The notebook view of one result: score, interval, counts and the first errors."""
-    interval = result.ci()
-    lo, hi = _domain([result.score], [interval])
-    totals = result.totals
-    out = [
-        "<div><table><tr><th>config</th><th class='num'>score</th><th>95% CI</th><th></th>"
-        "<th class='num'>examples</th><th class='num'>errors</th><th class='num'>time</th></tr>",
-        f"<tr><td>{_e(result.config)}</td><td class='num'>{_num(result.score)}</td>"
-        f"<td class='num'>{_interval(interval)}</td>"
-        f"<td>{_bar_svg(result.score, interval, lo, hi)}</td><td class='num'>{totals.n}</td>"
-        f"<td class='num'>{totals.errors}</td><td class='num'>{result.duration:.2f}s</td></tr>"
-        "</table>",
-    ]
-    failed = result.errors
-    if failed:
-        out.append(f"<p>First {min(errors, len(failed))} of {len(failed)} errors:</p><ul>")
-        for row in failed[:errors]:
-            error = row.error
-            assert error is not None
-            out.append(
-                f"<li>example {_e(repr(row.example_id))}: <b>{_e(error.type)}</b>: "
-                f"{_e(_clip(error.message))}</li>"
-            )
-        out.append("</ul>")
-    return "".join(out) + "</div>"
-
-
-def render_table(table: ComparisonTable) -> str:
-    """The notebook view of a :class:`procval.ComparisonTable`."""
-    head = (
-        "<table><tr><th>a</th><th>b</th><th class='num'>n</th><th class='num'>a − b</th>"
-        "<th class='num'>CI</th><th class='num'>p</th><th class='num'>p (Holm)</th>"
-        "<th class='num'>wins</th><th class='num'>losses</th><th class='num'>ties</th></tr>"
-    )
-    rows = [
-        f"<tr><td>{_e(c.a)}</td><td>{_e(c.b)}</td><td class='num'>{c.n}</td>"
-        f"<td class='num'>{_num(c.difference, signed=True)}</td>"
-        f"<td class='num'>{_interval(c.ci, signed=True)}</td><td class='num'>"
-        f"{format_p(c.p_value)}</td><td class='num'>{format_p(p)}</td>"
-        f"<td class='num'>{len(c.wins)}</td><td class='num'>{len(c.losses)}</td>"
-        f"<td class='num'>{len(c.ties)}</td></tr>"
-        for c, p in zip(table, table.p_adjusted, strict=True)
-    ]
-    return head + "".join(rows) + "</table>"
 
 
 # ------------------------------------------------------------------------------------- sections
 
 
 def _scores_section(
-    runs: list[EvaluationResult], intervals: list[Interval], best: int | None, confidence: float
+    runs: list[ResultLike], intervals: list[Interval], best: int | None, confidence: float
 ) -> str:
-    lo, hi = _domain([r.score for r in runs], intervals)
+    lo, hi = domain([r.score for r in runs], intervals)
     rows = []
     for i, (run, interval) in enumerate(zip(runs, intervals, strict=True)):
         totals = run.totals
         rows.append(
-            f"<tr{' class=best' if i == best else ''}><td>{_e(run.config)}"
+            f"<tr{' class=best' if i == best else ''}><td>{esc(run.config)}"
             f"{' <b>(best)</b>' if i == best else ''}</td>"
-            f"<td class='num'>{_num(run.score)}</td><td class='num'>{_interval(interval)}</td>"
-            f"<td>{_bar_svg(run.score, interval, lo, hi)}</td><td class='num'>{totals.n}</td>"
+            f"<td class='num'>{num(run.score)}</td><td class='num'>{ci_text(interval)}</td>"
+            f"<td>{bar_svg(run.score, interval, lo, hi)}</td><td class='num'>{totals.n}</td>"
             f"<td class='num'>{totals.errors}</td><td class='num'>{run.duration:.2f}s</td></tr>"
         )
     return (
         "<section id='scores'><h2>Scores</h2><table><tr><th>config</th><th class='num'>score</th>"
-        f"<th class='num'>{confidence:.0%} CI</th><th>{_axis_svg(lo, hi)}</th>"
+        f"<th class='num'>{confidence:.0%} CI</th><th>{axis_svg(lo, hi)}</th>"
         "<th class='num'>examples</th><th class='num'>errors</th><th class='num'>time</th></tr>"
         + "".join(rows)
         + "</table><p class='note'>Failed examples count with the run's failure score. "
@@ -177,9 +143,7 @@ def _scores_section(
     )
 
 
-def _differences_section(
-    runs: list[EvaluationResult], best: int | None, stats: dict[str, Any]
-) -> str:
+def _differences_section(runs: list[ResultLike], best: int | None, stats: dict[str, Any]) -> str:
     head = "<section id='differences'><h2>Paired differences against the best config</h2>"
     if best is None or len(runs) < 2:
         return head + "<p class='note'>Only one config: there is nothing to compare.</p></section>"
@@ -198,18 +162,18 @@ def _differences_section(
     rows = []
     for c, p in zip(found, adjusted, strict=True):
         rows.append(
-            f"<tr><td>{_e(c.a)}</td><td class='num'>{_num(c.difference, signed=True)}</td>"
-            f"<td class='num'>{_interval(c.ci, signed=True)}</td>"
-            f"<td>{_diff_svg(c.difference, c.ci, bound)}</td>"
+            f"<tr><td>{esc(c.a)}</td><td class='num'>{num(c.difference, signed=True)}</td>"
+            f"<td class='num'>{ci_text(c.ci, signed=True)}</td>"
+            f"<td>{diff_svg(c.difference, c.ci, bound)}</td>"
             f"<td class='num'>{format_p(c.p_value)}</td><td class='num'>{format_p(p)}</td>"
             f"<td class='num'>{len(c.wins)} / {len(c.losses)} / {len(c.ties)}</td>"
-            f"<td class='num'>{c.n}</td><td>{_e(c.test)}</td></tr>"
+            f"<td class='num'>{c.n}</td><td>{esc(c.test)}</td></tr>"
         )
-    refusals = "".join(f"<p class='err'>{_e(message)}</p>" for message in refused)
+    refusals = "".join(f"<p class='err'>{esc(message)}</p>" for message in refused)
     return (
-        head + f"<p>Each config minus <b>{_e(base.config)}</b>, example by example.</p>"
+        head + f"<p>Each config minus <b>{esc(base.config)}</b>, example by example.</p>"
         "<table><tr><th>config</th><th class='num'>difference</th>"
-        f"<th class='num'>{stats['confidence']:.0%} CI</th><th>{_axis_svg(-bound, bound)}</th>"
+        f"<th class='num'>{stats['confidence']:.0%} CI</th><th>{axis_svg(-bound, bound)}</th>"
         "<th class='num'>p</th><th class='num'>p (Holm)</th>"
         "<th class='num'>wins / losses / ties</th><th class='num'>paired</th><th>test</th></tr>"
         + "".join(rows)
@@ -221,7 +185,7 @@ def _differences_section(
     )
 
 
-def _errors_section(runs: list[EvaluationResult]) -> str:
+def _errors_section(runs: list[ResultLike], store: str | None) -> str:
     head = "<section id='errors'><h2>Errors by type</h2>"
     counts = {run.config: run.error_types for run in runs}
     kinds = Counter[str]()
@@ -229,30 +193,45 @@ def _errors_section(runs: list[EvaluationResult]) -> str:
         kinds.update(per_run)
     if not kinds:
         return head + "<p class='note'>No example failed.</p></section>"
-    names = "".join(f"<th class='num'>{_e(run.config)}</th>" for run in runs)
+    names = "".join(f"<th class='num'>{esc(run.config)}</th>" for run in runs)
     rows = []
     for kind, _ in kinds.most_common():
         cells = "".join(f"<td class='num'>{counts[run.config].get(kind, 0)}</td>" for run in runs)
-        rows.append(f"<tr><td>{_e(kind)}</td>{cells}</tr>")
+        rows.append(f"<tr><td>{esc(kind)}</td>{cells}</tr>")
     samples = []
     for kind, total in kinds.most_common(10):
         row = next(r for run in runs for r in run.errors if r.error and r.error.type == kind)
         assert row.error is not None
         samples.append(
-            f"<details><summary><b>{_e(kind)}</b> ({total}): {_e(_clip(row.error.message))}"
-            f"</summary><p class='note'>config {_e(row.config)}, example "
-            f"{_e(repr(row.example_id))}</p><pre>{_e(row.error.traceback or row.error.message)}"
+            f"<details><summary><b>{esc(kind)}</b> ({total}): {esc(clip(row.error.message))}"
+            f"</summary><p class='note'>config {esc(row.config)}, example "
+            f"{esc(repr(row.example_id))}</p><pre>{esc(row.error.traceback or row.error.message)}"
             "</pre></details>"
         )
     return (
         head + f"<table><tr><th>error type</th>{names}</tr>" + "".join(rows) + "</table>"
         "<p class='note'>One example of each type (open for the traceback):</p>"
         + "".join(samples)
+        + _every_error_note(store)
         + "</section>"
     )
 
 
-def _disagreements_section(runs: list[EvaluationResult], max_rows: int) -> str:
+def _every_error_note(store: str | None) -> str:
+    """How to see every failed example, not only the first of each type."""
+    path = shlex.quote(store) if store else "STORE"
+    listing = f"procval report {path} --errors"
+    export = f"procval export {path} --format jsonl"
+    where = (
+        f"<code>{esc(listing)}</code> lists one line each; <code>{esc(export)}</code> has "
+        "their tracebacks"
+    )
+    if not store:
+        where += " (for a run with a store), <code>result.errors</code> in Python"
+    return f"<p class='note'>Every failed example: {where}.</p>"
+
+
+def _disagreements_section(runs: list[ResultLike], max_rows: int) -> str:
     head = "<section id='disagreements'><h2>Examples on which the configs disagree</h2>"
     if len(runs) < 2:
         return head + "<p class='note'>Only one config.</p></section>"
@@ -271,7 +250,7 @@ def _disagreements_section(runs: list[EvaluationResult], max_rows: int) -> str:
     disagree.sort(key=lambda t: (t[0], t[1], str(t[2])))
     shown = disagree[:max_rows]
     left_out = len(disagree) - len(shown)
-    names = "".join(f"<th>{_e(run.config)}</th>" for run in runs)
+    names = "".join(f"<th>{esc(run.config)}</th>" for run in runs)
     rows = [_disagreement_row(example_id, by_id) for _, _, example_id in shown]
     note = f"{len(disagree)} of {len(order)} examples got different scores"
     if left_out:
@@ -286,7 +265,7 @@ def _disagreements_section(runs: list[EvaluationResult], max_rows: int) -> str:
     )
 
 
-def _disagreement_row(example_id: int | str, by_id: list[dict[int | str, Row]]) -> str:
+def _disagreement_row(example_id: int | str, by_id: list[dict[int | str, RowLike]]) -> str:
     present = [m[example_id] for m in by_id if example_id in m]
     top = max(r.score for r in present)
     low = min(r.score for r in present)
@@ -298,156 +277,41 @@ def _disagreement_row(example_id: int | str, by_id: list[dict[int | str, Row]]) 
             continue
         kind = "win" if row.score == top else "loss" if row.score == low else ""
         if row.error is not None:
-            shown = f"<span class='err'>{_e(_clip(str(row.error)))}</span>"
+            shown = f"<span class='err'>{esc(clip(str(row.error)))}</span>"
         else:
-            shown = _e(_clip(_text(row.prediction)))
+            shown = esc(clip(as_text(row.prediction)))
         cells.append(
             f"<td class='{kind}'><div class='cell'>{shown}</div>"
-            f"<span class='score'>{_num(row.score, digits=3)}</span></td>"
+            f"<span class='score'>{num(row.score, digits=3)}</span></td>"
         )
-    example = _e(_clip(_text(present[0].example)))
+    example = esc(clip(as_text(present[0].example)))
     return (
-        f"<tr><td>{_e(example_id)}</td><td><div class='cell'>{example}</div></td>"
+        f"<tr><td>{esc(example_id)}</td><td><div class='cell'>{example}</div></td>"
         + "".join(cells)
         + "</tr>"
     )
 
 
-# ------------------------------------------------------------------------------------ drawing
-
-
-def _bar_svg(score: float, interval: Interval, lo: float, hi: float) -> str:
-    """A bar from the axis minimum to ``score`` with the interval as a whisker."""
-    if not math.isfinite(score):
-        return ""
-    w, h = _BAR_WIDTH, _BAR_HEIGHT
-    x = _scale(score, lo, hi)
-    out = [
-        f"<svg xmlns='http://www.w3.org/2000/svg' width='{w}' height='{h}' role='img' "
-        f"aria-label='score {score:.4f}'>",
-        f"<rect x='0' y='3' width='{w}' height='{h - 6}' fill='#eef1f4'/>",
-        f"<rect x='0' y='3' width='{x:.1f}' height='{h - 6}' fill='#6ea8fe'/>",
-    ]
-    if all(math.isfinite(v) for v in interval):
-        a, b = _scale(interval.low, lo, hi), _scale(interval.high, lo, hi)
-        mid = h / 2
-        out.append(
-            f"<path d='M{a:.1f} {mid}H{b:.1f}M{a:.1f} 4V{h - 4}M{b:.1f} 4V{h - 4}' "
-            "stroke='#1f2328' stroke-width='1.5' fill='none'/>"
-        )
-    return "".join(out) + "</svg>"
-
-
-def _diff_svg(difference: float, interval: Interval, bound: float) -> str:
-    """A dot at ``difference`` with its interval, on a symmetric axis with a line at zero."""
-    w, h = _BAR_WIDTH, _BAR_HEIGHT
-    zero = _scale(0.0, -bound, bound)
-    a, b = _scale(interval.low, -bound, bound), _scale(interval.high, -bound, bound)
-    x = _scale(difference, -bound, bound)
-    color = "#1a7f37" if interval.low > 0 else "#cf222e" if interval.high < 0 else "#59636e"
-    return (
-        f"<svg xmlns='http://www.w3.org/2000/svg' width='{w}' height='{h}' role='img' "
-        f"aria-label='difference {difference:+.4f}'>"
-        f"<line x1='{zero:.1f}' y1='0' x2='{zero:.1f}' y2='{h}' stroke='#8c959f' "
-        "stroke-dasharray='3 2'/>"
-        f"<line x1='{a:.1f}' y1='{h / 2}' x2='{b:.1f}' y2='{h / 2}' stroke='{color}' "
-        "stroke-width='3'/>"
-        f"<circle cx='{x:.1f}' cy='{h / 2}' r='4.5' fill='{color}'/></svg>"
-    )
-
-
-def _axis_svg(lo: float, hi: float) -> str:
-    """Tick labels for the bars below it: both ends and the middle."""
-    w = _BAR_WIDTH
-    ticks = [(lo, "start"), ((lo + hi) / 2, "middle"), (hi, "end")]
-    labels = "".join(
-        f"<text x='{_scale(v, lo, hi):.1f}' y='12' text-anchor='{anchor}' font-size='11' "
-        f"fill='#59636e'>{_e(_tick(v))}</text>"
-        for v, anchor in ticks
-    )
-    return f"<svg xmlns='http://www.w3.org/2000/svg' width='{w}' height='16'>{labels}</svg>"
-
-
-def _scale(value: float, lo: float, hi: float) -> float:
-    if hi <= lo:
-        return 0.0
-    return max(0.0, min(1.0, (value - lo) / (hi - lo))) * _BAR_WIDTH
-
-
-def _domain(scores: Iterable[float], intervals: Iterable[Interval]) -> tuple[float, float]:
-    """The bars' axis: 0 to 1 when everything fits (scores are usually fractions)."""
-    values = [v for v in (*scores, *(x for i in intervals for x in i)) if math.isfinite(v)]
-    if not values:
-        return 0.0, 1.0
-    lo = min(0.0, *values)
-    hi = max(1.0, *values) if lo >= 0.0 else max(values)
-    return lo, hi if hi > lo else lo + 1.0
-
-
-# ------------------------------------------------------------------------------------- helpers
-
-
 def _page(title: str, body: str) -> str:
-    from procval import __version__
-
     return (
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
         f"<meta http-equiv='Content-Security-Policy' content=\"{_CSP}\">"
         "<meta name='viewport' content='width=device-width, initial-scale=1'>"
-        f"<title>{_e(title)}</title><style>{_CSS}</style></head><body><main>{body}"
-        f"<footer>Generated by procval {_e(__version__)}.</footer></main></body></html>\n"
+        f"<title>{esc(title)}</title><style>{_CSS}</style></head><body><main>{body}"
+        f"<footer>Generated by procval {esc(__version__)}.</footer></main></body></html>\n"
     )
 
 
 def _as_list(
-    results: Mapping[str, EvaluationResult] | Sequence[EvaluationResult] | EvaluationResult,
-) -> list[EvaluationResult]:
-    from procval.results import EvaluationResult
-
-    if isinstance(results, EvaluationResult):
-        return [results]
+    results: Mapping[str, ResultLike] | Sequence[ResultLike] | ResultLike,
+) -> list[ResultLike]:
     if isinstance(results, Mapping):
         return list(results.values())
-    return list(results)
+    if is_result(results):
+        return [results]
+    return list(cast("Sequence[ResultLike]", results))
 
 
-def _best(runs: list[EvaluationResult]) -> int | None:
+def _best(runs: list[ResultLike]) -> int | None:
     scored = [(r.score, -i) for i, r in enumerate(runs) if math.isfinite(r.score)]
     return -max(scored)[1] if scored else None
-
-
-def _text(value: Any) -> str:
-    if isinstance(value, str):
-        return value
-    try:
-        return json.dumps(to_jsonable(value), ensure_ascii=False)
-    except (TypeError, ValueError):
-        return repr(value)
-
-
-def _clip(text: str) -> str:
-    if len(text) <= _TEXT_LIMIT:
-        return text
-    return f"{text[:_TEXT_LIMIT]}… ({len(text) - _TEXT_LIMIT} more characters)"
-
-
-def _e(value: Any) -> str:
-    return html.escape(str(value), quote=True)
-
-
-def _num(value: float, *, digits: int = 4, signed: bool = False) -> str:
-    if not math.isfinite(value):
-        return "–"
-    return f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
-
-
-def _interval(interval: Interval, *, signed: bool = False) -> str:
-    return f"[{_num(interval.low, signed=signed)}, {_num(interval.high, signed=signed)}]"
-
-
-def _tick(value: float) -> str:
-    return f"{value:.2f}" if abs(value) >= 0.01 or value == 0 else f"{value:.1e}"
-
-
-def _s(count: int) -> str:
-    return "" if count == 1 else "s"

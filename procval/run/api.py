@@ -2,23 +2,30 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import os
-from collections.abc import Iterable, Mapping, Sequence
+import sys
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextvars import ContextVar
 from typing import Any, Protocol, overload
 
 import loky
 
 from procval.backends import Backend, WorkerSpec
 from procval.config import Config
-from procval.results import EvaluationResult, Results
+from procval.results import EvaluationResult, Results, Row, Totals
 from procval.run.dataset import Examples
 from procval.run.progress import Progress, wanted
 from procval.run.scheduler import RunOptions, Scheduler
 from procval.run.snapshot import take_snapshot
+from procval.store.scrub import scrubbed
 from procval.store.sink import MemorySink, Sink
-from procval.wire import WorkerOptions
+from procval.wire import Snapshot, WorkerOptions
+
+RowsCallback = Callable[[str, list[Row]], None]
+_ON_ROWS: ContextVar[RowsCallback | None] = ContextVar("procval_on_rows", default=None)
 
 
 class Program(Protocol):
@@ -109,7 +116,9 @@ def evaluate(
     start (``env``, then ``seed``, then ``setup()``) and never serve another config.
 
     Args:
-        program: called as ``program(example)`` in a worker; may be ``async def``.
+        program: called as ``program(example)`` in a worker; may be ``async def``. A DSPy
+            program (a ``dspy.Module``, such as ``dspy.Predict``) is called as DSPy calls it,
+            ``program(**example.inputs())``, on each ``dspy.Example``.
         dataset: any iterable of examples (list, generator, :func:`read_jsonl`). An example's id
             is its ``id`` key or attribute, else its position.
         metric: called as ``metric(example, prediction)``; returns a bool or a number.
@@ -134,18 +143,24 @@ def evaluate(
         backend: ``"loky"`` (local processes), ``"ray"``, or a backend object.
 
     Returns:
-        An :class:`EvaluationResult` for ``config=``, a :class:`Results` mapping for ``configs=``.
+        An :class:`EvaluationResult` for ``config=``, a :class:`Results` mapping for ``configs=``;
+        each result's ``found`` and ``added`` say how many rows were in the store already and
+        how many this call produced.
 
     Raises:
         ValueError: bad arguments (both config and configs, workers < 1, an empty dataset,
             duplicate example ids, ...), raised before any worker starts.
         TypeError: a program or metric that is not callable or takes the wrong arguments.
         SnapshotError: the program, metric or a config cannot be pickled.
-        SetupError: a config's ``setup`` failed in its workers.
+        SetupError: a config's ``setup`` failed in its workers, or they died before any result;
+            the other configs ran to completion first (``.results``, ``.tracebacks``).
+        Exception: whatever the dataset raised while it was read, once the examples read
+            before it have run (and are stored, with ``store=``).
         TooManyErrors: more than ``max_errors`` examples failed.
     """
     named = _named_configs(config, configs)
     _check_callables(program, metric)
+    program = _dspy_way(program)
     _check_counts(workers, threads, retries, backoff, timeout, max_errors)
     _check_backend(backend)
     _check_store_options(store, fresh, retry_errors)
@@ -157,7 +172,11 @@ def evaluate(
         threads=threads, retries=retries, backoff=backoff, parent_pid=os.getpid()
     )
     specs = [WorkerSpec(s, options, dict(c.env)) for s, c in zip(snapshots, named, strict=True)]
-    sink = _open_sink(store, fresh, retry_errors, [c.name for c in named])  # locks a store
+    sink = _open_sink(store, fresh, retry_errors, [c.name for c in named], workers, threads)
+    callback = _ON_ROWS.get()
+    if callback is not None:
+        sink = _ObservedSink(sink, callback)
+    sink = scrubbed(sink, named)  # outermost: env values leave every row before anyone sees it
     bars: Progress | None = None
     engine: Backend | None = None
     try:
@@ -193,6 +212,45 @@ def evaluate(
         raise
     results = scheduler.run()
     return results if configs is not None else results[named[0].name]
+
+
+@contextlib.contextmanager
+def on_rows(callback: RowsCallback) -> Iterator[None]:
+    """Within the block, ``evaluate`` calls ``callback(config, rows)`` as rows arrive.
+
+    Internal (``procval.dspy.Evaluate`` logs failed examples with it as they happen): the
+    callback runs in the caller's thread, after the rows reached the sink (the store), once per
+    batch of rows of one config; rows of earlier sessions of a resumed store are not passed.
+    """
+    token = _ON_ROWS.set(callback)
+    try:
+        yield
+    finally:
+        _ON_ROWS.reset(token)
+
+
+class _ObservedSink:
+    """A sink that passes the rows it was given to a callback, once they are kept."""
+
+    def __init__(self, sink: Sink, callback: RowsCallback) -> None:
+        self._sink = sink
+        self._callback = callback
+
+    def begin(self, snapshot: Snapshot) -> Totals:
+        return self._sink.begin(snapshot)
+
+    def is_done(self, config: str, index: int, example_id: int | str, example: Any) -> bool:
+        return self._sink.is_done(config, index, example_id, example)
+
+    def add(self, config: str, rows: list[Row]) -> None:
+        self._sink.add(config, rows)  # durable first, reported after
+        self._callback(config, rows)
+
+    def result(self, config: str, duration: float) -> EvaluationResult:
+        return self._sink.result(config, duration)
+
+    def close(self, *, completed: bool) -> None:
+        self._sink.close(completed=completed)
 
 
 def _named_configs(
@@ -252,6 +310,20 @@ def _check_callables(program: Any, metric: Any) -> None:
             raise TypeError(f"{what} cannot be called as {call}: {exc}") from None
 
 
+def _dspy_way(program: Any) -> Any:
+    """A ``dspy.Module`` wrapped to be called as ``program(**example.inputs())``.
+
+    DSPy is looked up in ``sys.modules``, never imported: a DSPy program means DSPy is loaded.
+    """
+    dspy = sys.modules.get("dspy")
+    module = getattr(dspy, "Module", None)
+    if not (isinstance(module, type) and isinstance(program, module)):
+        return program
+    from procval._dspy_call import wrap
+
+    return wrap(program)
+
+
 def _check_counts(
     workers: int | None,
     threads: int,
@@ -289,13 +361,22 @@ def _check_store_options(
 
 
 def _open_sink(
-    store: str | os.PathLike[str] | None, fresh: bool, retry_errors: bool, names: list[str]
+    store: str | os.PathLike[str] | None,
+    fresh: bool,
+    retry_errors: bool,
+    names: list[str],
+    workers: int | None,
+    threads: int,
 ) -> Sink:
+    """The run's sink; a store's is locked (and its run options kept for the report)."""
     if store is None:
         return MemorySink()
     from procval.store.writer import StoreSink
 
-    return StoreSink(os.fspath(store), fresh=fresh, configs=names, retry_errors=retry_errors)
+    run = {"workers": workers, "threads": threads}  # workers None: the backend's default
+    return StoreSink(
+        os.fspath(store), fresh=fresh, configs=names, retry_errors=retry_errors, run=run
+    )
 
 
 def _check_backend(backend: str | Backend) -> None:

@@ -136,7 +136,11 @@ class read_jsonl:  # noqa: N801 - used like a function: read_jsonl(path)
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = os.fspath(path)
         if not os.path.isfile(self.path):
-            raise FileNotFoundError(f"no JSONL file at {self.path!r}")
+            where = os.path.abspath(self.path)
+            relative = "" if os.path.isabs(self.path) else " (relative to the current directory)"
+            raise FileNotFoundError(
+                f"no JSONL file at {self.path!r}: {where} does not exist{relative}"
+            )
         self._len: int | None = None
 
     def __iter__(self) -> Iterator[Any]:

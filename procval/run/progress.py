@@ -37,13 +37,16 @@ class Progress:
             for i, (name, total) in enumerate(zip(names, totals, strict=True))
         }
 
-    def advance(self, name: str, done: int, *, n: int, score_sum: float, errors: int) -> None:
-        """Add ``done`` finished examples to ``name``'s bar and refresh its score and errors."""
+    def advance(
+        self, name: str, done: int, *, n: int, score_sum: float, errors: int, replaced: int = 0
+    ) -> None:
+        """Add ``done`` finished examples to ``name``'s bar; refresh score, errors, replaced."""
         bar = self._bars[name]
         if bar.disable:
             return
         mean = score_sum / n if n else 0.0
-        bar.set_postfix_str(f"score={mean:.3f} errors={errors}", refresh=False)
+        lost = f" replaced={replaced}" if replaced else ""
+        bar.set_postfix_str(f"score={mean:.3f} errors={errors}{lost}", refresh=False)
         bar.update(done)
 
     def close(self) -> None:

@@ -2,7 +2,7 @@
 
 ::
 
-    dataset ──▶ _ConfigRun.take() ──▶ shard ──submit──▶ Worker (one process, one snapshot)
+    dataset ──▶ ConfigRun.take() ──▶ shard ──submit──▶ Worker (one process, one snapshot)
       (lazy;       requeue first,        (adaptive size,                │
        resume      then the source)       ≤ 2 in flight                 │ results
        skips done)                        per worker; a                 ▼
@@ -12,16 +12,23 @@
     A worker's results need not be its shard's: a worker with threads returns a shard once all
     of its examples have *started*, and a straggler's result comes with a later shard. So each
     worker keeps the examples it was given and has not answered (``outstanding``); those are
-    what a death or a timeout puts back in the queue.
+    what a death or a timeout puts back in the queue. A worker with stragglers and nothing
+    more to send gets an empty drain shard (``_fetch_stragglers``).
 
     every poll:  timeouts    slot table says an example runs > timeout: kill that worker;
                              the example gets a "Timeout" row, the others in it are requeued
                  deaths      a shard's future fails because its process died: the examples it
                              was running become suspects, the rest are requeued; a suspect is
-                             rerun alone in a fresh worker and, if it kills that one too,
+                             rerun alone in an idle worker and, if it kills that one too,
                              gets a "WorkerCrashed" row
                  max_errors  too many failed rows: stop, keep what finished, raise
 
+    A config that cannot start stops alone (``SetupError`` once the others finished); a dataset
+    that raises is read no further, and its error is raised once what was read has run.
+
+The states (a worker STARTING, PRODUCING, ALONE, RETIRED, DEAD; an example's fate when its worker
+is killed: REQUEUE, RERUN, SUSPECT, CRASHED, TIMEOUT) and the rules between them are in
+:mod:`procval.run.lifecycle`, drawn there; the queues and pools are in :mod:`procval.run.pools`.
 A worker slot freed by a finished config goes to a config that still has work; no process ever
 serves two configs. Everything runs in the caller's thread; Ctrl-C kills every worker at once.
 """
@@ -31,81 +38,36 @@ from __future__ import annotations
 import contextlib
 import socket
 import time
-from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, wait
-from dataclasses import dataclass, field
 
 from procval import _pickling
-from procval.backends import Backend, Worker, WorkerSpec
-from procval.errors import IsolationError, SetupError, TooManyErrors
-from procval.results import Results, Row, RowError, Totals
+from procval.backends import Backend, WorkerSpec
+from procval.errors import TooManyErrors
+from procval.results import Results, Row, RowError, Totals, _with_counts
 from procval.run.dataset import Examples, Item
+from procval.run.failures import SetupFailure, note_dataset_error, setup_error
+from procval.run.frames import user_traceback
+from procval.run.lifecycle import (
+    START_FAILURES,
+    ExampleFate,
+    WorkerEvent,
+    WorkerState,
+    fate_after_death,
+    fate_after_timeout,
+)
+from procval.run.pools import ConfigRun, RunOptions, WorkerRun
 from procval.run.progress import Progress
+from procval.run.provenance import Provenance
 from procval.run.shards import ShardSizer
+from procval.store.scrub import Scrubber
 from procval.store.sink import Sink
 from procval.wire import SetupFailed, Shard, ShardDone
 
+__all__ = ["PIPELINE", "RunOptions", "Scheduler"]
+
 _NODE = socket.gethostname()
 PIPELINE = 2  # shards queued per worker, so a worker never waits for its next shard
-START_FAILURES = 3  # fresh workers of a config dying before any result: give up
-LOST_LIMIT = 3  # an example lost in this many unexplained deaths is run alone
-
-
-@dataclass
-class RunOptions:
-    """Scheduler settings from ``evaluate``'s keywords."""
-
-    workers: int
-    failure_score: float = 0.0
-    timeout: float | None = None
-    max_errors: int | None = None
-    resume_hint: str = ""
-
-
-@dataclass(eq=False)
-class _WorkerRun:
-    worker: Worker
-    config: _ConfigRun
-    calls: set[Future[bytes]] = field(default_factory=set)  # shards sent, not answered
-    outstanding: dict[int, Item] = field(default_factory=dict)  # by seq: sent, no result yet
-    alone: bool = False  # running a suspect by itself
-    produced: bool = False
-
-    def busy(self) -> bool:
-        return bool(self.calls or self.outstanding)
-
-
-@dataclass(eq=False)
-class _ConfigRun:
-    spec: WorkerSpec
-    source: Iterator[Item]
-    total: int | None
-    sizer: ShardSizer
-    totals: Totals
-    requeue: deque[Item] = field(default_factory=deque)
-    suspects: deque[Item] = field(default_factory=deque)
-    lost: dict[int, int] = field(default_factory=dict)
-    workers: list[_WorkerRun] = field(default_factory=list)
-    exhausted: bool = False
-    start_failures: int = 0
-    started: float = field(default_factory=time.perf_counter)
-    finished: float | None = None
-
-    @property
-    def name(self) -> str:
-        return self.spec.snapshot.name
-
-    def has_unsent(self) -> bool:
-        return bool(self.requeue or self.suspects or not self.exhausted)
-
-    def done(self) -> bool:
-        return not self.has_unsent() and not any(w.busy() for w in self.workers)
-
-    def remaining(self) -> int | None:
-        if self.total is None:
-            return None
-        return max(0, self.total - self.totals.n)
 
 
 class Scheduler:
@@ -124,18 +86,19 @@ class Scheduler:
         self._sink = sink
         self._progress = progress
         self._options = options
-        self._owners: dict[Future[bytes], _WorkerRun] = {}
-        self._provenance: dict[tuple[str, int], str] = {}
+        self._owners: dict[Future[bytes], WorkerRun] = {}
+        self._provenance = Provenance()
         self._errors = 0
-        self._runs: list[_ConfigRun] = []
+        self._runs: list[ConfigRun] = []
         for spec, data in zip(specs, examples, strict=True):
             prior = sink.begin(spec.snapshot)  # earlier sessions' errors do not count here
-            run = _ConfigRun(
+            run = ConfigRun(
                 spec=spec,
                 source=self._pending(spec.snapshot.name, data) if prior.n else iter(data),
                 total=data.total,
                 sizer=ShardSizer(spec.options.threads),
                 totals=prior,
+                found=prior.n,
             )
             progress.advance(
                 run.name, prior.n, n=prior.n, score_sum=prior.score_sum, errors=prior.errors
@@ -159,9 +122,10 @@ class Scheduler:
                 self._wait()
                 self._check_timeouts()
                 self._check_errors()
-            completed = True
             for w in self._live():
                 self._retire(w)
+            self._raise_failures()
+            completed = True
         except BaseException:
             self._kill_all()
             raise
@@ -172,16 +136,45 @@ class Scheduler:
         return self._results()
 
     def _results(self) -> Results:
+        """The results of the configs that could start (a failed config has none)."""
+        now, sink = time.perf_counter(), self._sink
         return Results(
             {
-                run.name: self._sink.result(
-                    run.name, (run.finished or time.perf_counter()) - run.started
+                run.name: _with_counts(
+                    sink.result(run.name, (run.finished or now) - run.started),
+                    found=run.found,
+                    added=run.totals.n - run.found,
+                    replaced=run.replaced,
                 )
                 for run in self._runs
+                if run.setup_failure is None
             }
         )
 
-    def _live(self) -> list[_WorkerRun]:
+    def _raise_failures(self) -> None:
+        """At the end of a run: raise a config's setup failure, else a dataset's error."""
+        failures = {run.name: run.setup_failure for run in self._runs if run.setup_failure}
+        if failures:
+            ran = [run.name for run in self._runs if run.setup_failure is None]
+            raise setup_error(failures, ran, self._results())
+        for run in self._runs:
+            if run.dataset_error is not None:
+                read = run.totals.n - run.found
+                hint = self._options.resume_hint
+                raise note_dataset_error(run.dataset_error, run.name, read, hint)
+
+    def _fail_setup(self, run: ConfigRun, failure: SetupFailure) -> None:
+        """Stop a config that cannot start; the other configs go on (``_raise_failures``)."""
+        if run.setup_failure is not None:
+            return
+        scrub = Scrubber(run.spec.env)  # a setup that put a secret in its exception
+        run.setup_failure = SetupFailure(scrub.text(failure.message), scrub.text(failure.traceback))
+        run.stop()
+        for w in list(run.workers):
+            self._discard(w)
+        run.finished = time.perf_counter()
+
+    def _live(self) -> list[WorkerRun]:
         return [w for run in self._runs for w in run.workers]
 
     def _assign_workers(self) -> None:
@@ -193,74 +186,62 @@ class Scheduler:
                     run.finished = time.perf_counter()
         for run in self._runs:
             if not (run.workers or run.exhausted or run.requeue) and run.remaining() == 0:
-                self._probe(run)  # a resumed run may have nothing left: find out cheaply
+                run.probe()  # a resumed run may have nothing left: find out cheaply
         free = self._options.workers - len(self._live())
         while free > 0:
-            wanting = [r for r in self._runs if r.has_unsent() and self._could_use(r)]
+            wanting = [r for r in self._runs if r.has_unsent() and r.could_use_worker()]
             if not wanting:
                 return
             run = min(wanting, key=lambda r: len(r.workers))
-            run.workers.append(_WorkerRun(self._backend.start_worker(run.spec), run))
+            run.workers.append(WorkerRun(self._backend.start_worker(run.spec), run))
             free -= 1
-
-    def _probe(self, run: _ConfigRun) -> None:
-        """Read ahead one example, to learn whether a source with nothing left is exhausted."""
-        try:
-            run.requeue.appendleft(next(run.source))
-        except StopIteration:
-            run.exhausted = True
-
-    def _could_use(self, run: _ConfigRun) -> bool:
-        remaining = run.remaining()
-        if remaining is None or len(run.workers) < remaining:
-            return True
-        return not run.workers and bool(run.requeue or run.suspects)
 
     def _fill(self) -> None:
         for run in self._runs:
             for w in run.workers:
-                if w.alone:
+                if w.state is WorkerState.ALONE:
                     continue
                 if run.suspects and not w.busy():
-                    self._submit(w, [run.suspects.popleft()], drain=True, alone=True)
+                    self._send_alone(w, run.suspects.popleft())
                     continue
                 while not run.suspects and len(w.calls) < PIPELINE:  # suspects go first
-                    items = self._take(run)
+                    items = run.take()
                     if not items:
                         break
-                    self._submit(w, items, drain=not run.has_unsent())
-                if w.outstanding and not w.calls:  # nothing (else) to send: fetch the stragglers
-                    self._submit(w, [], drain=True)
+                    self._send(w, items, drain=not run.has_unsent())
+                if w.outstanding and not w.calls:  # nothing (else) to send
+                    self._fetch_stragglers(w)
 
-    def _take(self, run: _ConfigRun) -> list[Item]:
-        size = run.sizer.next_size(remaining=run.remaining(), workers=len(run.workers))
-        items: list[Item] = []
-        while run.requeue and len(items) < size:
-            items.append(run.requeue.popleft())
-        while not run.exhausted and len(items) < size:
-            try:
-                items.append(next(run.source))
-            except StopIteration:
-                run.exhausted = True
-        return items
-
-    def _submit(
-        self, w: _WorkerRun, items: list[Item], *, drain: bool, alone: bool = False
-    ) -> None:
+    def _send(self, w: WorkerRun, items: list[Item], *, drain: bool) -> bool:
+        """Send a shard of ``items``; return whether any of them could be sent."""
         try:
             data = _pickling.dumps(Shard(items, drain), what="example")
         except Exception:
             items = self._drop_unpicklable(w.config, items)
+            if not items:
+                if drain and w.outstanding:
+                    self._fetch_stragglers(w)
+                return False
             data = _pickling.dumps(Shard(items, drain), what="examples")
-        if not items and not (drain and w.outstanding):
-            return
-        w.alone = alone
+        self._post(w, data, items)
+        return True
+
+    def _send_alone(self, w: WorkerRun, suspect: Item) -> None:
+        """Run a suspect by itself on an idle worker: it gets nothing else until it replies."""
+        if self._send(w, [suspect], drain=True):
+            w.move(WorkerEvent.SENT_SUSPECT)
+
+    def _fetch_stragglers(self, w: WorkerRun) -> None:
+        """Ask a worker with nothing more to do for the results it still owes (a drain)."""
+        self._post(w, _pickling.dumps(Shard([], True), what="examples"), [])
+
+    def _post(self, w: WorkerRun, data: bytes, items: list[Item]) -> None:
         future = w.worker.submit(data)
         w.calls.add(future)
         w.outstanding.update((item.seq, item) for item in items)
         self._owners[future] = w
 
-    def _drop_unpicklable(self, run: _ConfigRun, items: list[Item]) -> list[Item]:
+    def _drop_unpicklable(self, run: ConfigRun, items: list[Item]) -> list[Item]:
         """Record examples that cannot be pickled as errors; return the rest."""
         keep, failed = [], []
         for item in items:
@@ -290,23 +271,26 @@ class Scheduler:
         try:
             data = future.result()
         except BaseException as exc:
-            self._on_death(w, w.worker.death(exc) or f"the worker failed ({exc!r})")
+            if getattr(exc, "fails_config", False):  # the backend cannot run this config at all
+                self._fail_setup(run, SetupFailure(f"config {run.name!r} could not run: {exc}"))
+            else:
+                self._on_death(w, w.worker.death(exc) or f"the worker failed ({exc!r})")
             return
         del self._owners[future]
         w.calls.discard(future)
         message: ShardDone | SetupFailed = _pickling.loads(data)
         if isinstance(message, SetupFailed):
-            raise SetupError(
-                f"Config.setup of config {run.name!r} failed in worker {w.worker.label}; "
-                f"fix the config's setup (the worker's traceback follows)\n{message.traceback}"
-            )
+            failed = f"Config.setup of config {run.name!r} failed in worker {w.worker.label}"
+            shown = user_traceback(message.traceback)  # the user's frames
+            self._fail_setup(run, SetupFailure(f"{failed}; fix the config's setup", shown))
+            return
         pid, node, fingerprint, results = message
-        self._check_provenance(run, pid, node, fingerprint)
-        w.produced = True
+        self._provenance.check(run.name, run.spec.snapshot.fingerprint, pid, node, fingerprint)
+        alone = w.state is WorkerState.ALONE  # the suspect's reply: timings of one example
+        w.move(WorkerEvent.REPLIED)
+        w.replies += 1
         run.start_failures = 0
-        if w.alone:
-            w.alone = False  # the suspect's answer: the worker may take any work again
-        else:
+        if not alone:
             run.sizer.observe(len(results), sum(result.duration for result in results))
         failure_score, name, outstanding = self._options.failure_score, run.name, w.outstanding
         rows = []
@@ -331,19 +315,7 @@ class Scheduler:
             )
         self._deliver(run, rows)
 
-    def _check_provenance(self, run: _ConfigRun, pid: int, node: str, fingerprint: str) -> None:
-        if fingerprint != run.spec.snapshot.fingerprint:
-            raise IsolationError(
-                f"a worker of config {run.name!r} (pid {pid}) reports snapshot {fingerprint}, "
-                f"expected {run.spec.snapshot.fingerprint}"
-            )
-        first = self._provenance.setdefault((node, pid), fingerprint)
-        if first != fingerprint:
-            raise IsolationError(
-                f"process {pid} on {node} produced rows for snapshots {first} and {fingerprint}"
-            )
-
-    def _deliver(self, run: _ConfigRun, rows: list[Row]) -> None:
+    def _deliver(self, run: ConfigRun, rows: list[Row]) -> None:
         if not rows:
             return
         self._sink.add(run.name, rows)  # durable first, reported after
@@ -360,10 +332,11 @@ class Scheduler:
             n=run.totals.n,
             score_sum=run.totals.score_sum,
             errors=run.totals.errors,
+            replaced=run.replaced,
         )
 
     def _error_row(
-        self, run: _ConfigRun, item: Item, error: RowError, *, pid: int = 0, node: str = ""
+        self, run: ConfigRun, item: Item, error: RowError, *, pid: int = 0, node: str = ""
     ) -> Row:
         index, example_id, example = item
         return Row(
@@ -383,14 +356,14 @@ class Scheduler:
 
     # ---------------------------------------------------------------- failures
 
-    def _unfinished(self, w: _WorkerRun) -> tuple[list[Item], bool]:
+    def _unfinished(self, w: WorkerRun) -> tuple[list[Item], bool]:
         """Collect the answers that came back; return what is still unanswered.
 
         Returns:
             The examples given to the worker without a result, and whether the worker was
             running them alone (a suspect).
         """
-        alone = w.alone
+        alone = w.state is WorkerState.ALONE
         for future in [f for f in w.calls if f.done() and f.exception() is None]:
             self._collect(future)
         lost = list(w.outstanding.values())
@@ -400,49 +373,38 @@ class Scheduler:
         w.outstanding.clear()
         return lost, alone and bool(lost)
 
-    def _on_death(self, w: _WorkerRun, how: str) -> None:
+    def _on_death(self, w: WorkerRun, how: str) -> None:
         run = w.config
         running = {seq for seq, _ in w.worker.running() if seq in w.outstanding}
         label, pid, log = w.worker.label, w.worker.pid, w.worker.crash_log()
         lost, alone = self._drop(w)
-        if not w.produced and not running:
+        run.replaced += 1
+        verdict = fate_after_death(
+            [item.seq for item in lost],
+            running,
+            alone=alone,
+            replied=w.replies > 0,
+            losses=run.losses,
+        )
+        if verdict.start_failure:
             run.start_failures += 1
             if run.start_failures >= START_FAILURES:
-                raise SetupError(
+                message = (
                     f"workers of config {run.name!r} die before running any example ({how}); "
                     "check Config.setup and what the program imports"
                 )
-        rows = []
-        for item in lost:
-            if alone and item.seq in running:
-                message = f"{how} while running this example alone in {label}"
-                error = RowError("WorkerCrashed", message, log)
-                rows.append(self._error_row(run, item, error, pid=pid))
-            elif alone or item.seq in running or run.lost.get(item.seq, 0) >= LOST_LIMIT:
-                run.suspects.append(item)
-            else:
-                run.lost[item.seq] = run.lost.get(item.seq, 0) + 1
-                run.requeue.append(item)
-        self._deliver(run, rows)
-
-    def _drop(self, w: _WorkerRun) -> tuple[list[Item], bool]:
-        """Kill the worker and take it out of the run; return ``_unfinished(w)``."""
-        lost = self._unfinished(w)
-        if w in w.config.workers:
-            w.config.workers.remove(w)
-        w.worker.kill()
-        return lost
-
-    def _retire(self, w: _WorkerRun) -> None:
-        if w in w.config.workers:
-            w.config.workers.remove(w)
-        w.worker.close()
+                self._fail_setup(run, SetupFailure(message, log))
+                return
+        message = f"{how} while running this example alone in {label}"
+        self._apply(run, lost, verdict.fates, RowError("WorkerCrashed", message, log), pid)
 
     def _check_timeouts(self) -> None:
         timeout = self._options.timeout
         if timeout is None:
             return
         for w in self._live():
+            if not w.state.live:  # killed meanwhile: its config could not start
+                continue
             late = {
                 seq
                 for seq, seconds in w.worker.running()
@@ -451,18 +413,59 @@ class Scheduler:
             if not late:
                 continue
             run, label, pid = w.config, w.worker.label, w.worker.pid
-            rows = []
-            for item in self._drop(w)[0]:
-                if item.seq in late:
-                    message = (
-                        f"example still running after {timeout:g}s; "
-                        f"worker {label} was killed and replaced"
-                    )
-                    error = RowError("Timeout", message)
-                    rows.append(self._error_row(run, item, error, pid=pid))
-                else:
-                    run.requeue.append(item)
-            self._deliver(run, rows)
+            lost, _ = self._drop(w)
+            message = (
+                f"example still running after {timeout:g}s; worker {label} was killed and replaced"
+            )
+            fates = fate_after_timeout([item.seq for item in lost], late)
+            self._apply(run, lost, fates, RowError("Timeout", message), pid)
+
+    def _apply(
+        self,
+        run: ConfigRun,
+        lost: list[Item],
+        fates: dict[int, ExampleFate],
+        error: RowError,
+        pid: int,
+    ) -> None:
+        """Move a killed worker's examples where their fates say; ``error`` for the rows."""
+        rows = []
+        for item in lost:
+            fate = fates[item.seq]
+            if fate is ExampleFate.REQUEUE:
+                run.losses[item.seq] = run.losses.get(item.seq, 0) + 1
+                run.requeue.append(item)
+            elif fate is ExampleFate.RERUN:
+                run.requeue.append(item)
+            elif fate is ExampleFate.SUSPECT:
+                run.suspects.append(item)
+            else:  # CRASHED or TIMEOUT: a row with the error
+                rows.append(self._error_row(run, item, error, pid=pid))
+        self._deliver(run, rows)
+
+    def _drop(self, w: WorkerRun) -> tuple[list[Item], bool]:
+        """Kill the worker and take it out of the run; return ``_unfinished(w)``."""
+        lost = self._unfinished(w)
+        self._discard(w)
+        return lost
+
+    def _discard(self, w: WorkerRun) -> None:
+        """Kill the worker (unless dead already) and forget it, and whatever it still owes."""
+        for future in w.calls:
+            self._owners.pop(future, None)
+        w.calls.clear()
+        w.outstanding.clear()
+        if w in w.config.workers:
+            w.config.workers.remove(w)
+        if w.state.live:
+            w.worker.kill()
+            w.move(WorkerEvent.DIED)
+
+    def _retire(self, w: WorkerRun) -> None:
+        if w in w.config.workers:
+            w.config.workers.remove(w)
+        w.worker.close()
+        w.move(WorkerEvent.RETIRED)
 
     def _check_errors(self) -> None:
         limit = self._options.max_errors
@@ -477,6 +480,7 @@ class Scheduler:
             f"Look at the errors in .results, fix their cause, then {hint or 'run again'}",
             failed=self._errors,
             results=results,
+            limit=limit,
         )
 
     def _kill_all(self) -> None:
@@ -484,6 +488,5 @@ class Scheduler:
         for w in self._live():
             with contextlib.suppress(Exception):
                 self._unfinished(w)
-            w.worker.kill()
-            w.config.workers.remove(w)
+            self._discard(w)
         self._owners.clear()

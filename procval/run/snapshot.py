@@ -50,4 +50,5 @@ def take_snapshot(config: Config, program: Any = None, metric: Any = None) -> Sn
         fingerprint=fingerprint(data),
         identity=config.identity(),
         description=description,
+        identity_v1=config._identity_v1(),
     )

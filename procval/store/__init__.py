@@ -3,7 +3,8 @@
 Rows reach the store before they are reported. A run's rows go to a sink: :mod:`sink` defines
 the interface and keeps rows in memory when there is no store; :mod:`writer` is the SQLite
 sink, the only writer of a store, guarded by :mod:`lock`. :mod:`schema` is the file format and
-:mod:`codec` turns rows into records and back. :mod:`readers` serve ``procval.load`` and the
+:mod:`codec` turns rows into records and back; :mod:`scrub` takes each config's env values out
+of its rows before any sink sees them. :mod:`readers` serve ``procval.load`` and the
 CLI's ``report``, ``export`` and ``compare``.
 
 The public functions are imported here lazily, so that ``procval.store.load`` and friends keep

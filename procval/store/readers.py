@@ -6,6 +6,7 @@ Readers take no lock and may read while a run writes (the file is in WAL mode).
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import sqlite3
@@ -13,7 +14,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 from procval.errors import StoreError
-from procval.results import EvaluationResult, Results, Row, Totals
+from procval.results import EvaluationResult, Results, Row, RowError, Totals
 from procval.store.codec import decode
 from procval.store.faults import store_errors
 from procval.store.lock import writer_is_gone
@@ -132,11 +133,29 @@ class RowLoader:
         self.path = path
         self.config = config
 
+    def error_samples(self) -> dict[str, tuple[int | str, str]]:
+        """The config's first failed example of each error type: ``{type: (example_id, message)}``.
+
+        One grouped query (not a read of every row), in dataset order of the first failures.
+        """
+        with contextlib.closing(connect(self.path, create=False)) as db:
+            return error_samples(db, self.config)
+
     def __call__(self) -> list[Row]:
         """The config's rows, in dataset order."""
         with store_errors(self.path), contextlib.closing(connect(self.path, create=False)) as db:
             cursor = db.execute(f"{SELECT} WHERE config = ? ORDER BY idx", (self.config,))
             return [decode(record) for record in cursor]
+
+    def first_error(self) -> RowError | None:
+        """The error of the config's first failed row (by dataset order), or None."""
+        with contextlib.closing(connect(self.path, create=False)) as db:
+            found = db.execute(
+                "SELECT error_type, error_message FROM rows WHERE config = ? AND error_type IS "
+                "NOT NULL ORDER BY idx LIMIT 1",
+                (self.config,),
+            ).fetchone()
+        return None if found is None else RowError(found[0], found[1] or "")
 
 
 def result_of(
@@ -180,3 +199,81 @@ def check_names(path: str, db: sqlite3.Connection, wanted: Iterable[str] | None)
     if unknown:
         raise StoreError(f"the store {path} has no config {unknown[0]!r}; it has {names}")
     return list(wanted)
+
+
+def error_samples(db: sqlite3.Connection, config: str) -> dict[str, tuple[int | str, str]]:
+    """``{error type: (example id, message)}`` of the first failed row of each type of ``config``.
+
+    One query grouped by error type; SQLite takes the bare columns from the row with ``MIN(idx)``.
+    """
+    cursor = db.execute(
+        "SELECT error_type, MIN(idx), example_id, error_message FROM rows "
+        "WHERE config = ? AND error_type IS NOT NULL GROUP BY error_type ORDER BY MIN(idx)",
+        (config,),
+    )
+    return {kind: (json.loads(eid), message or "") for kind, _, eid, message in cursor}
+
+
+def iter_errors(
+    path: str | os.PathLike[str], configs: Sequence[str] | None = None
+) -> Iterator[tuple[str, int | str, str, str]]:
+    """Stream the failed rows as ``(config, example_id, error_type, error_message)``.
+
+    Config by config in dataset order; only the error columns are read (not examples, nor
+    predictions, nor tracebacks), so a store of a million rows streams in constant memory.
+
+    Raises:
+        StoreError: no store at ``path``, not a store, or a config name it does not hold.
+    """
+    path = os.fspath(path)
+    with contextlib.closing(connect(path, create=False)) as db:
+        for name in check_names(path, db, configs):
+            cursor = db.execute(
+                "SELECT example_id, error_type, error_message FROM rows "
+                "WHERE config = ? AND error_type IS NOT NULL ORDER BY idx",
+                (name,),
+            )
+            for eid, kind, message in cursor:
+                yield name, json.loads(eid), kind, message or ""
+
+
+def run_details(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """What the HTML report's run section shows, without reading the rows' content.
+
+    Returns:
+        ``{"path": path, "sessions": [...], "configs": {name: {...}}}``: the sessions as
+        :func:`sessions` gives them, each with its ``host`` added. Each config's dict holds
+        ``identity``, ``fingerprint``, ``created`` (epoch seconds), ``description`` (the
+        stored JSON: env *names* and value hashes, seed, and under ``"run"`` the workers and
+        threads asked for and the procval and Python versions of its last session, in stores
+        written since they are kept), ``workers`` (distinct worker processes that produced
+        its rows, all sessions) and ``nodes`` (the hosts they ran on).
+
+    Raises:
+        StoreError: no store at ``path``, or not a store.
+    """
+    path = os.fspath(path)
+    with contextlib.closing(connect(path, create=False)) as db:
+        hosts = [node for (node,) in db.execute("SELECT node FROM sessions ORDER BY id")]
+        configs: dict[str, Any] = {}
+        stored = db.execute(
+            "SELECT name, identity, fingerprint, description, created FROM configs ORDER BY rowid"
+        ).fetchall()
+        for name, identity, fingerprint, description, created in stored:
+            workers, nodes = db.execute(
+                "SELECT COUNT(DISTINCT node || ' ' || worker_pid), GROUP_CONCAT(DISTINCT node) "
+                "FROM rows WHERE config = ?",
+                (name,),
+            ).fetchone()
+            configs[name] = {
+                "identity": identity,
+                "fingerprint": fingerprint,
+                "created": created,
+                "description": json.loads(description) if description else {},
+                "workers": int(workers),
+                "nodes": sorted(nodes.split(",")) if nodes else [],
+            }
+    found = sessions(path)
+    for session, host in zip(found, hosts, strict=False):
+        session["host"] = host
+    return {"path": path, "sessions": found, "configs": configs}

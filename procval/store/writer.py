@@ -46,6 +46,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import platform
 import socket
 import sqlite3
 import time
@@ -53,6 +54,7 @@ import warnings
 from collections.abc import Mapping
 from typing import Any
 
+from procval._version import __version__
 from procval.errors import ProgramChangedWarning, StoreError, StoreMismatchError
 from procval.results import EvaluationResult, Row, Totals
 from procval.store.codec import encode, text_hash, to_json
@@ -72,6 +74,8 @@ class StoreSink:
         configs: the names of the configs of this run.
         retry_errors: run again the examples whose stored row has an error (their new rows
             replace the old ones); otherwise a failed example counts as done.
+        run: what this run was given (``workers``, ``threads``), kept with
+            procval's and Python's versions under ``"run"`` in each config's stored description.
 
     Raises:
         StoreError: ``path`` exists but is not a procval run store, or cannot be opened.
@@ -79,12 +83,19 @@ class StoreSink:
     """
 
     def __init__(
-        self, path: str, *, fresh: bool, configs: list[str], retry_errors: bool = False
+        self,
+        path: str,
+        *,
+        fresh: bool,
+        configs: list[str],
+        retry_errors: bool = False,
+        run: Mapping[str, Any] | None = None,
     ) -> None:
         self._path = path
         self._fresh = fresh
         self._retry_errors = retry_errors
         self._names = list(configs)
+        self._run = _run_description(run)
         with contextlib.closing(connect(path, create=True)):
             pass  # fail now, before any worker starts, if the file is not a store ...
         self._lock = WriterLock(path)  # ... or if another run is writing it
@@ -124,11 +135,14 @@ class StoreSink:
         if stored is not None and self._fresh:
             db.execute("DELETE FROM rows WHERE config = ?", (name,))
             stored = (snapshot.identity, None, 0.0)
-        if stored is not None and stored[0] != snapshot.identity:
+        # a store written by 0.1.0 holds the identity it gave: accepted, then replaced
+        if stored is not None and stored[0] not in (snapshot.identity, snapshot.identity_v1):
             raise _identity_mismatch(self._path, db, snapshot, stored[1])
         if stored is not None and stored[1]:
             _warn_if_program_changed(self._path, snapshot, json.loads(stored[1]))
-        description = json.dumps(dict(snapshot.description), sort_keys=True, default=repr)
+        description = json.dumps(
+            {**snapshot.description, "run": self._run}, sort_keys=True, default=repr
+        )
         db.execute(
             "INSERT INTO configs (name, identity, fingerprint, description, created, duration)"
             " VALUES (?, ?, ?, ?, ?, 0) ON CONFLICT (name) DO UPDATE SET"
@@ -334,6 +348,11 @@ class StoreSink:
             self._lock.release()
 
 
+def _run_description(run: Mapping[str, Any] | None) -> dict[str, Any]:
+    """How a run ran, for the report: its options, and procval's and Python's versions."""
+    return {**(run or {}), "procval": __version__, "python": platform.python_version()}
+
+
 def _warn_if_program_changed(path: str, snapshot: Snapshot, stored: Mapping[str, Any]) -> None:
     before, now = stored.get("program"), snapshot.description.get("program")
     if before and now and before != now:
@@ -353,7 +372,8 @@ def _identity_mismatch(
     rows = db.execute("SELECT COUNT(*) FROM rows WHERE config = ?", (snapshot.name,)).fetchone()[0]
     before: Mapping[str, Any] = json.loads(stored) if stored else {}
     now = json.loads(json.dumps(dict(snapshot.description), sort_keys=True, default=repr))
-    changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+    keys = (set(before) | set(now)) - {"run"}  # how it ran (workers, versions) is no identity
+    changed = sorted(k for k in keys if before.get(k) != now.get(k))
     what = f" (its {', '.join(changed)} changed)" if changed else ""
     return StoreMismatchError(
         f"config {snapshot.name!r} differs from the config stored under that name in {path}"

@@ -37,3 +37,21 @@ def sleepy(example: Any) -> int:
     """Sleeps a minute: the run is interrupted long before it ends."""
     time.sleep(60)
     return 0
+
+
+def procval_file(example: Any) -> str:
+    """Where the actor imported procval from (it must be the checkout under test)."""
+    import procval
+
+    return procval.__file__
+
+
+def slow_double(example: dict[str, Any]) -> int:
+    """A third of a second per example (long enough to act on a node mid-run), then q * 2."""
+    time.sleep(0.3)
+    return example["q"] * 2
+
+
+def slow_setup() -> None:
+    """A Config.setup that takes 4 seconds (loading a model, say)."""
+    time.sleep(4)

@@ -1,0 +1,74 @@
+"""The report as plain text: p-values for people and what ``procval compare`` prints."""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import TYPE_CHECKING, Any
+
+from procval._convert import to_jsonable
+
+if TYPE_CHECKING:
+    from procval.report.compare import Comparison
+    from procval.report.protocol import ResultLike, RowLike
+
+__all__ = ["describe", "format_p"]
+
+
+def format_p(p: float) -> str:
+    """A p-value for people: three decimals, or scientific notation below 0.001."""
+    if math.isnan(p):
+        return "nan"
+    if p == 0.0:
+        return "<1e-300"
+    return f"{p:.3f}" if p >= 0.001 else f"{p:.1e}"
+
+
+def describe(comparison: Comparison, a: ResultLike, b: ResultLike, *, examples: int = 5) -> str:
+    """The comparison's summary followed by the first examples on which a and b differ.
+
+    This is what ``procval compare`` prints. ``a`` and ``b`` are the results compared.
+
+    Args:
+        comparison: the result of ``compare(a, b)``.
+        a: the first result, for its rows.
+        b: the second result.
+        examples: how many differing examples to list, in ``a``'s dataset order.
+
+    Returns:
+        Several lines of text, without a final newline.
+    """
+    flipped = set(comparison.wins) | set(comparison.losses)
+    lines = [repr(comparison)]
+    if not flipped or examples <= 0:
+        return lines[0]
+    by_id_b = {row.example_id: row for row in b.rows}
+    shown = [row for row in a.rows if row.example_id in flipped][:examples]
+    lines.append(f"First {len(shown)} of {len(flipped)} examples where they differ:")
+    width = max(len(str(row.example_id)) for row in shown)
+    for row in shown:
+        other = by_id_b[row.example_id]
+        verb = "a wins " if row.score > other.score else "a loses"
+        lines.append(f"  {row.example_id!s:<{width}}  {verb}  a: {_short(row)}  b: {_short(other)}")
+        lines.append(f"  {'':<{width}}  input: {_clip(_plain(row.example), 88)}")
+    return "\n".join(lines)
+
+
+def _short(row: RowLike) -> str:
+    """A row's prediction (or error) and score, in a few words for a terminal line."""
+    shown = f"<{row.error.type}>" if row.error is not None else _clip(_plain(row.prediction), 32)
+    return f"{shown} ({row.score:g})"
+
+
+def _plain(value: Any) -> str:
+    if isinstance(value, str):
+        return repr(value)
+    try:
+        return json.dumps(to_jsonable(value), ensure_ascii=False)
+    except (TypeError, ValueError):
+        return repr(value)
+
+
+def _clip(text: str, width: int) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 1] + "…"

@@ -1,0 +1,166 @@
+"""The scheduler's bookkeeping: a :class:`ConfigRun` per config, a :class:`WorkerRun` per worker.
+
+A config's examples wait in its queues (``requeue`` first, then the lazy ``source``; suspects
+apart, sent alone); a worker holds what it was sent and has not answered (``outstanding``) and
+the shards it has not answered (``calls``). How a worker's state and an example's place change is
+decided in :mod:`procval.run.lifecycle`; the scheduler applies it here.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+from procval.backends import Worker, WorkerSpec
+from procval.results import Totals
+from procval.run.dataset import Item
+from procval.run.failures import SetupFailure
+from procval.run.lifecycle import WorkerEvent, WorkerState, advance
+from procval.run.shards import ShardSizer
+
+
+@dataclass
+class RunOptions:
+    """Scheduler settings from ``evaluate``'s keywords."""
+
+    workers: int
+    failure_score: float = 0.0
+    timeout: float | None = None
+    max_errors: int | None = None
+    resume_hint: str = ""
+
+
+@dataclass(eq=False)
+class WorkerRun:
+    """One worker of a config, and what it owes the scheduler.
+
+    Attributes:
+        worker: the backend's worker.
+        config: the config it serves (only that one, for its whole life).
+        state: where it is in its lifecycle (``lifecycle.WorkerState``).
+        calls: the shards sent and not answered.
+        outstanding: the examples sent without a result yet, by seq.
+        replies: how many replies came back (none: a death may be a start failure).
+    """
+
+    worker: Worker
+    config: ConfigRun
+    state: WorkerState = WorkerState.STARTING
+    calls: set[Future[bytes]] = field(default_factory=set)
+    outstanding: dict[int, Item] = field(default_factory=dict)
+    replies: int = 0
+
+    def busy(self) -> bool:
+        """Whether the worker owes a reply or a result."""
+        return bool(self.calls or self.outstanding)
+
+    def move(self, event: WorkerEvent) -> None:
+        """Apply ``event`` to the worker's state (``lifecycle.advance``)."""
+        self.state = advance(self.state, event)
+
+
+@dataclass(eq=False)
+class ConfigRun:
+    """One config's run: its examples not yet sent, its workers, its totals so far.
+
+    Attributes:
+        spec: what its workers install.
+        source: the examples not read yet (lazy; a resumed run skips those done).
+        total: how many examples the run has (None: unknown).
+        sizer: the config's shard sizes.
+        totals: the rows so far, earlier sessions' included.
+        requeue: examples to send again (innocent of a death or a timeout), sent first.
+        suspects: examples to run alone, each in a shard of its own, before anything else.
+        losses: how often each example was lost in a death that did not explain itself.
+        workers: the config's live workers.
+        exhausted: ``source`` has nothing left.
+        start_failures: deaths before any reply since the config's last reply.
+        found: rows already finished when the run began (a resumed run).
+        replaced: workers lost (died, silent, never placed) and replaced, in this call.
+        dataset_error: what the dataset raised while being read (the examples read before
+            it still run; the scheduler raises it at the end).
+        setup_failure: why the config cannot start (its workers failed ``Config.setup`` or
+            died before any result), with the worker's traceback; None while it runs.
+    """
+
+    spec: WorkerSpec
+    source: Iterator[Item]
+    total: int | None
+    sizer: ShardSizer
+    totals: Totals
+    requeue: deque[Item] = field(default_factory=deque)
+    suspects: deque[Item] = field(default_factory=deque)
+    losses: dict[int, int] = field(default_factory=dict)
+    workers: list[WorkerRun] = field(default_factory=list)
+    exhausted: bool = False
+    start_failures: int = 0
+    found: int = 0
+    replaced: int = 0
+    dataset_error: Exception | None = None
+    setup_failure: SetupFailure | None = None
+    started: float = field(default_factory=time.perf_counter)
+    finished: float | None = None
+
+    @property
+    def name(self) -> str:
+        """The config's name."""
+        return self.spec.snapshot.name
+
+    def has_unsent(self) -> bool:
+        """Whether some example still waits to be sent."""
+        return bool(self.requeue or self.suspects or not self.exhausted)
+
+    def done(self) -> bool:
+        """Whether every example has a row (nothing to send, no worker owes anything)."""
+        return not self.has_unsent() and not any(w.busy() for w in self.workers)
+
+    def remaining(self) -> int | None:
+        """Examples without a row yet (None: the total is unknown)."""
+        if self.total is None:
+            return None
+        return max(0, self.total - self.totals.n)
+
+    def could_use_worker(self) -> bool:
+        """Whether another worker would have something to do."""
+        remaining = self.remaining()
+        if remaining is None or len(self.workers) < remaining:
+            return True
+        return not self.workers and bool(self.requeue or self.suspects)
+
+    def take(self) -> list[Item]:
+        """The next shard's examples (requeued ones first), sized by ``sizer``."""
+        size = self.sizer.next_size(remaining=self.remaining(), workers=len(self.workers))
+        items: list[Item] = []
+        while self.requeue and len(items) < size:
+            items.append(self.requeue.popleft())
+        while not self.exhausted and len(items) < size:
+            item = self._read()
+            if item is not None:
+                items.append(item)
+        return items
+
+    def probe(self) -> None:
+        """Read ahead one example, to learn whether a source with nothing left is exhausted."""
+        item = self._read()
+        if item is not None:
+            self.requeue.appendleft(item)
+
+    def _read(self) -> Item | None:
+        """The source's next example; None once it is exhausted or raised (kept, not raised)."""
+        try:
+            return next(self.source)
+        except StopIteration:
+            self.exhausted = True
+        except Exception as exc:  # the dataset's own error: what was read before it still runs
+            self.exhausted = True
+            self.dataset_error = exc
+        return None
+
+    def stop(self) -> None:
+        """Send nothing more: drop the examples not sent yet and stop reading the source."""
+        self.exhausted = True
+        self.requeue.clear()
+        self.suspects.clear()
