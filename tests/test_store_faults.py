@@ -319,3 +319,39 @@ def test_a_new_store_gets_its_folders_and_reading_creates_none(tmp_path):
     with pytest.raises(procval.StoreError, match="no run store at"):
         procval.load(tmp_path / "other" / "x.db")
     assert not (tmp_path / "other").exists()
+
+
+# ---------------------------------------------------------------- readers
+
+
+def test_readers_never_change_the_store_file_with_or_without_a_leftover_wal(tmp_path):
+    store = tmp_path / "run.db"
+    procval.evaluate(lambda x: x, [1, 2, 3], lambda x, y: 1.0, store=store, workers=1)
+    clean = store.read_bytes()
+    assert len(procval.load(store)["default"].rows) == 3
+    assert procval_cli("report", store).returncode == 0
+    assert store.read_bytes() == clean
+    # a writer killed after a commit: the commit is only in the WAL, which a read-write
+    # connection closing last would fold into the main file
+    killed = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(f"""
+            import os, sqlite3
+            db = sqlite3.connect({str(store)!r}, isolation_level=None)
+            db.execute("PRAGMA journal_mode = WAL")
+            db.execute("UPDATE rows SET score = 0.5 WHERE example_id = '1'")
+            os._exit(0)  # no close, no checkpoint: as kill -9
+        """)],
+        capture_output=True, timeout=60,
+    )  # fmt: skip
+    assert killed.returncode == 0, killed.stderr
+    assert (tmp_path / "run.db-wal").stat().st_size > 0
+    before = store.read_bytes()
+    assert before == clean
+    scores = sorted(r.score for r in procval.load(store)["default"].rows)
+    assert scores == [0.5, 1.0, 1.0]  # the reader sees the committed change ...
+    assert [r["score"] for r in procval.store.iter_rows(store)].count(0.5) == 1
+    assert procval_cli("report", store).returncode == 0
+    assert procval_cli("export", store).returncode == 0
+    assert procval.store.sessions(store)
+    assert store.read_bytes() == before  # ... and the file is as the killed writer left it
+    assert (tmp_path / "run.db-wal").stat().st_size > 0
