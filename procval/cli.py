@@ -9,6 +9,7 @@
     procval compare PATH A B [--confidence C] [--resamples N] [--seed N] [--common-only]
                 [--examples N]
     procval export PATH [--format jsonl|csv] [--output FILE] [--config NAME ...]
+    procval repair PATH NEW
 
 ``TASK`` is ``path/to/file.py:name`` or ``module:name`` (see :mod:`procval.task`).
 
@@ -39,7 +40,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import IO, Any
 
-from procval.errors import ProcvalError, SetupError, TooManyErrors
+from procval.errors import ProcvalError, SetupError, StoreError, StoreFullError, TooManyErrors
 from procval.results import Results
 from procval.store import readers as store
 from procval.task import load_task
@@ -172,6 +173,8 @@ def run(args: argparse.Namespace) -> int:
             f"already running finish first). Resume with: {again}",
             EXIT_TOO_MANY_ERRORS,
         ) from exc
+    except StoreFullError as exc:  # the rows so far are stored: say how to resume
+        raise Failure(f"{_first_line(exc).rstrip('.')}: {resume}") from exc
     except SetupError as exc:
         if isinstance(exc.results, Results) and exc.results:
             _print_summary(exc.results)
@@ -316,20 +319,50 @@ def export(args: argparse.Namespace) -> int:
     """``procval export``: stream rows, config by config in dataset order, to a file or stdout."""
     rows = store.iter_rows(args.path, args.config)
     first = next(rows, None)  # opens and checks the store before any output file is made
-    with _output(args.output) as out:
-        if first is None:
-            return EXIT_OK
-        all_rows = _chain(first, rows)
-        if args.format == "jsonl":
-            for row in all_rows:
-                out.write(json.dumps(row) + "\n")
-        else:
-            writer = csv.DictWriter(out, fieldnames=list(first))
-            writer.writeheader()
-            for row in all_rows:
-                row["example"] = json.dumps(row["example"])
-                row["prediction"] = json.dumps(row["prediction"])
-                writer.writerow(row)
+    written = 0
+    try:
+        with _output(args.output) as out:  # a file appears only once every row is in it
+            if first is None:
+                return EXIT_OK
+            all_rows = _chain(first, rows)
+            if args.format == "jsonl":
+                for row in all_rows:
+                    out.write(json.dumps(row) + "\n")
+                    written += 1
+            else:
+                writer = csv.DictWriter(out, fieldnames=list(first))
+                writer.writeheader()
+                for row in all_rows:
+                    row["example"] = json.dumps(row["example"])
+                    row["prediction"] = json.dumps(row["prediction"])
+                    writer.writerow(row)
+                    written += 1
+    except StoreError as exc:  # e.g. a damaged page halfway: never a silently partial export
+        where = (
+            f"nothing was written to {args.output}"
+            if args.output
+            else f"the output is INCOMPLETE: only its first {written} rows went to stdout"
+        )
+        raise Failure(f"{_first_line(exc)}; {where}") from exc
+    return EXIT_OK
+
+
+@command(
+    "repair",
+    "copy every readable row of a damaged run store into a new store (then resume on it)",
+    arg("path", help="the damaged run store (only read)"),
+    arg("new", help="the new store to write (must not exist)"),
+)
+def repair(args: argparse.Namespace) -> int:
+    """``procval repair``: salvage a damaged store's readable rows, configs and sessions."""
+    from procval.store.repair import repair as salvage
+
+    saved = salvage(args.path, args.new)
+    lost = f"; {saved.lost} rows could not be read (a run on {args.new} runs them again)"
+    print(
+        f"repaired {args.path} into {args.new}: {saved.rows} rows of {saved.configs} configs"
+        + (lost if saved.lost else "")
+    )
     return EXIT_OK
 
 
@@ -437,8 +470,14 @@ def _output(path: str | None) -> Iterator[IO[str]]:
         yield sys.stdout
         sys.stdout.flush()
         return
-    with open(path, "w", encoding="utf-8", newline="") as out:
-        yield out
+    partial = f"{path}.partial"
+    try:
+        with open(partial, "w", encoding="utf-8", newline="") as out:
+            yield out
+        os.replace(partial, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(partial)
 
 
 def _chain(first: dict[str, Any], rest: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:

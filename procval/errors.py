@@ -14,7 +14,9 @@ working for callers who do not know procval::
     ├── UnalignedResultsError (ProcvalError, ValueError) compared results cover other ids
     └── StoreError (ProcvalError)                     the run store cannot be used
         ├── StoreMismatchError (StoreError, ValueError) resume against other configs or data
-        └── StoreLockedError (StoreError)             another live run is writing the store
+        ├── StoreLockedError (StoreError)             another live run is writing the store
+        ├── StoreFullError (StoreError)               the disk is full; free space and resume
+        └── StoreCorruptError (StoreError)            the store's file is damaged
 
 :class:`ProgramChangedWarning` (a ``UserWarning``) is issued when a run store is resumed with a
 program or metric whose code changed: the results would mix both versions.
@@ -36,7 +38,9 @@ __all__ = [
     "ProgramChangedWarning",
     "SetupError",
     "SnapshotError",
+    "StoreCorruptError",
     "StoreError",
+    "StoreFullError",
     "StoreLockedError",
     "StoreMismatchError",
     "TaskError",
@@ -158,6 +162,35 @@ class StoreLockedError(StoreError):
         self.path = path
         self.pid = pid
         self.host = host
+
+
+class StoreFullError(StoreError):
+    """The disk holding the run store is full: the rows stored so far are safe.
+
+    Free some space and run again with the same store: the run resumes.
+
+    Attributes:
+        path: the run store.
+    """
+
+    def __init__(self, message: str, *, path: str) -> None:
+        super().__init__(message)
+        self.path = path
+
+
+class StoreCorruptError(StoreError):
+    """The run store's file is damaged (SQLite: "database disk image is malformed").
+
+    Its readable rows can be copied into a new store with ``procval repair`` (or
+    :func:`procval.store.repair.repair`); a run on that store resumes.
+
+    Attributes:
+        path: the run store.
+    """
+
+    def __init__(self, message: str, *, path: str) -> None:
+        super().__init__(message)
+        self.path = path
 
 
 class ProgramChangedWarning(UserWarning):

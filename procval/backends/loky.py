@@ -167,6 +167,16 @@ class LokyWorker:
                 kill_group(pid)
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+        # A worker killed while it wrote a result leaves half a message in the result pipe, and
+        # loky's manager thread waits in recv() for the rest forever; the interpreter joins that
+        # thread at exit, so the process would never exit. The parent never writes to that pipe:
+        # closing its copy of the write end leaves the dead worker's as the last one (the fork
+        # server keeps none), so the read ends with EOF and loky marks the executor broken.
+        queue = getattr(self._executor, "_result_queue", None)
+        writer = getattr(queue, "_writer", None)
+        if writer is not None:
+            with contextlib.suppress(OSError):
+                writer.close()
         self._executor.shutdown(wait=False, kill_workers=True)
         self._slots.close()
 

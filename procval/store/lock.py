@@ -65,6 +65,11 @@ class WriterLock:
             weakref.finalize(self, _unlock, fd, self.path, os.getpid()) if fd is not None else None
         )
 
+    @property
+    def held(self) -> bool:
+        """Whether this process holds the lock (False where locks are unavailable)."""
+        return self._release is not None and self._release.alive
+
     def release(self) -> None:
         """Remove the lock file and release the lock (idempotent)."""
         if self._release is not None:
@@ -193,3 +198,30 @@ def _locked(store: str, path: str, holder: Mapping[str, Any]) -> StoreLockedErro
         pid=pid,
         host=host,
     )
+
+
+def writer_is_gone(store: str, pid: int, node: str) -> bool:
+    """Whether the writer of a session stored as ``running`` is certainly dead, without locking.
+
+    Readers never take the lock (that could make a starting run fail as if the store were busy),
+    so this looks instead: a live writer keeps ``STORE.lock`` from before its session is stored
+    until after it is closed, so a missing lock file means no writer; and a session of this host
+    whose pid no longer exists is dead. (A reused pid keeps a dead session ``running``: the safe
+    way to be wrong.)
+
+    Args:
+        store: the run store.
+        pid: the session's process.
+        node: the host the session ran on.
+    """
+    if fcntl is not None and not os.path.exists(os.path.realpath(store) + ".lock"):
+        return True
+    if node != socket.gethostname():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # EPERM: it exists, as another user
+        return False
+    return False

@@ -16,6 +16,8 @@ from typing import Any
 from procval.errors import StoreError
 from procval.results import EvaluationResult, Results, Row, RowError, Totals
 from procval.store.codec import decode
+from procval.store.faults import store_errors
+from procval.store.lock import writer_is_gone
 from procval.store.schema import SELECT, connect
 
 
@@ -37,7 +39,7 @@ def load(path: str | os.PathLike[str]) -> Results:
         StoreError: there is no store at ``path``, or the file is not a procval run store.
     """
     path = os.fspath(path)
-    with contextlib.closing(connect(path, create=False)) as db:
+    with store_errors(path), contextlib.closing(connect(path, create=False)) as db:
         names = [name for (name,) in db.execute("SELECT name FROM configs ORDER BY rowid")]
         return Results({name: result_of(path, db, name) for name in names})
 
@@ -62,7 +64,7 @@ def iter_rows(
         StoreError: no store at ``path``, not a store, or a config name it does not hold.
     """
     path = os.fspath(path)
-    with contextlib.closing(connect(path, create=False)) as db:
+    with store_errors(path), contextlib.closing(connect(path, create=False)) as db:
         names = check_names(path, db, configs)
         for name in names:
             cursor = db.execute(f"{SELECT} WHERE config = ? ORDER BY idx", (name,))
@@ -91,7 +93,7 @@ def count_rows(path: str | os.PathLike[str], configs: Sequence[str] | None = Non
     path = os.fspath(path)
     if not os.path.exists(path):
         return 0
-    with contextlib.closing(connect(path, create=False)) as db:
+    with store_errors(path), contextlib.closing(connect(path, create=False)) as db:
         if configs is None:
             return int(db.execute("SELECT COUNT(*) FROM rows").fetchone()[0])
         return sum(
@@ -105,13 +107,23 @@ def sessions(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
 
     Keys: ``started``, ``ended`` (epoch seconds), ``status``, ``pid``.
 
-    ``status`` is ``"completed"``, ``"stopped"`` (interrupted or failed), or ``"running"`` for a
-    session that is still running or whose process was killed.
+    ``status`` is ``"completed"``, ``"stopped"`` (Ctrl-C, or failed), ``"interrupted"`` (its
+    process was killed: no run holds the store's writer lock, or the session's process is gone
+    from this host), or ``"running"`` for a session that is still running (or one on another
+    host whose end cannot be told). The next run on the store records the interrupted status;
+    this function only reads.
     """
     path = os.fspath(path)
-    with contextlib.closing(connect(path, create=False)) as db:
-        cursor = db.execute("SELECT started, ended, status, pid FROM sessions ORDER BY id")
-        return [dict(zip(("started", "ended", "status", "pid"), r, strict=True)) for r in cursor]
+    with store_errors(path), contextlib.closing(connect(path, create=False)) as db:
+        cursor = db.execute("SELECT started, ended, status, pid, node FROM sessions ORDER BY id")
+        records = cursor.fetchall()
+    found = []
+    for *fields, node in records:
+        session = dict(zip(("started", "ended", "status", "pid"), fields, strict=True))
+        if session["status"] == "running" and writer_is_gone(path, session["pid"], node):
+            session["status"] = "interrupted"  # reported so; only a writer rewrites the store
+        found.append(session)
+    return found
 
 
 class RowLoader:
@@ -131,7 +143,7 @@ class RowLoader:
 
     def __call__(self) -> list[Row]:
         """The config's rows, in dataset order."""
-        with contextlib.closing(connect(self.path, create=False)) as db:
+        with store_errors(self.path), contextlib.closing(connect(self.path, create=False)) as db:
             cursor = db.execute(f"{SELECT} WHERE config = ? ORDER BY idx", (self.config,))
             return [decode(record) for record in cursor]
 

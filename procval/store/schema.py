@@ -13,10 +13,22 @@ Tables::
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import sqlite3
+import urllib.request
 
 from procval.errors import StoreError
+from procval.store.faults import (
+    SQLITE_CANTOPEN,
+    SQLITE_NOTADB,
+    SQLITE_READONLY,
+    full,
+    primary_code,
+    store_errors,
+    translate,
+)
 
 FORMAT = "procval-store"
 VERSION = 1
@@ -61,8 +73,13 @@ SELECT = f"SELECT {COLUMNS} FROM rows"
 def connect(path: str, *, create: bool) -> sqlite3.Connection:
     """Open ``path`` as a run store, creating the schema if ``create`` and the file is new.
 
+    A new store's missing parent directories are created too. If creating the store fails (a
+    full disk, say), what this call created (the file, its journal, the directories) is removed.
+
     Raises:
-        StoreError: a missing store (when not creating), or a file of another format.
+        StoreError: a missing store (when not creating), a file of another format, or a store
+            that cannot be created or read (:class:`~procval.StoreFullError` for a full disk,
+            :class:`~procval.StoreCorruptError` for a damaged file).
     """
     if not create and not os.path.exists(path):
         raise StoreError(
@@ -71,23 +88,89 @@ def connect(path: str, *, create: bool) -> sqlite3.Connection:
         )
     if os.path.isdir(path):
         raise StoreError(f"the run store path {path} is a directory; pass a file path")
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise StoreError(f"cannot create the run store {path}: directory {folder} does not exist")
+    if not create:
+        return _reader(path)
+    new = not os.path.exists(path)
+    made = _make_parents(path) if new else []
     try:
-        db = sqlite3.connect(path, timeout=30, isolation_level=None)
-    except sqlite3.Error as exc:
-        raise StoreError(f"cannot open the run store {path}: {exc}") from exc
-    try:
-        check_format(db, path, create=create)
+        with store_errors(path, "create" if new else "open"):
+            db = sqlite3.connect(path, timeout=30, isolation_level=None)
+        try:
+            check_format(db, path, create=create)
+        except BaseException:
+            db.close()
+            raise
     except BaseException:
-        db.close()
+        if new:
+            _remove_created(path, made)
         raise
     return db
 
 
+def _reader(path: str) -> sqlite3.Connection:
+    """A read-only connection: a reader never changes the file.
+
+    A read-write connection that is the last one to close a WAL store folds the WAL into the
+    main file (a killed writer's leftover WAL, say). ``mode=ro`` reads the WAL without that, and
+    sees a live run's commits. Where SQLite cannot open the WAL's index read-only (no ``-shm``
+    file in a folder it may not write), ``immutable=1`` reads the main file as it is: no writer
+    can be writing there either.
+    """
+    uri = "file:" + urllib.request.pathname2url(os.path.abspath(path))
+    for mode in ("?mode=ro", "?mode=ro&immutable=1"):
+        with store_errors(path, "open"):
+            db = sqlite3.connect(uri + mode, uri=True, timeout=30, isolation_level=None)
+        try:
+            check_format(db, path, create=False)
+            return db
+        except BaseException as exc:
+            db.close()
+            cause = exc.__cause__ if isinstance(exc, StoreError) else None
+            code = primary_code(cause) if isinstance(cause, sqlite3.Error) else None
+            if "immutable" in mode or code not in (SQLITE_CANTOPEN, SQLITE_READONLY):
+                raise
+    raise AssertionError("unreachable: the last mode raises")
+
+
+def _make_parents(path: str) -> list[str]:
+    """Create the missing directories above ``path``; the ones made, deepest first."""
+    made: list[str] = []
+    folder = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(folder):
+        made.append(folder)
+        folder = os.path.dirname(folder)
+    for folder in reversed(made):
+        try:
+            os.mkdir(folder)
+        except FileExistsError:
+            pass
+        except OSError as exc:
+            _remove_created(path, made)
+            if exc.errno == errno.ENOSPC:
+                raise full(path, exc.strerror or str(exc)) from exc
+            raise StoreError(
+                f"cannot create the run store {path}: cannot create its directory {folder} "
+                f"({exc.strerror or exc})"
+            ) from exc
+    return made
+
+
+def _remove_created(path: str, made: list[str]) -> None:
+    """Remove a store file that failed to be created, its side files, and ``made`` (if empty)."""
+    for name in (path, f"{path}-journal", f"{path}-wal", f"{path}-shm"):
+        with contextlib.suppress(FileNotFoundError, OSError):
+            os.unlink(name)
+    for folder in made:  # deepest first
+        with contextlib.suppress(OSError):
+            os.rmdir(folder)
+
+
 def check_format(db: sqlite3.Connection, path: str, *, create: bool) -> None:
-    """Create the schema in a new file, or check that ``path`` is a store this version reads."""
+    """Create the schema in a new file, or check that ``path`` is a store this version reads.
+
+    Raises:
+        StoreError: the file is of another format or version, or SQLite fails (translated).
+    """
     not_a_store = (
         f"{path} is not a procval run store; pass the path of a store written by procval, "
         "or a new path to start one"
@@ -109,8 +192,10 @@ def check_format(db: sqlite3.Connection, path: str, *, create: bool) -> None:
         if "meta" not in tables:
             raise StoreError(not_a_store + " (it is a SQLite database of another kind)")
         meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
-    except sqlite3.DatabaseError as exc:
-        raise StoreError(f"{not_a_store} ({exc})") from exc
+    except sqlite3.Error as exc:
+        if primary_code(exc) == SQLITE_NOTADB:  # not SQLite at all
+            raise StoreError(f"{not_a_store} ({exc})") from exc
+        raise translate(exc, path, "create" if create else "open") from exc
     if meta.get("format") != FORMAT:
         raise StoreError(not_a_store + " (it is a SQLite database of another kind)")
     version = int(meta.get("version", "0"))

@@ -58,7 +58,8 @@ from procval._version import __version__
 from procval.errors import ProgramChangedWarning, StoreError, StoreMismatchError
 from procval.results import EvaluationResult, Row, Totals
 from procval.store.codec import encode, text_hash, to_json
-from procval.store.lock import WriterLock
+from procval.store.faults import store_errors, translate
+from procval.store.lock import WriterLock, writer_is_gone
 from procval.store.readers import result_of, totals
 from procval.store.schema import INSERT, REPLACE_FAILED, connect
 from procval.wire import Snapshot
@@ -104,6 +105,7 @@ class StoreSink:
         self._done: dict[str, dict[int | str, int]] = {}
         self._prior: dict[str, float] = {}  # duration of earlier sessions, per config
         self._started: dict[str, float] = {}
+        self._failure: StoreError | None = None  # raised by result() if close() failed
 
     # ------------------------------------------------------------------ Sink protocol
 
@@ -116,46 +118,50 @@ class StoreSink:
         Raises:
             StoreMismatchError: the store holds a different config of this name.
         """
-        db = self._writer()
-        name = snapshot.name
         try:
-            self._write(db)
-            stored = db.execute(
-                "SELECT identity, description, duration FROM configs WHERE name = ?", (name,)
-            ).fetchone()
-            if stored is not None and self._fresh:
-                db.execute("DELETE FROM rows WHERE config = ?", (name,))
-                stored = (snapshot.identity, None, 0.0)
-            # a store written by 0.1.0 holds the identity it gave: accepted, then replaced
-            if stored is not None and stored[0] not in (snapshot.identity, snapshot.identity_v1):
-                raise _identity_mismatch(self._path, db, snapshot, stored[1])
-            if stored is not None and stored[1]:
-                _warn_if_program_changed(self._path, snapshot, json.loads(stored[1]))
-            description = json.dumps(
-                {**snapshot.description, "run": self._run}, sort_keys=True, default=repr
-            )
-            db.execute(
-                "INSERT INTO configs (name, identity, fingerprint, description, created, duration)"
-                " VALUES (?, ?, ?, ?, ?, 0) ON CONFLICT (name) DO UPDATE SET"
-                " identity = excluded.identity, fingerprint = excluded.fingerprint,"
-                " description = excluded.description, duration = ?",
-                (name, snapshot.identity, snapshot.fingerprint, description, time.time(),
-                 stored[2] if stored else 0.0),
-            )  # fmt: skip
-            self._prior[name] = stored[2] if stored else 0.0
-            self._started[name] = time.perf_counter()
-            only_ok = " AND error_type IS NULL" if self._retry_errors else ""
-            self._done[name] = {
-                json.loads(eid): digest
-                for eid, digest in db.execute(
-                    "SELECT example_id, example_hash FROM rows WHERE config = ?" + only_ok,
-                    (name,),
-                )
-            }
-            return totals(db, name, only_ok=bool(only_ok))
+            with store_errors(self._path, "write"):
+                return self._begin(snapshot)
         except BaseException:
             self._abort()
             raise
+
+    def _begin(self, snapshot: Snapshot) -> Totals:
+        db = self._writer()
+        name = snapshot.name
+        self._write(db)
+        stored = db.execute(
+            "SELECT identity, description, duration FROM configs WHERE name = ?", (name,)
+        ).fetchone()
+        if stored is not None and self._fresh:
+            db.execute("DELETE FROM rows WHERE config = ?", (name,))
+            stored = (snapshot.identity, None, 0.0)
+        # a store written by 0.1.0 holds the identity it gave: accepted, then replaced
+        if stored is not None and stored[0] not in (snapshot.identity, snapshot.identity_v1):
+            raise _identity_mismatch(self._path, db, snapshot, stored[1])
+        if stored is not None and stored[1]:
+            _warn_if_program_changed(self._path, snapshot, json.loads(stored[1]))
+        description = json.dumps(
+            {**snapshot.description, "run": self._run}, sort_keys=True, default=repr
+        )
+        db.execute(
+            "INSERT INTO configs (name, identity, fingerprint, description, created, duration)"
+            " VALUES (?, ?, ?, ?, ?, 0) ON CONFLICT (name) DO UPDATE SET"
+            " identity = excluded.identity, fingerprint = excluded.fingerprint,"
+            " description = excluded.description, duration = ?",
+            (name, snapshot.identity, snapshot.fingerprint, description, time.time(),
+             stored[2] if stored else 0.0),
+        )  # fmt: skip
+        self._prior[name] = stored[2] if stored else 0.0
+        self._started[name] = time.perf_counter()
+        only_ok = " AND error_type IS NULL" if self._retry_errors else ""
+        self._done[name] = {
+            json.loads(eid): digest
+            for eid, digest in db.execute(
+                "SELECT example_id, example_hash FROM rows WHERE config = ?" + only_ok,
+                (name,),
+            )
+        }
+        return totals(db, name, only_ok=bool(only_ok))
 
     def is_done(self, config: str, index: int, example_id: int | str, example: Any) -> bool:
         """Whether the example has a stored row; its content must match the stored one.
@@ -176,9 +182,18 @@ class StoreSink:
         return True
 
     def add(self, config: str, rows: list[Row]) -> None:
-        """Write ``rows`` and commit them (one transaction per call) before returning."""
+        """Write ``rows`` and commit them (one transaction per call) before returning.
+
+        Raises:
+            StoreFullError: the disk is full; the rows of earlier calls are stored.
+            StoreError: SQLite failed otherwise (see :mod:`procval.store.faults`).
+        """
         if not rows:
             return
+        with store_errors(self._path, "write"):
+            self._add(config, rows)
+
+    def _add(self, config: str, rows: list[Row]) -> None:
         db = self._writer()
         records = [encode(row, config, self._session) for row in rows]
         self._write(db)
@@ -215,20 +230,26 @@ class StoreSink:
         the writer lock is gone and nothing is written: ``add`` stored the duration with each
         shard, so only the last instants of the session are missing from the stored one.
         """
+        if self._failure is not None:  # closing failed after the run completed: say so now
+            raise self._failure
         total = self._prior[config] + duration
         db = self._db
-        if db is None:
-            with contextlib.closing(connect(self._path, create=False)) as reader:
-                return result_of(self._path, reader, config, duration=total)
-        self._write(db)
-        db.execute("UPDATE configs SET duration = ? WHERE name = ?", (total, config))
-        self._commit()
-        return result_of(self._path, db, config)
+        with store_errors(self._path, "write" if db else "read"):
+            if db is None:
+                with contextlib.closing(connect(self._path, create=False)) as reader:
+                    return result_of(self._path, reader, config, duration=total)
+            self._write(db)
+            db.execute("UPDATE configs SET duration = ? WHERE name = ?", (total, config))
+            self._commit()
+            return result_of(self._path, db, config)
 
     def close(self, *, completed: bool) -> None:
         """Commit, mark the session completed or stopped, close the file, release the store.
 
-        Idempotent.
+        Idempotent, and never raises a store error: the scheduler closes the sink on its way
+        out, often with an error already in flight (a full disk). If marking the session fails,
+        it stays ``running`` (the next writer records it as interrupted); after a completed run
+        the error is raised by :meth:`result` instead, which the scheduler calls next.
         """
         if self._closed:
             return
@@ -238,14 +259,20 @@ class StoreSink:
             self._lock.release()
             return
         try:
-            self._write(db)
-            db.execute(
-                "UPDATE sessions SET ended = ?, status = ? WHERE id = ?",
-                (time.time(), "completed" if completed else "stopped", self._session),
-            )
-            self._commit()
-            with contextlib.suppress(sqlite3.OperationalError):  # a reader holds the WAL
+            with store_errors(self._path, "write"):
+                self._write(db)
+                db.execute(
+                    "UPDATE sessions SET ended = ?, status = ? WHERE id = ?",
+                    (time.time(), "completed" if completed else "stopped", self._session),
+                )
+                self._commit()
+            with contextlib.suppress(sqlite3.Error):  # a reader holds the WAL; a full disk
                 db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except StoreError as exc:
+            with contextlib.suppress(sqlite3.Error):
+                db.execute("ROLLBACK")
+            if completed:
+                self._failure = exc
         finally:
             db.close()
             self._db = None
@@ -262,6 +289,7 @@ class StoreSink:
                 db.execute("PRAGMA journal_mode = WAL")
                 db.execute("PRAGMA synchronous = NORMAL")
                 db.execute("BEGIN IMMEDIATE")
+                self._mark_interrupted(db)
                 cursor = db.execute(
                     "INSERT INTO sessions (started, status, pid, node, configs) "
                     "VALUES (?, 'running', ?, ?, ?)",
@@ -270,12 +298,27 @@ class StoreSink:
                 self._session = cursor.lastrowid or 0
             except sqlite3.Error as exc:
                 db.close()
-                raise StoreError(f"cannot write the run store {self._path}: {exc}") from exc
+                raise translate(exc, self._path, "write") from exc
             except BaseException:  # Ctrl-C: roll back (by closing) what this began
                 db.close()
                 raise
             self._db = db
         return self._db
+
+    def _mark_interrupted(self, db: sqlite3.Connection) -> None:
+        """Record as ``interrupted`` the sessions left ``running`` by a killed writer.
+
+        Holding the writer lock proves that every earlier writer is dead (the kernel drops a
+        lock with its process). Without locks (no ``flock``), only sessions of this host whose
+        process is gone are marked. Committed with this session's first rows.
+        """
+        running = db.execute("SELECT id, pid, node FROM sessions WHERE status = 'running'")
+        dead = [
+            (sid,)
+            for sid, pid, node in running.fetchall()
+            if self._lock.held or writer_is_gone(self._path, pid, node)
+        ]
+        db.executemany("UPDATE sessions SET status = 'interrupted' WHERE id = ?", dead)
 
     def _write(self, db: sqlite3.Connection) -> None:
         """Start a transaction unless one is open (``begin`` leaves its own open until rows come).
@@ -319,7 +362,7 @@ def _warn_if_program_changed(path: str, snapshot: Snapshot, stored: Mapping[str,
                 f"{path} were computed; the results will mix both versions. Pass fresh=True "
                 "(procval run --fresh) to recompute them all"
             ),
-            stacklevel=5,
+            stacklevel=6,
         )
 
 
