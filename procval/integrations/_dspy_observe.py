@@ -288,7 +288,7 @@ def _is_signature(value: Any) -> bool:
     return isinstance(value, type) and issubclass(value, dspy.Signature)
 
 
-def _signature_text(signature: type) -> str:
+def _signature_text(signature: Any) -> str:
     return str(getattr(signature, "signature", signature.__name__))
 
 
@@ -449,7 +449,9 @@ def _failed(callback: Any, exc: Exception) -> None:
 
 
 def _replay(config: str, row: Row, events: list[Any]) -> None:
-    start, token = 0, events[0][0] if events else None
+    if not events:
+        return
+    start, token = 0, events[0][0]
     for i in range(1, len(events) + 1):  # runs of one relay's events (usually one run)
         if i < len(events) and events[i][0] == token:
             continue
