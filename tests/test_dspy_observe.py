@@ -9,6 +9,7 @@ import collections
 import importlib
 import logging
 import os
+import threading
 
 import pytest
 
@@ -181,3 +182,42 @@ def test_prediction_fields_are_kept_in_rows_and_the_store(server, tmp_path):
     (stored,) = procval.load(store).values()
     kept = stored.rows[0].prediction["prediction"]
     assert kept == {"answer": "Q0", "confidence": 0.5, "notes": ["a", "b"]}
+
+
+def _records_unpicklable_for_odd(example: int) -> str:
+    """Records a lock (cannot be pickled) for odd examples, a plain value for even ones."""
+    from procval.worker import record
+
+    record.add("probe", threading.Lock() if example % 2 else example)
+    return f"done {example}"
+
+
+class _Captured(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def test_unpicklable_events_are_dropped_and_their_rows_kept(no_leaked_workers):
+    from procval.run import replay
+
+    delivered: list[tuple[int, list]] = []
+    replay.register("probe", lambda config, row, payloads: delivered.append((row.index, payloads)))
+    captured = _Captured()
+    logging.getLogger("procval").addHandler(captured)
+    try:
+        result = procval.evaluate(
+            _records_unpicklable_for_odd, [0, 1, 2, 3], lambda e, p: 1.0, workers=1
+        )
+    finally:
+        logging.getLogger("procval").removeHandler(captured)
+        replay._handlers.pop("probe", None)
+    assert [row.prediction for row in result.rows] == [f"done {i}" for i in range(4)]
+    assert all(row.error is None and row.score == 1.0 for row in result.rows)
+    assert sorted(delivered) == [(0, [0]), (2, [2])]  # the even examples' events still arrive
+    warnings = [m for m in captured.messages if "dropped the recorded events" in m]
+    assert sum(int(m.split(" of ")[1].split()[0]) for m in warnings) == 2  # one per shard
+    assert all("lock" in m for m in warnings)

@@ -24,12 +24,15 @@ What a replayed callback receives:
   snapshot's adapter; otherwise a :class:`Replayed` stand-in naming the kind, class and path.
 - ``inputs`` / ``outputs``: as recorded, with what is not plain data converted to plain data
   (a ``dspy.Signature`` class becomes its signature string, other objects go through
-  ``procval._convert.to_jsonable``); ``dspy.Prediction`` and ``dspy.Example`` stay themselves.
+  ``procval._convert.to_jsonable``); ``dspy.Prediction`` and ``dspy.Example`` stay themselves,
+  but a Prediction's ``completions.signature`` is the signature string too (a copy: the
+  worker's Prediction is left as it is).
 - ``exception``: the worker's exception if it could be pickled, else a ``RuntimeError`` naming it.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import pickle
 import uuid
@@ -64,6 +67,7 @@ _HOOKS = (
     "on_tool_end",
 )
 _HISTORY = "history"
+_STARTS = frozenset(hook for hook in _HOOKS if hook.endswith("_start"))
 _DEFAULT_ADAPTER = dspy.ChatAdapter()
 
 
@@ -255,11 +259,37 @@ def plain(value: Any, depth: int = 0) -> Any:
         return [plain(v, depth + 1) for v in value]
     if isinstance(value, dspy.Example):  # Prediction too
         if all(isinstance(v, _PLAIN) for v in value._store.values()):
-            return value
+            return _light(value)
         return to_jsonable(value)
-    if isinstance(value, type) and issubclass(value, dspy.Signature):
-        return str(getattr(value, "signature", value.__name__))
+    if _is_signature(value):
+        return _signature_text(value)
     return to_jsonable(value)
+
+
+def _light(example: Any) -> Any:
+    """``example``, or a copy whose completions name their signature by its string.
+
+    A Predict's ``Prediction`` holds its ``Completions``, which hold the signature class: a class
+    built at run time, that cloudpickle sends by value and the parent rebuilds, the most costly
+    part of a replayed event by far.
+    """
+    completions = vars(example).get("_completions")
+    signature = vars(completions).get("signature") if hasattr(completions, "__dict__") else None
+    if not _is_signature(signature):
+        return example
+    light = copy.copy(completions)
+    light.signature = _signature_text(signature)
+    example = copy.copy(example)
+    example._completions = light
+    return example
+
+
+def _is_signature(value: Any) -> bool:
+    return isinstance(value, type) and issubclass(value, dspy.Signature)
+
+
+def _signature_text(signature: Any) -> str:
+    return str(getattr(signature, "signature", signature.__name__))
 
 
 def _exception(exc: BaseException) -> BaseException:
@@ -320,30 +350,49 @@ class Relay:
         self.hold_history = False
         self._held: list[tuple[int, Any, dict[str, Any]]] = []
         self._modules: dict[str, Any] | None = None
+        self._instances: dict[tuple[Any, ...], Any] = {}
+        self._dispatch: dict[str, list[tuple[Any, Callable[..., Any]]]] = {}
         _relays[self.token] = self
 
-    def replay(self, row: Row, event: tuple[Any, ...]) -> None:
-        """Replay one recorded event (a callback event or a history entry)."""
-        hook = event[1]
-        if hook == _HISTORY:
-            _, _, key, entry = event
-            if self.hold_history:
-                self._held.append((row.index, key, entry))
-            else:
-                self._append(key, entry)
-            return
-        _, hook, call_id, parent, extra, data = event
-        token = ACTIVE_CALL_ID.set(parent if parent is not None else self.root)
+    def replay(self, row: Row, events: Sequence[tuple[Any, ...]]) -> None:
+        """Replay one example's recorded events of this relay (callback events, history)."""
+        dispatch = self._dispatch
+        root = self.root
+        first = None  # ACTIVE_CALL_ID is set per event and put back once, at the end
         try:
-            if hook.endswith("_start"):
-                instance = self._instance(extra)
-                for callback in self.callbacks:
-                    _call(callback, hook, call_id=call_id, instance=instance, inputs=data)
-            else:
-                for callback in self.callbacks:
-                    _call(callback, hook, call_id=call_id, outputs=data, exception=extra)
+            for event in events:
+                hook = event[1]
+                if hook == _HISTORY:
+                    if self.hold_history:
+                        self._held.append((row.index, event[2], event[3]))
+                    else:
+                        self._append(event[2], event[3])
+                    continue
+                _, hook, call_id, parent, extra, data = event
+                token = ACTIVE_CALL_ID.set(root if parent is None else parent)
+                if first is None:
+                    first = token
+                handlers = dispatch.get(hook)
+                if handlers is None:
+                    handlers = dispatch[hook] = [(c, getattr(c, hook)) for c in self.callbacks]
+                if hook in _STARTS:
+                    instance = self._instances.get(extra)
+                    if instance is None:
+                        instance = self._instances[extra] = self._instance(extra)
+                    for callback, handler in handlers:
+                        try:
+                            handler(call_id=call_id, instance=instance, inputs=data)
+                        except Exception as exc:  # as DSPy does: logged, not raised
+                            _failed(callback, exc)
+                else:
+                    for callback, handler in handlers:
+                        try:
+                            handler(call_id=call_id, outputs=data, exception=extra)
+                        except Exception as exc:
+                            _failed(callback, exc)
         finally:
-            ACTIVE_CALL_ID.reset(token)
+            if first is not None:
+                ACTIVE_CALL_ID.reset(first)
 
     def flush_history(self) -> None:
         """Append the held history entries to their LMs, in example order."""
@@ -395,21 +444,22 @@ def _name(obj: Any) -> str:
     return f"{type(obj).__module__}.{type(obj).__qualname__}"
 
 
-def _call(callback: Any, hook: str, **kwargs: Any) -> None:
-    try:
-        getattr(callback, hook)(**kwargs)
-    except Exception as exc:  # as DSPy does: a failing callback is logged, not raised
-        logger.warning(f"Error when calling callback {callback}: {exc}")
+def _failed(callback: Any, exc: Exception) -> None:
+    logger.warning(f"Error when calling callback {callback}: {exc}")
 
 
 def _replay(config: str, row: Row, events: list[Any]) -> None:
-    relay: Relay | None = None
-    for event in events:
-        if relay is None or relay.token != event[0]:
-            relay = _relays.get(event[0])
-            if relay is None:
-                continue
-        relay.replay(row, event)
+    if not events:
+        return
+    start, token = 0, events[0][0]
+    for i in range(1, len(events) + 1):  # runs of one relay's events (usually one run)
+        if i < len(events) and events[i][0] == token:
+            continue
+        relay = _relays.get(token)
+        if relay is not None:
+            relay.replay(row, events[start:i] if start or i < len(events) else events)
+        if i < len(events):
+            start, token = i, events[i][0]
 
 
 replay.register(KIND, _replay)

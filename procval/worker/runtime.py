@@ -45,6 +45,7 @@ A watchdog thread ends the process when its parent dies, so no worker outlives a
 from __future__ import annotations
 
 import enum
+import logging
 import os
 import random
 import socket
@@ -67,6 +68,8 @@ from procval.wire import (
 from procval.worker import execute, lifeline, logs, runners
 from procval.worker.feed import Feed
 from procval.worker.slots import BEAT, SlotTable
+
+_logger = logging.getLogger("procval")
 
 
 class RunMode(enum.Enum):
@@ -262,10 +265,10 @@ def _dump_results(state: _State, results: list[ExampleResult]) -> bytes:
         return _pickling.dumps(done, what="results")
     except Exception:
         fixed = []
+        dropped: list[str] = []
         for result in results:
             try:
                 _pickling.dumps(result.prediction, what="prediction")
-                fixed.append(result)
             except Exception as exc:
                 error = ErrorInfo(
                     "UnpicklablePrediction",
@@ -273,5 +276,19 @@ def _dump_results(state: _State, results: list[ExampleResult]) -> bytes:
                     "return plain data (str, dict, dataclass) from the program",
                     "",
                 )
-                fixed.append(result._replace(prediction=None, score=0.0, error=error))
+                result = result._replace(prediction=None, score=0.0, error=error)
+            if result.events:
+                try:
+                    _pickling.dumps(result.events, what="events")
+                except Exception as exc:  # the row stays; what it recorded is lost
+                    dropped.append(f"{result.seq}: {exc}")
+                    result = result._replace(events=None)
+            fixed.append(result)
+        if dropped:
+            _logger.warning(
+                "dropped the recorded events (callbacks, LM history) of %d example(s) that "
+                "cannot be pickled; their rows are kept (by seq: %s)",
+                len(dropped),
+                "; ".join(dropped),
+            )
         return _pickling.dumps(done._replace(results=fixed), what="results")
