@@ -14,6 +14,7 @@ from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from itertools import islice
 
 from procval.backends import Worker, WorkerSpec
 from procval.results import Totals
@@ -179,10 +180,15 @@ class ConfigRun:
         items: list[Item] = []
         while self.requeue and len(items) < size:
             items.append(self.requeue.popleft())
-        while not self.exhausted and len(items) < size:
-            item = self._read()
-            if item is not None:
-                items.append(item)
+        wanted = size - len(items)
+        if wanted > 0 and not self.exhausted:
+            try:  # in C, not an item at a time: list.extend keeps what it read before a raise
+                items.extend(islice(self.source, wanted))
+            except Exception as exc:  # the dataset's own error: what was read still runs
+                self.exhausted = True
+                self.dataset_error = exc
+            else:
+                self.exhausted = len(items) < size
         return items
 
     def probe(self) -> None:
