@@ -28,6 +28,8 @@ from procval.errors import (
     TooManyErrors,
     UnalignedResultsError,
 )
+from procval.ratelimit import RateLimit
+from procval.worker.limited import limited
 from procval.worker.runtime import current_config, rng
 
 if TYPE_CHECKING:
@@ -54,6 +56,7 @@ __all__ = [
     "ProcvalError",
     "Program",
     "ProgramChangedWarning",
+    "RateLimit",
     "Results",
     "Row",
     "RowError",
@@ -69,6 +72,7 @@ __all__ = [
     "compare",
     "current_config",
     "evaluate",
+    "limited",
     "load",
     "read_jsonl",
     "rng",

@@ -64,7 +64,7 @@ from procval.wire import (
     WorkerOptions,
     fingerprint,
 )
-from procval.worker import execute, lifeline, logs, runners
+from procval.worker import dspy_limits, execute, lifeline, limited, logs, runners
 from procval.worker.feed import Feed
 from procval.worker.slots import BEAT, SlotTable
 
@@ -187,6 +187,9 @@ def initialize(snapshot: bytes, options: WorkerOptions, slots_path: str) -> None
             config.setup()
     except BaseException:
         state.setup_error = traceback.format_exc()
+    if options.limiter and config.rate_limits:  # DSPy's LM calls go through the limiter
+        limited.install(config.name, config.rate_limits, options.limiter)
+        dspy_limits.install()
     state.mode = select_mode(
         installed=state.setup_error is None,
         is_async=runner is not None and execute.is_async(runner.program),
