@@ -163,6 +163,6 @@ class Config:
             "values": to_jsonable(dict(self.values)),
             "setup": describe_setup(self.setup),
         }
-        if limits and self.rate_limits:  # only when set: the identity of other configs does not change
+        if limits and self.rate_limits:  # only when set: other configs' identity stays
             described["rate_limit"] = [limit.describe() for limit in self.rate_limits]
         return described

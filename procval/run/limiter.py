@@ -184,7 +184,7 @@ class Limiter:
 
     def _step(self) -> None:
         with self._lock:
-                delay = self._grant(time.monotonic())
+            delay = self._grant(time.monotonic())
         timeout = _IDLE if delay is None else min(_IDLE, max(0.0, delay))
         for key, _ in self._selector.select(timeout):
             if key.fileobj is self._listener:
@@ -355,4 +355,3 @@ def stop(limiter: Limiter | None, results: Any) -> None:
         found = counts.get(getattr(result, "config", None) or "")
         if found is not None and hasattr(result, "_limits"):
             result._limits = found
-

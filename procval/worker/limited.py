@@ -266,7 +266,7 @@ def retry_after(exc: BaseException) -> float | None:
 def _headers(exc: BaseException) -> Mapping[str, str] | None:
     for name in ("rate_limit_headers", "headers", "response_headers", "litellm_response_headers"):
         value = getattr(exc, name, None)
-        if isinstance(value, Mapping) or hasattr(value, "items"):
+        if value is not None and hasattr(value, "items"):
             return {str(k).lower(): str(v) for k, v in value.items()}
     response = getattr(exc, "response", None)
     headers = getattr(response, "headers", None)

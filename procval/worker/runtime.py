@@ -252,10 +252,13 @@ def run_shard(shard: bytes) -> bytes:
         results = [state.runner.run(item, 0) for item in message.items]
     else:
         assert state.feed is not None
+        slots = state.slots
         state.feed.put(message.items)
         if state.loop is not None:
             state.loop.wake()
-        results = state.feed.collect(drain=message.drain)
+        timeout = state.options.timeout
+        late = None if timeout is None else lambda: sum(s > timeout for _, s in slots.running())
+        results = state.feed.collect(drain=message.drain, late=late)
     return _dump_results(state, results)
 
 
