@@ -404,8 +404,20 @@ def _main() -> None:
     parser.add_argument("--latency", type=float, default=0.0)
     parser.add_argument("--sigma", type=float, default=0.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--rate", type=float, default=None, help="requests/s, 429 above")
+    parser.add_argument("--burst", type=int, default=1)
+    parser.add_argument("--hang", default="", help="never answer prompts holding this word")
     args = parser.parse_args()
-    server = LLMServer(port=args.port, latency=args.latency, sigma=args.sigma, seed=args.seed)
+    word = args.hang
+    server = LLMServer(
+        port=args.port,
+        latency=args.latency,
+        sigma=args.sigma,
+        seed=args.seed,
+        rate=args.rate,
+        burst=args.burst,
+        hang=(lambda request: word in json.dumps(request)) if word else None,
+    )
     server.start()
     print(server.port, flush=True)
     try:
