@@ -70,7 +70,9 @@ def test_an_unlimited_key_gets_a_window_at_its_first_429():
 def test_429s_are_read_from_statuses_headers_and_attributes():
     class Limited(Exception):
         status_code = 429
-        headers = {"Retry-After": "2", "x-ratelimit-reset-requests": "6m0s"}
+
+        def __init__(self) -> None:
+            self.headers = {"Retry-After": "2", "x-ratelimit-reset-requests": "6m0s"}
 
     assert is_rate_limited(Limited()) and retry_after(Limited()) == 360.0
     assert header_wait({"retry-after-ms": "250"}) == 0.25
@@ -207,3 +209,15 @@ def test_dspy_lm_calls_are_limited_and_a_429_retries_the_call_not_the_example():
     assert counts["rate_limited"] > 0  # the server did push back...
     assert result.limits[server.model]["rate_limited"] == counts["rate_limited"]  # ...counted
     assert result.limits[server.model]["calls"] == counts["requests"]
+
+
+def test_a_task_and_the_command_line_add_limits_to_every_config():
+    from procval.task import Task, _with_limits
+
+    own = procval.Config("a", rate_limit=RateLimit("k", requests_per_minute=60))
+    task = Task(programs.limited_call, range(2), programs.ok, configs=[own, procval.Config("b")],
+                rate_limit=RateLimit("other", max_in_flight=2))  # fmt: skip
+    cli = parse_rate_limit("k:rpm=120")
+    merged = _with_limits(own, (RateLimit("other", max_in_flight=2), cli))
+    assert {limit.key: limit for limit in merged.rate_limits}["k"].requests_per_minute == 120
+    assert task.rate_limit is not None
