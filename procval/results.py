@@ -238,7 +238,7 @@ class EvaluationResult:
             lines.append(f"  {count} x {kind}{_example_of(samples.get(kind))}")
         if self.replaced_workers:
             lines.append(f"  {self.replaced_workers} workers lost and replaced")
-        lines.extend(f"  {line}" for line in limit_lines(self.limits))
+        lines.extend(f"  {line}" for line in _limit_lines(self.limits))
         return "\n".join(lines)
 
     def _first_error(self) -> RowError | None:
@@ -350,7 +350,7 @@ class Results(Mapping[str, EvaluationResult]):
         if replaced:
             lines.append(f"workers lost and replaced: {', '.join(replaced)}")
         for name, result in self._results.items():
-            lines.extend(f"{name}: {line}" for line in limit_lines(result.limits))
+            lines.extend(f"{name}: {line}" for line in _limit_lines(result.limits))
         return "\n".join(lines)
 
     def compare(
@@ -439,7 +439,7 @@ def _all_failed(result: EvaluationResult) -> str:
     )
 
 
-def limit_lines(limits: Mapping[str, Mapping[str, float]]) -> list[str]:
+def _limit_lines(limits: Mapping[str, Mapping[str, float]]) -> list[str]:
     """One summary line per rate-limit key: calls, 429s, waits."""
     return [
         f"rate limit {key!r}: {int(c.get('calls', 0))} calls, {int(c.get('rate_limited', 0))} "
