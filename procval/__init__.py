@@ -30,6 +30,8 @@ from procval.errors import (
     TooManyErrors,
     UnalignedResultsError,
 )
+from procval.ratelimit import RateLimit
+from procval.worker.limited import limited
 from procval.worker.runtime import current_config, rng
 
 if TYPE_CHECKING:
@@ -56,6 +58,7 @@ __all__ = [
     "ProcvalError",
     "Program",
     "ProgramChangedWarning",
+    "RateLimit",
     "Results",
     "Row",
     "RowError",
@@ -73,6 +76,7 @@ __all__ = [
     "compare",
     "current_config",
     "evaluate",
+    "limited",
     "load",
     "read_jsonl",
     "rng",

@@ -3,6 +3,7 @@
 ::
 
     procval run TASK --store PATH [--config NAME ...] [--workers N] [--threads N] [--timeout S]
+                [--rate-limit KEY:rpm=N,tpm=N,inflight=N ...]
                 [--retries N] [--max-errors N] [--limit N] [--fresh] [--retry-errors]
                 [--backend loky|ray] [--no-progress]
     procval report PATH [--html FILE] [--errors]
@@ -41,6 +42,7 @@ from dataclasses import dataclass
 from typing import IO, Any
 
 from procval.errors import ProcvalError, SetupError, StoreError, StoreFullError, TooManyErrors
+from procval.ratelimit import RateLimit, parse_rate_limit
 from procval.results import Results
 from procval.store import readers as store
 from procval.task import load_task
@@ -112,6 +114,14 @@ def at_least(low: int | float, kind: type[int] | type[float] = int) -> Callable[
 COUNT, COUNT0, SECONDS = at_least(1), at_least(0), at_least(0, float)
 
 
+def _rate_limit(text: str) -> RateLimit:
+    """``--rate-limit KEY:rpm=N,tpm=N,inflight=N`` (also ``rps=N``) as a RateLimit."""
+    try:
+        return parse_rate_limit(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 class Failure(Exception):
     """A failure reported as one line on stderr with a given exit status."""
 
@@ -134,6 +144,8 @@ class Failure(Exception):
     arg("--timeout", type=SECONDS, metavar="S", help="seconds an example may run"),
     arg("--retries", type=COUNT0, metavar="N", help="retries of an example whose program raises"),
     arg("--max-errors", type=COUNT0, metavar="N", help="stop once more examples than N failed"),
+    arg("--rate-limit", action="append", type=_rate_limit, metavar="KEY:rpm=N,tpm=N,inflight=N",
+        help="limits shared by every config's calls under KEY (repeat for more keys)"),
     arg("--limit", type=COUNT, metavar="N", help="evaluate only the first N examples"),
     arg("--fresh", action="store_true", help="discard these configs' stored rows first"),
     arg("--retry-errors", action="store_true", help="rerun examples whose stored row failed"),
@@ -158,6 +170,7 @@ def run(args: argparse.Namespace) -> int:
             timeout=args.timeout,
             retries=args.retries,
             max_errors=args.max_errors,
+            rate_limit=args.rate_limit,
             progress=False if args.no_progress else None,
         )
     except TooManyErrors as exc:

@@ -15,6 +15,7 @@ from typing import Any
 
 from procval._convert import to_jsonable
 from procval._identity import describe_callable, describe_callable_v1, digest, text_identity
+from procval.ratelimit import RateLimit, rate_limits
 
 __all__ = [
     "Config",
@@ -75,10 +76,14 @@ class Config:
         seed: seeds ``random`` (and numpy's global RNG when numpy is installed) at worker start,
             and again before each example from ``(seed, example_id)``.
         values: free user data, read in the worker through ``procval.current_config().values``.
+        rate_limit: a :class:`procval.RateLimit` or a list of them: limits on the calls made
+            under each key, shared with every config of the run that names the same key
+            (docs/rate-limits.md). Kept as a tuple; part of :meth:`describe` only when set.
 
     Raises:
-        ValueError: an empty name.
-        TypeError: a non-callable ``setup``, non-string ``env`` entries, or a non-int ``seed``.
+        ValueError: an empty name, or ``rate_limit`` naming a key twice.
+        TypeError: a non-callable ``setup``, non-string ``env`` entries, a non-int ``seed``,
+            or a ``rate_limit`` that is not made of ``RateLimit`` objects.
     """
 
     name: str = "default"
@@ -86,6 +91,7 @@ class Config:
     env: Mapping[str, str] = field(default_factory=SecretEnv)
     seed: int | None = None
     values: Mapping[str, Any] = field(default_factory=FrozenDict)
+    rate_limit: RateLimit | tuple[RateLimit, ...] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.strip():
@@ -113,6 +119,13 @@ class Config:
             raise TypeError(f"Config.values must be a mapping, got {type(values).__name__}")
         object.__setattr__(self, "env", SecretEnv(env))
         object.__setattr__(self, "values", FrozenDict(values))
+        object.__setattr__(self, "rate_limit", rate_limits(self.rate_limit) or None)
+
+    @property
+    def rate_limits(self) -> tuple[RateLimit, ...]:
+        """``rate_limit`` as a tuple (empty when unset)."""
+        limit = self.rate_limit
+        return limit if isinstance(limit, tuple) else () if limit is None else (limit,)
 
     def describe(self) -> dict[str, Any]:
         """A JSON-friendly description with no secret in it: env names only, values hashed.
@@ -124,8 +137,12 @@ class Config:
         return self._describe(describe_callable)
 
     def identity(self) -> str:
-        """A stable hash of :meth:`describe`: equal for the same config in another process."""
-        return text_identity(self.describe())
+        """A stable hash of :meth:`describe`: equal for the same config in another process.
+
+        ``rate_limit`` is left out: limits change how fast a config runs, not its results, so a
+        run resumed with other limits continues the same rows.
+        """
+        return text_identity(self._describe(describe_callable, limits=False))
 
     def _identity_v1(self) -> str:
         """The identity procval 0.1.0 gave this config, or ``""`` when it equals :meth:`identity`.
@@ -133,14 +150,19 @@ class Config:
         0.1.0 described a ``setup``'s captured values as they were; a store it wrote keeps
         that identity, which resuming accepts (and then replaces by :meth:`identity`).
         """
-        old = text_identity(self._describe(describe_callable_v1))
+        old = text_identity(self._describe(describe_callable_v1, limits=False))
         return "" if old == self.identity() else old
 
-    def _describe(self, describe_setup: Callable[[Any], Any]) -> dict[str, Any]:
-        return {
+    def _describe(
+        self, describe_setup: Callable[[Any], Any], *, limits: bool = True
+    ) -> dict[str, Any]:
+        described = {
             "name": self.name,
             "env": {k: digest(v.encode())[:12] for k, v in sorted(self.env.items())},
             "seed": self.seed,
             "values": to_jsonable(dict(self.values)),
             "setup": describe_setup(self.setup),
         }
+        if limits and self.rate_limits:  # only when set: other configs' identity stays
+            described["rate_limit"] = [limit.describe() for limit in self.rate_limits]
+        return described

@@ -114,6 +114,7 @@ class EvaluationResult:
         self._found = 0
         self._added: int | None = None
         self._replaced = 0
+        self._limits: dict[str, dict[str, float]] = {}
 
     @property
     def config(self) -> str:
@@ -183,6 +184,16 @@ class EvaluationResult:
         """Workers of this config lost in this call (died, froze, never placed) and replaced."""
         return self._replaced
 
+    @property
+    def limits(self) -> dict[str, dict[str, float]]:
+        """What this config's rate-limited calls met in this call, by key (empty: no limits).
+
+        Each key maps to ``calls`` (permits granted, retries included), ``rate_limited`` (calls
+        answered 429), ``waits`` and ``wait_seconds`` (calls the limits held back, and for how
+        long in total) and ``tokens`` (as the calls reported them, else their estimates).
+        """
+        return self._limits
+
     def __len__(self) -> int:
         return self.totals.n
 
@@ -227,6 +238,7 @@ class EvaluationResult:
             lines.append(f"  {count} x {kind}{_example_of(samples.get(kind))}")
         if self.replaced_workers:
             lines.append(f"  {self.replaced_workers} workers lost and replaced")
+        lines.extend(f"  {line}" for line in _limit_lines(self.limits))
         return "\n".join(lines)
 
     def _first_error(self) -> RowError | None:
@@ -337,6 +349,8 @@ class Results(Mapping[str, EvaluationResult]):
         ]
         if replaced:
             lines.append(f"workers lost and replaced: {', '.join(replaced)}")
+        for name, result in self._results.items():
+            lines.extend(f"{name}: {line}" for line in _limit_lines(result.limits))
         return "\n".join(lines)
 
     def compare(
@@ -423,6 +437,15 @@ def _all_failed(result: EvaluationResult) -> str:
         f"ALL {totals.n} EXAMPLES FAILED: {what}; the score {result.score} is "
         "failure_score, not a measurement"
     )
+
+
+def _limit_lines(limits: Mapping[str, Mapping[str, float]]) -> list[str]:
+    """One summary line per rate-limit key: calls, 429s, waits."""
+    return [
+        f"rate limit {key!r}: {int(c.get('calls', 0))} calls, {int(c.get('rate_limited', 0))} "
+        f"answered 429, {int(c.get('waits', 0))} waited {c.get('wait_seconds', 0.0):.1f}s in all"
+        for key, c in limits.items()
+    ]
 
 
 def _with_counts(

@@ -35,6 +35,7 @@ import cloudpickle
 
 from procval.config import Config
 from procval.errors import TaskError
+from procval.ratelimit import RateLimit, rate_limits
 from procval.results import Results
 from procval.run.api import Metric, Program, evaluate
 from procval.run.frames import user_frame
@@ -62,6 +63,9 @@ class Task:
         retries: default for ``evaluate(retries=)``.
         max_errors: default for ``evaluate(max_errors=)``.
         failure_score: the score of a failed example.
+        rate_limit: a :class:`procval.RateLimit` (or a list) added to every config, replacing
+            a config's own limit of the same key; the command line's ``--rate-limit`` is added
+            on top (docs/rate-limits.md).
 
     Raises:
         TaskError: a program or metric that is not callable, or configs that are not Configs.
@@ -80,6 +84,7 @@ class Task:
     retries: int = 0
     max_errors: int | None = None
     failure_score: float = 0.0
+    rate_limit: RateLimit | Sequence[RateLimit] | None = None
 
     def __post_init__(self) -> None:
         if not callable(self.program):
@@ -141,7 +146,8 @@ class Task:
             only: the names of the configs to run (default: all).
             limit: evaluate only the first ``limit`` examples.
             **options: keywords of :func:`procval.evaluate` (``store``, ``workers``, ...); a
-                value of None keeps the task's default.
+                value of None keeps the task's default. ``rate_limit`` (a RateLimit or a list)
+                is added to the task's and the configs' limits, replacing those of its keys.
 
         Returns:
             The :class:`procval.Results` mapping of config name to result.
@@ -157,6 +163,9 @@ class Task:
             configs = {name: configs[name] for name in dict.fromkeys(only)}
         if limit is not None and limit < 1:
             raise TaskError(f"limit must be at least 1, got {limit}")
+        extra = rate_limits(self.rate_limit) + rate_limits(options.pop("rate_limit", None))
+        if extra:
+            configs = {name: _with_limits(c, extra) for name, c in configs.items()}
         defaults = {
             "workers": self.workers,
             "threads": self.threads,
@@ -167,6 +176,12 @@ class Task:
         }
         merged = {**defaults, **{k: v for k, v in options.items() if v is not None}}
         return evaluate(self.program, self.examples(limit), self.metric, configs=configs, **merged)
+
+
+def _with_limits(config: Config, extra: tuple[RateLimit, ...]) -> Config:
+    """``config`` with the limits of ``extra`` (later ones win for a key named twice)."""
+    by_key = {limit.key: limit for limit in (*config.rate_limits, *extra)}
+    return dataclasses.replace(config, rate_limit=tuple(by_key.values()))
 
 
 class _Head:

@@ -80,6 +80,10 @@ class WorkerOptions:
         log: where the worker sends its log records, ``(socket path, {logger name: level})``
             (the parent's listening Unix datagram socket and its loggers' levels, "" for the
             root logger); None: records stay in the worker (:mod:`procval.worker.logs`).
+        limiter: the parent's rate limiter socket (:mod:`procval.run.limiter`); "" when no
+            config of the run has a rate limit.
+        timeout: the run's ``timeout``: a drain shard does not wait for an example running
+            past it (its row is the scheduler's), so that the others' results come back.
     """
 
     threads: int = 1
@@ -89,6 +93,8 @@ class WorkerOptions:
     procval_path: str = ""
     session: bool = False
     log: tuple[str, dict[str, int]] | None = None
+    limiter: str = ""
+    timeout: float | None = None
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,7 @@ LAYERS: list[tuple[str, set[str]]] = [
             "_convert",
             "_identity",
             "_pickling",
+            "ratelimit",
             "config",
             "wire",
             "_dspy_call",

@@ -36,10 +36,10 @@ from procval.store.writer import StoreSink
 from procval.wire import Shard, Snapshot, WorkerOptions, WorkerSpec, WorkItem, fingerprint
 
 
-def spec(name: str = "c") -> WorkerSpec:
+def spec(name: str = "c", threads: int = 1, timeout: float | None = None) -> WorkerSpec:
     data = f"snapshot of {name}".encode()
     snapshot = Snapshot(name, data, fingerprint(data), identity=name, description={})
-    return WorkerSpec(snapshot, WorkerOptions(threads=1))
+    return WorkerSpec(snapshot, WorkerOptions(threads=threads, timeout=timeout))
 
 
 def run(
@@ -49,6 +49,7 @@ def run(
     workers: int = 1,
     sink: Sink | None = None,
     bound: float = 20.0,
+    threads: int = 1,
     **options: Any,
 ) -> Results:
     """Run the scheduler over ``n`` examples (ids 0..n-1) per config, within ``bound`` s.
@@ -67,7 +68,7 @@ def run(
         try:
             outcome["results"] = Scheduler(
                 backend,
-                [spec(name) for name in sizes],
+                [spec(name, threads, options.get("timeout")) for name in sizes],
                 [Examples(examples, passes=1) for examples in data.values()],
                 sink or MemorySink(),
                 Progress(list(sizes), totals, enabled=False),
@@ -353,6 +354,48 @@ def test_a_timeout_gives_the_late_example_a_row_and_reruns_the_others_in_flight(
     assert [i for i, row in by_id.items() if row.error] == [2]
     assert backend.workers[0].killed
     assert sent_alone(backend) == []  # a timeout explains the death: no suspects
+
+
+def test_a_timeout_in_a_threaded_worker_costs_its_neighbours_nothing():
+    # 2 hangs past the timeout while 3 and 4 are still running in the same worker: 2 gets its
+    # Timeout row, the worker takes nothing new, 3 and 4 finish there, then it is replaced
+    def script(w: FakeWorker, item: WorkItem) -> Any:
+        if w.number == 0 and item.example_id == 2:
+            return Hang(seconds=100)
+        if w.number == 0 and item.example_id in (3, 4):
+            return Late()
+        return item.example
+
+    backend = FakeBackend(script)
+    by_id = rows(run(backend, 20, timeout=5.0, threads=4))
+    assert [i for i, row in by_id.items() if row.error] == [2]
+    assert by_id[2].error is not None and by_id[2].error.type == "Timeout"
+    assert by_id[3].worker_pid == by_id[4].worker_pid == 1000  # finished where they ran
+    assert backend.sent == 20  # nothing was sent twice: no work was redone
+    assert backend.workers[0].killed and len(backend.workers) == 2  # drained, then replaced
+
+
+def test_a_timeout_kills_at_once_a_worker_whose_threads_are_all_stuck():
+    backend = FakeBackend(only_in(0, {1, 2}, Hang(seconds=100)))
+    by_id = rows(run(backend, 12, timeout=5.0, threads=2))
+    assert sorted(i for i, row in by_id.items() if row.error) == [1, 2]
+    assert all(by_id[i].error.type == "Timeout" for i in (1, 2))  # type: ignore[union-attr]
+    assert backend.workers[0].killed
+
+
+def test_timeout_action_rules():
+    act, s = lifecycle.timeout_action, WorkerState
+    drain, kill, none = (lifecycle.TimeoutAction.DRAIN, lifecycle.TimeoutAction.KILL,
+                         lifecycle.TimeoutAction.NONE)  # fmt: skip
+    assert act({1, 2}, set(), state=s.PRODUCING, threads=4, stuck=0) is none
+    assert act({1, 2}, {1}, state=s.PRODUCING, threads=4, stuck=1) is drain
+    assert act({1, 2}, {1}, state=s.PRODUCING, threads=1, stuck=1) is kill  # one thread
+    assert act({1}, {1}, state=s.PRODUCING, threads=4, stuck=1) is kill  # nothing innocent
+    assert act({1, 2}, {1}, state=s.ALONE, threads=4, stuck=1) is kill
+    assert act({1, 2}, {1}, state=s.PRODUCING, threads=2, stuck=2) is kill  # all stuck
+    assert act({2}, set(), state=s.DRAINING, threads=4, stuck=1) is none  # 2 still runs
+    assert act(set(), set(), state=s.DRAINING, threads=4, stuck=1) is kill  # drained
+    assert act({2, 3}, set(), state=s.DRAINING, threads=2, stuck=2) is kill  # all stuck
 
 
 @pytest.mark.parametrize("timeout", [None, 30.0])

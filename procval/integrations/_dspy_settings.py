@@ -29,6 +29,7 @@ from procval._convert import to_jsonable
 from procval.config import Config
 from procval.errors import SnapshotError
 from procval.integrations import _dspy_observe as _observe
+from procval.ratelimit import RateLimit, rate_limits
 
 __all__ = ["PER_CALL_SETTINGS", "snapshot"]
 
@@ -57,7 +58,12 @@ _SECRET = re.compile(
 _REDACTED = "***"
 
 
-def snapshot(name: str | None = None, **overrides: Any) -> Config:
+def snapshot(
+    name: str | None = None,
+    *,
+    rate_limit: RateLimit | Sequence[RateLimit] | None = None,
+    **overrides: Any,
+) -> Config:
     """Capture the DSPy settings the calling thread sees now, as a config for worker processes.
 
     The captured settings are ``dspy.settings.config`` (``dspy.configure`` plus the
@@ -86,6 +92,9 @@ def snapshot(name: str | None = None, **overrides: Any) -> Config:
 
     Args:
         name: the config's name; defaults to the LM's model name (``"dspy"`` without an LM).
+        rate_limit: ``Config.rate_limit``: limits on the LM calls of every worker, shared by
+            every config naming the same key (``RateLimit(key)`` applies to the LM whose model
+            name is ``key``); see docs/rate-limits.md.
         **overrides: DSPy settings to change in the snapshot, e.g. ``lm=dspy.LM(...)`` or
             ``adapter=dspy.JSONAdapter()``.
 
@@ -131,6 +140,7 @@ def snapshot(name: str | None = None, **overrides: Any) -> Config:
         setup=_Configure(blob, relay),
         env=env,
         values={"model": _model_name(lm) if lm is not None else None, **described},
+        rate_limit=rate_limits(rate_limit) or None,
     )
 
 

@@ -58,6 +58,7 @@ from procval.integrations import _dspy_observe as _observe
 from procval.integrations._dspy_observe import in_worker
 from procval.integrations._dspy_settings import PER_CALL_SETTINGS, snapshot
 from procval.integrations._dspy_settings import _Configure as _Configure  # pickled as ours
+from procval.ratelimit import RateLimit, rate_limits
 from procval.results import EvaluationResult as _ProcvalResult
 from procval.results import Row
 from procval.run.api import evaluate, on_rows
@@ -175,6 +176,9 @@ class Evaluate(dspy.Evaluate):
             with a ``"Timeout"`` error (default: no limit).
         retries: times to retry an example whose program raised, with backoff.
         store: a SQLite run store; calling again with the same store resumes the run.
+        rate_limit: a :class:`procval.RateLimit` (or a list) for the LM calls of every worker,
+            e.g. ``RateLimit(lm.model, requests_per_minute=3000)``; a call answered 429 is
+            retried alone after its ``Retry-After`` (docs/rate-limits.md).
         **kwargs: passed to ``dspy.Evaluate`` (which rejects ``return_outputs``).
     """
 
@@ -195,6 +199,7 @@ class Evaluate(dspy.Evaluate):
         timeout: float | None = None,
         retries: int = 0,
         store: str | os.PathLike[str] | None = None,
+        rate_limit: RateLimit | Sequence[RateLimit] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(
@@ -214,6 +219,7 @@ class Evaluate(dspy.Evaluate):
         self.timeout = timeout
         self.retries = retries
         self.store = store
+        self.rate_limit = rate_limits(rate_limit) or None  # checked now, not at the call
 
     @_callbacks_here
     @with_callbacks
@@ -279,7 +285,8 @@ class Evaluate(dspy.Evaluate):
         workers, threads = _plan(num_threads, self.workers)
         limit = self.max_errors if self.max_errors is not None else dspy.settings.max_errors
         everything = _ALL_CALLBACKS.get()
-        config = snapshot() if everything is None else snapshot(callbacks=everything)
+        extra: dict[str, Any] = {} if everything is None else {"callbacks": everything}
+        config = snapshot(rate_limit=self.rate_limit, **extra)
         relay = config.setup.relay if isinstance(config.setup, _Configure) else None
         if relay is not None:  # the workers' callback events and LM history come back here
             relay.program = program

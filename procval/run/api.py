@@ -15,7 +15,9 @@ import loky
 
 from procval.backends import Backend, WorkerSpec
 from procval.config import Config
+from procval.errors import ProcvalError
 from procval.results import EvaluationResult, Results, Row, Totals
+from procval.run import limiter
 from procval.run.dataset import Examples
 from procval.run.progress import Progress, wanted
 from procval.run.scheduler import RunOptions, Scheduler
@@ -164,12 +166,18 @@ def evaluate(
     _check_counts(workers, threads, retries, backoff, timeout, max_errors)
     _check_backend(backend)
     _check_store_options(store, fresh, retry_errors)
+    limiter.check_limits(named)  # two configs giving one key different limits: refused now
+    if backend == "ray" and any(c.rate_limits for c in named):
+        raise ValueError(
+            "rate_limit needs workers on this machine (they ask this process for permits over "
+            "a Unix socket); use backend='loky', or limit the calls inside the program"
+        )
     # with a store, a second row for an id is refused by the store: no id set in the parent
     data = Examples(dataset, passes=len(named), track_ids=store is None or retry_errors)
     examples = [data] * len(named)
     snapshots = [take_snapshot(c, program, metric) for c in named]
     options = WorkerOptions(
-        threads=threads, retries=retries, backoff=backoff, parent_pid=os.getpid()
+        threads=threads, retries=retries, backoff=backoff, parent_pid=os.getpid(), timeout=timeout
     )
     specs = [WorkerSpec(s, options, dict(c.env)) for s, c in zip(snapshots, named, strict=True)]
     sink = _open_sink(store, fresh, retry_errors, [c.name for c in named], workers, threads)
@@ -210,7 +218,16 @@ def evaluate(
         if engine is not None:
             engine.shutdown()
         raise
-    results = scheduler.run()
+    served = limiter.start(named, specs)  # before any worker starts: they are told its socket
+    try:
+        results = scheduler.run()
+    except ProcvalError as exc:  # TooManyErrors, SetupError: their results get the counts too
+        limiter.stop(served, getattr(exc, "results", None) or {})
+        raise
+    except BaseException:
+        limiter.stop(served, {})
+        raise
+    limiter.stop(served, results)
     return results if configs is not None else results[named[0].name]
 
 

@@ -12,8 +12,11 @@ A worker (one process, one config), :class:`WorkerState`::
         └──── a suspect sent ─────┴──── a suspect sent (when idle) ────▶ ALONE
                                                              (nothing else until it replies)
 
+     STARTING, PRODUCING ── an example timed out, others still running ──▶ DRAINING
+        (takes nothing new; the others finish, each within its own deadline; then killed)
+
      STARTING, PRODUCING, ALONE ── nothing left to send ─────────────────▶ RETIRED (closed)
-     STARTING, PRODUCING, ALONE ── died, timed out, or the run stopped ──▶ DEAD (killed)
+     any live state ── died, timed out (KILL), or the run stopped ───────▶ DEAD (killed)
 
 An example (one row of the dataset), by where the scheduler keeps it::
 
@@ -42,6 +45,13 @@ config, as a ``SetupFailed`` reply does: the other configs run on, then ``SetupE
 raised. On a timeout the late examples are TIMEOUT and the others RERUN (no loss counted: the
 timeout explains the death).
 
+A timeout costs no innocent example's work (``timeout_action``): the late example gets its
+``Timeout`` row at its deadline and the worker goes DRAINING: it takes no new example, the
+others it was given finish (a drain does not wait for the late one) and come back as usual,
+each bounded by its own deadline; once it owes nothing it is killed and replaced. It is killed
+at once (KILL, the others RERUN) only when nothing else could progress: it runs one thread, or
+a suspect alone, or every thread of it is stuck past the timeout.
+
 A worker that owes answers and shows no sign of life for ``liveness`` seconds (no heartbeat, no
 CPU time: stopped, or frozen in the kernel) is *lost*: killed and replaced, and its examples
 rerun without an attempt counted (``fate_after_loss``): those it was running go alone (SUSPECT),
@@ -60,6 +70,7 @@ __all__ = [
     "LOST_LIMIT",
     "START_FAILURES",
     "DeathVerdict",
+    "TimeoutAction",
     "ExampleFate",
     "WorkerEvent",
     "WorkerState",
@@ -67,6 +78,7 @@ __all__ = [
     "fate_after_death",
     "fate_after_loss",
     "fate_after_timeout",
+    "timeout_action",
 ]
 
 START_FAILURES = 3  # fresh workers of a config dying before any result: give that config up
@@ -79,6 +91,7 @@ class WorkerState(enum.Enum):
     STARTING = "starting"  # started, no reply yet
     PRODUCING = "producing"  # has replied; takes any shard
     ALONE = "alone"  # running one suspect by itself; gets nothing else until it replies
+    DRAINING = "draining"  # an example timed out: takes nothing new, its others finish
     RETIRED = "retired"  # closed: nothing was left to send it
     DEAD = "dead"  # killed: it died, timed out, or the run stopped
 
@@ -95,6 +108,7 @@ class WorkerEvent(enum.Enum):
     SENT_SUSPECT = "sent a suspect"  # a suspect was sent to it, alone
     RETIRED = "retired"  # closed: its config has nothing left to send
     DIED = "died"  # killed (after a death, a timeout, or at the end of a stopped run)
+    TIMED_OUT = "timed out"  # an example of it passed the timeout while others still run
 
 
 _S, _E = WorkerState, WorkerEvent
@@ -104,8 +118,10 @@ _TRANSITIONS: dict[tuple[WorkerState, WorkerEvent], WorkerState] = {
     (_S.ALONE, _E.REPLIED): _S.PRODUCING,
     (_S.STARTING, _E.SENT_SUSPECT): _S.ALONE,
     (_S.PRODUCING, _E.SENT_SUSPECT): _S.ALONE,
+    (_S.DRAINING, _E.REPLIED): _S.DRAINING,
+    **{(state, _E.TIMED_OUT): _S.DRAINING for state in (_S.STARTING, _S.PRODUCING, _S.DRAINING)},
     **{(state, _E.RETIRED): _S.RETIRED for state in (_S.STARTING, _S.PRODUCING, _S.ALONE)},
-    **{(state, _E.DIED): _S.DEAD for state in (_S.STARTING, _S.PRODUCING, _S.ALONE)},
+    **{(state, _E.DIED): _S.DEAD for state in (_S.STARTING, _S.PRODUCING, _S.ALONE, _S.DRAINING)},
 }
 
 
@@ -187,6 +203,42 @@ def fate_after_timeout(lost: Iterable[int], late: Collection[int]) -> dict[int, 
         TIMEOUT for each late example, RERUN for the others, by seq.
     """
     return {seq: ExampleFate.TIMEOUT if seq in late else ExampleFate.RERUN for seq in lost}
+
+
+class TimeoutAction(enum.Enum):
+    """What the scheduler does with a worker when it checks the timeout."""
+
+    NONE = "none"  # nothing late, or still draining
+    DRAIN = "drain"  # Timeout rows for the late examples; the worker finishes the others
+    KILL = "kill"  # kill it now: Timeout rows for the late ones, RERUN for the others
+
+
+def timeout_action(
+    outstanding: Collection[int],
+    late: Collection[int],
+    *,
+    state: WorkerState,
+    threads: int,
+    stuck: int,
+) -> TimeoutAction:
+    """Decide what a timeout check does to one worker (see the module docstring).
+
+    Args:
+        outstanding: the seqs the worker was given and did not answer.
+        late: those of them running longer than the timeout.
+        state: the worker's state.
+        threads: how many examples it runs at once.
+        stuck: how many of its slots run past the timeout (late ones already answered with
+            a ``Timeout`` row included: their threads are still taken).
+    """
+    innocent = [seq for seq in outstanding if seq not in late]
+    if state is WorkerState.DRAINING and (not innocent or stuck >= threads):
+        return TimeoutAction.KILL  # drained (or nothing left can run): replace it
+    if not late:
+        return TimeoutAction.NONE
+    if state is WorkerState.ALONE or threads <= 1 or stuck >= threads or not innocent:
+        return TimeoutAction.KILL
+    return TimeoutAction.DRAIN
 
 
 def fate_after_loss(

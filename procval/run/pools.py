@@ -20,7 +20,14 @@ from procval.backends import Worker, WorkerSpec
 from procval.results import Totals
 from procval.run.dataset import Item
 from procval.run.failures import SetupFailure
-from procval.run.lifecycle import ExampleFate, WorkerEvent, WorkerState, advance
+from procval.run.lifecycle import (
+    ExampleFate,
+    TimeoutAction,
+    WorkerEvent,
+    WorkerState,
+    advance,
+    timeout_action,
+)
 from procval.run.shards import ShardSizer
 
 LIVENESS = 60.0  # seconds without a sign of life after which a worker that owes answers is lost
@@ -84,6 +91,26 @@ class WorkerRun:
     def busy(self) -> bool:
         """Whether the worker owes a reply or a result."""
         return bool(self.calls or self.outstanding)
+
+    def check_timeout(self, timeout: float) -> tuple[TimeoutAction, set[int]]:
+        """What a timeout check does to this worker, and its examples running past ``timeout``.
+
+        See ``lifecycle.timeout_action``.
+        """
+        if not self.state.live:  # killed meanwhile (its config could not start)
+            return TimeoutAction.NONE, set()
+        running = self.worker.running()
+        late = {seq for seq, seconds in running if seconds > timeout and seq in self.outstanding}
+        stuck = sum(seconds > timeout for _, seconds in running)
+        threads = self.config.spec.options.threads
+        action = timeout_action(
+            self.outstanding, late, state=self.state, threads=threads, stuck=stuck
+        )
+        return action, late
+
+    def takes_work(self) -> bool:
+        """Whether new examples may be sent to it (not running a suspect alone, not draining)."""
+        return self.state in (WorkerState.STARTING, WorkerState.PRODUCING)
 
     def move(self, event: WorkerEvent) -> None:
         """Apply ``event`` to the worker's state (``lifecycle.advance``)."""

@@ -53,6 +53,7 @@ from procval.run.frames import user_traceback
 from procval.run.lifecycle import (
     START_FAILURES,
     ExampleFate,
+    TimeoutAction,
     WorkerEvent,
     WorkerState,
     fate_after_death,
@@ -207,10 +208,10 @@ class Scheduler:
             for w in run.workers:
                 if w.state is WorkerState.ALONE:
                     continue
-                if run.suspects and not w.busy():
+                if run.suspects and not w.busy() and w.takes_work():
                     self._send_alone(w, run.suspects.popleft())
                     continue
-                while not run.suspects and len(w.calls) < PIPELINE:  # suspects go first
+                while w.takes_work() and not run.suspects and len(w.calls) < PIPELINE:
                     items = run.take()
                     if not items:
                         break
@@ -289,6 +290,7 @@ class Scheduler:
             self._fail_setup(run, _setup_failure(run.name, w.worker.label, message))
             return
         pid, node, fingerprint, results = message
+        results = [r for r in results if r.seq in w.outstanding]  # not a late one, answered
         self._provenance.check(run.name, run.spec.snapshot.fingerprint, pid, node, fingerprint)
         alone = w.state is WorkerState.ALONE  # the suspect's reply: timings of one example
         w.move(WorkerEvent.REPLIED)
@@ -382,26 +384,21 @@ class Scheduler:
         self._apply(run, lost, verdict.fates, RowError("WorkerCrashed", message, log), pid)
 
     def _check_timeouts(self) -> None:
-        timeout = self._options.timeout
-        if timeout is None:
-            return
-        for w in self._live():
-            if not w.state.live:  # killed meanwhile: its config could not start
-                continue
-            late = {
-                seq
-                for seq, seconds in w.worker.running()
-                if seconds > timeout and seq in w.outstanding
-            }
-            if not late:
+        """A late example gets its Timeout row now; its worker drains, or dies if it must."""
+        timeout = self._options.timeout or 0.0  # 0.0: no timeout
+        for w in self._live() if timeout else ():
+            action, late = w.check_timeout(timeout)  # NONE for one killed meanwhile
+            if action is TimeoutAction.NONE:
                 continue
             run, label, pid = w.config, w.worker.label, w.worker.pid
-            lost, _ = self._drop(w)
-            message = (
-                f"example still running after {timeout:g}s; worker {label} was killed and replaced"
-            )
+            message = f"example still running after {timeout:g}s; worker {label} was killed"
+            if action is TimeoutAction.DRAIN:  # takes nothing new; its other examples finish
+                w.move(WorkerEvent.TIMED_OUT)
+                lost = [w.outstanding.pop(seq) for seq in late]
+            else:
+                lost, _ = self._drop(w)
             fates = fate_after_timeout([item.seq for item in lost], late)
-            self._apply(run, lost, fates, RowError("Timeout", message), pid)
+            self._apply(run, lost, fates, RowError("Timeout", message + " and replaced"), pid)
 
     def _check_liveness(self) -> None:
         """Kill and replace each worker that owes answers and has been silent for too long.
@@ -461,6 +458,8 @@ class Scheduler:
             w.move(WorkerEvent.DIED)
 
     def _retire(self, w: WorkerRun) -> None:
+        if w.state is WorkerState.DRAINING:  # a thread of it may be stuck: never wait for it
+            return self._discard(w)
         if w in w.config.workers:
             w.config.workers.remove(w)
         w.worker.close()

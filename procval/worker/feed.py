@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 from collections import deque
+from collections.abc import Callable
 
 from procval.wire import ExampleResult, WorkItem
 
@@ -60,10 +61,17 @@ class Feed:
             self._running -= 1
             self._progress.notify()
 
-    def collect(self, *, drain: bool) -> list[ExampleResult]:
-        """The results so far, once no example waits (and, with ``drain``, none runs)."""
+    def collect(self, *, drain: bool, late: Callable[[], int] | None = None) -> list[ExampleResult]:
+        """The results so far, once no example waits (and, with ``drain``, none runs).
+
+        Args:
+            drain: wait for the running examples too.
+            late: how many of the running examples are past the run's timeout; a drain does
+                not wait for those (the parent gives them their ``Timeout`` rows), so that the
+                others' results come back. Checked every 50 ms.
+        """
         with self._progress:
-            while self._pending or (drain and self._running):
-                self._progress.wait()
+            while self._pending or (drain and self._running > (late() if late else 0)):
+                self._progress.wait(None if late is None else 0.05)
             done, self._done = self._done, []
             return done

@@ -65,7 +65,7 @@ from procval.wire import (
     WorkerOptions,
     fingerprint,
 )
-from procval.worker import execute, lifeline, logs, runners
+from procval.worker import dspy_limits, execute, lifeline, limited, logs, runners
 from procval.worker.feed import Feed
 from procval.worker.slots import BEAT, SlotTable
 
@@ -190,6 +190,9 @@ def initialize(snapshot: bytes, options: WorkerOptions, slots_path: str) -> None
             config.setup()
     except BaseException:
         state.setup_error = traceback.format_exc()
+    if options.limiter and config.rate_limits:  # DSPy's LM calls go through the limiter
+        limited.install(config.name, config.rate_limits, options.limiter)
+        dspy_limits.install()
     state.mode = select_mode(
         installed=state.setup_error is None,
         is_async=runner is not None and execute.is_async(runner.program),
@@ -252,10 +255,13 @@ def run_shard(shard: bytes) -> bytes:
         results = [state.runner.run(item, 0) for item in message.items]
     else:
         assert state.feed is not None
+        slots = state.slots
         state.feed.put(message.items)
         if state.loop is not None:
             state.loop.wake()
-        results = state.feed.collect(drain=message.drain)
+        timeout = state.options.timeout
+        late = None if timeout is None else lambda: sum(s > timeout for _, s in slots.running())
+        results = state.feed.collect(drain=message.drain, late=late)
     return _dump_results(state, results)
 
 

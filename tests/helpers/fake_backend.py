@@ -165,6 +165,7 @@ class FakeWorker:
                 return future
         if message.drain:  # a drain waits for its own late examples too (not for a Hang)
             self._finish_late()
+        self.backend.sent += len(message.items)
         if not self._silent:
             self._reply()
         return future
@@ -203,10 +204,15 @@ class FakeWorker:
         return True
 
     def _reply(self) -> None:
-        """Answer the pending shards, in order, as a threaded worker would."""
+        """Answer the pending shards, in order, as a threaded worker would.
+
+        A drain waits for what runs, except examples past ``WorkerOptions.timeout`` (their
+        rows are the scheduler's), as the real worker's feed does.
+        """
+        timeout = self.spec.options.timeout
         while self._pending:
             future, drain = self._pending[0]
-            if drain and self._running:
+            if drain and any(timeout is None or s <= timeout for s in self._running.values()):
                 return
             self._pending.pop(0)
             fingerprint = self.backend.fingerprint or self.spec.snapshot.fingerprint
@@ -279,6 +285,7 @@ class FakeBackend:
         self._max_workers = max_workers
         self.workers: list[FakeWorker] = []
         self.deaths = 0
+        self.sent = 0  # examples sent to workers, in total (a rerun counts again)
         self.most_alive = 0  # the most workers alive at once
         self.shut_down = False
 

@@ -103,6 +103,10 @@ def chat_reply(values: dict[str, str]) -> str:
     return "\n".join(parts) + "\n[[ ## completed ## ]]"
 
 
+class _Server(ThreadingHTTPServer):
+    request_queue_size = 512  # 64 clients connecting at once must not be refused (default 5)
+
+
 class LLMServer:
     """An OpenAI-compatible chat completions server on 127.0.0.1, run by a thread of this process.
 
@@ -157,7 +161,7 @@ class LLMServer:
             "total_tokens": 0,
         }
         self.requests: list[Request] = []  # the bodies of the answered requests, in order
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", port), _handler(self))
+        self._httpd = _Server(("127.0.0.1", port), _handler(self))
         self._httpd.daemon_threads = True
         self._thread: threading.Thread | None = None
 
@@ -404,8 +408,20 @@ def _main() -> None:
     parser.add_argument("--latency", type=float, default=0.0)
     parser.add_argument("--sigma", type=float, default=0.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--rate", type=float, default=None, help="requests/s, 429 above")
+    parser.add_argument("--burst", type=int, default=1)
+    parser.add_argument("--hang", default="", help="never answer prompts holding this word")
     args = parser.parse_args()
-    server = LLMServer(port=args.port, latency=args.latency, sigma=args.sigma, seed=args.seed)
+    word = args.hang
+    server = LLMServer(
+        port=args.port,
+        latency=args.latency,
+        sigma=args.sigma,
+        seed=args.seed,
+        rate=args.rate,
+        burst=args.burst,
+        hang=(lambda request: word in json.dumps(request)) if word else None,
+    )
     server.start()
     print(server.port, flush=True)
     try:

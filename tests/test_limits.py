@@ -1,0 +1,223 @@
+"""Rate limits shared by every worker of a run (issue 15), against the stand-in server.
+
+The pure rules (pacing, the token bucket, the AIMD window) are tested without processes; the
+rest runs real workers against tests/helpers/llm_server.py on 127.0.0.1, whose counters say
+how many requests came and how many were answered 429.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+
+import procval
+from helpers import limit_programs as programs
+from helpers.llm_server import LLMServer
+from procval.ratelimit import RateLimit, parse_rate_limit
+from procval.run.limiter import check_limits
+from procval.run.pacing import KeyState
+from procval.worker.limited import header_wait, is_rate_limited, retry_after
+
+# ---------------------------------------------------------------- the pure rules
+
+
+def test_requests_are_paced_evenly_at_the_rate():
+    state = KeyState(RateLimit("k", requests_per_minute=600), now=0.0)  # one per 0.1 s
+    starts = []
+    now = 0.0
+    for _ in range(5):
+        at = state.ready_at(1, now)
+        assert at is not None
+        now = at
+        state.grant(1, now)
+        starts.append(round(now, 6))
+    assert starts == [0.0, 0.1, 0.2, 0.3, 0.4]
+
+
+def test_tokens_are_reserved_then_corrected_by_the_usage_reported():
+    state = KeyState(RateLimit("k", tokens_per_minute=600), now=0.0)  # 10 tokens/s, bucket 10
+    state.grant(10, 0.0)
+    assert state.ready_at(10, 0.0) == pytest.approx(1.0)  # the bucket is empty
+    state.release(10, 2, 0.0)  # it used 2: 8 come back
+    assert state.ready_at(10, 0.0) == pytest.approx(0.2)
+
+
+def test_a_429_pauses_the_key_and_halves_the_window_which_grows_back_slowly():
+    state = KeyState(RateLimit("k", max_in_flight=8), now=0.0)
+    for _ in range(8):
+        state.grant(0, 0.0)
+    assert state.ready_at(0, 0.0) is None  # the window is full
+    assert state.rate_limited(2.0, 0.0, in_flight=8)
+    assert not state.rate_limited(2.0, 0.5, in_flight=7)  # one cut per pause
+    assert state.window == 4
+    for _ in range(8):
+        state.release(0, None, 1.0)
+    assert state.ready_at(0, 1.0) == 2.5  # after the later 429's pause
+    for _ in range(4):
+        state.answered()
+    assert 4.9 < state.window < 5.1  # one call more per window of answered calls
+
+
+def test_an_unlimited_key_gets_a_window_at_its_first_429():
+    state = KeyState(None, now=0.0)
+    assert math.isinf(state.window)
+    state.rate_limited(None, 0.0, in_flight=20)
+    assert state.window == 10
+
+
+def test_429s_are_read_from_statuses_headers_and_attributes():
+    class Limited(Exception):
+        status_code = 429
+
+        def __init__(self) -> None:
+            self.headers = {"Retry-After": "2", "x-ratelimit-reset-requests": "6m0s"}
+
+    assert is_rate_limited(Limited()) and retry_after(Limited()) == 360.0
+    assert header_wait({"retry-after-ms": "250"}) == 0.25
+    assert header_wait({"x-ratelimit-reset-tokens": "20ms"}) == 0.02
+    assert not is_rate_limited(ValueError("no"))
+
+
+def test_cli_syntax_and_bad_limits_are_named():
+    limit = parse_rate_limit("openai/gpt-4o-mini:rpm=500,tpm=90000,inflight=16")
+    assert limit == RateLimit(
+        "openai/gpt-4o-mini", requests_per_minute=500, tokens_per_minute=90000, max_in_flight=16
+    )
+    assert parse_rate_limit("k:rps=50").requests_per_minute == 3000
+    with pytest.raises(ValueError, match="unknown setting"):
+        parse_rate_limit("k:rpx=5")
+    with pytest.raises(ValueError, match="max_in_flight must be a positive int"):
+        RateLimit("k", max_in_flight=0)
+
+
+def test_a_rate_limit_does_not_change_any_config_identity():
+    plain = procval.Config("c", seed=1)
+    limited = dataclasses.replace(plain, rate_limit=RateLimit("k", requests_per_minute=60))
+    assert "rate_limit" not in plain.describe()  # stores written before are resumed as they are
+    assert limited.describe()["rate_limit"] == [{"key": "k", "requests_per_minute": 60}]
+    assert limited.identity() == plain.identity()  # a run resumed with other limits goes on
+
+
+def test_two_configs_giving_one_key_different_limits_are_refused():
+    a = procval.Config("a", rate_limit=RateLimit("k", requests_per_minute=60))
+    b = procval.Config("b", rate_limit=RateLimit("k", requests_per_minute=120))
+    with pytest.raises(ValueError, match="different limits"):
+        check_limits([a, b])
+    with pytest.raises(ValueError, match="different limits"):
+        procval.evaluate(programs.limited_call, range(3), programs.ok, configs=[a, b])
+
+
+# ---------------------------------------------------------------- real workers, real server
+
+
+def configs(server: LLMServer, limit: RateLimit, names: str) -> list[procval.Config]:
+    return [procval.Config(n, rate_limit=limit, values={"base": server.api_base}) for n in names]
+
+
+def test_two_configs_sharing_a_key_never_exceed_the_limit_together():
+    with LLMServer(rate=20, burst=5) as server:
+        limit = RateLimit("k", requests_per_minute=20 * 60)
+        results = procval.evaluate(
+            programs.limited_call,
+            range(40),
+            programs.ok,
+            configs=configs(server, limit, "ab"),
+            workers=2,
+            threads=8,
+        )
+        counts = server.counts()
+    assert counts["rate_limited"] == 0 and counts["answered"] == 80
+    for name in "ab":
+        assert results[name].score == 1.0
+        assert results[name].limits["k"]["calls"] == 40
+        assert results[name].limits["k"]["rate_limited"] == 0
+    assert results["a"].limits["k"]["waits"] + results["b"].limits["k"]["waits"] > 0
+    assert "rate limit 'k': 40 calls, 0 answered 429" in results.summary()
+
+
+def test_a_key_limit_holds_across_4_workers_of_16_threads():
+    with LLMServer(rate=30, burst=5) as server:
+        limit = RateLimit("k", requests_per_minute=30 * 60)
+        result = procval.evaluate(
+            programs.limited_call,
+            range(120),
+            programs.ok,
+            config=configs(server, limit, "c")[0],
+            workers=4,
+            threads=16,
+        )
+        counts = server.counts()
+    assert counts["rate_limited"] == 0 and counts["answered"] == 120
+    assert result.score == 1.0
+
+
+def test_a_worker_killed_holding_a_permit_does_not_leak_it():
+    # one call in flight at most: a leaked permit would hold every other call for ever
+    with LLMServer() as server:
+        limit = RateLimit("k", max_in_flight=1)
+        result = procval.evaluate(
+            programs.kill_holding_a_permit,
+            range(30),
+            programs.ok,
+            config=configs(server, limit, "c")[0],
+            workers=2,
+            threads=4,
+        )
+        counts = server.counts()
+    assert [(r.example, r.error.type) for r in result.errors] == [(3, "WorkerCrashed")]
+    assert counts["answered"] >= 29 and result.totals.n == 30
+
+
+def test_a_hung_call_times_out_without_rerunning_its_neighbours():
+    hangs = lambda request: request["messages"][0]["content"] == "question 5"  # noqa: E731
+    with LLMServer(latency=0.2, hang=hangs) as server:
+        result = procval.evaluate(
+            programs.plain_call,
+            range(24),
+            programs.ok,
+            config=procval.Config("c", values={"base": server.api_base}),
+            workers=1,
+            threads=4,
+            timeout=3,
+        )
+        counts = server.counts()
+    assert [(r.example, r.error.type) for r in result.errors] == [(5, "Timeout")]
+    assert counts["requests"] == 24  # each example asked once: no neighbour was rerun
+
+
+def test_dspy_lm_calls_are_limited_and_a_429_retries_the_call_not_the_example():
+    dspy = pytest.importorskip("dspy")
+    # no requests_per_minute: the server's 429s drive the window; each is retried alone
+    with LLMServer(rate=15, burst=2) as server:
+        lm = dspy.LM(server.model, api_base=server.api_base, api_key="sk-test", cache=False,
+                     num_retries=0)  # fmt: skip
+        with dspy.context(lm=lm):
+            config = procval.dspy.snapshot(rate_limit=RateLimit(server.model, max_in_flight=8))
+        result = procval.evaluate(
+            programs.make_two_calls(),
+            [dspy.Example(question=f"q{i}").with_inputs("question") for i in range(20)],
+            programs.answered,
+            config=config,
+            workers=1,
+            threads=8,
+        )
+        counts = server.counts()
+    assert result.errors == [] and result.score == 1.0
+    assert counts["answered"] == 40  # two calls per example, none repeated
+    assert counts["rate_limited"] > 0  # the server did push back...
+    assert result.limits[server.model]["rate_limited"] == counts["rate_limited"]  # ...counted
+    assert result.limits[server.model]["calls"] == counts["requests"]
+
+
+def test_a_task_and_the_command_line_add_limits_to_every_config():
+    from procval.task import Task, _with_limits
+
+    own = procval.Config("a", rate_limit=RateLimit("k", requests_per_minute=60))
+    task = Task(programs.limited_call, range(2), programs.ok, configs=[own, procval.Config("b")],
+                rate_limit=RateLimit("other", max_in_flight=2))  # fmt: skip
+    cli = parse_rate_limit("k:rpm=120")
+    merged = _with_limits(own, (RateLimit("other", max_in_flight=2), cli))
+    assert {limit.key: limit for limit in merged.rate_limits}["k"].requests_per_minute == 120
+    assert task.rate_limit is not None
