@@ -209,10 +209,9 @@ class RayWorker:
         answer = self._answer
         if answer is None:
             return []
-        index, busy, received = answer
-        future = self._futures.get(index)
-        if future is None or future.done():  # that shard is over: its examples are too
-            return []
+        # The slot table is the actor's, not a shard's: an example may outlive the shard it
+        # came in (a straggler, or one past the timeout that a drain did not wait for).
+        _, busy, received = answer
         age = min(time.monotonic() - received, STALL)
         return [(seq, seconds + age) for seq, seconds in busy]
 

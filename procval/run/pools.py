@@ -68,6 +68,9 @@ class RunOptions:
     liveness: float = field(default_factory=default_liveness)
 
 
+_DRAIN_PAUSE = 0.2  # seconds between two drains that came back empty
+
+
 @dataclass(eq=False)
 class WorkerRun:
     """One worker of a config, and what it owes the scheduler.
@@ -79,6 +82,7 @@ class WorkerRun:
         calls: the shards sent and not answered.
         outstanding: the examples sent without a result yet, by seq.
         replies: how many replies came back (none: a death may be a start failure).
+        empty_at: when a reply last came back with no result while examples were owed.
     """
 
     worker: Worker
@@ -87,6 +91,26 @@ class WorkerRun:
     calls: set[Future[bytes]] = field(default_factory=set)
     outstanding: dict[int, Item] = field(default_factory=dict)
     replies: int = 0
+    empty_at: float = 0.0
+
+    def note_reply(self, results: int) -> None:
+        """Count a reply of ``results`` results."""
+        self.replies += 1
+        if not results and self.outstanding:
+            self.empty_at = time.monotonic()
+
+    def wants_drain(self) -> bool:
+        """Whether to ask for the results it owes (a drain).
+
+        It has nothing else in flight, and its last reply was not an empty one just now: a
+        worker whose only examples run past the timeout answers a drain at once, and asking
+        again at every turn would spin.
+        """
+        return (
+            bool(self.outstanding)
+            and not self.calls
+            and (time.monotonic() - self.empty_at > _DRAIN_PAUSE)
+        )
 
     def busy(self) -> bool:
         """Whether the worker owes a reply or a result."""

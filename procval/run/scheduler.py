@@ -216,7 +216,7 @@ class Scheduler:
                     if not items:
                         break
                     self._send(w, items, drain=not run.has_unsent())
-                if w.outstanding and not w.calls:  # nothing (else) to send
+                if w.wants_drain():  # nothing (else) to send
                     self._fetch_stragglers(w)
 
     def _send(self, w: WorkerRun, items: list[Item], *, drain: bool) -> bool:
@@ -294,7 +294,7 @@ class Scheduler:
         self._provenance.check(run.name, run.spec.snapshot.fingerprint, pid, node, fingerprint)
         alone = w.state is WorkerState.ALONE  # the suspect's reply: timings of one example
         w.move(WorkerEvent.REPLIED)
-        w.replies += 1
+        w.note_reply(len(results))
         run.start_failures = 0
         if not alone:
             run.sizer.observe(len(results), sum(result.duration for result in results))
