@@ -91,7 +91,7 @@ def test_a_parent_whose_environment_changed_gets_a_server_preloaded_under_it(mon
 
 
 def test_preload_names_are_checked_before_any_worker_starts(monkeypatch):
-    with pytest.raises(ValueError, match="no_such_module_here.*not an importable module"):
+    with pytest.raises(ValueError, match=r"no_such_module_here.*not an importable module"):
         LokyBackend(preload=["no_such_module_here"])
     monkeypatch.setenv("PROCVAL_PRELOAD", "helpers.env_at_import, no_such_module_here")
     with pytest.raises(ValueError, match="PROCVAL_PRELOAD"):
