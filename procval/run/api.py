@@ -159,10 +159,57 @@ def evaluate(
         TooManyErrors: more than ``max_errors`` examples failed.
     """
     named = _named_configs(config, configs)
+    _check_counts(workers, threads, retries, backoff, timeout, max_errors)
+    _check_backend(backend)
+    results = run_configs(
+        named,
+        program,
+        dataset,
+        metric,
+        lambda: _backend(backend),
+        workers=workers,
+        threads=threads,
+        failure_score=failure_score,
+        progress=progress,
+        timeout=timeout,
+        retries=retries,
+        backoff=backoff,
+        max_errors=max_errors,
+        store=store,
+        fresh=fresh,
+        retry_errors=retry_errors,
+    )
+    return results if configs is not None else results[named[0].name]
+
+
+def run_configs(
+    named: list[Config],
+    program: Program,
+    dataset: Iterable[Any],
+    metric: Metric,
+    source: Callable[[], Backend],
+    *,
+    workers: int | None,
+    threads: int,
+    failure_score: float = 0.0,
+    progress: bool | None = None,
+    timeout: float | None = None,
+    retries: int = 0,
+    backoff: float = 0.5,
+    max_errors: int | None = None,
+    store: str | os.PathLike[str] | None = None,
+    fresh: bool = False,
+    retry_errors: bool = False,
+) -> Results:
+    """Run ``named`` configs (checked) on the workers ``source()`` gives; :func:`evaluate`'s core.
+
+    ``source`` makes the scheduler's worker source: a new backend for a plain ``evaluate``
+    (shut down at the end of the run), or a :class:`procval.Workers` pool's lease of its warm
+    workers. The options are ``evaluate``'s (counts checked by the caller).
+    """
     _check_callables(program, metric)
     program = _dspy_way(program)
     _check_counts(workers, threads, retries, backoff, timeout, max_errors)
-    _check_backend(backend)
     _check_store_options(store, fresh, retry_errors)
     # with a store, a second row for an id is refused by the store: no id set in the parent
     data = Examples(dataset, passes=len(named), track_ids=store is None or retry_errors)
@@ -183,7 +230,7 @@ def evaluate(
         bars = Progress(
             [c.name for c in named], [e.total for e in examples], enabled=wanted(progress)
         )
-        engine = _backend(backend)
+        engine = source()
         scheduler = Scheduler(
             engine,
             specs,
@@ -210,8 +257,7 @@ def evaluate(
         if engine is not None:
             engine.shutdown()
         raise
-    results = scheduler.run()
-    return results if configs is not None else results[named[0].name]
+    return scheduler.run()
 
 
 @contextlib.contextmanager
