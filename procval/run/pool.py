@@ -11,8 +11,9 @@ pool lends the scheduler warm workers instead, and takes them back when the call
     Scheduler ──start_worker(spec)──▶ _Lease ──idle worker of spec's key?──▶ yes: lend it
         │                               │                                    no: start one
         │                               │                                    (an idle worker
-        │                               │                                    of another key
-        │                               │                                    ends, to make room)
+        │                               │                                    of a key this call
+        │                               │                                    does not use ends,
+        │                               │                                    to make room)
         ├──worker.close() (retired)───▶ _Leased.close: back to the idle workers of its key
         ├──worker.kill() (died, timed out, Ctrl-C)──▶ killed for good, never lent again
         └──shutdown() (end of call)──▶ _Lease: anything lent and not given back is killed
@@ -211,10 +212,14 @@ class _PoolState:
                 worker.kill()
             return None
 
-    def make_room(self, key: _Key) -> None:
-        """End the oldest idle workers of other keys while the pool is full."""
+    def make_room(self, keep: set[_Key]) -> None:
+        """End the oldest idle workers of keys not in ``keep`` while the pool is full.
+
+        The keys of the running call are kept: a config that finished first gives its slot to
+        another config, and keeps its idle worker for the next call.
+        """
         with self.lock:
-            others = [w for w, k in self.idle.items() if k != key]
+            others = [w for w, k in self.idle.items() if k not in keep]
             while others and len(self.idle) + len(self.lent) >= self.workers:
                 worker = others.pop(0)
                 del self.idle[worker]
@@ -261,17 +266,19 @@ class _Lease:
     def __init__(self, state: _PoolState) -> None:
         self._state = state
         self._lent: list[_Leased] = []
+        self._keys: set[_Key] = set()  # this call's snapshots
 
     def default_workers(self) -> int:
         return self._state.workers
 
     def start_worker(self, spec: WorkerSpec) -> Worker:
-        state = self._state
+        state, key = self._state, _key(spec)
+        self._keys.add(key)
         worker = state.borrow(spec)
         if worker is None:
-            state.make_room(_key(spec))
+            state.make_room(self._keys)
             worker = state.backend.start_worker(spec)
-        leased = _Leased(worker, _key(spec), state)
+        leased = _Leased(worker, key, state)
         with state.lock:
             state.lent.add(leased)
         self._lent.append(leased)

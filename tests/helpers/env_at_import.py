@@ -20,6 +20,13 @@ def install(name: str) -> None:
     installed.append(name)
 
 
+def install_config_name() -> None:
+    """A config's setup: leave the config's name in this module's state."""
+    import procval
+
+    installed.append(procval.current_config().name)
+
+
 def observe(example: Any) -> dict[str, Any]:
     """The program: what this worker sees of the module."""
     return {
