@@ -6,6 +6,7 @@ are real. Every wait is bounded (``helpers.processes``).
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import signal
@@ -19,6 +20,7 @@ import pytest
 import procval
 from helpers import env_at_import, toys
 from helpers.processes import assert_gone, start, stop
+from procval.run.snapshot import take_snapshot
 
 pytestmark = pytest.mark.usefixtures("no_leaked_workers")
 OBSERVE, ACCEPT = env_at_import.observe, env_at_import.accept  # a program, a metric scoring 1
@@ -29,7 +31,12 @@ def pids(result: procval.EvaluationResult) -> set[int]:
 
 
 def processes(numbers: set[int] | list[int]) -> list[psutil.Process]:
-    return [psutil.Process(pid) for pid in numbers]
+    """The processes (those that exited already are left out: they are gone)."""
+    found = []
+    for pid in numbers:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            found.append(psutil.Process(pid))
+    return found
 
 
 def test_the_same_workers_serve_every_call_with_the_same_snapshot():
@@ -55,6 +62,21 @@ def test_a_new_snapshot_gets_new_processes():
         assert pids(again).isdisjoint(pids(other))  # other options, other processes
 
 
+def test_a_snapshot_of_the_same_content_in_other_bytes_is_served_by_the_same_workers():
+    label = "".join(["lab", "el"])
+    shared = env_at_import.Labelled(label, label)  # one string object, pickled once
+    apart = env_at_import.Labelled(label, "".join(["la", "bel"]))  # two equal ones
+    assert (
+        take_snapshot(procval.Config(), shared).data != take_snapshot(procval.Config(), apart).data
+    )
+    with procval.Workers(workers=2) as pool:
+        first = pool.evaluate(shared, range(10), ACCEPT)
+        second = pool.evaluate(apart, range(10), ACCEPT)
+        changed = pool.evaluate(env_at_import.Labelled(label, "other"), range(10), ACCEPT)
+    assert pids(second) == pids(first) and second.fingerprint == first.fingerprint
+    assert pids(changed).isdisjoint(pids(first))
+
+
 def test_configs_keep_their_own_processes_and_setup_runs_once_per_process():
     configs = {name: procval.Config(setup=env_at_import.install_config_name) for name in "ab"}
     with procval.Workers(configs=configs, workers=2) as pool:
@@ -73,14 +95,18 @@ def test_configs_keep_their_own_processes_and_setup_runs_once_per_process():
 def test_close_and_restart_end_the_workers():
     pool = procval.Workers(workers=2)
     first = pids(pool.evaluate(OBSERVE, range(10), ACCEPT))
+    running = processes(first)
+    assert len(running) == 2
     pool.restart()
     assert pool.pids() == []
-    assert_gone(processes(first))
+    assert_gone(running)
     second = pids(pool.evaluate(OBSERVE, range(10), ACCEPT))
     assert first.isdisjoint(second)
+    running = processes(second)
+    assert len(running) == 2
     pool.close()
     pool.close()  # idempotent
-    assert_gone(processes(second))
+    assert_gone(running)
     with pytest.raises(RuntimeError, match="closed"):
         pool.evaluate(OBSERVE, range(2), ACCEPT)
 

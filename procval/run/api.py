@@ -189,6 +189,7 @@ def run_configs(
     metric: Metric,
     source: Callable[[], Backend],
     *,
+    adopt: Callable[[Snapshot], Snapshot] | None = None,
     workers: int | None,
     threads: int,
     failure_score: float = 0.0,
@@ -205,7 +206,8 @@ def run_configs(
 
     ``source`` makes the scheduler's worker source: a new backend for a plain ``evaluate``
     (shut down at the end of the run), or a :class:`procval.Workers` pool's lease of its warm
-    workers. The options are ``evaluate``'s (counts checked by the caller).
+    workers; ``adopt`` may replace a snapshot by an earlier one of the same content (a pool's,
+    whose workers installed it). The options are ``evaluate``'s (counts checked by the caller).
     """
     _check_callables(program, metric)
     program = _dspy_way(program)
@@ -215,6 +217,8 @@ def run_configs(
     data = Examples(dataset, passes=len(named), track_ids=store is None or retry_errors)
     examples = [data] * len(named)
     snapshots = [take_snapshot(c, program, metric) for c in named]
+    if adopt is not None:
+        snapshots = [adopt(s) for s in snapshots]
     options = WorkerOptions(
         threads=threads, retries=retries, backoff=backoff, parent_pid=os.getpid()
     )

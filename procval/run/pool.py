@@ -38,6 +38,8 @@ workers, so the next call starts from fresh processes.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import pickletools
 import threading
 import weakref
 from collections.abc import Iterable, Mapping, Sequence
@@ -57,10 +59,54 @@ from procval.run.api import (
     _named_configs,
     run_configs,
 )
+from procval.wire import Snapshot
 
 __all__ = ["Workers"]
 
 _Key = tuple[str, tuple[Any, ...], frozenset[tuple[str, str]]]
+
+
+_ATOMS = frozenset(
+    {
+        *("SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "STRING"),
+        *("SHORT_BINSTRING", "BINSTRING", "SHORT_BINBYTES", "BINBYTES", "BINBYTES8"),
+        *("BININT", "BININT1", "BININT2", "INT", "LONG", "LONG1", "LONG4", "BINFLOAT", "FLOAT"),
+    }
+)
+_PUTS = frozenset({"MEMOIZE", "PUT", "BINPUT", "LONG_BINPUT"})
+_GETS = frozenset({"GET", "BINGET", "LONG_BINGET"})
+
+
+def content_key(data: bytes) -> str:
+    """A hash of a pickle's content, blind to which equal strings and numbers it shares.
+
+    The same objects can pickle to different bytes: the pickler memoizes by identity, so two
+    equal strings that are one object in one call and two in the next (a dynamically created
+    DSPy signature class, a ``functools.partial`` whose ``__dict__`` was created meanwhile) give
+    different bytes. Here memo writes and frames are dropped, a memo read of an atom (a string,
+    bytes, a number) is replaced by the atom, and a memo read of anything else by its ordinal
+    among the non-atoms: two pickles with the same key build the same objects, up to the
+    identity of equal atoms.
+    """
+    digest = hashlib.sha256()
+    memo: dict[int, str] = {}
+    previous: tuple[str, Any] = ("", None)
+    refs = 0
+    for opcode, arg, _ in pickletools.genops(data):
+        name = opcode.name
+        if name in _PUTS:
+            index = arg if isinstance(arg, int) else len(memo)  # MEMOIZE: the next index
+            if previous[0] in _ATOMS:
+                memo[index] = f"{previous[0]}:{previous[1]!r}"
+            else:
+                memo[index], refs = f"REF:{refs}", refs + 1
+            continue
+        if name == "FRAME":
+            continue
+        token = memo[arg] if name in _GETS and isinstance(arg, int) else f"{name}:{arg!r}"
+        previous = (name, arg)
+        digest.update(token.encode("utf-8", "surrogatepass") + b"\0")
+    return digest.hexdigest()
 
 
 def _key(spec: WorkerSpec) -> _Key:
@@ -158,6 +204,7 @@ class Workers:
                 dataset,
                 metric,
                 lambda: _Lease(self._state),
+                adopt=self._state.adopt,
                 workers=self._state.workers,
                 threads=self._threads,
                 **options,
@@ -194,6 +241,30 @@ class _PoolState:
         self.lent: set[_Leased] = set()
         self.closed = False
         self.lock = threading.Lock()
+        self.snapshots: dict[str, Snapshot] = {}  # of the idle workers, by fingerprint
+        self.contents: dict[str, str] = {}  # their content keys, by fingerprint
+
+    def adopt(self, snapshot: Snapshot) -> Snapshot:
+        """``snapshot``, or an idle worker's of the same name and content (its workers serve it).
+
+        Rows then carry the fingerprint of the bytes the worker installed, which hold the same
+        objects as the caller's (see :func:`content_key`).
+        """
+        with self.lock:
+            kept = {key[0] for key in self.idle.values()}
+            for gone in set(self.snapshots) - kept:
+                del self.snapshots[gone]
+                self.contents.pop(gone, None)
+            same_name = [s for s in self.snapshots.values() if s.name == snapshot.name]
+        if not same_name or snapshot.fingerprint in self.snapshots:
+            return snapshot
+        content = content_key(snapshot.data)
+        for earlier in same_name:
+            if earlier.fingerprint not in self.contents:
+                self.contents[earlier.fingerprint] = content_key(earlier.data)
+            if self.contents[earlier.fingerprint] == content:
+                return earlier
+        return snapshot
 
     def pids(self) -> list[int]:
         with self.lock:
@@ -232,6 +303,7 @@ class _PoolState:
                 leased.inner.kill()
             else:
                 self.idle[leased.inner] = leased.key
+                self.snapshots.setdefault(leased.key[0], leased.snapshot)
 
     def end_idle(self, *, kill: bool = False) -> None:
         """Close the idle workers (they exit at once: they have nothing queued), or kill them."""
@@ -278,7 +350,7 @@ class _Lease:
         if worker is None:
             state.make_room(self._keys)
             worker = state.backend.start_worker(spec)
-        leased = _Leased(worker, key, state)
+        leased = _Leased(worker, key, state, spec.snapshot)
         with state.lock:
             state.lent.add(leased)
         self._lent.append(leased)
@@ -295,9 +367,10 @@ class _Lease:
 class _Leased:
     """A pool's worker as the scheduler holds it: ``close()`` gives it back to the pool."""
 
-    def __init__(self, inner: Worker, key: _Key, state: _PoolState) -> None:
+    def __init__(self, inner: Worker, key: _Key, state: _PoolState, snapshot: Snapshot) -> None:
         self.inner = inner
         self.key = key
+        self.snapshot = snapshot
         self._state = state
         self.returned = False
 
