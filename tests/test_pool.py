@@ -190,3 +190,27 @@ def test_the_parent_killed_or_interrupted_leaves_no_worker(tmp_path, when, signu
     if signum == signal.SIGINT:
         assert "KeyboardInterrupt" in err
     assert_gone(everyone)
+
+
+@pytest.mark.dspy
+def test_dspy_evaluate_keeps_its_workers_while_the_settings_stay_the_same():
+    dspy = pytest.importorskip("dspy")
+    from helpers import dspy_toys
+    from procval.dspy import Evaluate
+
+    program = dspy.Predict("question -> answer")
+    evaluate = Evaluate(
+        devset=dspy_toys.devset(), metric=dspy_toys.exact_match, num_threads=2, workers=1
+    )
+    with dspy.context(lm=dspy_toys.knowing_lm()):
+        runs = [evaluate(program) for _ in range(3)]
+    with dspy.context(lm=dspy_toys.clueless_lm()):
+        other = evaluate(program)
+    held = evaluate._procval_workers[1]
+    held.close()
+    assert [run.score for run in runs] == [100.0] * 3 and other.score == 0.0
+    # the first run's predictions come back with DSPy's signature class state, which changes
+    # the program's pickle once; from then on the same program is the same snapshot
+    assert pids(runs[2].procval) == pids(runs[1].procval)
+    assert pids(other.procval).isdisjoint(pids(runs[2].procval))  # other settings
+    assert held.pids() == []
