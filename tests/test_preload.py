@@ -112,15 +112,16 @@ def test_auto_finds_the_third_party_packages_a_snapshot_refers_to():
 
 
 def test_a_preload_that_starts_a_thread_is_refused_with_a_warning_and_the_run_goes_on():
-    backend = LokyBackend(preload=["helpers.starts_a_thread"])
-    with pytest.warns(RuntimeWarning, match="started threads"):
-        result = procval.evaluate(
+    def run() -> procval.EvaluationResult:
+        backend = LokyBackend(preload=["helpers.starts_a_thread"])  # one backend per run
+        return procval.evaluate(
             env_at_import.observe, range(2), env_at_import.accept, workers=1, backend=backend
         )
+
+    with pytest.warns(RuntimeWarning, match="started threads"):
+        result = run()
     assert [row.error for row in result.rows] == [None, None]
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # refused once: the next run does not warn again
-        procval.evaluate(
-            env_at_import.observe, range(2), env_at_import.accept, workers=1, backend=backend
-        )
+        run()
     assert os.environ.get("PROCVAL_PRELOAD") is None
