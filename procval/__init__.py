@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     from procval.results import EvaluationResult, Results, Row, RowError
     from procval.run.api import Metric, Program, evaluate
     from procval.run.dataset import read_jsonl
+    from procval.run.pool import Workers
     from procval.store.readers import load
     from procval.task import Task
 
@@ -73,6 +74,7 @@ __all__ = [
     "Task",
     "TooManyErrors",
     "UnalignedResultsError",
+    "Workers",
     "compare",
     "current_config",
     "evaluate",
@@ -98,6 +100,7 @@ _LAZY_NAMES = {
     "RowError": "procval.results",
     "load": "procval.store.readers",
     "Task": "procval.task",
+    "Workers": "procval.run.pool",
 }
 
 

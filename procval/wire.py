@@ -92,7 +92,7 @@ class WorkerOptions:
     parent_pid: int = 0
     procval_path: str = ""
     session: bool = False
-    log: tuple[str, dict[str, int]] | None = None
+    log: tuple[str, tuple[tuple[str, int], ...]] | None = None
     limiter: str = ""
     timeout: float | None = None
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 
@@ -22,6 +23,7 @@ def no_leaked_workers():
     me = psutil.Process()
     before = {p.pid for p in me.children(recursive=True)}
     yield
+    gc.collect()  # a warm pool (procval.Workers, kept by a dspy Evaluate) the test dropped ends
     deadline = psutil.time.time() + 10
     while True:
         alive = [
@@ -30,7 +32,7 @@ def no_leaked_workers():
         if not alive or psutil.time.time() > deadline:
             break
         psutil.time.sleep(0.1)
-    assert not alive, f"worker processes outlived the run: {[p.pid for p in alive]}"
+    assert not alive, f"worker processes outlived the run: {[(p.pid, _command(p)) for p in alive]}"
 
 
 def _is_worker(proc: psutil.Process, me: psutil.Process) -> bool:
@@ -45,3 +47,10 @@ def _is_worker(proc: psutil.Process, me: psutil.Process) -> bool:
         return "resource_tracker" not in command
     except psutil.Error:
         return False
+
+
+def _command(proc: psutil.Process) -> str:
+    try:
+        return " ".join(proc.cmdline())[:160]
+    except psutil.Error:
+        return "?"

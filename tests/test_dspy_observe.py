@@ -60,9 +60,12 @@ def run(evaluate_class: type, server: LLMServer, n: int) -> tuple[list, dspy.LM,
     lm = lm_of(server)
     dspy.configure(lm=lm, callbacks=[callback])
     program = programs.Pipeline()
-    result = evaluate_class(devset=programs.devset(n), metric=programs.exact, num_threads=4)(
-        program
-    )
+    try:
+        result = evaluate_class(devset=programs.devset(n), metric=programs.exact, num_threads=4)(
+            program
+        )
+    finally:  # the callback's events hold the Evaluate, whose warm workers live as long as it
+        dspy.configure(callbacks=[])
     return callback.events, lm, result.score
 
 

@@ -27,11 +27,12 @@ fresh interpreter that imports only those modules; each worker is then forked fr
 What the worker gets is what a ``fork+exec`` worker gets: the parent's current environment with
 the config's ``env`` on top (set before the snapshot is unpickled and before any module that is
 not in the server is imported), the parent's stdio, ``sys.path`` and working directory, and one
-snapshot. The server never sees a snapshot or ``Config.env``: they travel on a pipe that only
-the worker reads. Variables that act when an interpreter starts or when the server's modules are
-imported (``PYTHON*``, ``LD_*``, locale, ``TZ``, ``LOKY_*``, ...) cannot be applied to a fork: a
-config that sets one starts its workers by ``fork+exec`` as before, and a parent whose own values
-changed gets a new server. Forked workers share the server's string hash seed; ``random`` is
+snapshot. The server never sees a snapshot (nor ``Config.env``, unless it preloads modules
+under it: ``_preload``); they travel on a pipe that only the worker reads. Variables that act
+when an interpreter starts or when the server's modules are imported (``PYTHON*``, ``LD_*``,
+locale, ``TZ``, ``LOKY_*``, ...) cannot be applied to a fork: a config that sets one starts its
+workers by ``fork+exec`` (or from a preloading server started under it), and a parent whose own
+values changed gets a new server. Forked workers share the server's string hash seed; ``random`` is
 reseeded in each (CPython does so after ``fork``).
 
 Lifetimes: the server exits when the parent process dies or closes its end of the socket (EOF),
@@ -68,6 +69,8 @@ from loky.backend import popen_loky_posix, reduction, resource_tracker, spawn
 from loky.backend.context import LokyContext
 from loky.backend.process import LokyProcess
 
+from procval.backends._preimport import import_preload
+
 #: Modules the server imports: what a loky worker running procval imports before its snapshot.
 PRELOAD = ("loky", "loky.process_executor", "procval.worker.runtime")
 
@@ -86,6 +89,7 @@ STARTUP_ENV_PREFIXES = (
 
 _STATUS = struct.Struct("q")
 _READY = b"procval-fork-server-ready"
+_FAILED = b"procval-fork-server-failed:"
 _MAX_MESSAGE = 64 * 1024
 _START_TIMEOUT = 60.0  # seconds for the server to import its modules, on a very loaded machine
 
@@ -105,11 +109,15 @@ def startup_env(env: dict[str, str] | os._Environ[str]) -> dict[str, str]:
 class ForkServer:
     """The parent's handle on its fork server process."""
 
-    def __init__(self) -> None:
-        self.startup = startup_env(os.environ)
+    def __init__(
+        self, preload: tuple[str, ...] = (), environ: dict[str, str] | None = None
+    ) -> None:
+        """Start a server that imports ``preload`` too, under ``environ`` (see ``_preload``)."""
+        self.startup = startup_env(os.environ if environ is None else environ)
+        self.preload = preload
         self.owner = os.getpid()
         parent_end, server_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        argv_path = json.dumps([p or os.getcwd() for p in sys.path])
+        path = json.dumps([p or os.getcwd() for p in sys.path])
         # procval is imported from the parent's own package, first on the path for that import
         # only: a folder named "procval" first on the parent's path (next to a task file) must
         # not replace the code the server and its workers run (it would not be the parent's)
@@ -117,8 +125,9 @@ class ForkServer:
         code = (
             "import sys, json; path = json.loads(sys.argv[3]); sys.path[:] = [sys.argv[4], *path]; "
             "from procval.backends._forkserver import serve; import procval.worker.runtime; "
-            "sys.path[:] = path; serve(int(sys.argv[1]), int(sys.argv[2]))"
+            "sys.path[:] = path; serve(int(sys.argv[1]), int(sys.argv[2]), json.loads(sys.argv[5]))"
         )
+        argv = [sys.executable, "-c", code, str(server_end.fileno()), str(os.getpid()), path]
         # The server starts with SIGINT blocked (the mask survives exec) and ignores it before
         # unblocking: a Ctrl-C at the terminal, sent to the whole process group, must not print
         # a KeyboardInterrupt traceback from its imports; the parent handles Ctrl-C and kills
@@ -126,17 +135,10 @@ class ForkServer:
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
         try:
             self._process = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-c",
-                    code,
-                    str(server_end.fileno()),
-                    str(os.getpid()),
-                    argv_path,
-                    root,
-                ],
+                [*argv, root, json.dumps(list(preload))],
                 pass_fds=[server_end.fileno()],
                 stdin=subprocess.DEVNULL,
+                env=environ,
             )
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
@@ -146,15 +148,14 @@ class ForkServer:
         self._dead = False
         self.pid = self._process.pid
         ready, _, _ = select.select([self._sock], [], [], _START_TIMEOUT)
-        if not ready or self._sock.recv(64) != _READY:
+        answer = self._sock.recv(_MAX_MESSAGE) if ready else b""
+        if answer != _READY:
             self.stop()
-            raise ForkServerError("the procval fork server did not start")
+            why = answer.removeprefix(_FAILED).decode(errors="replace") if answer else ""
+            raise ForkServerError(why or "the procval fork server did not start")
 
     def alive(self) -> bool:
-        """Whether the server still runs and answers.
-
-        It never writes after its ready message, so a readable socket means it is gone.
-        """
+        """Whether the server still runs (it never writes after its ready message)."""
         if self._dead or self._process.poll() is not None:
             return False
         try:
@@ -202,12 +203,16 @@ _server_lock = threading.Lock()
 _failed: str | None = None  # why the server could not start: do not try again
 
 
+def available() -> bool:
+    """Whether workers may be forked from a server here (Linux, not turned off)."""
+    linux = sys.platform.startswith("linux") and hasattr(socket, "send_fds")
+    return linux and os.environ.get("PROCVAL_FORK_SERVER") != "0"
+
+
 def get_server(env: dict[str, str]) -> ForkServer | None:
     """The fork server for a worker with the config's ``env``, or None to use ``fork+exec``."""
     global _server, _failed
-    if not sys.platform.startswith("linux") or os.environ.get("PROCVAL_FORK_SERVER") == "0":
-        return None
-    if not hasattr(socket, "send_fds"):  # pragma: no cover - Python < 3.9
+    if not available():
         return None
     with _server_lock:
         current = startup_env(os.environ)
@@ -217,9 +222,7 @@ def get_server(env: dict[str, str]) -> ForkServer | None:
         if server is not None and (not server.alive() or server.startup != current):
             server.stop()
             server = _server = None
-        if server is None:
-            if _failed is not None:
-                return None
+        if server is None and _failed is None:
             try:
                 server = _server = ForkServer()
             except (OSError, ValueError) as exc:
@@ -352,13 +355,18 @@ def _read_status(fd: int, *, block: bool, closed: int | None = None) -> int | No
 # ---------------------------------------------------------------- server side
 
 
-def serve(fd: int, parent: int) -> None:
+def serve(fd: int, parent: int, preload: list[str] | None = None) -> None:
     """The server's main loop: fork a worker per request, report each one's exit status."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # blocked until now: see start
     sock = socket.socket(fileno=fd)
     for name in PRELOAD:
         __import__(name)
+    failure = import_preload(preload or [])
+    if failure is not None:
+        with contextlib.suppress(OSError):
+            sock.send(_FAILED + failure.encode(errors="replace")[: _MAX_MESSAGE // 2])
+        os._exit(0)
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_r, False)
     os.set_blocking(wake_w, False)

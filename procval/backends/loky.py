@@ -22,6 +22,7 @@ import signal
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from concurrent.futures import Future
 from concurrent.futures.process import BrokenProcessPool
 from itertools import count
@@ -32,7 +33,7 @@ from loky import ProcessPoolExecutor
 from loky.backend import resource_tracker
 from loky.backend.context import get_context
 
-from procval.backends import WorkerSpec, _forkserver
+from procval.backends import WorkerSpec, _forkserver, _preload
 from procval.worker import runtime as _worker
 from procval.worker.slots import SlotTable
 
@@ -44,9 +45,16 @@ _TICKS = float(os.sysconf("SC_CLK_TCK")) if hasattr(os, "sysconf") else 100.0
 class LokyWorker:
     """A worker process behind a private ``loky.ProcessPoolExecutor(max_workers=1)``."""
 
-    def __init__(self, spec: WorkerSpec, slots_path: str, *, fork_server: bool = True) -> None:
+    def __init__(
+        self,
+        spec: WorkerSpec,
+        slots_path: str,
+        *,
+        fork_server: bool = True,
+        preload: tuple[str, ...] = (),
+    ) -> None:
         self._slots = SlotTable(slots_path, max(1, spec.options.threads), create=True)
-        server = _forkserver.get_server(dict(spec.env)) if fork_server else None
+        server = _preload.server_for(dict(spec.env), preload) if fork_server else None
         # a local worker must import the parent's procval, and leads a process group of its
         # own: its descendants die with it (killed with its group by the server, or by kill())
         options = dataclasses.replace(spec.options, procval_path=_PROCVAL, session=True)
@@ -209,14 +217,31 @@ class LokyWorker:
 class LokyBackend:
     """Local worker processes through loky."""
 
-    def __init__(self, *, grace: float = 2.0, fork_server: bool = True) -> None:
+    def __init__(
+        self,
+        *,
+        grace: float = 2.0,
+        fork_server: bool = True,
+        preload: Sequence[str] | str | None = None,
+    ) -> None:
         """Set up a backend.
 
         Args:
             grace: seconds closed workers get to exit before they are killed.
             fork_server: fork workers from the fork server where possible (Linux); False
                 starts each worker as a new interpreter (loky's ``fork+exec``).
+            preload: modules the fork server imports before it forks workers, so that they
+                start with them imported and share their memory (e.g. ``["dspy"]``);
+                ``"auto"``: the third-party packages the snapshot refers to; None: the
+                ``PROCVAL_PRELOAD`` variable (comma-separated, or ``auto``), else none.
+                Preloading is per environment: a config whose ``env`` differs gets a server
+                of its own, started under that ``env`` (:mod:`procval.backends._preload`).
+
+        Raises:
+            ValueError: ``preload`` names a module that cannot be found.
         """
+        self._preload = _preload.resolve(preload)
+        self._auto: dict[str, tuple[str, ...]] = {}  # "auto": the packages, by fingerprint
         self._dir = tempfile.mkdtemp(prefix="procval-")
         self._ids = count()
         self._workers: list[LokyWorker] = []
@@ -230,7 +255,13 @@ class LokyBackend:
     def start_worker(self, spec: WorkerSpec) -> LokyWorker:
         """Start one worker process for ``spec.snapshot``."""
         path = os.path.join(self._dir, f"worker-{next(self._ids)}.slots")
-        worker = LokyWorker(spec, path, fork_server=self._fork_server)
+        preload = self._preload
+        if isinstance(preload, str):  # "auto"
+            key = spec.snapshot.fingerprint
+            if key not in self._auto:
+                self._auto[key] = _preload.referenced_packages(spec.snapshot.data)
+            preload = self._auto[key]
+        worker = LokyWorker(spec, path, fork_server=self._fork_server, preload=preload)
         self._workers.append(worker)
         return worker
 

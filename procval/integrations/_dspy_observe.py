@@ -340,8 +340,10 @@ class Relay:
         hold_history: keep history entries until :meth:`flush_history` (example order).
     """
 
-    def __init__(self, callbacks: Sequence[Any], lm: Any, adapter: Any) -> None:
-        self.token = uuid.uuid4().hex
+    def __init__(
+        self, callbacks: Sequence[Any], lm: Any, adapter: Any, *, token: str | None = None
+    ) -> None:
+        self.token = token or uuid.uuid4().hex
         self.callbacks = list(callbacks)
         self.lm = lm
         self.adapter = adapter

@@ -10,7 +10,9 @@ Import it through :mod:`procval.integrations.dspy`, which checks that DSPy is in
 
 from __future__ import annotations
 
+import hashlib
 import importlib
+import json
 import logging
 import os
 import pickle
@@ -126,7 +128,12 @@ def snapshot(
         carried["lm"] = lm.copy()  # a copy with an empty history (and its own kwargs)
     callbacks = list(carried.get("callbacks") or [])
     here = [c for c in callbacks if not _observe.runs_in_worker(c)]
-    relay = _observe.Relay(here, lm, carried.get("adapter"))
+    described = _describe({**carried, "callbacks": callbacks})
+    # The same settings get the same relay token: a snapshot taken again (each Evaluate call)
+    # is then the same snapshot, and warm workers (procval.Workers) serve it; the relay made
+    # last for a token receives its events.
+    token = hashlib.sha256(json.dumps(described, sort_keys=True, default=repr).encode())
+    relay = _observe.Relay(here, lm, carried.get("adapter"), token=token.hexdigest()[:32])
     carried["callbacks"] = _travelling_callbacks(
         [c for c in callbacks if _observe.runs_in_worker(c)]
     )
@@ -134,7 +141,6 @@ def snapshot(
         carried["callbacks"].append(_observe.Recorder(relay.token))
     blob = _dump(carried, _cache_settings(), relay.token)
     env = {_COST_MAP: os.environ.get(_COST_MAP, "True")}
-    described = _describe({**carried, "callbacks": callbacks})
     return Config(
         name=name if name is not None else _model_name(lm),
         setup=_Configure(blob, relay),

@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextvars
 import csv
 import functools
+import hashlib
 import importlib.util
 import json
 import logging
@@ -53,6 +54,8 @@ import loky
 from dspy.evaluate.evaluate import EvaluationResult as _DSPyEvaluationResult
 from dspy.utils.callback import with_callbacks
 
+from procval import _pickling
+from procval.backends.loky import LokyBackend
 from procval.errors import TooManyErrors
 from procval.integrations import _dspy_observe as _observe
 from procval.integrations._dspy_observe import in_worker
@@ -61,8 +64,9 @@ from procval.integrations._dspy_settings import _Configure as _Configure  # pick
 from procval.ratelimit import RateLimit, rate_limits
 from procval.results import EvaluationResult as _ProcvalResult
 from procval.results import Row
-from procval.run.api import evaluate, on_rows
+from procval.run.api import on_rows
 from procval.run.dataset import example_id
+from procval.run.pool import Workers
 
 __all__ = ["PER_CALL_SETTINGS", "Evaluate", "EvaluationResult", "Scored", "in_worker", "snapshot"]
 
@@ -144,7 +148,9 @@ class Evaluate(dspy.Evaluate):
     The constructor and the call take ``dspy.Evaluate``'s arguments with their meaning, plus
     procval's options below. Each call takes a :func:`snapshot` of the DSPy settings the calling
     thread sees (so ``dspy.configure(lm=...)`` and ``dspy.context(lm=...)`` just before the call
-    decide the LM) and evaluates ``program(**example.inputs())`` in fresh processes holding it.
+    decide the LM) and evaluates ``program(**example.inputs())`` in processes holding it; they
+    are kept for the next call while the settings stay the same (:class:`procval.Workers`, with
+    DSPy preloaded in the fork server), and end with the evaluator.
 
     ``num_threads`` stays the number of examples in flight: the work runs on
     ``processes = min(workers, num_threads)`` processes with ``num_threads // processes`` threads
@@ -298,13 +304,10 @@ class Evaluate(dspy.Evaluate):
         )
         try:
             with on_rows(_ErrorLog(devset, bool(traceback))):
-                outcome = evaluate(
+                outcome: Any = _workers(self, config, workers, threads).evaluate(
                     _Program(program, metric),
                     _dataset(devset),
                     _score,
-                    config=config,
-                    workers=workers,
-                    threads=threads,
                     failure_score=self.failure_score,
                     progress=bool(display_progress),
                     timeout=self.timeout,
@@ -365,6 +368,21 @@ class Evaluate(dspy.Evaluate):
             with open(save_as_json, "w") as f:
                 json.dump(self._prepare_results_output(results, metric_name), f)
         return EvaluationResult(score=round(percent, 2), results=results, evaluation=outcome)
+
+
+def _workers(owner: Evaluate, config: Any, workers: int, threads: int) -> Workers:
+    """The evaluator's pool for these settings: kept while they stay the same (see Workers)."""
+    key = (hashlib.sha256(_pickling.dumps_fast(config)).hexdigest(), workers, threads)
+    held: tuple[Any, Workers] | None = getattr(owner, "_procval_workers", None)
+    if held is None or held[0] != key:
+        if held is not None:
+            held[1].close()
+        backend = LokyBackend(preload=None if os.environ.get("PROCVAL_PRELOAD") else ["dspy"])
+        held = owner._procval_workers = (
+            key,
+            Workers(config, workers=workers, threads=threads, backend=backend),
+        )
+    return held[1]
 
 
 class _ErrorLog:

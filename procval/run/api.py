@@ -161,21 +161,68 @@ def evaluate(
         TooManyErrors: more than ``max_errors`` examples failed.
     """
     named = _named_configs(config, configs)
+    _check_counts(workers, threads, retries, backoff, timeout, max_errors)
+    _check_backend(backend)
+    check_local_limits(backend, named)
+    results = run_configs(
+        named,
+        program,
+        dataset,
+        metric,
+        lambda: _backend(backend),
+        workers=workers,
+        threads=threads,
+        failure_score=failure_score,
+        progress=progress,
+        timeout=timeout,
+        retries=retries,
+        backoff=backoff,
+        max_errors=max_errors,
+        store=store,
+        fresh=fresh,
+        retry_errors=retry_errors,
+    )
+    return results if configs is not None else results[named[0].name]
+
+
+def run_configs(
+    named: list[Config],
+    program: Program,
+    dataset: Iterable[Any],
+    metric: Metric,
+    source: Callable[[], Backend],
+    *,
+    adopt: Callable[[Snapshot], Snapshot] | None = None,
+    workers: int | None,
+    threads: int,
+    failure_score: float = 0.0,
+    progress: bool | None = None,
+    timeout: float | None = None,
+    retries: int = 0,
+    backoff: float = 0.5,
+    max_errors: int | None = None,
+    store: str | os.PathLike[str] | None = None,
+    fresh: bool = False,
+    retry_errors: bool = False,
+) -> Results:
+    """Run ``named`` configs (checked) on the workers ``source()`` gives; :func:`evaluate`'s core.
+
+    ``source`` makes the scheduler's worker source: a new backend for a plain ``evaluate``
+    (shut down at the end of the run), or a :class:`procval.Workers` pool's lease of its warm
+    workers; ``adopt`` may replace a snapshot by an earlier one of the same content (a pool's,
+    whose workers installed it). The options are ``evaluate``'s (counts checked by the caller).
+    """
     _check_callables(program, metric)
     program = _dspy_way(program)
     _check_counts(workers, threads, retries, backoff, timeout, max_errors)
-    _check_backend(backend)
     _check_store_options(store, fresh, retry_errors)
     limiter.check_limits(named)  # two configs giving one key different limits: refused now
-    if backend == "ray" and any(c.rate_limits for c in named):
-        raise ValueError(
-            "rate_limit needs workers on this machine (they ask this process for permits over "
-            "a Unix socket); use backend='loky', or limit the calls inside the program"
-        )
     # with a store, a second row for an id is refused by the store: no id set in the parent
     data = Examples(dataset, passes=len(named), track_ids=store is None or retry_errors)
     examples = [data] * len(named)
     snapshots = [take_snapshot(c, program, metric) for c in named]
+    if adopt is not None:
+        snapshots = [adopt(s) for s in snapshots]
     options = WorkerOptions(
         threads=threads, retries=retries, backoff=backoff, parent_pid=os.getpid(), timeout=timeout
     )
@@ -191,7 +238,7 @@ def evaluate(
         bars = Progress(
             [c.name for c in named], [e.total for e in examples], enabled=wanted(progress)
         )
-        engine = _backend(backend)
+        engine = source()
         scheduler = Scheduler(
             engine,
             specs,
@@ -228,7 +275,21 @@ def evaluate(
         limiter.stop(served, {})
         raise
     limiter.stop(served, results)
-    return results if configs is not None else results[named[0].name]
+    return results
+
+
+def check_local_limits(backend: str | Backend, named: Sequence[Config]) -> None:
+    """Refuse rate limits with workers on other machines (they ask this process for permits).
+
+    Raises:
+        ValueError: a config has a ``rate_limit`` and the backend is Ray.
+    """
+    ray = backend == "ray" or type(backend).__name__ == "RayBackend"
+    if ray and any(c.rate_limits for c in named):
+        raise ValueError(
+            "rate_limit needs workers on this machine (they ask this process for permits over "
+            "a Unix socket); use backend='loky', or limit the calls inside the program"
+        )
 
 
 @contextlib.contextmanager

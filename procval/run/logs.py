@@ -10,6 +10,7 @@ cannot reach a local socket (docs/ray.md).
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import os
@@ -48,6 +49,9 @@ class LogListener:
             self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _BUFFER)
         self._socket.settimeout(0.1)
         self._stopping = threading.Event()
+        self._flushing = threading.Lock()
+        self._reported = 0
+        self.owner = os.getpid()
         self._dropped: dict[int, int] = {}
         self.received = 0
         self._thread = threading.Thread(target=self._serve, name="procval-logs", daemon=True)
@@ -88,6 +92,29 @@ class LogListener:
             with contextlib.suppress(Exception):  # a failing handler must not end the relay
                 target.handle(record)
 
+    def flush(self) -> None:
+        """Handle the records already queued, now; say how many the workers dropped."""
+        with self._flushing:
+            self._socket.settimeout(0)
+            try:
+                for _ in range(100_000):  # what arrived before the run ended, bounded
+                    try:
+                        data = self._socket.recv(_MAX_DATAGRAM)
+                    except OSError:
+                        break
+                    if data:
+                        self._handle(data)
+            finally:
+                self._socket.settimeout(0.1)
+        dropped = self.dropped
+        if dropped > self._reported:
+            logger.warning(
+                "%d log records of the workers were dropped: they logged faster than this "
+                "process could receive them",
+                dropped - self._reported,
+            )
+            self._reported = dropped
+
     def stop(self) -> None:
         """Handle what is already queued, then stop the thread and remove the socket."""
         self._stopping.set()
@@ -104,11 +131,11 @@ class LogListener:
             self._handle(data)
         self._socket.close()
         shutil.rmtree(self._directory, ignore_errors=True)
-        if self.dropped:
+        if self.dropped > self._reported:
             logger.warning(
                 "%d log records of the workers were dropped: they logged faster than this "
                 "process could receive them",
-                self.dropped,
+                self.dropped - self._reported,
             )
 
 
@@ -121,24 +148,38 @@ def parent_levels() -> dict[str, int]:
     return levels
 
 
+_shared: LogListener | None = None
+_shared_lock = threading.Lock()
+
+
 def start(specs: Sequence[WorkerSpec]) -> LogListener | None:
     """Listen for the log records of the workers of ``specs``; sets their ``WorkerOptions.log``.
 
-    Call it before any worker starts, and :func:`stop` at the end of the run. None where Unix
-    sockets do not exist (the records then stay in the workers).
+    One listener serves every run of this process (started at the first), so that its socket
+    path, and so the workers' options, are the same from one call to the next: a warm worker
+    (``procval.Workers``) serves a later call and still reaches it. Call :func:`stop` at the
+    end of the run. None where Unix sockets do not exist (the records then stay in the workers).
     """
+    global _shared
     if not hasattr(socket, "AF_UNIX"):
         return None
-    listener = LogListener()
-    target = (listener.path, parent_levels())
+    with _shared_lock:
+        if _shared is None or _shared.owner != os.getpid():  # (a forked child starts its own)
+            _shared = LogListener()
+            atexit.register(_shared.stop)
+        listener = _shared
+    target = (listener.path, tuple(sorted(parent_levels().items())))
     for spec in specs:
         spec.options.log = target
     return listener
 
 
 def stop(listener: LogListener | None, specs: Sequence[WorkerSpec]) -> None:
-    """Stop what :func:`start` started (within seconds); the specs no longer name the socket."""
+    """The end of a run: handle the records already queued; the specs no longer name the socket.
+
+    The listener goes on for the next run (it stops when the process exits).
+    """
     for spec in specs:
         spec.options.log = None
     if listener is not None:
-        listener.stop()
+        listener.flush()

@@ -79,12 +79,12 @@ class RelayHandler(logging.Handler):
         super().close()
 
 
-def install(target: tuple[str, dict[str, int]] | None) -> RelayHandler | None:
+def install(target: tuple[str, tuple[tuple[str, int], ...]] | None) -> RelayHandler | None:
     """Send this worker's log records to the parent's socket, at the parent's levels.
 
     Args:
-        target: ``WorkerOptions.log``: the socket path and the parent's logger levels
-            (``""`` for the root logger); None leaves logging as it is.
+        target: ``WorkerOptions.log``: the socket path and the parent's logger levels as
+            ``(name, level)`` pairs (``""`` for the root logger); None leaves logging as it is.
 
     Returns:
         The handler installed on the root logger, or None.
@@ -95,6 +95,6 @@ def install(target: tuple[str, dict[str, int]] | None) -> RelayHandler | None:
     handler = RelayHandler(path)
     root = logging.getLogger()
     root.addHandler(handler)
-    for name, level in levels.items():
+    for name, level in levels:
         logging.getLogger(name or None).setLevel(level)
     return handler

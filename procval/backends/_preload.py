@@ -1,0 +1,164 @@
+"""Modules preloaded in the fork server, so that workers start with them imported and shared.
+
+A worker forked from a server that has imported ``dspy`` starts with ``dspy`` in
+``sys.modules``: no import to pay (0.7 s for DSPy), and the module's pages are shared
+copy-on-write with the server and every other worker instead of copied per process::
+
+    LokyBackend(preload=["dspy"])  or  PROCVAL_PRELOAD=dspy,numpy  or  preload="auto"
+        │
+        ▼  per worker: server_for(config env, preload)
+    one server per (preload, the worker's whole environment):
+      parent env + Config.env ──exec──▶ python: imports procval's worker side, then the
+                                        preload, under that environment; gc.freeze();
+                                        refuses (falls back, with a warning) if an import
+                                        failed or started a thread
+                                           │ fork (ms)
+                                           ▼
+                                        workers of the configs with that environment
+
+Why per environment: a module may read an environment variable when it is imported (litellm
+reads ``LITELLM_LOCAL_MODEL_COST_MAP``, many libraries read their cache directory). A worker
+must see the module as its own config's environment made it, so a module is never preloaded
+under one environment and used under another: configs with different ``env`` get different
+servers, and a parent whose ``os.environ`` changed gets a new one. A server runs no user code
+and never sees a snapshot or a setup, so nothing a config installs reaches another config's
+workers: each installs its snapshot in its own fork.
+
+``"auto"`` preloads the modules that the snapshot refers to by name (its pickle's
+globals), that the parent has imported, and that are not in the standard library: the heavy
+libraries a program uses, DSPy among them. Without a preload (the default), workers fork from
+the one shared server of :mod:`procval.backends._forkserver`, which imports procval only.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import importlib.util
+import os
+import pickletools
+import sys
+import threading
+import warnings
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from procval.backends._preimport import import_preload
+
+if TYPE_CHECKING:
+    from procval.backends._forkserver import ForkServer
+
+__all__ = ["AUTO", "import_preload", "referenced_packages", "resolve", "server_for"]
+
+AUTO = "auto"
+_ALWAYS = frozenset({"procval", "loky", "cloudpickle", "__main__", "builtins"})
+
+_Key = tuple[tuple[str, ...], frozenset[tuple[str, str]]]
+_servers: dict[_Key, ForkServer] = {}
+_refused: dict[_Key, str] = {}  # a preload that failed under this environment: not again
+_lock = threading.Lock()
+
+
+def resolve(preload: Sequence[str] | str | None) -> tuple[str, ...] | str:
+    """The preload a backend uses: ``preload``, else ``PROCVAL_PRELOAD`` (comma-separated).
+
+    Returns:
+        The module names, checked, or ``"auto"``.
+
+    Raises:
+        ValueError: a name that is not a module the parent can find, with the fix.
+    """
+    if preload is None:
+        preload = os.environ.get("PROCVAL_PRELOAD", "")
+    if isinstance(preload, str):
+        if preload.strip() == AUTO:
+            return AUTO
+        preload = [name.strip() for name in preload.split(",") if name.strip()]
+    names = tuple(dict.fromkeys(preload))
+    for name in names:
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"preload must hold module names, got {name!r}")
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            raise ValueError(
+                f"preload names {name!r}, which is not an importable module here; install it "
+                "or remove it from preload= / PROCVAL_PRELOAD"
+            )
+    return names
+
+
+def referenced_packages(data: bytes) -> tuple[str, ...]:
+    """The third-party modules a pickle refers to by name, if the parent has imported them.
+
+    Read from the pickle's opcodes (the module strings of its globals), not by unpickling.
+    """
+    found: dict[str, None] = {}
+    skip = _ALWAYS | getattr(sys, "stdlib_module_names", frozenset())
+    try:
+        for opcode, arg, _ in pickletools.genops(data):
+            if isinstance(arg, str) and ("UNICODE" in opcode.name or opcode.name == "GLOBAL"):
+                name = arg.split(" ", 1)[0]
+                module = sys.modules.get(name) if name.split(".", 1)[0] not in skip else None
+                if module is not None and getattr(module, "__file__", None):
+                    found[name] = None
+    except Exception:  # a pickle this reader does not follow: preload nothing
+        return ()
+    return tuple(found)
+
+
+def server_for(env: dict[str, str], preload: tuple[str, ...]) -> ForkServer | None:
+    """The fork server for a worker with the config's ``env`` that preloads ``preload``.
+
+    Returns:
+        A ``ForkServer``, or None when workers must start by ``fork+exec`` (no fork server
+        here). A preload that cannot be used (an import fails or starts a thread in the
+        server) is reported once as a ``RuntimeWarning``; the workers then fork from the plain
+        server and import what they need themselves.
+    """
+    from procval.backends import _forkserver
+
+    if not preload:
+        return _forkserver.get_server(env)
+    if not _forkserver.available():
+        return None
+    environ = {**os.environ, **env}
+    key = (preload, frozenset(environ.items()))
+    with _lock:
+        server = _servers.get(key)
+        if server is not None and not server.alive():
+            del _servers[key]
+            server = None
+        if server is None and key not in _refused:
+            try:
+                server = _servers[key] = _forkserver.ForkServer(preload, environ)
+            except OSError as exc:
+                _refused[key] = str(exc)
+                warnings.warn(
+                    f"procval could not preload {list(preload)} in its fork server ({exc}); "
+                    "workers import these modules themselves",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+    return server if server is not None else _forkserver.get_server(env)
+
+
+def _forget_in_child() -> None:
+    """A fork of the parent starts its own servers when it needs them."""
+    servers = list(_servers.values())
+    _servers.clear()
+    for server in servers:
+        with contextlib.suppress(OSError):
+            server._sock.close()
+
+
+def _stop_at_exit() -> None:
+    for server in list(_servers.values()):
+        if server.owner == os.getpid():
+            server.stop()
+
+
+os.register_at_fork(after_in_child=_forget_in_child)
+atexit.register(_stop_at_exit)

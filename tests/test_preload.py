@@ -1,0 +1,127 @@
+"""Modules preloaded in the fork server: shared by the workers, yet each config sees its own.
+
+A preloaded module is imported once, in a fork server started under the worker's environment
+(``procval/backends/_preload.py``). The tests prove the two halves of the isolation promise with
+real processes: a module that reads an environment variable at import sees each config's own
+value, and what one config's ``setup`` installs in a preloaded module never reaches a worker of
+another config. No timings are asserted (``benchmarks/dspy_warm.py`` measures the speed).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import warnings
+
+import pytest
+
+import procval
+from helpers import env_at_import
+from procval.backends import _preload
+from procval.backends.loky import LokyBackend
+
+pytestmark = [
+    pytest.mark.skipif(not sys.platform.startswith("linux"), reason="fork server: Linux only"),
+    pytest.mark.usefixtures("no_leaked_workers"),
+]
+
+MODULE = "helpers.env_at_import"
+
+
+def _configs() -> dict[str, procval.Config]:
+    return {
+        name: procval.Config(
+            setup=functools.partial(env_at_import.install, name),
+            env={"PROCVAL_TEST_AT_IMPORT": f"value of {name}"},
+        )
+        for name in ("a", "b")
+    }
+
+
+def _observations(preload: object) -> dict[str, list[dict[str, object]]]:
+    results = procval.evaluate(
+        env_at_import.observe,
+        range(6),
+        env_at_import.accept,
+        configs=_configs(),
+        workers=2,
+        backend=LokyBackend(preload=preload),  # type: ignore[arg-type]
+    )
+    return {name: [row.prediction for row in result.rows] for name, result in results.items()}
+
+
+@pytest.mark.parametrize("preload", [[MODULE], "auto"])
+def test_a_module_preloaded_sees_each_configs_env_and_nothing_of_the_others(preload):
+    seen = _observations(preload)
+    for name, observations in seen.items():
+        assert len(observations) == 6
+        for seen_here in observations:
+            # imported before the worker existed: by its fork server, not by the worker itself
+            assert seen_here["imported_in"] != seen_here["pid"]
+            assert seen_here["at_import"] == f"VALUE OF {name.upper()}"
+            assert seen_here["installed"] == [name]  # its own setup's mark, no other config's
+    servers = {o["imported_in"] for o in seen["a"]}, {o["imported_in"] for o in seen["b"]}
+    assert servers[0].isdisjoint(servers[1])  # one server per environment
+
+
+def test_without_preload_each_worker_imports_the_module_itself():
+    for name, observations in _observations([]).items():
+        for seen_here in observations:
+            assert seen_here["imported_in"] == seen_here["pid"]
+            assert seen_here["at_import"] == f"VALUE OF {name.upper()}"
+            assert seen_here["installed"] == [name]
+
+
+def test_a_parent_whose_environment_changed_gets_a_server_preloaded_under_it(monkeypatch):
+    config = procval.Config(setup=functools.partial(env_at_import.install, "c"))
+    seen = []
+    for value in ("first", "second"):
+        monkeypatch.setenv("PROCVAL_TEST_AT_IMPORT", value)
+        result = procval.evaluate(
+            env_at_import.observe,
+            range(2),
+            env_at_import.accept,
+            config=config,
+            workers=1,
+            backend=LokyBackend(preload=[MODULE]),
+        )
+        seen.append({row.prediction["at_import"] for row in result.rows})
+    assert seen == [{"FIRST"}, {"SECOND"}]
+
+
+def test_preload_names_are_checked_before_any_worker_starts(monkeypatch):
+    with pytest.raises(ValueError, match=r"no_such_module_here.*not an importable module"):
+        LokyBackend(preload=["no_such_module_here"])
+    monkeypatch.setenv("PROCVAL_PRELOAD", "helpers.env_at_import, no_such_module_here")
+    with pytest.raises(ValueError, match="PROCVAL_PRELOAD"):
+        LokyBackend()
+    monkeypatch.setenv("PROCVAL_PRELOAD", "auto")
+    assert _preload.resolve(None) == "auto"
+    monkeypatch.setenv("PROCVAL_PRELOAD", f"{MODULE},{MODULE}")
+    assert _preload.resolve(None) == (MODULE,)
+
+
+def test_auto_finds_the_third_party_packages_a_snapshot_refers_to():
+    from procval.run.snapshot import take_snapshot
+
+    snapshot = take_snapshot(procval.Config(), env_at_import.observe, env_at_import.accept)
+    found = _preload.referenced_packages(snapshot.data)
+    assert MODULE in found
+    assert not {name.split(".")[0] for name in found} & {"procval", "os", "builtins"}
+
+
+def test_a_preload_that_starts_a_thread_is_refused_with_a_warning_and_the_run_goes_on():
+    def run() -> procval.EvaluationResult:
+        backend = LokyBackend(preload=["helpers.starts_a_thread"])  # one backend per run
+        return procval.evaluate(
+            env_at_import.observe, range(2), env_at_import.accept, workers=1, backend=backend
+        )
+
+    with pytest.warns(RuntimeWarning, match="started threads"):
+        result = run()
+    assert [row.error for row in result.rows] == [None, None]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # refused once: the next run does not warn again
+        run()
+    assert os.environ.get("PROCVAL_PRELOAD") is None
