@@ -31,6 +31,8 @@ class RunOptions:
     timeout: float | None = None
     max_errors: int | None = None
     resume_hint: str = ""
+    epochs: int = 1
+    primary: str | None = None
 
 
 @dataclass(eq=False)

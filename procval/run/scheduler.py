@@ -36,7 +36,6 @@ serves two configs. Everything runs in the caller's thread; Ctrl-C kills every w
 from __future__ import annotations
 
 import contextlib
-import socket
 import time
 from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, wait
@@ -59,6 +58,7 @@ from procval.run.lifecycle import (
 from procval.run.pools import ConfigRun, RunOptions, WorkerRun
 from procval.run.progress import Progress
 from procval.run.provenance import Provenance
+from procval.run.rows import RowMaker
 from procval.run.shards import ShardSizer
 from procval.store.scrub import Scrubber
 from procval.store.sink import Sink
@@ -66,7 +66,6 @@ from procval.wire import SetupFailed, Shard, ShardDone
 
 __all__ = ["PIPELINE", "RunOptions", "Scheduler"]
 
-_NODE = socket.gethostname()
 PIPELINE = 2  # shards queued per worker, so a worker never waits for its next shard
 
 
@@ -90,7 +89,15 @@ class Scheduler:
         self._provenance = Provenance()
         self._errors = 0
         self._runs: list[ConfigRun] = []
+        self._makers: dict[str, RowMaker] = {}
         for spec, data in zip(specs, examples, strict=True):
+            self._makers[spec.snapshot.name] = RowMaker(
+                spec.snapshot.name,
+                spec.snapshot.fingerprint,
+                failure_score=options.failure_score,
+                epochs=options.epochs,
+                primary=options.primary,
+            )
             prior = sink.begin(spec.snapshot)  # earlier sessions' errors do not count here
             run = ConfigRun(
                 spec=spec,
@@ -292,27 +299,7 @@ class Scheduler:
         run.start_failures = 0
         if not alone:
             run.sizer.observe(len(results), sum(result.duration for result in results))
-        failure_score, name, outstanding = self._options.failure_score, run.name, w.outstanding
-        rows = []
-        for seq, prediction, score, error, attempts, duration in results:
-            index, example_id, example = outstanding.pop(seq)
-            # positional, in Row's field order: a third faster than keywords, per example
-            rows.append(
-                Row(
-                    index,
-                    example_id,
-                    example,
-                    prediction,
-                    failure_score if error else score,
-                    RowError(*error) if error else None,
-                    attempts,
-                    duration,
-                    pid,
-                    name,
-                    fingerprint,
-                    node,
-                )
-            )
+        rows = self._makers[run.name].rows(results, w.outstanding, pid, node, fingerprint)
         self._deliver(run, rows)
 
     def _deliver(self, run: ConfigRun, rows: list[Row]) -> None:
@@ -338,20 +325,9 @@ class Scheduler:
     def _error_row(
         self, run: ConfigRun, item: Item, error: RowError, *, pid: int = 0, node: str = ""
     ) -> Row:
-        index, example_id, example = item
-        return Row(
-            index=index,
-            example_id=example_id,
-            example=example,
-            prediction=None,
-            score=self._options.failure_score,
-            error=error,
-            attempts=1,
-            duration=0.0,
-            worker_pid=pid,
-            config=run.name,
-            fingerprint=run.spec.snapshot.fingerprint,
-            node=node or _NODE,
+        failure_score = self._options.failure_score
+        return self._makers[run.name].error_row(
+            item, error, failure_score=failure_score, pid=pid, node=node
         )
 
     # ---------------------------------------------------------------- failures

@@ -95,12 +95,12 @@ class Runner:
             return ExampleResult(item.seq, None, 0.0, _error(exc), 1, 0.0)
 
     def _run(self, item: WorkItem, slot: int) -> ExampleResult:
-        seq, example_id, example = item
+        seq, example_id, example, epoch = item
         started = time.perf_counter()
         attempts = 0
         while True:
             attempts += 1
-            seed_example(self.seed, example_id)
+            seed_example(self.seed, example_id, epoch)
             self.slots.start(slot, seq)
             try:
                 prediction = self.program(example)
@@ -127,12 +127,12 @@ class Runner:
     async def _run_async(self, item: WorkItem, slot: int) -> ExampleResult:
         import asyncio
 
-        seq, example_id, example = item
+        seq, example_id, example, epoch = item
         started = time.perf_counter()
         attempts = 0
         while True:
             attempts += 1
-            seed_example(self.seed, example_id)
+            seed_example(self.seed, example_id, epoch)
             self.slots.start(slot, seq)
             try:
                 prediction = await self.program(example)
@@ -171,9 +171,15 @@ def is_async(program: Any) -> bool:
     )
 
 
-def example_seed(seed: int, example_id: object) -> int:
-    """The seed used for one example: stable across processes, machines and Python versions."""
-    digest = hashlib.sha256(f"{seed}\0{example_id!r}".encode()).digest()
+def example_seed(seed: int, example_id: object, epoch: int = 0) -> int:
+    """The seed used for one example: stable across processes, machines and Python versions.
+
+    Epoch 0 is seeded from ``(seed, example_id)`` alone, as before epochs existed, so that a run
+    of one epoch gives the results it always gave; a later epoch from ``(seed, example_id,
+    epoch)``.
+    """
+    key = f"{seed}\0{example_id!r}" if not epoch else f"{seed}\0{example_id!r}\0{epoch}"
+    digest = hashlib.sha256(key.encode()).digest()
     return int.from_bytes(digest[:8], "little")
 
 
@@ -192,12 +198,12 @@ def seed_globals(seed: int | None) -> None:
         numpy.random.seed(seed % 2**32)
 
 
-def seed_example(seed: int | None, example_id: object) -> None:
+def seed_example(seed: int | None, example_id: object, epoch: int = 0) -> None:
     """Seed the example's own ``rng()``, ``random`` and (if imported) numpy, before each attempt."""
     if seed is None:
         _example_rng.set(None)
         return
-    value = example_seed(seed, example_id)
+    value = example_seed(seed, example_id, epoch)
     _example_rng.set(random.Random(value))
     random.seed(value)
     numpy = sys.modules.get("numpy")
