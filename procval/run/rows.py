@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Sequence
-from typing import Any
 
 from procval.results import Row, RowError, Usage
 from procval.run.dataset import Item
-from procval.wire import ExampleResult
+from procval.wire import ErrorInfo, ExampleResult
 
 _NODE = socket.gethostname()
 
@@ -62,17 +61,23 @@ class RowMaker:
     ) -> list[Row]:
         """The rows of ``results``, taking each answered item out of ``outstanding``."""
         failure_score, name, epochs = self.failure_score, self.config, self.epochs
+        names = self.names
         made = []
-        for result in results:
-            seq, prediction, score, error, attempts, duration, scores, extra, usage = result[:9]
+        for seq, prediction, score, error, attempts, duration, scores, extra, usage in results:
             _, example_id, example, epoch = outstanding.pop(seq)
-            index = seq if epochs == 1 else seq // epochs
-            if error is None and (scores is not None or self.names):
-                score, scores, error = self._named(score, scores)
+            if scores is not None or names:  # named scores, or a row that lacks them
+                if error is not None:
+                    scores = None
+                else:
+                    if names is None:
+                        names = self.names = tuple(scores or ())
+                    score, scores, error = self._named(score, scores)
+            elif names is None and error is None:
+                names = self.names = ()
             # positional, in Row's field order: a third faster than keywords, per example
             made.append(
                 Row(
-                    index,
+                    seq if epochs == 1 else seq // epochs,
                     example_id,
                     example,
                     prediction,
@@ -85,18 +90,16 @@ class RowMaker:
                     fingerprint,
                     node,
                     epoch,
-                    None if error else scores,
+                    scores,
                     extra,
                     None if usage is None else _usage(usage),
                 )
             )
-            if self.names is None and error is None:
-                self.names = () if scores is None else tuple(scores)
         return made
 
     def _named(
         self, score: float, scores: dict[str, float] | None
-    ) -> tuple[float, dict[str, float] | None, Any]:
+    ) -> tuple[float, dict[str, float] | None, ErrorInfo | None]:
         """``(score, scores, error)`` of a row whose metric gave named scores (or should have)."""
         got = () if scores is None else tuple(scores)
         expected = self.names
@@ -106,14 +109,14 @@ class RowMaker:
                 f"example, but {list(expected) or 'one unnamed score'} for the first one; a "
                 "metric must return the same score names for every example"
             )
-            return score, None, ("ScoreNamesChanged", message, "")
+            return score, None, ErrorInfo("ScoreNamesChanged", message, "")
         if scores is not None and self.primary is not None:
             if self.primary not in scores:
                 message = (
                     f"primary={self.primary!r} is not among the metric's scores {list(got)}; "
                     "pass one of them"
                 )
-                return score, None, ("ScoreNamesChanged", message, "")
+                return score, None, ErrorInfo("ScoreNamesChanged", message, "")
             score = scores[self.primary]
         return score, scores, None
 

@@ -20,14 +20,18 @@ from procval.results import Row, RowError, Usage
 
 
 def encode(row: Row, config: str, session: int) -> tuple[Any, ...]:
-    """The record of ``row`` (columns in ``schema.COLUMNS`` order)."""
+    """The record of ``row``: ``schema.COLUMNS`` in order, or its first 16 for a plain row.
+
+    A plain row (epoch 0, one score, no extra, usage or group, a plain JSON prediction) leaves
+    the format 2 columns to their defaults: it is the common case, and six fewer bound values
+    per row keep the store as fast as format 1 (``schema.INSERT_PLAIN``).
+    """
     example = to_json(row.example)
     error = row.error
     eid = row.example_id
     prediction = row.prediction
     kind = type(prediction)
-    usage = row.usage
-    return (
+    record = (
         config,
         str(eid) if isinstance(eid, int) else json.dumps(eid),
         row.index,
@@ -44,14 +48,30 @@ def encode(row: Row, config: str, session: int) -> tuple[Any, ...]:
         row.node,
         row.fingerprint,
         session,
+    )
+    scores, extra, usage = row.scores, row.extra, row.usage
+    if (
+        kind in _PLAIN
+        and not row.epoch
+        and scores is None
+        and extra is None
+        and usage is None
+        and row.group is None
+    ):
+        return record
+    return (
+        *record,
         row.epoch,
-        None if row.scores is None else _CANONICAL(dict(row.scores)),
-        None if row.extra is None else to_json(row.extra),
+        None if scores is None else _CANONICAL(dict(scores)),
+        None if extra is None else to_json(extra),
         None if usage is None else to_json({m: u.to_dict() for m, u in usage.items()}),
         row.group,
         None if kind in _PLAIN else f"{kind.__module__}.{kind.__qualname__}",
     )
 
+
+DEFAULTS = (0, None, None, None, None, None)
+"""The format 2 columns of a plain row (see :func:`encode`)."""
 
 _PLAIN = frozenset({str, int, float, bool, type(None), list, dict, tuple})
 

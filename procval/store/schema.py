@@ -84,6 +84,9 @@ REPLACE_FAILED = (
     + ", ".join(f"{c} = excluded.{c}" for c in COLUMNS.replace(" ", "").split(",")[2:])
     + " WHERE rows.error_type IS NOT NULL"
 )
+INSERT_PLAIN = f"INSERT INTO rows ({COLUMNS_V1}) VALUES ({', '.join('?' * 16)})"
+"""For a batch of plain rows (``codec.encode``): the format 2 columns take their defaults."""
+REPLACE_FAILED_PLAIN = REPLACE_FAILED.replace(INSERT, INSERT_PLAIN, 1)
 SELECT = f"SELECT {COLUMNS} FROM rows"
 SELECT_V1 = f"SELECT {COLUMNS_V1}, 0 AS epoch, NULL, NULL, NULL, NULL, NULL FROM rows"
 """A format 1 store read as format 2: the columns it lacks read as their defaults."""

@@ -50,11 +50,19 @@ from typing import Any
 from procval._version import __version__
 from procval.errors import ProgramChangedWarning, StoreError, StoreMismatchError
 from procval.results import EvaluationResult, Row, Totals, Usage
-from procval.store.codec import encode, text_hash, to_json
+from procval.store.codec import DEFAULTS, encode, text_hash, to_json
 from procval.store.faults import store_errors, translate
 from procval.store.lock import WriterLock, writer_is_gone
 from procval.store.readers import result_of, totals
-from procval.store.schema import ADD_USAGE, INSERT, REPLACE_FAILED, connect, migrate
+from procval.store.schema import (
+    ADD_USAGE,
+    INSERT,
+    INSERT_PLAIN,
+    REPLACE_FAILED,
+    REPLACE_FAILED_PLAIN,
+    connect,
+    migrate,
+)
 from procval.wire import Snapshot
 
 
@@ -199,9 +207,12 @@ class StoreSink:
     def _add(self, config: str, rows: list[Row]) -> None:
         db = self._writer()
         records = [encode(row, config, self._session) for row in rows]
+        statement = _statement(records, self._retry_errors)
+        if statement in (INSERT, REPLACE_FAILED):  # some rows are not plain: pad the others
+            records = [r if len(r) > PLAIN else (*r, *DEFAULTS) for r in records]
         self._write(db)
         try:
-            db.executemany(REPLACE_FAILED if self._retry_errors else INSERT, records)
+            db.executemany(statement, records)
         except sqlite3.IntegrityError:
             raise self._duplicate(db, config, rows) from None
         spent = [
@@ -355,6 +366,17 @@ class StoreSink:
                 db.close()
         finally:
             self._lock.release()
+
+
+PLAIN = 16  # columns of a plain row's record
+
+
+def _statement(records: list[tuple[Any, ...]], replace_failed: bool) -> str:
+    """The INSERT for a batch: the plain one when every record is plain (the common case)."""
+    plain = all(len(r) == PLAIN for r in records)
+    if replace_failed:
+        return REPLACE_FAILED_PLAIN if plain else REPLACE_FAILED
+    return INSERT_PLAIN if plain else INSERT
 
 
 def _usage_record(model: str, usage: Usage) -> tuple[Any, ...]:

@@ -10,8 +10,6 @@ from __future__ import annotations
 import contextvars
 import hashlib
 import inspect
-import math
-import numbers
 import random
 import sys
 import time
@@ -20,6 +18,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from procval.wire import ErrorInfo, ExampleResult, WorkItem
+from procval.worker.scoring import MetricTypeError, NonFiniteScore, outcome  # noqa: F401
 
 if TYPE_CHECKING:
     from procval.worker.slots import SlotTable
@@ -30,14 +29,6 @@ _BACKOFF_CAP = 60.0
 _example_rng: contextvars.ContextVar[random.Random | None] = contextvars.ContextVar(
     "procval_example_rng", default=None
 )
-
-
-class MetricTypeError(TypeError):
-    """A metric returned something other than a bool or a real number."""
-
-
-class NonFiniteScore(ValueError):
-    """A metric returned NaN or an infinity: the example gets an error row, not that score."""
 
 
 class Runner:
@@ -113,7 +104,7 @@ class Runner:
                     seq, None, 0.0, _error(exc), attempts, time.perf_counter() - started
                 )
             try:
-                score = _score(self.metric(example, prediction))
+                score, scores, extra = outcome(self.metric(example, prediction))
             except (Exception, SystemExit) as exc:
                 return ExampleResult(
                     seq, prediction, 0.0, _error(exc), attempts, time.perf_counter() - started
@@ -121,7 +112,7 @@ class Runner:
             finally:
                 self.slots.stop(slot)
             return ExampleResult(
-                seq, prediction, score, None, attempts, time.perf_counter() - started
+                seq, prediction, score, None, attempts, time.perf_counter() - started, scores, extra
             )
 
     async def _run_async(self, item: WorkItem, slot: int) -> ExampleResult:
@@ -148,7 +139,7 @@ class Runner:
                 value = self.metric(example, prediction)
                 if inspect.isawaitable(value):
                     value = await value
-                score = _score(value)
+                score, scores, extra = outcome(value)
             except (Exception, SystemExit) as exc:
                 return ExampleResult(
                     seq, prediction, 0.0, _error(exc), attempts, time.perf_counter() - started
@@ -156,7 +147,7 @@ class Runner:
             finally:
                 self.slots.stop(slot)
             return ExampleResult(
-                seq, prediction, score, None, attempts, time.perf_counter() - started
+                seq, prediction, score, None, attempts, time.perf_counter() - started, scores, extra
             )
 
     def _backoff(self, attempt: int) -> float:
@@ -217,31 +208,6 @@ def _numpy() -> Any:
     except ImportError:
         return None
     return numpy
-
-
-def _score(value: Any) -> float:
-    """The metric's value as a float: a bool, a real number, or a numpy bool; finite.
-
-    A NaN or infinite score would turn the config's mean into NaN or inf while its error count
-    stays 0, so it raises :class:`NonFiniteScore`: the example becomes an error row (its
-    prediction kept), counted and shown by the summary, report and comparison.
-    """
-    if isinstance(value, bool | numbers.Real):
-        score = float(value)
-    else:
-        numpy = sys.modules.get("numpy")  # a numpy bool is not a numbers.Real
-        if numpy is None or not isinstance(value, numpy.bool_):
-            raise MetricTypeError(
-                f"metric returned a {type(value).__module__}.{type(value).__qualname__} "
-                f"({value!r:.80}); it must return a bool, int or float"
-            )
-        score = float(bool(value))
-    if not math.isfinite(score):
-        raise NonFiniteScore(
-            f"metric returned {score!r} for this example; a metric must return a finite number "
-            "(return 0.0, or raise, for an example it cannot score)"
-        )
-    return score
 
 
 def _error(exc: BaseException) -> ErrorInfo:
