@@ -9,6 +9,7 @@
     procval compare PATH A B [--confidence C] [--resamples N] [--seed N] [--common-only]
                 [--examples N]
     procval export PATH [--format jsonl|csv] [--output FILE] [--config NAME ...]
+    procval repair PATH NEW
 
 ``TASK`` is ``path/to/file.py:name`` or ``module:name`` (see :mod:`procval.task`).
 
@@ -351,6 +352,25 @@ def export(args: argparse.Namespace) -> int:
             else f"the output is INCOMPLETE: only its first {written} rows went to stdout"
         )
         raise Failure(f"{_first_line(exc)}; {where}") from exc
+    return EXIT_OK
+
+
+@command(
+    "repair",
+    "copy every readable row of a damaged run store into a new store (then resume on it)",
+    arg("path", help="the damaged run store (only read)"),
+    arg("new", help="the new store to write (must not exist)"),
+)
+def repair(args: argparse.Namespace) -> int:
+    """``procval repair``: salvage a damaged store's readable rows, configs and sessions."""
+    from procval.store.repair import repair as salvage
+
+    saved = salvage(args.path, args.new)
+    lost = f"; {saved.lost} rows could not be read (a run on {args.new} runs them again)"
+    print(
+        f"repaired {args.path} into {args.new}: {saved.rows} rows of {saved.configs} configs"
+        + (lost if saved.lost else "")
+    )
     return EXIT_OK
 
 

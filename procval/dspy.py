@@ -13,7 +13,8 @@ from procval.integrations.dspy import (
     Evaluate,
     EvaluationResult,
     Scored,
+    in_worker,
     snapshot,
 )
 
-__all__ = ["PER_CALL_SETTINGS", "Evaluate", "EvaluationResult", "Scored", "snapshot"]
+__all__ = ["PER_CALL_SETTINGS", "Evaluate", "EvaluationResult", "Scored", "in_worker", "snapshot"]

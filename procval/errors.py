@@ -181,7 +181,8 @@ class StoreFullError(StoreError):
 class StoreCorruptError(StoreError):
     """The run store's file is damaged (SQLite: "database disk image is malformed").
 
-    Its readable rows can be recovered with SQLite's ``.recover`` into a new store.
+    Its readable rows can be copied into a new store with ``procval repair`` (or
+    :func:`procval.store.repair.repair`); a run on that store resumes.
 
     Attributes:
         path: the run store.

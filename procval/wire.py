@@ -71,12 +71,24 @@ class WorkerOptions:
         retries: extra attempts for an example whose program raises.
         backoff: seconds before the first retry, doubled each time (with jitter).
         parent_pid: the process whose death ends the worker (its watchdog); 0 for none.
+        procval_path: the folder of the parent's ``procval`` package; a worker that imports
+            ``procval`` from elsewhere (a folder named ``procval`` next to the task file, say)
+            refuses to start. "" checks nothing (a backend whose workers may run on other
+            machines, where procval is installed in another place).
+        session: the worker leads a session (and process group) of its own, so that the
+            backend can kill its descendants with it.
+        log: where the worker sends its log records, ``(socket path, {logger name: level})``
+            (the parent's listening Unix datagram socket and its loggers' levels, "" for the
+            root logger); None: records stay in the worker (:mod:`procval.worker.logs`).
     """
 
     threads: int = 1
     retries: int = 0
     backoff: float = 0.5
     parent_pid: int = 0
+    procval_path: str = ""
+    session: bool = False
+    log: tuple[str, dict[str, int]] | None = None
 
 
 @dataclass(frozen=True)
@@ -162,6 +174,8 @@ class ExampleResult(NamedTuple):
         scores: every named score, or None when the metric gave one unnamed score.
         extra: what the metric returned besides scores (JSON-able), or None.
         usage: raw token counts and cost per model name, or None (the parent builds ``Usage``).
+        events: what the example recorded while it ran (``(kind, payload)`` pairs: DSPy
+            callback events and LM history entries), replayed in the parent; None for none.
     """
 
     seq: int
@@ -173,7 +187,8 @@ class ExampleResult(NamedTuple):
     scores: dict[str, float] | None = None
     extra: dict[str, Any] | None = None
     usage: dict[str, dict[str, float]] | None = None
-    # ``events`` (issue 14) goes last: keep new fields above this line
+    # ``events`` goes last: new fields above it
+    events: list[tuple[str, Any]] | None = None
 
 
 class ShardDone(NamedTuple):
@@ -207,10 +222,13 @@ class SetupFailed(NamedTuple):
     """The worker could not install its snapshot (unpickling or ``Config.setup`` raised).
 
     Attributes:
-        traceback: the worker's formatted traceback.
+        traceback: the worker's formatted traceback ("" when it refused to start).
+        reason: why the worker refused to start, on one line, naming the fix (e.g. it imports
+            another ``procval`` than the parent's); "" when the snapshot itself failed.
     """
 
     traceback: str
+    reason: str = ""
 
 
 Reply = ShardDone | SetupFailed

@@ -38,18 +38,7 @@ COMPILE_ONLY = ("needs-api-key", "needs-ray-cluster")
 CHECK_ONLY = ("slow", "needs-ray-cluster")
 
 # (file, the block's first line) -> (why it fails today, a text its failure message must hold)
-KNOWN_FAILURES = {
-    ("README.md", "procval run examples/quickstart.py:task --store runs/quick.db"): (
-        "issue 13 item 3, fixed on another branch: a new store's parent directory is not "
-        "created (`cannot create the run store runs/quick.db: directory .../runs does not exist`)",
-        "cannot create the run store runs/quick.db: directory",
-    ),
-    ("README.md", 'results = procval.evaluate(program, procval.read_jsonl("big.jsonl")'): (
-        "issue 13 item 3, fixed on another branch: store='runs/big.db' fails, runs/ does not "
-        "exist and is not created",
-        "cannot create the run store runs/big.db: directory",
-    ),
-}
+KNOWN_FAILURES: dict[tuple[str, str], tuple[str, str]] = {}
 
 
 class KnownFailure(AssertionError):

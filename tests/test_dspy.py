@@ -121,7 +121,7 @@ def test_snapshot_identity_is_stable_as_the_lm_is_used():
 def test_snapshot_leaves_out_per_call_state():
     with dspy.context(trace=[("a predictor", {}, "a prediction")], caller_modules=["m"]):
         config = procval.dspy.snapshot(lm=dspy_toys.knowing_lm())
-    settings, _ = pickle.loads(config.setup._blob)
+    settings, *_ = pickle.loads(config.setup._blob)
     assert procval.dspy.PER_CALL_SETTINGS.isdisjoint(settings)
     assert settings["lm"].history == []
     with pytest.raises(ValueError, match="trace"):
@@ -139,12 +139,23 @@ class _LockedCallback(dspy.utils.BaseCallback):
         self.lock = threading.Lock()
 
 
-def test_snapshot_drops_callbacks_that_cannot_travel_with_a_warning():
+def test_snapshot_drops_in_worker_callbacks_that_cannot_travel_with_a_warning():
     kept, locked = _PicklableCallback(), _LockedCallback()
+    marked = [procval.dspy.in_worker(kept), procval.dspy.in_worker(locked)]
     with pytest.warns(UserWarning, match="left out of the snapshot"):
-        config = procval.dspy.snapshot(callbacks=[kept, locked])
-    settings, _ = pickle.loads(config.setup._blob)
-    assert [type(c) for c in settings["callbacks"]] == [_PicklableCallback]
+        config = procval.dspy.snapshot(callbacks=marked)
+    settings, *_ = pickle.loads(config.setup._blob)
+    assert [type(c.callback) for c in settings["callbacks"]] == [_PicklableCallback]
+
+
+def test_snapshot_keeps_unmarked_callbacks_in_the_caller_and_never_pickles_them():
+    from procval.integrations._dspy_observe import Recorder
+
+    locked = _LockedCallback()  # cannot be pickled: no warning, it stays here
+    config = procval.dspy.snapshot(callbacks=[locked])
+    settings, *_ = pickle.loads(config.setup._blob)
+    assert [type(c) for c in settings["callbacks"]] == [Recorder]
+    assert config.setup.relay.callbacks == [locked]
 
 
 def test_a_setting_that_cannot_be_pickled_is_named():
@@ -171,7 +182,7 @@ def test_snapshot_carries_the_callers_cache_configuration(tmp_path, restore_dspy
         safe_types=[_PicklableCallback],
     )
     config = procval.dspy.snapshot()
-    _, cache = pickle.loads(config.setup._blob)
+    _, cache, *_ = pickle.loads(config.setup._blob)
     assert cache["enable_disk_cache"] and not cache["enable_memory_cache"]
     assert cache["disk_cache_dir"] == str(tmp_path)
     assert cache["restrict_pickle"]
@@ -234,7 +245,10 @@ def test_two_snapshots_side_by_side():
     assert results["clueless"].score == 0.0
     pids = {name: {row.worker_pid for row in r.rows} for name, r in results.items()}
     assert pids["knowing"].isdisjoint(pids["clueless"])
-    assert len(knowing.history) == 1  # the workers used their own copies
+    # the workers used their own copies; each config's calls came back to its own LM
+    assert len(knowing.history) == 1 + len(dspy_toys.devset())
+    assert len(clueless.history) == len(dspy_toys.devset())
+    assert all("I am not sure" in str(e["outputs"][0]) for e in clueless.history)
 
 
 @pytest.mark.parametrize("module", [dspy.Predict, dspy.ChainOfThought])

@@ -14,7 +14,16 @@ from typing import Any
 
 import pytest
 
-from helpers.fake_backend import Crash, Fail, FakeBackend, FakeWorker, Hang, Late, Vanish
+from helpers.fake_backend import (
+    Crash,
+    Fail,
+    FakeBackend,
+    FakeWorker,
+    Freeze,
+    Hang,
+    Late,
+    Vanish,
+)
 from procval.errors import IsolationError, SetupError, TooManyErrors
 from procval.results import Results, Row
 from procval.run import lifecycle
@@ -39,9 +48,10 @@ def run(
     *,
     workers: int = 1,
     sink: Sink | None = None,
+    bound: float = 20.0,
     **options: Any,
 ) -> Results:
-    """Run the scheduler over ``n`` examples (ids 0..n-1) per config, bounded in time.
+    """Run the scheduler over ``n`` examples (ids 0..n-1) per config, within ``bound`` s.
 
     A config's ``n`` may be an iterable of examples instead (a generator, say).
     """
@@ -68,9 +78,9 @@ def run(
 
     thread = threading.Thread(target=target, daemon=True)
     thread.start()
-    thread.join(20)
+    thread.join(bound)
     if thread.is_alive():
-        pytest.fail("the scheduler did not finish within 20s")
+        pytest.fail(f"the scheduler did not finish within {bound:g}s")
     if "error" in outcome:
         raise outcome["error"]
     assert backend.shut_down
@@ -127,6 +137,16 @@ def test_fate_after_death_rules():
 def test_fate_after_timeout_rules():
     fates = lifecycle.fate_after_timeout([1, 2], {2})
     assert fates == {1: ExampleFate.RERUN, 2: ExampleFate.TIMEOUT}
+
+
+def test_fate_after_loss_rules():
+    fates = lifecycle.fate_after_loss([1, 2, 3], {2}, alone=False, losses={3: LOST_LIMIT})
+    assert fates == {
+        1: ExampleFate.REQUEUE,  # only queued, or finished and not yet sent back
+        2: ExampleFate.SUSPECT,  # running when its worker froze: rerun alone
+        3: ExampleFate.SUSPECT,  # lost LOST_LIMIT times already
+    }
+    assert lifecycle.fate_after_loss([7], set(), alone=True, losses={}) == {7: ExampleFate.LOST}
 
 
 def test_worker_transitions():
@@ -333,6 +353,34 @@ def test_a_timeout_gives_the_late_example_a_row_and_reruns_the_others_in_flight(
     assert [i for i, row in by_id.items() if row.error] == [2]
     assert backend.workers[0].killed
     assert sent_alone(backend) == []  # a timeout explains the death: no suspects
+
+
+@pytest.mark.parametrize("timeout", [None, 30.0])
+def test_a_worker_frozen_between_examples_is_replaced_and_its_examples_rerun(timeout):
+    # worker 0 freezes after running example 3 (as if stopped while it pickles its results):
+    # nothing runs, so no timeout can fire; it owes answers and is silent past the bound
+    backend = FakeBackend(only_in(0, {3}, Freeze()))
+    by_id = rows(run(backend, 20, timeout=timeout, liveness=5.0))
+    assert sorted(by_id) == list(range(20))
+    assert all(row.error is None and row.attempts == 1 for row in by_id.values())
+    assert by_id[3].worker_pid != 1000  # rerun in a fresh worker
+    assert backend.workers[0].killed
+
+
+def test_an_example_running_when_its_worker_froze_is_rerun_alone():
+    backend = FakeBackend(only_in(0, {2}, Freeze(running=True)))
+    by_id = rows(run(backend, 10, liveness=5.0))
+    assert all(row.error is None for row in by_id.values())
+    assert sent_alone(backend) == [2]
+
+
+def test_an_example_that_freezes_its_lone_worker_too_gets_a_worker_lost_row():
+    backend = FakeBackend(lambda w, item: Freeze(running=True) if item.example_id == 2 else 1)
+    by_id = rows(run(backend, 6, liveness=5.0))
+    error = by_id[2].error
+    assert error is not None and error.type == "WorkerLost"
+    assert "no sign of life for 3600s" in error.message and "PROCVAL_LIVENESS=5" in error.message
+    assert [i for i, row in by_id.items() if row.error] == [2]
 
 
 def test_max_errors_reached_mid_shard_stops_with_the_rows_so_far():

@@ -218,7 +218,7 @@ def test_a_damaged_store_is_a_store_corrupt_error_from_the_api(damaged, tmp_path
             assert result.rows is not None  # rows are read when first asked for
     message = str(info.value)
     assert isinstance(info.value, procval.StoreError) and info.value.path == str(store)
-    assert f"the run store {store} is damaged" in message and ".recover" in message
+    assert f"the run store {store} is damaged" in message and "procval repair" in message
     assert "\n" not in message
     with pytest.raises(procval.StoreCorruptError, match="is damaged"):
         load_task(task).evaluate(store=store, progress=False)
@@ -228,7 +228,7 @@ def test_a_damaged_store_is_a_store_corrupt_error_from_the_api(damaged, tmp_path
 
 def test_a_damaged_store_is_one_line_and_exit_2_on_every_command(damaged, tmp_path):
     task, store = damaged
-    fix = f"sqlite3 {store} .recover | sqlite3 {str(store)[:-3]}-recovered.db"
+    fix = f"procval repair {store} {str(store)[:-3]}-repaired.db"
     for args in (
         ("run", task, "--store", store, "--no-progress"),
         ("report", store),
@@ -245,18 +245,21 @@ def test_a_damaged_store_is_one_line_and_exit_2_on_every_command(damaged, tmp_pa
     assert written == len(out.stdout.splitlines())
 
 
-@pytest.mark.skipif(shutil.which("sqlite3") is None, reason="no sqlite3 shell")
-def test_the_advised_recovery_gives_a_store_that_resumes(damaged, tmp_path):
+def test_the_advised_repair_gives_a_store_that_resumes(damaged, tmp_path):
     task, store = damaged
+    before = store.read_bytes()
     fixed = tmp_path / "fixed.db"
-    recovered = subprocess.run(
-        f"sqlite3 {store} .recover | sqlite3 {fixed}", shell=True, timeout=60, capture_output=True
-    )
-    assert recovered.returncode == 0, recovered.stderr
-    assert 0 < rows_in(fixed) < 2 * N
+    out = procval_cli("repair", store, fixed, timeout=60)  # the command the error advises
+    assert out.returncode == 0, out.stderr
+    kept = rows_in(fixed)
+    assert 0 < kept < 2 * N
+    assert f"{kept} rows of 2 configs; {2 * N - kept} rows could not be read" in out.stdout
+    assert store.read_bytes() == before  # the damaged store is only read
+    assert procval_cli("repair", store, fixed).returncode == 2  # never over an existing file
     out = procval_cli("run", task, "--store", fixed, "--no-progress", timeout=180)
     assert out.returncode == 0, out.stderr
     assert rows_in(fixed) == 2 * N
+    assert all(r.error is None for result in procval.load(fixed).values() for r in result.rows)
 
 
 # ---------------------------------------------------------------- a killed writer
@@ -316,3 +319,39 @@ def test_a_new_store_gets_its_folders_and_reading_creates_none(tmp_path):
     with pytest.raises(procval.StoreError, match="no run store at"):
         procval.load(tmp_path / "other" / "x.db")
     assert not (tmp_path / "other").exists()
+
+
+# ---------------------------------------------------------------- readers
+
+
+def test_readers_never_change_the_store_file_with_or_without_a_leftover_wal(tmp_path):
+    store = tmp_path / "run.db"
+    procval.evaluate(lambda x: x, [1, 2, 3], lambda x, y: 1.0, store=store, workers=1)
+    clean = store.read_bytes()
+    assert len(procval.load(store)["default"].rows) == 3
+    assert procval_cli("report", store).returncode == 0
+    assert store.read_bytes() == clean
+    # a writer killed after a commit: the commit is only in the WAL, which a read-write
+    # connection closing last would fold into the main file
+    killed = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(f"""
+            import os, sqlite3
+            db = sqlite3.connect({str(store)!r}, isolation_level=None)
+            db.execute("PRAGMA journal_mode = WAL")
+            db.execute("UPDATE rows SET score = 0.5 WHERE example_id = '1'")
+            os._exit(0)  # no close, no checkpoint: as kill -9
+        """)],
+        capture_output=True, timeout=60,
+    )  # fmt: skip
+    assert killed.returncode == 0, killed.stderr
+    assert (tmp_path / "run.db-wal").stat().st_size > 0
+    before = store.read_bytes()
+    assert before == clean
+    scores = sorted(r.score for r in procval.load(store)["default"].rows)
+    assert scores == [0.5, 1.0, 1.0]  # the reader sees the committed change ...
+    assert [r["score"] for r in procval.store.iter_rows(store)].count(0.5) == 1
+    assert procval_cli("report", store).returncode == 0
+    assert procval_cli("export", store).returncode == 0
+    assert procval.store.sessions(store)
+    assert store.read_bytes() == before  # ... and the file is as the killed writer left it
+    assert (tmp_path / "run.db-wal").stat().st_size > 0

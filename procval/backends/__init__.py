@@ -40,6 +40,14 @@ class Worker(Protocol):
         """``(seq, seconds running)`` for each example the worker is running now."""
         ...
 
+    def silent_for(self) -> float:
+        """Seconds the worker has shown no sign of life (heartbeat, CPU time); 0.0: unknown.
+
+        The scheduler kills and replaces a worker that owes answers and stays silent past its
+        liveness bound, so a backend must not call a busy worker silent.
+        """
+        ...
+
     def death(self, exc: BaseException) -> str | None:
         """If ``exc`` (from a shard's future) means the worker died, how (exit code, signal)."""
         ...

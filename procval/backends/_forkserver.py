@@ -37,7 +37,11 @@ reseeded in each (CPython does so after ``fork``).
 Lifetimes: the server exits when the parent process dies or closes its end of the socket (EOF),
 or is re-parented (checked twice a second); each worker's ``PR_SET_PDEATHSIG`` and watchdog
 (``procval.worker.lifeline.watch_parent``, given the server's pid) end it when the server dies. So a
-``kill -9`` of the parent still ends every worker. Linux only; elsewhere workers start by
+``kill -9`` of the parent still ends every worker. Each worker leads a process group of its own
+(``lifeline.lead_process_group``); when a worker exits, however it exits, the server kills its
+group before it reaps it (the pid cannot name another group until then), and at its own exit it
+kills the group of every worker still alive: a program's children (``subprocess.Popen("sleep
+300")``) never outlive the run, nor keep its stdout open. Linux only; elsewhere workers start by
 ``fork+exec``. ``PROCVAL_FORK_SERVER=0`` turns it off.
 """
 
@@ -106,10 +110,14 @@ class ForkServer:
         self.owner = os.getpid()
         parent_end, server_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         argv_path = json.dumps([p or os.getcwd() for p in sys.path])
+        # procval is imported from the parent's own package, first on the path for that import
+        # only: a folder named "procval" first on the parent's path (next to a task file) must
+        # not replace the code the server and its workers run (it would not be the parent's)
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         code = (
-            "import sys, json; sys.path[:] = json.loads(sys.argv[3]); "
-            "from procval.backends._forkserver import serve; "
-            "serve(int(sys.argv[1]), int(sys.argv[2]))"
+            "import sys, json; path = json.loads(sys.argv[3]); sys.path[:] = [sys.argv[4], *path]; "
+            "from procval.backends._forkserver import serve; import procval.worker.runtime; "
+            "sys.path[:] = path; serve(int(sys.argv[1]), int(sys.argv[2]))"
         )
         # The server starts with SIGINT blocked (the mask survives exec) and ignores it before
         # unblocking: a Ctrl-C at the terminal, sent to the whole process group, must not print
@@ -118,7 +126,15 @@ class ForkServer:
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
         try:
             self._process = subprocess.Popen(
-                [sys.executable, "-c", code, str(server_end.fileno()), str(os.getpid()), argv_path],
+                [
+                    sys.executable,
+                    "-c",
+                    code,
+                    str(server_end.fileno()),
+                    str(os.getpid()),
+                    argv_path,
+                    root,
+                ],
                 pass_fds=[server_end.fileno()],
                 stdin=subprocess.DEVNULL,
             )
@@ -382,13 +398,29 @@ def serve(fd: int, parent: int) -> None:
             with contextlib.suppress(OSError):  # the parent gave up on it (Ctrl-C): it exits
                 os.write(status_w, _STATUS.pack(pid))
             _reap(status)
+    for pid in status:  # not reaped: each pid still names the worker's group
+        _kill_group(pid)
     os._exit(0)  # workers still alive die too: PR_SET_PDEATHSIG, and their watchdog
+
+
+def _kill_group(pid: int) -> None:
+    """SIGKILL the process group a worker leads: its descendants die with it."""
+    with contextlib.suppress(OSError):
+        if os.getpgid(pid) == pid:
+            os.killpg(pid, signal.SIGKILL)
 
 
 def _reap(status: dict[int, int]) -> None:
     while status:
+        try:  # peek first: while the worker is not reaped, its pid still names its group
+            exited = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:
+            return
+        if exited is None:
+            return
+        _kill_group(exited.si_pid)
         try:
-            pid, code = os.waitpid(-1, os.WNOHANG)
+            pid, code = os.waitpid(exited.si_pid, os.WNOHANG)
         except ChildProcessError:
             return
         if pid == 0:

@@ -298,6 +298,10 @@ class RayWorker:
         self.kill()
 
     # failures ------------------------------------------------------------
+    def silent_for(self) -> float:
+        """0.0: the backend's own monitor finds a frozen actor (``RayBackend(lost_after=)``)."""
+        return 0.0
+
     def death(self, exc: BaseException) -> str | None:
         """How the actor died, if ``exc`` says it did: exit code, fatal signal or Ray's reason.
 

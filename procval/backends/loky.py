@@ -37,6 +37,8 @@ from procval.worker import runtime as _worker
 from procval.worker.slots import SlotTable
 
 _EXIT_CODES = re.compile(r"exit codes of the workers are \{([^}]*)\}")
+_PROCVAL = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the parent's procval
+_TICKS = float(os.sysconf("SC_CLK_TCK")) if hasattr(os, "sysconf") else 100.0
 
 
 class LokyWorker:
@@ -45,7 +47,9 @@ class LokyWorker:
     def __init__(self, spec: WorkerSpec, slots_path: str, *, fork_server: bool = True) -> None:
         self._slots = SlotTable(slots_path, max(1, spec.options.threads), create=True)
         server = _forkserver.get_server(dict(spec.env)) if fork_server else None
-        options = spec.options
+        # a local worker must import the parent's procval, and leads a process group of its
+        # own: its descendants die with it (killed with its group by the server, or by kill())
+        options = dataclasses.replace(spec.options, procval_path=_PROCVAL, session=True)
         if server is not None and options.parent_pid:
             # the worker's parent is the server, which dies with this process: the worker's
             # watchdog and PR_SET_PDEATHSIG watch the server
@@ -63,6 +67,8 @@ class LokyWorker:
         self._mask_start = not self._forked and hasattr(signal, "pthread_sigmask")
         self._path = slots_path
         self._pid = 0
+        self._cpu = -1.0  # the process's CPU seconds at the last silent_for(), and when
+        self._progress = time.monotonic()  # it last grew (or the worker was created)
 
     @property
     def pid(self) -> int:
@@ -118,6 +124,25 @@ class LokyWorker:
         """Examples running now, read from the shared slot table."""
         return self._slots.running()
 
+    def silent_for(self) -> float:
+        """Seconds the worker has shown no sign of life: no heartbeat, and no CPU time used.
+
+        The heartbeat thread stops when the process is stopped (SIGSTOP) or frozen in the
+        kernel, but also while C code holds the GIL (a long regex): a process whose CPU time
+        grows is busy, not frozen, so either sign counts. Where the CPU time cannot be read
+        (no ``/proc``), a worker with an example running is never called silent: ``timeout=``
+        is what bounds a busy example.
+        """
+        now = time.monotonic()
+        cpu = _cpu_seconds(self.pid)
+        if cpu is None:
+            if self._slots.closed or self._slots.running():
+                return 0.0
+        elif cpu != self._cpu:
+            self._cpu, self._progress = cpu, now
+        beat = 0.0 if self._slots.closed else self._slots.last_beat()
+        return max(0.0, now - max(beat, self._progress))
+
     def death(self, exc: BaseException) -> str | None:
         """How the process died, from loky's TerminatedWorkerError/BrokenProcessPool."""
         name = type(exc).__name__
@@ -129,11 +154,29 @@ class LokyWorker:
         return f"the worker process died ({name})"
 
     def kill(self) -> None:
-        """SIGKILL the process, then drop the executor without waiting."""
+        """SIGKILL the process and its process group, then drop the executor without waiting.
+
+        The group holds the worker's descendants (the worker leads it). A forked worker's
+        group is killed by the fork server when the worker exits, however it exits (and when
+        the server itself ends, after the parent's ``kill -9``); a ``fork+exec`` worker's group
+        is killed here, so the descendants of one that exits by itself survive it.
+        """
         pid = self.pid
         if pid:
+            if not self._forked:  # (the fork server kills a forked worker's group)
+                kill_group(pid)
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+        # A worker killed while it wrote a result leaves half a message in the result pipe, and
+        # loky's manager thread waits in recv() for the rest forever; the interpreter joins that
+        # thread at exit, so the process would never exit. The parent never writes to that pipe:
+        # closing its copy of the write end leaves the dead worker's as the last one (the fork
+        # server keeps none), so the read ends with EOF and loky marks the executor broken.
+        queue = getattr(self._executor, "_result_queue", None)
+        writer = getattr(queue, "_writer", None)
+        if writer is not None:
+            with contextlib.suppress(OSError):
+                writer.close()
         self._executor.shutdown(wait=False, kill_workers=True)
         self._slots.close()
 
@@ -203,6 +246,28 @@ class LokyBackend:
             target=_reap, args=(workers, self._dir, self._grace), name="procval-reaper"
         )
         reaper.start()  # not a daemon: the interpreter waits for it (at most `grace`) at exit
+
+
+def kill_group(pid: int) -> None:
+    """SIGKILL the process group that worker ``pid`` leads, if it leads one.
+
+    Only while the worker itself is not yet reaped, so that its pid cannot name another group.
+    """
+    with contextlib.suppress(OSError):
+        if os.getpgid(pid) == pid:
+            os.killpg(pid, signal.SIGKILL)
+
+
+def _cpu_seconds(pid: int) -> float | None:
+    """The user + system CPU seconds process ``pid`` used so far (Linux), else None."""
+    if not pid:
+        return None
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / _TICKS
 
 
 def _reap(workers: list[LokyWorker], directory: str, grace: float) -> None:

@@ -11,6 +11,7 @@ Import it through :mod:`procval.integrations.dspy`, which checks that DSPy is in
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import pickle
 import re
@@ -27,6 +28,7 @@ from procval import _pickling
 from procval._convert import to_jsonable
 from procval.config import Config
 from procval.errors import SnapshotError
+from procval.integrations import _dspy_observe as _observe
 
 __all__ = ["PER_CALL_SETTINGS", "snapshot"]
 
@@ -67,9 +69,11 @@ def snapshot(name: str | None = None, **overrides: Any) -> Config:
 
     The LM (``lm``) is copied with ``lm.copy()``, which leaves its ``history`` behind: workers
     start with empty histories and the config's identity does not change as the caller's LM is
-    used. Callbacks (``callbacks``) travel if they can be pickled, and run in the workers;
-    those that cannot are left out with a warning (callbacks of ``Evaluate`` itself run in the
-    caller).
+    used; the LM calls made in the workers are appended to the caller's LM ``history`` as
+    their rows arrive. Callbacks (``callbacks``) stay in the caller, which sees every event of
+    the workers replayed (see :mod:`procval.integrations._dspy_observe`); callbacks marked with
+    :func:`procval.dspy.in_worker` (or a true ``procval_in_worker`` attribute) travel instead,
+    if they can be pickled, and run in the workers only.
 
     Secrets: the pickled settings (with the LM's ``api_key``) live only in ``Config.setup``,
     whose ``repr`` does not show them. ``Config.values`` holds a JSON description of the
@@ -111,14 +115,22 @@ def snapshot(name: str | None = None, **overrides: Any) -> Config:
     lm = carried.get("lm")
     if isinstance(lm, BaseLM):
         carried["lm"] = lm.copy()  # a copy with an empty history (and its own kwargs)
-    carried["callbacks"] = _travelling_callbacks(carried.get("callbacks") or [])
-    blob = _dump(carried, _cache_settings())
+    callbacks = list(carried.get("callbacks") or [])
+    here = [c for c in callbacks if not _observe.runs_in_worker(c)]
+    relay = _observe.Relay(here, lm, carried.get("adapter"))
+    carried["callbacks"] = _travelling_callbacks(
+        [c for c in callbacks if _observe.runs_in_worker(c)]
+    )
+    if here:
+        carried["callbacks"].append(_observe.Recorder(relay.token))
+    blob = _dump(carried, _cache_settings(), relay.token)
     env = {_COST_MAP: os.environ.get(_COST_MAP, "True")}
+    described = _describe({**carried, "callbacks": callbacks})
     return Config(
         name=name if name is not None else _model_name(lm),
-        setup=_Configure(blob),
+        setup=_Configure(blob, relay),
         env=env,
-        values={"model": _model_name(lm) if lm is not None else None, **_describe(carried)},
+        values={"model": _model_name(lm) if lm is not None else None, **described},
     )
 
 
@@ -129,17 +141,33 @@ class _Configure:
     ``__dict__``) and a fixed ``repr`` keep them out of ``Config.describe()``.
     """
 
-    __slots__ = ("_blob",)
+    __slots__ = ("_blob", "_relay")
 
-    def __init__(self, blob: bytes) -> None:
+    def __init__(self, blob: bytes, relay: _observe.Relay | None = None) -> None:
         self._blob = blob
+        self._relay = relay  # the parent's half; never pickled
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_Configure, (self._blob,))
+
+    @property
+    def relay(self) -> _observe.Relay | None:
+        """In the caller: where the events recorded in the workers are replayed."""
+        return self._relay
 
     def __call__(self) -> None:
-        """Configure DSPy's cache as the caller had it, then ``dspy.configure(**settings)``."""
-        settings, cache = pickle.loads(self._blob)
+        """Configure DSPy's cache as the caller had it, then ``dspy.configure(**settings)``.
+
+        Then the LM's history is recorded for the caller, and DSPy's own loggers, which do not
+        propagate, are sent to the caller too when the worker relays its logs.
+        """
+        settings, cache, *rest = pickle.loads(self._blob)
         if cache is not None:
             _configure_cache(cache)
         dspy.configure(**settings)
+        if rest and rest[0]:
+            _observe.install(rest[0], settings)
+        _relay_dspy_logs()
 
     def __repr__(self) -> str:
         return "<procval.dspy settings>"
@@ -175,9 +203,25 @@ def _travelling_callbacks(callbacks: Sequence[Any]) -> list[Any]:
     return kept
 
 
-def _dump(settings: dict[str, Any], cache: dict[str, Any] | None) -> bytes:
+def _relay_dspy_logs() -> None:
+    """In a worker whose root logger relays to the parent: let DSPy's loggers propagate to it.
+
+    DSPy gives its ``dspy`` logger its own stderr handler and no propagation; in a relaying
+    worker that would print the records here instead of sending them to the caller, whose own
+    ``dspy`` handler shows them.
+    """
+    from procval.worker.logs import RelayHandler
+
+    if any(isinstance(h, RelayHandler) for h in logging.getLogger().handlers):
+        dspy_logger = logging.getLogger("dspy")
+        for handler in list(dspy_logger.handlers):
+            dspy_logger.removeHandler(handler)
+        dspy_logger.propagate = True
+
+
+def _dump(settings: dict[str, Any], cache: dict[str, Any] | None, token: str) -> bytes:
     try:
-        return _pickling.dumps((settings, cache), what="DSPy settings")
+        return _pickling.dumps((settings, cache, token), what="DSPy settings")
     except SnapshotError:
         for key, value in settings.items():
             _pickling.dumps(

@@ -29,7 +29,9 @@ carries (its fields, its LM usage under ``track_usage=True``) does come back wit
 
 from __future__ import annotations
 
+import contextvars
 import csv
+import functools
 import importlib.util
 import json
 import logging
@@ -52,6 +54,8 @@ from dspy.evaluate.evaluate import EvaluationResult as _DSPyEvaluationResult
 from dspy.utils.callback import with_callbacks
 
 from procval.errors import TooManyErrors
+from procval.integrations import _dspy_observe as _observe
+from procval.integrations._dspy_observe import in_worker
 from procval.integrations._dspy_settings import PER_CALL_SETTINGS, snapshot
 from procval.integrations._dspy_settings import _Configure as _Configure  # pickled as ours
 from procval.results import EvaluationResult as _ProcvalResult
@@ -59,7 +63,7 @@ from procval.results import Row
 from procval.run.api import evaluate, on_rows
 from procval.run.dataset import example_id
 
-__all__ = ["PER_CALL_SETTINGS", "Evaluate", "EvaluationResult", "Scored", "snapshot"]
+__all__ = ["PER_CALL_SETTINGS", "Evaluate", "EvaluationResult", "Scored", "in_worker", "snapshot"]
 
 logger = logging.getLogger(__name__)
 # DSPy's own loggers, so that its handler (time, level, name) shows these lines as DSPy's do and
@@ -68,6 +72,33 @@ _executor_logger = logging.getLogger("dspy.utils.parallelizer")
 _evaluate_logger = logging.getLogger("dspy.evaluate.evaluate")
 
 _THREADS_PER_PROCESS = 4  # Evaluate(workers=None): one process per 4 examples in flight
+
+
+_ALL_CALLBACKS: contextvars.ContextVar[list[Any] | None] = contextvars.ContextVar(
+    "procval_dspy_callbacks", default=None
+)
+
+
+def _callbacks_here(call: Callable[..., Any]) -> Callable[..., Any]:
+    """Run ``Evaluate.__call__`` (and its evaluate callbacks) without the in-worker callbacks.
+
+    Those run where the program runs, only there; the snapshot still carries them.
+    """
+
+    @functools.wraps(call)
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+        everything = list(dspy.settings.get("callbacks") or [])
+        here = [c for c in everything if not _observe.runs_in_worker(c)]
+        if len(here) == len(everything):
+            return call(self, *args, **kwargs)
+        token = _ALL_CALLBACKS.set(everything)
+        try:
+            with dspy.context(callbacks=here):
+                return call(self, *args, **kwargs)
+        finally:
+            _ALL_CALLBACKS.reset(token)
+
+    return wrapper
 
 
 class EvaluationResult(_DSPyEvaluationResult):
@@ -184,6 +215,7 @@ class Evaluate(dspy.Evaluate):
         self.retries = retries
         self.store = store
 
+    @_callbacks_here
     @with_callbacks
     def __call__(
         self,
@@ -246,7 +278,12 @@ class Evaluate(dspy.Evaluate):
         _check_inputs(devset)
         workers, threads = _plan(num_threads, self.workers)
         limit = self.max_errors if self.max_errors is not None else dspy.settings.max_errors
-        config = snapshot()
+        everything = _ALL_CALLBACKS.get()
+        config = snapshot() if everything is None else snapshot(callbacks=everything)
+        relay = config.setup.relay if isinstance(config.setup, _Configure) else None
+        if relay is not None:  # the workers' callback events and LM history come back here
+            relay.program = program
+            relay.hold_history = True
         traceback = (
             self.provide_traceback
             if self.provide_traceback is not None
@@ -276,6 +313,9 @@ class Evaluate(dspy.Evaluate):
                 "kept in the TooManyErrors' .results."
             )
             raise
+        finally:
+            if relay is not None:
+                relay.flush_history()  # in devset order
         return self._report(outcome, devset, metric, display_table, save_as_csv, save_as_json)
 
     def _report(
@@ -429,8 +469,12 @@ class _Program:
     def __init__(self, program: Callable[..., Any], metric: Callable[..., Any]) -> None:
         self.program = program
         self.metric = metric
+        self.watched = False
 
     def __call__(self, example: Any) -> Scored:
+        if not self.watched:  # once per worker: name the program's modules and LMs for replay
+            _observe.watch(self.program, _observe.current_token())
+            self.watched = True
         example = _unwrap(example)
         prediction = self.program(**example.inputs())
         return Scored(prediction, self.metric(example, prediction))

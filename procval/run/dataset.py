@@ -10,6 +10,8 @@ from typing import Any
 
 from procval.wire import WorkItem
 
+_new = tuple.__new__  # tuple.__new__(WorkItem, values): a NamedTuple built in C
+
 Item = WorkItem  # (seq, example_id, example), as sent to a worker
 
 
@@ -78,10 +80,15 @@ class Examples:
             self._checked = True
 
     def __iter__(self) -> Iterator[Item]:
-        """Yield ``WorkItem(index, example_id, example)``; raises ValueError at a duplicate id."""
+        """``WorkItem(index, example_id, example)`` each; raises ValueError at a duplicate id."""
         if self._ids is not None:  # a list: ids computed (and checked) once, up front
-            yield from map(WorkItem, itertools.count(), self._ids, self._data)
-            return
+            # built in C: no Python frame per example
+            return map(
+                _new, itertools.repeat(WorkItem), zip(itertools.count(), self._ids, self._data)
+            )
+        return self._read()
+
+    def _read(self) -> Iterator[Item]:
         seen: dict[int | str, int] | None = None if self._checked else {}
         for index, example in enumerate(self._data):
             eid = example_id(example, index)

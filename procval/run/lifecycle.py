@@ -24,7 +24,8 @@ An example (one row of the dataset), by where the scheduler keeps it::
                                                  ├──▶ SUSPECT ──▶ suspects ──sent alone,
                                                  │                first──▶ outstanding
                                                  ├──▶ CRASHED ──▶ a "WorkerCrashed" row
-                                                 └──▶ TIMEOUT ──▶ a "Timeout" row
+                                                 ├──▶ TIMEOUT ──▶ a "Timeout" row
+                                                 └──▶ LOST ─────▶ a "WorkerLost" row
 
 The rules for a death, in order (``fate_after_death``):
 
@@ -40,6 +41,13 @@ A death before the worker's first reply with nothing running is a *start failure
 config, as a ``SetupFailed`` reply does: the other configs run on, then ``SetupError`` is
 raised. On a timeout the late examples are TIMEOUT and the others RERUN (no loss counted: the
 timeout explains the death).
+
+A worker that owes answers and shows no sign of life for ``liveness`` seconds (no heartbeat, no
+CPU time: stopped, or frozen in the kernel) is *lost*: killed and replaced, and its examples
+rerun without an attempt counted (``fate_after_loss``): those it was running go alone (SUSPECT),
+the others back in the queue with a loss counted (REQUEUE), so that an example that freezes
+every worker it meets is run alone after ``LOST_LIMIT`` losses; one whose lone worker is lost
+too gets a "WorkerLost" row (LOST). A run never waits for ever on a frozen worker.
 """
 
 from __future__ import annotations
@@ -57,6 +65,7 @@ __all__ = [
     "WorkerState",
     "advance",
     "fate_after_death",
+    "fate_after_loss",
     "fate_after_timeout",
 ]
 
@@ -120,6 +129,7 @@ class ExampleFate(enum.Enum):
     SUSPECT = "suspect"  # may have killed the worker: rerun alone in its own worker
     CRASHED = "crashed"  # killed a worker while running alone: a "WorkerCrashed" row
     TIMEOUT = "timeout"  # ran past the timeout: a "Timeout" row
+    LOST = "lost"  # its lone worker froze too: a "WorkerLost" row
 
 
 @dataclass(frozen=True)
@@ -177,3 +187,29 @@ def fate_after_timeout(lost: Iterable[int], late: Collection[int]) -> dict[int, 
         TIMEOUT for each late example, RERUN for the others, by seq.
     """
     return {seq: ExampleFate.TIMEOUT if seq in late else ExampleFate.RERUN for seq in lost}
+
+
+def fate_after_loss(
+    lost: Iterable[int], running: Collection[int], *, alone: bool, losses: Mapping[int, int]
+) -> dict[int, ExampleFate]:
+    """Decide what a lost worker's (frozen, then killed) unanswered examples become.
+
+    Args:
+        lost: the seqs the worker was given and did not answer.
+        running: the seqs its slot table showed running when it was found frozen.
+        alone: it was running a suspect by itself.
+        losses: how often each example was lost before (REQUEUE fates so far).
+
+    Returns:
+        LOST for a suspect that was alone, SUSPECT for the examples that were running (or lost
+        ``LOST_LIMIT`` times already), REQUEUE for the others, by seq.
+    """
+    fates: dict[int, ExampleFate] = {}
+    for seq in lost:
+        if alone:
+            fates[seq] = ExampleFate.LOST
+        elif seq in running or losses.get(seq, 0) >= LOST_LIMIT:
+            fates[seq] = ExampleFate.SUSPECT
+        else:
+            fates[seq] = ExampleFate.REQUEUE
+    return fates

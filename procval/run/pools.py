@@ -8,23 +8,50 @@ decided in :mod:`procval.run.lifecycle`; the scheduler applies it here.
 
 from __future__ import annotations
 
+import os
 import time
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from itertools import islice
 
 from procval.backends import Worker, WorkerSpec
 from procval.results import Totals
 from procval.run.dataset import Item
 from procval.run.failures import SetupFailure
-from procval.run.lifecycle import WorkerEvent, WorkerState, advance
+from procval.run.lifecycle import ExampleFate, WorkerEvent, WorkerState, advance
 from procval.run.shards import ShardSizer
+
+LIVENESS = 60.0  # seconds without a sign of life after which a worker that owes answers is lost
+
+
+def default_liveness() -> float:
+    """``PROCVAL_LIVENESS`` (seconds) if set, else :data:`LIVENESS`.
+
+    Raises:
+        ValueError: the variable is not a positive number.
+    """
+    value = os.environ.get("PROCVAL_LIVENESS", "")
+    if not value:
+        return LIVENESS
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = 0.0
+    if not seconds > 0:
+        raise ValueError(f"PROCVAL_LIVENESS must be a positive number of seconds, got {value!r}")
+    return seconds
 
 
 @dataclass
 class RunOptions:
-    """Scheduler settings from ``evaluate``'s keywords."""
+    """Scheduler settings from ``evaluate``'s keywords.
+
+    Attributes:
+        liveness: seconds a worker that owes answers may show no sign of life (no heartbeat,
+            no CPU time) before it is killed and replaced (``PROCVAL_LIVENESS``, default 60).
+    """
 
     workers: int
     failure_score: float = 0.0
@@ -33,6 +60,7 @@ class RunOptions:
     resume_hint: str = ""
     epochs: int = 1
     primary: str | None = None
+    liveness: float = field(default_factory=default_liveness)
 
 
 @dataclass(eq=False)
@@ -125,6 +153,22 @@ class ConfigRun:
             return None
         return max(0, self.total - self.totals.n)
 
+    def place(self, lost: list[Item], fates: dict[int, ExampleFate]) -> list[Item]:
+        """Put a killed worker's examples where their fates say; return those owed a row."""
+        owed = []
+        for item in lost:
+            fate = fates[item.seq]
+            if fate is ExampleFate.REQUEUE:
+                self.losses[item.seq] = self.losses.get(item.seq, 0) + 1
+                self.requeue.append(item)
+            elif fate is ExampleFate.RERUN:
+                self.requeue.append(item)
+            elif fate is ExampleFate.SUSPECT:
+                self.suspects.append(item)
+            else:  # CRASHED, TIMEOUT or LOST: a row with the error
+                owed.append(item)
+        return owed
+
     def could_use_worker(self) -> bool:
         """Whether another worker would have something to do."""
         remaining = self.remaining()
@@ -138,10 +182,15 @@ class ConfigRun:
         items: list[Item] = []
         while self.requeue and len(items) < size:
             items.append(self.requeue.popleft())
-        while not self.exhausted and len(items) < size:
-            item = self._read()
-            if item is not None:
-                items.append(item)
+        wanted = size - len(items)
+        if wanted > 0 and not self.exhausted:
+            try:  # in C, not an item at a time: list.extend keeps what it read before a raise
+                items.extend(islice(self.source, wanted))
+            except Exception as exc:  # the dataset's own error: what was read still runs
+                self.exhausted = True
+                self.dataset_error = exc
+            else:
+                self.exhausted = len(items) < size
         return items
 
     def probe(self) -> None:

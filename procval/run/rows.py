@@ -63,7 +63,7 @@ class RowMaker:
         failure_score, name, epochs = self.failure_score, self.config, self.epochs
         names = self.names
         made = []
-        for seq, prediction, score, error, attempts, duration, scores, extra, usage in results:
+        for seq, prediction, score, error, attempts, duration, scores, extra, usage, *_ in results:
             _, example_id, example, epoch = outstanding.pop(seq)
             if scores is not None or names:  # named scores, or a row that lacks them
                 if error is not None:

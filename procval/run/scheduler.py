@@ -21,6 +21,8 @@
                              was running become suspects, the rest are requeued; a suspect is
                              rerun alone in an idle worker and, if it kills that one too,
                              gets a "WorkerCrashed" row
+                 liveness    a worker owes answers but shows no sign of life (no heartbeat,
+                             no CPU) for ``liveness`` s: kill it, rerun its examples
                  max_errors  too many failed rows: stop, keep what finished, raise
 
     A config that cannot start stops alone (``SetupError`` once the others finished); a dataset
@@ -44,6 +46,7 @@ from procval import _pickling
 from procval.backends import Backend, WorkerSpec
 from procval.errors import TooManyErrors
 from procval.results import Results, Row, RowError, Totals, _with_counts
+from procval.run import logs, replay
 from procval.run.dataset import Examples, Item
 from procval.run.failures import SetupFailure, note_dataset_error, setup_error
 from procval.run.frames import user_traceback
@@ -53,6 +56,7 @@ from procval.run.lifecycle import (
     WorkerEvent,
     WorkerState,
     fate_after_death,
+    fate_after_loss,
     fate_after_timeout,
 )
 from procval.run.pools import ConfigRun, RunOptions, WorkerRun
@@ -122,12 +126,14 @@ class Scheduler:
     def run(self) -> Results:
         """Run to completion and return the results (rows are in the sink)."""
         completed = False
+        listener = logs.start([run.spec for run in self._runs])  # workers' logs come here
         try:
             while not all(run.done() for run in self._runs):
                 self._assign_workers()
                 self._fill()
                 self._wait()
                 self._check_timeouts()
+                self._check_liveness()
                 self._check_errors()
             for w in self._live():
                 self._retire(w)
@@ -137,6 +143,7 @@ class Scheduler:
             self._kill_all()
             raise
         finally:
+            logs.stop(listener, [run.spec for run in self._runs])
             self._progress.close()
             self._sink.close(completed=completed)
             self._backend.shutdown()
@@ -287,9 +294,7 @@ class Scheduler:
         w.calls.discard(future)
         message: ShardDone | SetupFailed = _pickling.loads(data)
         if isinstance(message, SetupFailed):
-            failed = f"Config.setup of config {run.name!r} failed in worker {w.worker.label}"
-            shown = user_traceback(message.traceback)  # the user's frames
-            self._fail_setup(run, SetupFailure(f"{failed}; fix the config's setup", shown))
+            self._fail_setup(run, _setup_failure(run.name, w.worker.label, message))
             return
         pid, node, fingerprint, results = message
         self._provenance.check(run.name, run.spec.snapshot.fingerprint, pid, node, fingerprint)
@@ -301,6 +306,7 @@ class Scheduler:
             run.sizer.observe(len(results), sum(result.duration for result in results))
         rows = self._makers[run.name].rows(results, w.outstanding, pid, node, fingerprint)
         self._deliver(run, rows)
+        replay.deliver(run.name, rows, results)  # what the examples recorded in the worker
 
     def _deliver(self, run: ConfigRun, rows: list[Row]) -> None:
         if not rows:
@@ -396,6 +402,33 @@ class Scheduler:
             fates = fate_after_timeout([item.seq for item in lost], late)
             self._apply(run, lost, fates, RowError("Timeout", message), pid)
 
+    def _check_liveness(self) -> None:
+        """Kill and replace each worker that owes answers and has been silent for too long.
+
+        A stopped or frozen worker (SIGSTOP, stuck in the kernel) never answers, whether it
+        was running an example or pickling results between two: its examples are rerun
+        (``lifecycle.fate_after_loss``), none of them counted as an attempt.
+        """
+        bound = self._options.liveness
+        for w in self._live():
+            if not w.calls:
+                continue
+            silent = w.worker.silent_for()
+            if silent <= bound:
+                continue
+            run, label, pid = w.config, w.worker.label, w.worker.pid
+            running = {seq for seq, _ in w.worker.running() if seq in w.outstanding}
+            lost, alone = self._drop(w)
+            fates = fate_after_loss(
+                [item.seq for item in lost], running, alone=alone, losses=run.losses
+            )
+            message = (
+                f"worker {label} showed no sign of life for {silent:.0f}s (stopped, or stuck "
+                "in the operating system) while it ran this example alone, after losing it "
+                f"before; PROCVAL_LIVENESS={bound:g} sets the bound"
+            )
+            self._apply(run, lost, fates, RowError("WorkerLost", message), pid)
+
     def _apply(
         self,
         run: ConfigRun,
@@ -405,18 +438,7 @@ class Scheduler:
         pid: int,
     ) -> None:
         """Move a killed worker's examples where their fates say; ``error`` for the rows."""
-        rows = []
-        for item in lost:
-            fate = fates[item.seq]
-            if fate is ExampleFate.REQUEUE:
-                run.losses[item.seq] = run.losses.get(item.seq, 0) + 1
-                run.requeue.append(item)
-            elif fate is ExampleFate.RERUN:
-                run.requeue.append(item)
-            elif fate is ExampleFate.SUSPECT:
-                run.suspects.append(item)
-            else:  # CRASHED or TIMEOUT: a row with the error
-                rows.append(self._error_row(run, item, error, pid=pid))
+        rows = [self._error_row(run, item, error, pid=pid) for item in run.place(lost, fates)]
         self._deliver(run, rows)
 
     def _drop(self, w: WorkerRun) -> tuple[list[Item], bool]:
@@ -466,3 +488,12 @@ class Scheduler:
                 self._unfinished(w)
             self._discard(w)
         self._owners.clear()
+
+
+def _setup_failure(name: str, label: str, message: SetupFailed) -> SetupFailure:
+    """Why a worker did not install its snapshot: a refusal in one line, or setup's traceback."""
+    if message.reason:  # e.g. the worker would run another procval than the parent's
+        return SetupFailure(f"a worker of config {name!r} ({label}) refused to start: "
+                            f"{message.reason}")  # fmt: skip
+    failed = f"Config.setup of config {name!r} failed in worker {label}"
+    return SetupFailure(f"{failed}; fix the config's setup", user_traceback(message.traceback))

@@ -7,7 +7,7 @@ the file and the fix, by SQLite's primary result code:
 
 ==================  ======================================================================
 SQLITE_FULL         :class:`procval.StoreFullError`: free space, run again to resume
-SQLITE_CORRUPT      :class:`procval.StoreCorruptError`: recover the rows with ``.recover``
+SQLITE_CORRUPT      :class:`procval.StoreCorruptError`: salvage the rows with ``procval repair``
 SQLITE_NOTADB       the same (a store whose header is damaged; ``connect`` says "not a store"
                     for a file that was never one)
 SQLITE_BUSY/LOCKED  another process held SQLite's lock for the whole busy timeout
@@ -107,11 +107,11 @@ def full(path: str, text: str) -> StoreFullError:
 def corrupt(path: str, text: str) -> StoreCorruptError:
     """The error for a store whose file is damaged."""
     stem, _ = os.path.splitext(path)
-    fixed = f"{stem}-recovered.db"
+    fixed = f"{stem}-repaired.db"
     return StoreCorruptError(
-        f"the run store {path} is damaged ({text}); procval cannot use it. Recover its readable "
-        f"rows with SQLite: sqlite3 {shlex.quote(path)} .recover | sqlite3 "
-        f"{shlex.quote(fixed)}, then use {fixed} (a run on it resumes: lost rows run again)",
+        f"the run store {path} is damaged ({text}); procval cannot use it. Copy its readable "
+        f"rows into a new store with: procval repair {shlex.quote(path)} {shlex.quote(fixed)}, "
+        f"then use {fixed} (a run on it resumes: lost rows run again)",
         path=path,
     )
 

@@ -29,9 +29,18 @@ import contextlib
 import errno
 import os
 import sqlite3
+import urllib.request
 
 from procval.errors import StoreError
-from procval.store.faults import SQLITE_NOTADB, full, primary_code, store_errors, translate
+from procval.store.faults import (
+    SQLITE_CANTOPEN,
+    SQLITE_NOTADB,
+    SQLITE_READONLY,
+    full,
+    primary_code,
+    store_errors,
+    translate,
+)
 
 FORMAT = "procval-store"
 VERSION = 2
@@ -160,6 +169,8 @@ def connect(path: str, *, create: bool) -> sqlite3.Connection:
         )
     if os.path.isdir(path):
         raise StoreError(f"the run store path {path} is a directory; pass a file path")
+    if not create:
+        return _reader(path)
     new = not os.path.exists(path)
     made = _make_parents(path) if new else []
     try:
@@ -175,6 +186,31 @@ def connect(path: str, *, create: bool) -> sqlite3.Connection:
             _remove_created(path, made)
         raise
     return db
+
+
+def _reader(path: str) -> sqlite3.Connection:
+    """A read-only connection: a reader never changes the file.
+
+    A read-write connection that is the last one to close a WAL store folds the WAL into the
+    main file (a killed writer's leftover WAL, say). ``mode=ro`` reads the WAL without that, and
+    sees a live run's commits. Where SQLite cannot open the WAL's index read-only (no ``-shm``
+    file in a folder it may not write), ``immutable=1`` reads the main file as it is: no writer
+    can be writing there either.
+    """
+    uri = "file:" + urllib.request.pathname2url(os.path.abspath(path))
+    for mode in ("?mode=ro", "?mode=ro&immutable=1"):
+        with store_errors(path, "open"):
+            db = sqlite3.connect(uri + mode, uri=True, timeout=30, isolation_level=None)
+        try:
+            check_format(db, path, create=False)
+            return db
+        except BaseException as exc:
+            db.close()
+            cause = exc.__cause__ if isinstance(exc, StoreError) else None
+            code = primary_code(cause) if isinstance(cause, sqlite3.Error) else None
+            if "immutable" in mode or code not in (SQLITE_CANTOPEN, SQLITE_READONLY):
+                raise
+    raise AssertionError("unreachable: the last mode raises")
 
 
 def _make_parents(path: str) -> list[str]:

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from procval.wire import ErrorInfo, ExampleResult, WorkItem
+from procval.worker import record
 from procval.worker.scoring import MetricTypeError, NonFiniteScore, outcome  # noqa: F401
 
 if TYPE_CHECKING:
@@ -71,19 +72,23 @@ class Runner:
 
     def run(self, item: WorkItem, slot: int) -> ExampleResult:
         """Run one example in this thread, as ``slot``; whatever it raises becomes its row."""
+        token = record.begin(item.example_id)  # what it records travels with its result
         try:
-            return self._run(item, slot)
+            result = self._run(item, slot)
         except BaseException as exc:  # e.g. KeyboardInterrupt raised by the program itself
             self.slots.stop(slot)
-            return ExampleResult(item.seq, None, 0.0, _error(exc), 1, 0.0)
+            result = ExampleResult(item.seq, None, 0.0, _error(exc), 1, 0.0)
+        return record.end(token, result)
 
     async def run_async(self, item: WorkItem, slot: int) -> ExampleResult:
         """Run one example of an async program, as ``slot``; whatever it raises becomes its row."""
+        token = record.begin(item.example_id)
         try:
-            return await self._run_async(item, slot)
+            result = await self._run_async(item, slot)
         except BaseException as exc:  # e.g. CancelledError raised by the program itself
             self.slots.stop(slot)
-            return ExampleResult(item.seq, None, 0.0, _error(exc), 1, 0.0)
+            result = ExampleResult(item.seq, None, 0.0, _error(exc), 1, 0.0)
+        return record.end(token, result)
 
     def _run(self, item: WorkItem, slot: int) -> ExampleResult:
         seq, example_id, example, epoch = item

@@ -7,17 +7,27 @@
 - A fatal signal (a segfault in a C extension) leaves the fault handler's tracebacks of every
   thread in a file next to the slot table (:func:`record_faults`), which the parent reads when
   it reports the crash.
+- The parent can see that the worker is alive: a heartbeat thread writes the time into the slot
+  table (:func:`beat`); it stops when the process is stopped (SIGSTOP) or frozen in the kernel.
+- The worker's descendants die with it: the worker leads a session (and process group) of its
+  own (:func:`lead_process_group`), which whoever kills or reaps the worker kills as a whole
+  (the fork server, or the parent; see ``procval.backends._forkserver``). A child that starts a
+  session of its own (a daemon) leaves the group and is not killed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import faulthandler
 import os
 import signal
 import sys
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from procval.worker.slots import SlotTable
 
 _fault_file: Any = None  # open for the process's life: the fault handler writes to it
 
@@ -71,3 +81,33 @@ def watch_parent(parent_pid: int) -> None:
                 os._exit(1)
 
     threading.Thread(target=watch, name="procval-watchdog", daemon=True).start()
+
+
+def beat(slots: SlotTable, every: float) -> None:
+    """Write a heartbeat into ``slots`` now and every ``every`` seconds, from a daemon thread.
+
+    The thread needs the GIL: C code that holds it for long (a long regex) delays the beat as
+    much as a stopped process does; the parent tells them apart by the CPU time the process
+    uses (``procval.backends.loky.LokyWorker.silent_for``).
+    """
+    slots.beat()
+
+    def run() -> None:
+        while True:
+            time.sleep(every)
+            slots.beat()
+
+    threading.Thread(target=run, name="procval-heartbeat", daemon=True).start()
+
+
+def lead_process_group() -> None:
+    """Start a new session, so that this process's children share its process group.
+
+    Killing the group (``os.killpg(worker_pid, SIGKILL)``) then ends the worker's descendants
+    with it; without a terminal of its own, the session is also out of the terminal's job
+    control (a Ctrl-C at the terminal reaches the parent only, which kills the workers). A
+    process that already leads a group (a worker started by hand) keeps it.
+    """
+    if hasattr(os, "setsid"):
+        with contextlib.suppress(OSError):
+            os.setsid()

@@ -5,9 +5,11 @@ One worker process serves one config for its whole life::
     parent (scheduler)                          worker process (procval.worker.*)
     ──────────────────                          ─────────────────────────────────
     start_worker(snapshot) ──────spawn───────▶  runtime.initialize(): lifeline (SIGINT ignored,
-                                                watchdog, fault file); unpickle (config, program,
-                                                metric) once; env → seed → setup(); run mode
-                                                chosen; slot table ready
+                                                own session, watchdog, fault file, heartbeat
+                                                thread); refuse another procval than the
+                                                parent's; unpickle (config, program, metric)
+                                                once; env → seed → setup(); run mode chosen;
+                                                slot table ready
     submit(shard bytes) ───────────────────────▶ runtime.run_shard(), by run mode:
                                                   INLINE: the shard's examples, one after the
                                                     other, in this thread
@@ -25,7 +27,8 @@ One worker process serves one config for its whole life::
                                                 results finished so far (of this shard or
                                                 earlier ones); a "drain" shard waits for all;
                                                 stamped with pid, node and fingerprint
-    reads slot table ◀─── mmap ────────────────  (timeouts, crash suspects: no message needed)
+    reads slot table ◀─── mmap ────────────────  (timeouts, crash suspects, heartbeat: no
+                                                message needed)
 
 No barrier between shards: a thread that finishes takes the next example at once, even while
 the slowest example of the previous shard still runs (its result travels with the next shard's).
@@ -42,9 +45,11 @@ A watchdog thread ends the process when its parent dies, so no worker outlives a
 from __future__ import annotations
 
 import enum
+import logging
 import os
 import random
 import socket
+import sys
 import traceback
 from dataclasses import dataclass, field
 
@@ -60,9 +65,11 @@ from procval.wire import (
     WorkerOptions,
     fingerprint,
 )
-from procval.worker import execute, lifeline, runners
+from procval.worker import execute, lifeline, logs, runners
 from procval.worker.feed import Feed
-from procval.worker.slots import SlotTable
+from procval.worker.slots import BEAT, SlotTable
+
+_logger = logging.getLogger("procval")
 
 
 class RunMode(enum.Enum):
@@ -99,6 +106,7 @@ class _State:
     node: str = field(default_factory=socket.gethostname)
     runner: execute.Runner | None = None  # None if the snapshot was unreadable
     setup_error: str | None = None  # the traceback of a failed unpickle, seed or setup()
+    refusal: str = ""  # why the worker refused to start (one line); setup_error is "" then
     mode: RunMode = RunMode.FAILED  # until initialize() has installed the snapshot
     feed: Feed | None = None  # THREADS and ASYNC
     loop: runners.EventLoop | None = None  # ASYNC
@@ -136,13 +144,26 @@ def initialize(snapshot: bytes, options: WorkerOptions, slots_path: str) -> None
     """Install a snapshot in this process: unpickle it, then apply env, seed and setup.
 
     Runs once, as the worker's initializer. A failure is kept and reported by every
-    :func:`run_shard` call, so the parent can stop the run with the worker's traceback.
+    :func:`run_shard` call, so the parent can stop the run with the worker's traceback. A
+    worker that imports another ``procval`` than the parent's (``options.procval_path``)
+    installs nothing and answers with a one-line ``SetupFailed.reason``. The heartbeat thread
+    starts first, so that the parent sees a stopped worker even while it installs.
     """
     global _state
     lifeline.ignore_interrupts()  # Ctrl-C is the parent's to handle
+    if options.session:
+        lifeline.lead_process_group()
     lifeline.record_faults(slots_path + ".fault")
     lifeline.watch_parent(options.parent_pid)
+    logs.install(options.log)  # log records go to the parent as they happen
     slots = SlotTable(slots_path, max(1, options.threads))
+    lifeline.beat(slots, BEAT)
+    refusal = other_procval(options.procval_path)
+    if refusal:
+        _state = _State(Config("refused"), fingerprint(snapshot), options, slots)
+        _state.setup_error, _state.refusal = "", refusal
+        slots.mark_ready(_state.pid)
+        return
     try:
         config, program, metric = _pickling.loads(snapshot)
     except BaseException:
@@ -178,6 +199,25 @@ def initialize(snapshot: bytes, options: WorkerOptions, slots_path: str) -> None
     slots.mark_ready(state.pid)
 
 
+def other_procval(expected: str) -> str:
+    """Why this process's ``procval`` is not the parent's, on one line; "" if it is.
+
+    Args:
+        expected: the folder of the parent's ``procval`` package ("" checks nothing).
+    """
+    if not expected:
+        return ""
+    imported = getattr(sys.modules.get("procval"), "__file__", None) or "(no file)"
+    for found in (os.path.dirname(imported), os.path.dirname(os.path.dirname(__file__))):
+        if os.path.realpath(found) != os.path.realpath(expected):
+            return (
+                f"the worker imports procval from {found}, not the parent's {expected}: a "
+                "folder named 'procval' next to the task file or on sys.path shadows it; "
+                "rename that folder, or move the task file out of its directory"
+            )
+    return ""
+
+
 def _start_runners(state: _State) -> None:
     """Start what runs examples besides the main thread: threads or an event loop."""
     threads = max(1, state.options.threads)
@@ -204,7 +244,8 @@ def run_shard(shard: bytes) -> bytes:
         raise NotInWorkerError("run_shard called before initialize")
     if state.mode is RunMode.FAILED:
         assert state.setup_error is not None
-        return _pickling.dumps(SetupFailed(state.setup_error), what="setup error")
+        failed = SetupFailed(state.setup_error, state.refusal)
+        return _pickling.dumps(failed, what="setup error")
     message: Shard = _pickling.loads(shard)
     if state.mode is RunMode.INLINE:
         assert state.runner is not None
@@ -224,10 +265,10 @@ def _dump_results(state: _State, results: list[ExampleResult]) -> bytes:
         return _pickling.dumps(done, what="results")
     except Exception:
         fixed = []
+        dropped: list[str] = []
         for result in results:
             try:
                 _pickling.dumps(result.prediction, what="prediction")
-                fixed.append(result)
             except Exception as exc:
                 error = ErrorInfo(
                     "UnpicklablePrediction",
@@ -235,5 +276,19 @@ def _dump_results(state: _State, results: list[ExampleResult]) -> bytes:
                     "return plain data (str, dict, dataclass) from the program",
                     "",
                 )
-                fixed.append(result._replace(prediction=None, score=0.0, error=error))
+                result = result._replace(prediction=None, score=0.0, error=error)
+            if result.events:
+                try:
+                    _pickling.dumps(result.events, what="events")
+                except Exception as exc:  # the row stays; what it recorded is lost
+                    dropped.append(f"{result.seq}: {exc}")
+                    result = result._replace(events=None)
+            fixed.append(result)
+        if dropped:
+            _logger.warning(
+                "dropped the recorded events (callbacks, LM history) of %d example(s) that "
+                "cannot be pickled; their rows are kept (by seq: %s)",
+                len(dropped),
+                "; ".join(dropped),
+            )
         return _pickling.dumps(done._replace(results=fixed), what="results")

@@ -14,7 +14,9 @@ by ``script(worker, item)``, which returns one of:
 - :class:`Hang`: runs for ever; ``running()`` reports it as running for ``seconds``;
 - :class:`Crash`: the worker dies while running it (the slot table still shows it; its futures
   fail and ``death()`` says how);
-- :class:`Vanish`: the worker dies as it reaches it, with nothing shown running.
+- :class:`Vanish`: the worker dies as it reaches it, with nothing shown running;
+- :class:`Freeze`: the worker freezes (as under SIGSTOP) after it ran the example, or while it
+  runs it (``running=True``): it never replies, and ``silent_for()`` reports ``seconds``.
 
 Replies are real pickled ``procval.wire.ShardDone`` / ``SetupFailed`` messages, so the
 scheduler's own code path reads them.
@@ -76,6 +78,14 @@ class Vanish:
     how: str = "exit code 1"
 
 
+@dataclass(frozen=True)
+class Freeze:
+    """The worker freezes: after running this example (or while, with ``running``)."""
+
+    running: bool = False
+    seconds: float = 3600.0
+
+
 Script = Callable[["FakeWorker", WorkItem], Any]
 
 # what a worker whose Config.setup raised sends: procval's frame, then the user's
@@ -112,6 +122,7 @@ class FakeWorker:
         self._late: list[WorkItem] = []
         self._done: list[ExampleResult] = []
         self._pending: list[tuple[Future[bytes], bool]] = []  # (future, drain) not replied
+        self._silent = 0.0  # what silent_for() reports (a frozen worker's silence)
 
     @property
     def label(self) -> str:
@@ -136,6 +147,9 @@ class FakeWorker:
             return future
         message: Shard = pickle.loads(shard)
         self.shards.append(message)
+        if self._silent:  # frozen: takes nothing up, answers nothing
+            self._pending.append((future, message.drain))
+            return future
         fails = self.backend.setup_fails
         if fails is True or (fails and self.spec.snapshot.name in fails):
             future.set_result(pickle.dumps(SetupFailed(SETUP_TRACEBACK)))
@@ -151,7 +165,8 @@ class FakeWorker:
                 return future
         if message.drain:  # a drain waits for its own late examples too (not for a Hang)
             self._finish_late()
-        self._reply()
+        if not self._silent:
+            self._reply()
         return future
 
     def _finish_late(self) -> None:
@@ -168,6 +183,13 @@ class FakeWorker:
             return False
         if isinstance(step, Vanish):
             self._die(step.how, "")
+            return False
+        if isinstance(step, Freeze):
+            self._silent = step.seconds
+            if step.running:
+                self._running[item.seq] = step.seconds
+                return False
+            self._done.append(_result(item.seq, item.example, None))
             return False
         if isinstance(step, Hang):
             self._running[item.seq] = step.seconds
@@ -201,6 +223,10 @@ class FakeWorker:
     def running(self) -> list[tuple[int, float]]:
         """``(seq, seconds)`` of the examples running (still shown after a crash)."""
         return list(self._running.items())
+
+    def silent_for(self) -> float:
+        """0.0, or ``Freeze.seconds`` once frozen."""
+        return self._silent
 
     def death(self, exc: BaseException) -> str | None:
         """How the worker died, if ``exc`` says it did."""

@@ -1,0 +1,144 @@
+"""Parent side of the log relay: a listener thread re-emits the workers' log records.
+
+See :mod:`procval.worker.logs` for the worker side. The listener binds a Unix datagram socket
+in a private temporary directory, which every worker of the run is told about in
+``WorkerOptions.log``; it lives as long as the run (:func:`start`, :func:`stop`), and stops within a
+second of it. Records are handled in the listener's thread, by the parent's own loggers and
+handlers, as they arrive, with ``procval_example_id`` and ``procval_pid`` attached. Ray workers
+cannot reach a local socket (docs/ray.md).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import pickle
+import shutil
+import socket
+import tempfile
+import threading
+from collections.abc import Sequence
+
+from procval.backends import WorkerSpec
+
+__all__ = ["LogListener", "parent_levels", "start", "stop"]
+
+logger = logging.getLogger("procval")
+_BUFFER = 4 * 1024 * 1024  # asked for; the kernel caps it (net.core.rmem_max)
+_MAX_DATAGRAM = 256 * 1024
+
+
+class LogListener:
+    """Receives pickled records on a Unix datagram socket and hands them to ``logging``.
+
+    Attributes:
+        path: the socket's path, for ``WorkerOptions.log``.
+        received: how many records arrived.
+        dropped: records the workers dropped because the socket buffer was full (as last
+            reported by each worker).
+    """
+
+    def __init__(self) -> None:
+        self._directory = tempfile.mkdtemp(prefix="procval-log-")  # 0700: this user only
+        self.path = os.path.join(self._directory, "s")
+        self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._socket.bind(self.path)
+        with contextlib.suppress(OSError):
+            self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _BUFFER)
+        self._socket.settimeout(0.1)
+        self._stopping = threading.Event()
+        self._dropped: dict[int, int] = {}
+        self.received = 0
+        self._thread = threading.Thread(target=self._serve, name="procval-logs", daemon=True)
+        self._thread.start()
+
+    @property
+    def dropped(self) -> int:
+        """Records dropped by the workers, in total."""
+        return sum(self._dropped.values())
+
+    def _serve(self) -> None:
+        while not self._stopping.is_set():
+            self._drain()
+
+    def _drain(self) -> None:
+        try:
+            data = self._socket.recv(_MAX_DATAGRAM)
+        except (TimeoutError, BlockingIOError):
+            return
+        except OSError:  # closed
+            self._stopping.set()
+            return
+        if data:  # b"": stop() woke us
+            self._handle(data)
+
+    def _handle(self, data: bytes) -> None:
+        try:
+            state = pickle.loads(data)  # from our own workers, through a 0700 directory
+            record = logging.makeLogRecord(state)
+        except Exception:
+            return
+        self.received += 1
+        pid, dropped = state.get("procval_pid"), state.get("procval_dropped")
+        if isinstance(pid, int) and isinstance(dropped, int):
+            self._dropped[pid] = max(self._dropped.get(pid, 0), dropped)
+        target = logging.getLogger(record.name)
+        if target.isEnabledFor(record.levelno):
+            with contextlib.suppress(Exception):  # a failing handler must not end the relay
+                target.handle(record)
+
+    def stop(self) -> None:
+        """Handle what is already queued, then stop the thread and remove the socket."""
+        self._stopping.set()
+        # wake the thread from its recv now, rather than at its timeout (every call paid 0.1 s)
+        with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            s.sendto(b"", self.path)
+        self._thread.join(5)
+        self._socket.setblocking(False)
+        for _ in range(100_000):  # what arrived before the run ended, bounded
+            try:
+                data = self._socket.recv(_MAX_DATAGRAM)
+            except OSError:
+                break
+            self._handle(data)
+        self._socket.close()
+        shutil.rmtree(self._directory, ignore_errors=True)
+        if self.dropped:
+            logger.warning(
+                "%d log records of the workers were dropped: they logged faster than this "
+                "process could receive them",
+                self.dropped,
+            )
+
+
+def parent_levels() -> dict[str, int]:
+    """The levels set on this process's loggers (``""``: the root's), for the workers."""
+    levels = {"": logging.getLogger().getEffectiveLevel()}
+    for name, item in list(logging.Logger.manager.loggerDict.items()):
+        if isinstance(item, logging.Logger) and item.level != logging.NOTSET:
+            levels[name] = item.level
+    return levels
+
+
+def start(specs: Sequence[WorkerSpec]) -> LogListener | None:
+    """Listen for the log records of the workers of ``specs``; sets their ``WorkerOptions.log``.
+
+    Call it before any worker starts, and :func:`stop` at the end of the run. None where Unix
+    sockets do not exist (the records then stay in the workers).
+    """
+    if not hasattr(socket, "AF_UNIX"):
+        return None
+    listener = LogListener()
+    target = (listener.path, parent_levels())
+    for spec in specs:
+        spec.options.log = target
+    return listener
+
+
+def stop(listener: LogListener | None, specs: Sequence[WorkerSpec]) -> None:
+    """Stop what :func:`start` started (within seconds); the specs no longer name the socket."""
+    for spec in specs:
+        spec.options.log = None
+    if listener is not None:
+        listener.stop()

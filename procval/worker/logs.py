@@ -1,0 +1,100 @@
+"""Worker side of the log relay: records logged in a worker go to the parent as they happen.
+
+::
+
+    worker process                                   parent (procval.run.logs.LogListener)
+    ──────────────                                   ─────────────────────────────────────
+    logging.getLogger(...).info(...)                 a thread reads the datagrams and
+      └▶ root handler (install()): the record,        re-emits each record with
+         its message formatted, traceback as text,    logging.getLogger(name).handle(record)
+         + procval_example_id, procval_pid     ──▶   on the parent's handlers
+         pickled, one Unix datagram, never blocking
+
+The worker's loggers take the parent's levels (``WorkerOptions.log``), so what the parent would
+not show is not even formatted. A full socket buffer never stalls the worker: the record is
+dropped and counted, and the next record that gets through carries the count
+(``procval_dropped``), which the parent reports at the end of the run.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import socket
+from typing import Any
+
+from procval.worker import record
+
+__all__ = ["RelayHandler", "install"]
+
+_MAX_MESSAGE = 32_000  # characters of a message or traceback kept; a datagram stays small
+_LOCAL = frozenset({"args", "exc_info", "msg", "message"})
+
+
+class RelayHandler(logging.Handler):
+    """Sends each record, with its example id and pid, to the parent's datagram socket."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(logging.NOTSET)
+        self.path = path
+        self.pid = os.getpid()
+        self.dropped = 0
+        self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._socket.setblocking(False)
+
+    def emit(self, record_: logging.LogRecord) -> None:
+        """Send the record; drop it (and count it) if the socket would block."""
+        try:
+            data = pickle.dumps(self._prepare(record_), pickle.HIGHEST_PROTOCOL)
+        except Exception:
+            self.handleError(record_)
+            return
+        try:
+            self._socket.sendto(data, self.path)
+        except OSError:  # EAGAIN (buffer full), ENOBUFS, the parent gone: never block
+            self.dropped += 1
+
+    def _prepare(self, record_: logging.LogRecord) -> dict[str, Any]:
+        recording = record.current()
+        message = record_.getMessage()
+        state = {k: v for k, v in vars(record_).items() if k not in _LOCAL}
+        if record_.exc_info and not record_.exc_text:
+            state["exc_text"] = logging.Formatter().formatException(record_.exc_info)
+        if state.get("exc_text"):
+            state["exc_text"] = state["exc_text"][-_MAX_MESSAGE:]
+        state["msg"] = message[:_MAX_MESSAGE]
+        state["args"] = None
+        state["procval_example_id"] = recording.example_id if recording is not None else None
+        state["procval_pid"] = self.pid
+        state["procval_dropped"] = self.dropped
+        for key, value in state.items():  # extra=... values the parent may not unpickle
+            if not isinstance(value, str | int | float | bool | type(None)):
+                state[key] = repr(value)
+        return state
+
+    def close(self) -> None:
+        """Close the socket."""
+        self._socket.close()
+        super().close()
+
+
+def install(target: tuple[str, dict[str, int]] | None) -> RelayHandler | None:
+    """Send this worker's log records to the parent's socket, at the parent's levels.
+
+    Args:
+        target: ``WorkerOptions.log``: the socket path and the parent's logger levels
+            (``""`` for the root logger); None leaves logging as it is.
+
+    Returns:
+        The handler installed on the root logger, or None.
+    """
+    if target is None:
+        return None
+    path, levels = target
+    handler = RelayHandler(path)
+    root = logging.getLogger()
+    root.addHandler(handler)
+    for name, level in levels.items():
+        logging.getLogger(name or None).setLevel(level)
+    return handler

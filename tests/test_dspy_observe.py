@@ -1,0 +1,223 @@
+"""What happens in the workers is seen in the caller: DSPy callbacks, LM history, logs (issue 14).
+
+Offline, against the stand-in server of tests/helpers/llm_server.py.
+"""
+
+from __future__ import annotations
+
+import collections
+import importlib
+import logging
+import os
+import threading
+
+import pytest
+
+dspy = pytest.importorskip("dspy")
+
+from dspy.clients import base_lm  # noqa: E402
+
+import procval  # noqa: E402
+import procval.dspy  # noqa: E402
+from helpers import observe_programs as programs  # noqa: E402
+from helpers.llm_server import LLMServer  # noqa: E402
+
+pytestmark = pytest.mark.dspy
+
+
+@pytest.fixture(autouse=True)
+def restore_dspy_settings():
+    module = importlib.import_module("dspy.dsp.utils.settings")
+    saved = dict(module.main_thread_config)
+    yield
+    dspy.configure(**saved)
+
+
+@pytest.fixture
+def server():
+    with LLMServer() as running:
+        yield running
+
+
+def lm_of(server: LLMServer) -> dspy.LM:
+    return dspy.LM(server.model, api_base=server.api_base, api_key="sk-test", cache=False)
+
+
+def lineage(events: list) -> tuple[collections.Counter, int, bool]:
+    """Counts per hook, top-level module calls under Evaluate, every parent a known call."""
+    counts = collections.Counter(hook for hook, *_ in events)
+    evaluate = next(call for hook, call, *_ in events if hook == "on_evaluate_start")
+    starts = {call for hook, call, *_ in events if hook.endswith("_start")}
+    top = sum(
+        1 for hook, _, parent, _ in events if hook == "on_module_start" and parent == evaluate
+    )
+    known = all(parent in starts for hook, _, parent, _ in events if hook != "on_evaluate_start")
+    return counts, top, known
+
+
+def run(evaluate_class: type, server: LLMServer, n: int) -> tuple[list, dspy.LM, float]:
+    callback = programs.Counting()
+    lm = lm_of(server)
+    dspy.configure(lm=lm, callbacks=[callback])
+    program = programs.Pipeline()
+    result = evaluate_class(devset=programs.devset(n), metric=programs.exact, num_threads=4)(
+        program
+    )
+    return callback.events, lm, result.score
+
+
+def test_callback_counts_and_lineage_equal_dspy_evaluate(server, no_leaked_workers):
+    theirs, _, their_score = run(dspy.Evaluate, server, 12)
+    ours, _, our_score = run(procval.dspy.Evaluate, server, 12)
+    assert our_score == their_score == 100.0
+    assert lineage(ours) == lineage(theirs)
+    counts, top, _ = lineage(ours)
+    assert counts["on_lm_start"] == counts["on_lm_end"] == 24
+    assert counts["on_evaluate_start"] == counts["on_evaluate_end"] == 1
+    assert top == 12  # every top-level module call hangs under the Evaluate call
+    # the parent's own objects where it has them: its LM, its program's modules by path
+    instances = {type(instance).__name__ for hook, _, _, instance in ours if hook.endswith("start")}
+    assert {"Pipeline", "Predict", "LM", "ChatAdapter"} <= instances
+
+
+def test_each_example_replays_in_order(server):
+    events, _, _ = run(procval.dspy.Evaluate, server, 6)
+    open_calls: set[str] = set()
+    for hook, call, _, _ in events:
+        if hook.endswith("_start"):
+            open_calls.add(call)
+        else:
+            assert call in open_calls, f"{hook} of {call} before its start"
+            open_calls.remove(call)
+    assert not open_calls
+
+
+def test_lm_history_holds_every_worker_call_in_example_order(server):
+    before = len(base_lm.GLOBAL_HISTORY)
+    _, lm, _ = run(procval.dspy.Evaluate, server, 10)
+    answered = server.counts()["answered"]
+    assert len(lm.history) == answered == 20
+    assert len(base_lm.GLOBAL_HISTORY) - before == answered
+    questions = [entry["messages"][-1]["content"].split("\n")[1] for entry in lm.history]
+    assert questions == [f"q{i}" for i in range(10) for _ in range(2)]
+
+
+def test_history_is_bounded_as_dspy_bounds_it(server):
+    dspy.configure(max_history_size=5)
+    _, lm, _ = run(procval.dspy.Evaluate, server, 6)
+    assert len(lm.history) == 5
+
+
+def test_in_worker_callback_runs_once_per_event_in_the_workers(server, tmp_path):
+    path = str(tmp_path / "events.txt")
+    here = programs.Counting()
+    dspy.configure(lm=lm_of(server), callbacks=[here, programs.ToFile(path)])
+    procval.dspy.Evaluate(devset=programs.devset(5), metric=programs.exact, num_threads=2)(
+        programs.Pipeline()
+    )
+    with open(path) as f:
+        lines = [line.split() for line in f]
+    assert {int(pid) for pid, _ in lines}.isdisjoint({os.getpid()})
+    theirs = collections.Counter(hook for _, hook in lines)
+    mine = collections.Counter(hook for hook, *_ in here.events)
+    assert theirs["on_lm_start"] == mine["on_lm_start"] == 10
+    assert "on_evaluate_start" not in theirs  # Evaluate runs here, for the callbacks here
+    assert {k: v for k, v in mine.items() if not k.startswith("on_evaluate")} == theirs
+
+
+def test_procval_evaluate_with_a_snapshot_relays_too(server):
+    callback = programs.Counting()
+    lm = lm_of(server)
+    config = procval.dspy.snapshot(lm=lm, callbacks=[callback])
+    result = procval.evaluate(
+        programs.Pipeline(), programs.devset(4), programs.exact, config=config, workers=1
+    )
+    assert result.score == 1.0
+    counts = collections.Counter(hook for hook, *_ in callback.events)
+    assert counts["on_lm_start"] == 8 and counts["on_module_start"] == 16
+    assert len(lm.history) == 8
+
+
+class _Release(logging.Handler):
+    """Writes the flag file when example 0's record arrives, with what it carried."""
+
+    def __init__(self, flag: str) -> None:
+        super().__init__()
+        self.flag = flag
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+        with open(self.flag, "w") as f:
+            f.write("go")
+
+
+def test_worker_logs_arrive_while_the_run_goes(tmp_path, no_leaked_workers):
+    flag = str(tmp_path / "flag")
+    handler = _Release(flag)
+    target = logging.getLogger("observe.test")
+    target.addHandler(handler)
+    try:
+        # one worker, one thread: example 1 runs after example 0 in the same shard, and waits
+        # for the file this process writes when example 0's record arrives
+        result = procval.evaluate(programs.LogsThenWaits(flag), [0, 1], lambda e, p: 1.0, workers=1)
+    finally:
+        target.removeHandler(handler)
+    assert [row.prediction for row in result.rows] == ["logged", "released"]
+    (record,) = handler.records
+    assert record.getMessage() == "example zero is done" and record.levelno == logging.WARNING
+    assert record.procval_example_id == 0
+    assert record.procval_pid == result.rows[0].worker_pid != os.getpid()
+    assert record.name == "observe.test"
+
+
+def test_prediction_fields_are_kept_in_rows_and_the_store(server, tmp_path):
+    store = str(tmp_path / "run.db")
+    dspy.configure(lm=lm_of(server))
+    result = procval.dspy.Evaluate(
+        devset=programs.devset(2), metric=lambda e, p, t=None: 1.0, store=store
+    )(programs.Extra())
+    prediction = result.results[0][1]
+    assert (prediction.answer, prediction.confidence, prediction.notes) == ("Q0", 0.5, ["a", "b"])
+    (stored,) = procval.load(store).values()
+    kept = stored.rows[0].prediction["prediction"]
+    assert kept == {"answer": "Q0", "confidence": 0.5, "notes": ["a", "b"]}
+
+
+def _records_unpicklable_for_odd(example: int) -> str:
+    """Records a lock (cannot be pickled) for odd examples, a plain value for even ones."""
+    from procval.worker import record
+
+    record.add("probe", threading.Lock() if example % 2 else example)
+    return f"done {example}"
+
+
+class _Captured(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def test_unpicklable_events_are_dropped_and_their_rows_kept(no_leaked_workers):
+    from procval.run import replay
+
+    delivered: list[tuple[int, list]] = []
+    replay.register("probe", lambda config, row, payloads: delivered.append((row.index, payloads)))
+    captured = _Captured()
+    logging.getLogger("procval").addHandler(captured)
+    try:
+        result = procval.evaluate(
+            _records_unpicklable_for_odd, [0, 1, 2, 3], lambda e, p: 1.0, workers=1
+        )
+    finally:
+        logging.getLogger("procval").removeHandler(captured)
+        replay._handlers.pop("probe", None)
+    assert [row.prediction for row in result.rows] == [f"done {i}" for i in range(4)]
+    assert all(row.error is None and row.score == 1.0 for row in result.rows)
+    assert sorted(delivered) == [(0, [0]), (2, [2])]  # the even examples' events still arrive
+    warnings = [m for m in captured.messages if "dropped the recorded events" in m]
+    assert sum(int(m.split(" of ")[1].split()[0]) for m in warnings) == 2  # one per shard
+    assert all("lock" in m for m in warnings)
