@@ -31,12 +31,13 @@ from procval.errors import (
     UnalignedResultsError,
 )
 from procval.worker.runtime import current_config, rng
+from procval.worker.usage import record_usage
 
 if TYPE_CHECKING:
     from types import ModuleType
 
     from procval.report.compare import Comparison, ComparisonTable, Interval, compare
-    from procval.results import EvaluationResult, Results, Row, RowError
+    from procval.results import EvaluationResult, Results, Row, RowError, Usage
     from procval.run.api import Metric, Program, evaluate
     from procval.run.dataset import read_jsonl
     from procval.store.readers import load
@@ -70,11 +71,13 @@ __all__ = [
     "Task",
     "TooManyErrors",
     "UnalignedResultsError",
+    "Usage",
     "compare",
     "current_config",
     "evaluate",
     "load",
     "read_jsonl",
+    "record_usage",
     "rng",
 ]
 
@@ -92,6 +95,7 @@ _LAZY_NAMES = {
     "Results": "procval.results",
     "Row": "procval.results",
     "RowError": "procval.results",
+    "Usage": "procval.results",
     "load": "procval.store.readers",
     "Task": "procval.task",
 }

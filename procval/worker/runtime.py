@@ -65,7 +65,7 @@ from procval.wire import (
     WorkerOptions,
     fingerprint,
 )
-from procval.worker import execute, lifeline, logs, runners
+from procval.worker import execute, lifeline, logs, runners, usage
 from procval.worker.feed import Feed
 from procval.worker.slots import BEAT, SlotTable
 
@@ -190,6 +190,7 @@ def initialize(snapshot: bytes, options: WorkerOptions, slots_path: str) -> None
             config.setup()
     except BaseException:
         state.setup_error = traceback.format_exc()
+    usage.tap_dspy()  # DSPy's LM calls count in each row's usage, if the config uses DSPy
     state.mode = select_mode(
         installed=state.setup_error is None,
         is_async=runner is not None and execute.is_async(runner.program),
