@@ -288,7 +288,7 @@ def _write_html(results: Results, store_path: str, path: str) -> None:
 def compare(args: argparse.Namespace) -> int:
     """``procval compare``: the paired comparison of two stored configs, in a few lines."""
     from procval.report.compare import compare as paired
-    from procval.report.text import describe
+    from procval.report.text import describe, spend_lines
 
     results = store.load(args.path)
     for name in (args.a, args.b):
@@ -304,6 +304,9 @@ def compare(args: argparse.Namespace) -> int:
         common_only=args.common_only,
     )
     print(describe(comparison, a, b, examples=args.examples))
+    for label, result in ((f"a ({args.a}): ", a), (f"b ({args.b}): ", b)):
+        for line in spend_lines(label, result):
+            print(line)
     return EXIT_OK
 
 

@@ -170,8 +170,10 @@ class EvaluationResult:
         totals: Totals | None = None,
         error_types: Mapping[str, int] | None = None,
         fingerprint: str = "",
+        usage: Mapping[str, Usage] | None = None,
     ) -> None:
         self._config = config
+        self._usage = dict(usage) if usage is not None else None
         self._rows: Sequence[Row] | None = None if callable(rows) else sorted(rows, key=_index)
         self._load = rows if callable(rows) else None
         self._duration = duration
@@ -224,6 +226,24 @@ class EvaluationResult:
         if self._error_types is None:
             self._error_types = dict(Counter(r.error.type for r in self.errors if r.error))
         return dict(sorted(self._error_types.items(), key=lambda kv: (-kv[1], kv[0])))
+
+    @property
+    def usage(self) -> dict[str, Usage]:
+        """Tokens and cost per model spent by this config: ``{model: Usage}``, by model name.
+
+        Summed over the rows in memory; for a result read from (or run with) a store, the
+        config's spend as the store keeps it, over every session (a resumed run counts what
+        its earlier sessions spent), without reading the rows. Empty when nothing was recorded.
+        """
+        if self._usage is None:
+            totals: dict[str, Usage] = {}
+            for row in self.rows:
+                if row.usage:
+                    for model, spent in row.usage.items():
+                        found = totals.get(model)
+                        totals[model] = spent if found is None else found + spent
+            self._usage = totals
+        return dict(sorted(self._usage.items()))
 
     @property
     def duration(self) -> float:
@@ -294,6 +314,10 @@ class EvaluationResult:
             lines.append(f"  {count} x {kind}{_example_of(samples.get(kind))}")
         if self.replaced_workers:
             lines.append(f"  {self.replaced_workers} workers lost and replaced")
+        if self.usage:
+            from procval.report.text import spend_lines
+
+            lines.extend(spend_lines("  ", self))
         return "\n".join(lines)
 
     def _first_error(self) -> RowError | None:
@@ -404,6 +428,11 @@ class Results(Mapping[str, EvaluationResult]):
         ]
         if replaced:
             lines.append(f"workers lost and replaced: {', '.join(replaced)}")
+        for name, result in self._results.items():
+            if result.usage:
+                from procval.report.text import spend_lines
+
+                lines.extend(spend_lines(f"{name}: ", result))
         return "\n".join(lines)
 
     def compare(

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 from procval.errors import StoreError
-from procval.results import EvaluationResult, Results, Row, RowError, Totals
+from procval.results import EvaluationResult, Results, Row, RowError, Totals, Usage
 from procval.store.codec import decode
 from procval.store.faults import store_errors
 from procval.store.lock import writer_is_gone
@@ -208,7 +208,29 @@ def result_of(
         totals=totals(db, config),
         error_types=dict(error_types),
         fingerprint=fingerprint,
+        usage=usage_of(db, config),
     )
+
+
+def usage_of(db: sqlite3.Connection, config: str) -> dict[str, Usage]:
+    """``{model: Usage}`` spent by ``config`` (all sessions), from the ``usage`` table.
+
+    The table holds each config's spend, added to with its rows, so no row is read. A format 1
+    store has none: no usage.
+    """
+    if (
+        version(db) < 2
+        or not db.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'usage'"
+        ).fetchone()
+    ):
+        return {}
+    cursor = db.execute(
+        "SELECT model, calls, cached_calls, prompt_tokens, completion_tokens, total_tokens, cost "
+        "FROM usage WHERE config = ? ORDER BY model",
+        (config,),
+    )
+    return {model: Usage(*counts) for model, *counts in cursor}
 
 
 def totals(db: sqlite3.Connection, config: str, *, only_ok: bool = False) -> Totals:

@@ -98,7 +98,7 @@ def tap_dspy() -> None:
 
     update_history._procval_usage = True  # type: ignore[attr-defined]
     update_history.__doc__ = original.__doc__
-    BaseLM.update_history = update_history  # type: ignore[method-assign]
+    BaseLM.update_history = update_history
 
 
 def _count(entry: Mapping[str, Any]) -> None:
