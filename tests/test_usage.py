@@ -225,3 +225,25 @@ def test_usage_survives_a_kill_and_a_resume(tmp_path):
     per_call = counts["prompt_tokens"] / counts["requests"]  # the questions have equal lengths
     assert spent.prompt_tokens == per_call * n
     assert spent.total_tokens * counts["requests"] == counts["total_tokens"] * n
+
+
+def test_report_html_and_compare_show_the_spend(tmp_path):
+    where = str(tmp_path / "run.db")
+    configs = [procval.Config(name="a"), procval.Config(name="b")]
+    procval.evaluate(
+        spending, [1, 2, 3], lambda e, p: float(p > 1), configs=configs, workers=1,
+        progress=False, store=where,
+    )  # fmt: skip
+    page = tmp_path / "report.html"
+    run = [sys.executable, "-m", "procval"]
+    report = subprocess.run([*run, "report", where, "--html", str(page)], capture_output=True,
+                            text=True, timeout=120)  # fmt: skip
+    assert report.returncode == 0, report.stderr
+    assert "m: 6 calls (3 cached), 12 tokens" in report.stdout
+    html = page.read_text()
+    assert "<section id='usage'>" in html and "<td>other</td>" in html
+    compared = subprocess.run([*run, "compare", where, "a", "b"], capture_output=True,
+                              text=True, timeout=120)  # fmt: skip
+    assert compared.returncode == 0, compared.stderr
+    assert "a (a): per correct answer: 7.5 tokens, cost 0.375" in compared.stdout
+    assert "b (b): per correct answer: 7.5 tokens, cost 0.375" in compared.stdout
