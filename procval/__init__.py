@@ -33,12 +33,13 @@ from procval.errors import (
 from procval.ratelimit import RateLimit
 from procval.worker.limited import limited
 from procval.worker.runtime import current_config, rng
+from procval.worker.usage import record_usage
 
 if TYPE_CHECKING:
     from types import ModuleType
 
     from procval.report.compare import Comparison, ComparisonTable, Interval, compare
-    from procval.results import EvaluationResult, Results, Row, RowError
+    from procval.results import EvaluationResult, Results, Row, RowError, Usage
     from procval.run.api import Metric, Program, evaluate
     from procval.run.dataset import read_jsonl
     from procval.run.pool import Workers
@@ -74,6 +75,7 @@ __all__ = [
     "Task",
     "TooManyErrors",
     "UnalignedResultsError",
+    "Usage",
     "Workers",
     "compare",
     "current_config",
@@ -81,6 +83,7 @@ __all__ = [
     "limited",
     "load",
     "read_jsonl",
+    "record_usage",
     "rng",
 ]
 
@@ -98,6 +101,7 @@ _LAZY_NAMES = {
     "Results": "procval.results",
     "Row": "procval.results",
     "RowError": "procval.results",
+    "Usage": "procval.results",
     "load": "procval.store.readers",
     "Task": "procval.task",
     "Workers": "procval.run.pool",

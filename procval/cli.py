@@ -301,7 +301,7 @@ def _write_html(results: Results, store_path: str, path: str) -> None:
 def compare(args: argparse.Namespace) -> int:
     """``procval compare``: the paired comparison of two stored configs, in a few lines."""
     from procval.report.compare import compare as paired
-    from procval.report.text import describe
+    from procval.report.text import describe, spend_lines
 
     results = store.load(args.path)
     for name in (args.a, args.b):
@@ -317,6 +317,9 @@ def compare(args: argparse.Namespace) -> int:
         common_only=args.common_only,
     )
     print(describe(comparison, a, b, examples=args.examples))
+    for label, result in ((f"a ({args.a}): ", a), (f"b ({args.b}): ", b)):
+        for line in spend_lines(label, result):
+            print(line)
     return EXIT_OK
 
 
@@ -343,11 +346,19 @@ def export(args: argparse.Namespace) -> int:
                     out.write(json.dumps(row) + "\n")
                     written += 1
             else:
-                writer = csv.DictWriter(out, fieldnames=list(first))
+                names = store.score_names(args.path, args.config)
+                columns = [c for c in first if c != "scores"]
+                at = columns.index("score") + 1  # score.NAME columns right after score
+                columns[at:at] = [f"score.{name}" for name in names]
+                writer = csv.DictWriter(out, fieldnames=columns)
                 writer.writeheader()
                 for row in all_rows:
+                    for name, value in (row.pop("scores") or {}).items():
+                        row[f"score.{name}"] = value
                     row["example"] = json.dumps(row["example"])
                     row["prediction"] = json.dumps(row["prediction"])
+                    for key in ("extra", "usage"):  # empty when none
+                        row[key] = "" if row[key] is None else json.dumps(row[key])
                     writer.writerow(row)
                     written += 1
     except StoreError as exc:  # e.g. a damaged page halfway: never a silently partial export

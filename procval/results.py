@@ -19,6 +19,7 @@ __all__ = [
     "Row",
     "RowError",
     "Totals",
+    "Usage",
 ]
 
 
@@ -46,6 +47,61 @@ class RowError:
 
 
 @dataclass(frozen=True, slots=True)
+class Usage:
+    """Tokens and cost spent with one model: by one example, or by a whole config.
+
+    Attributes:
+        calls: calls made to the model.
+        cached_calls: of those, calls answered from a cache.
+        prompt_tokens: tokens sent.
+        completion_tokens: tokens received.
+        total_tokens: prompt and completion tokens together.
+        cost: the cost in the provider's currency, or None where it is not known.
+    """
+
+    calls: int = 0
+    cached_calls: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+    cost: float | None = None
+
+    def __add__(self, other: Usage) -> Usage:
+        if not isinstance(other, Usage):
+            return NotImplemented
+        cost = (
+            None
+            if self.cost is None and other.cost is None
+            else ((self.cost or 0.0) + (other.cost or 0.0))
+        )
+        return Usage(
+            self.calls + other.calls,
+            self.cached_calls + other.cached_calls,
+            self.prompt_tokens + other.prompt_tokens,
+            self.completion_tokens + other.completion_tokens,
+            self.total_tokens + other.total_tokens,
+            cost,
+        )
+
+    @classmethod
+    def from_dict(cls, counts: Mapping[str, Any]) -> Usage:
+        """A ``Usage`` from a mapping of its field names (missing ones are 0, cost None)."""
+        cost = counts.get("cost")
+        return cls(
+            int(counts.get("calls", 0) or 0),
+            int(counts.get("cached_calls", 0) or 0),
+            int(counts.get("prompt_tokens", 0) or 0),
+            int(counts.get("completion_tokens", 0) or 0),
+            int(counts.get("total_tokens", 0) or 0),
+            None if cost is None else float(cost),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as a dict (as stored)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass(frozen=True, slots=True)
 class Row:
     """One example's outcome, with its provenance.
 
@@ -62,6 +118,12 @@ class Row:
         config: the config's name.
         fingerprint: the snapshot installed in that process.
         node: the host that ran the process.
+        epoch: which repetition of the example this row is (``evaluate(..., epochs=)``), from 0.
+        scores: every named score of the row, or None when the only score is ``score``;
+            when set, ``score`` is the primary one.
+        extra: what the metric returned besides its scores (JSON values), or None.
+        usage: tokens and cost per model name spent by this example, or None.
+        group: the example's group key, or None.
     """
 
     index: int
@@ -76,6 +138,11 @@ class Row:
     config: str
     fingerprint: str
     node: str = ""
+    epoch: int = 0
+    scores: Mapping[str, float] | None = None
+    extra: Mapping[str, Any] | None = None
+    usage: Mapping[str, Usage] | None = None
+    group: str | None = None
 
 
 @dataclass(frozen=True)
@@ -103,8 +170,10 @@ class EvaluationResult:
         totals: Totals | None = None,
         error_types: Mapping[str, int] | None = None,
         fingerprint: str = "",
+        usage: Mapping[str, Usage] | None = None,
     ) -> None:
         self._config = config
+        self._usage = dict(usage) if usage is not None else None
         self._rows: Sequence[Row] | None = None if callable(rows) else sorted(rows, key=_index)
         self._load = rows if callable(rows) else None
         self._duration = duration
@@ -158,6 +227,24 @@ class EvaluationResult:
         if self._error_types is None:
             self._error_types = dict(Counter(r.error.type for r in self.errors if r.error))
         return dict(sorted(self._error_types.items(), key=lambda kv: (-kv[1], kv[0])))
+
+    @property
+    def usage(self) -> dict[str, Usage]:
+        """Tokens and cost per model spent by this config: ``{model: Usage}``, by model name.
+
+        Summed over the rows in memory; for a result read from (or run with) a store, the
+        config's spend as the store keeps it, over every session (a resumed run counts what
+        its earlier sessions spent), without reading the rows. Empty when nothing was recorded.
+        """
+        if self._usage is None:
+            totals: dict[str, Usage] = {}
+            for row in self.rows:
+                if row.usage:
+                    for model, spent in row.usage.items():
+                        found = totals.get(model)
+                        totals[model] = spent if found is None else found + spent
+            self._usage = totals
+        return dict(sorted(self._usage.items()))
 
     @property
     def duration(self) -> float:
@@ -239,6 +326,10 @@ class EvaluationResult:
         if self.replaced_workers:
             lines.append(f"  {self.replaced_workers} workers lost and replaced")
         lines.extend(f"  {line}" for line in _limit_lines(self.limits))
+        if self.usage:
+            from procval.report.text import spend_lines
+
+            lines.extend(spend_lines("  ", self))
         return "\n".join(lines)
 
     def _first_error(self) -> RowError | None:
@@ -351,6 +442,10 @@ class Results(Mapping[str, EvaluationResult]):
             lines.append(f"workers lost and replaced: {', '.join(replaced)}")
         for name, result in self._results.items():
             lines.extend(f"{name}: {line}" for line in _limit_lines(result.limits))
+            if result.usage:
+                from procval.report.text import spend_lines
+
+                lines.extend(spend_lines(f"{name}: ", result))
         return "\n".join(lines)
 
     def compare(

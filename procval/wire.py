@@ -121,11 +121,14 @@ class WorkItem(NamedTuple):
         seq: the example's position in the dataset; its key in the scheduler and slot table.
         example_id: the example's id (its ``id`` key or attribute, else ``seq``).
         example: the example itself.
+        epoch: which repetition of the example (``evaluate(..., epochs=)``), from 0; the worker
+            seeds it from ``(seed, example_id, epoch)``, and epoch 0 as ``(seed, example_id)``.
     """
 
     seq: int
     example_id: Any
     example: Any
+    epoch: int = 0
 
 
 class Shard(NamedTuple):
@@ -174,6 +177,9 @@ class ExampleResult(NamedTuple):
         error: None, or what went wrong.
         attempts: how many times the program was called.
         duration: seconds spent in the worker, all attempts included.
+        scores: every named score, or None when the metric gave one unnamed score.
+        extra: what the metric returned besides scores (JSON-able), or None.
+        usage: raw token counts and cost per model name, or None (the parent builds ``Usage``).
         events: what the example recorded while it ran (``(kind, payload)`` pairs: DSPy
             callback events and LM history entries), replayed in the parent; None for none.
     """
@@ -184,6 +190,10 @@ class ExampleResult(NamedTuple):
     error: ErrorInfo | None
     attempts: int
     duration: float
+    scores: dict[str, float] | None = None
+    extra: dict[str, Any] | None = None
+    usage: dict[str, dict[str, float]] | None = None
+    # ``events`` goes last: new fields above it
     events: list[tuple[str, Any]] | None = None
 
 

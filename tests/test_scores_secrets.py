@@ -18,7 +18,8 @@ from procval import _identity
 from procval._identity import code_identity, digest, text_identity
 from procval.results import Row, RowError
 from procval.store.scrub import Scrubber
-from procval.worker.execute import MetricTypeError, NonFiniteScore, _score
+from procval.worker.scoring import MetricTypeError, NonFiniteScore
+from procval.worker.scoring import score_of as _score
 
 SECRET = "sk-test-0123456789abcdef"
 MASK = f"***ENV:{sp.SECRET_NAME}***"

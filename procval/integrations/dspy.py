@@ -63,7 +63,7 @@ from procval.integrations._dspy_settings import PER_CALL_SETTINGS, snapshot
 from procval.integrations._dspy_settings import _Configure as _Configure  # pickled as ours
 from procval.ratelimit import RateLimit, rate_limits
 from procval.results import EvaluationResult as _ProcvalResult
-from procval.results import Row
+from procval.results import Row, Usage
 from procval.run.api import on_rows
 from procval.run.dataset import example_id
 from procval.run.pool import Workers
@@ -130,6 +130,11 @@ class EvaluationResult(_DSPyEvaluationResult):
     def procval(self) -> _ProcvalResult:
         """The result as procval gives it: rows, errors, ``summary()``, duration, fingerprint."""
         return self._procval
+
+    @property
+    def usage(self) -> dict[str, Usage]:
+        """Tokens and cost per model spent by the run (every LM call, cached ones apart)."""
+        return self._procval.usage
 
     @property
     def rows(self) -> Sequence[Row]:

@@ -43,7 +43,7 @@ from procval.report.markup import (
 from procval.report.protocol import ResultLike, RowLike, is_result
 from procval.report.runinfo import run_section, run_span
 from procval.report.stats import Interval, holm
-from procval.report.text import format_p
+from procval.report.text import format_p, per_correct
 
 __all__ = ["render_html"]
 
@@ -108,6 +108,7 @@ def render_html(
         f"({resamples} resamples, seed {seed})</p>",
         f"<p class='meta'>{esc(run_span(details))}</p>" if run_span(details) else "",
         _scores_section(runs, intervals, best, confidence),
+        _usage_section(runs),
         _differences_section(runs, best, stats),
         _errors_section(runs, (details or {}).get("path")),
         _disagreements_section(runs, max_rows),
@@ -140,6 +141,38 @@ def _scores_section(
         + "".join(rows)
         + "</table><p class='note'>Failed examples count with the run's failure score. "
         "Bars start at the axis minimum; whiskers show the interval.</p></section>"
+    )
+
+
+def _usage_section(runs: list[ResultLike]) -> str:
+    """Tokens and cost per config and model, and per correct answer (nothing when none)."""
+    rows = []
+    for run in runs:
+        usage = getattr(run, "usage", None) or {}
+        if not usage:
+            continue
+        tokens, cost = per_correct(run)
+        per = f"{tokens:,.1f}" + ("" if cost is None else f" · {cost:.4g}")
+        for i, (model, u) in enumerate(usage.items()):
+            spent = "unknown" if u.cost is None else f"{u.cost:.4g}"
+            rows.append(
+                f"<tr><td>{esc(run.config) if i == 0 else ''}</td><td>{esc(model)}</td>"
+                f"<td class='num'>{u.calls:,}</td><td class='num'>{u.cached_calls:,}</td>"
+                f"<td class='num'>{u.prompt_tokens:,}</td>"
+                f"<td class='num'>{u.completion_tokens:,}</td>"
+                f"<td class='num'>{u.total_tokens:,}</td><td class='num'>{spent}</td>"
+                f"<td class='num'>{per if i == 0 else ''}</td></tr>"
+            )
+    if not rows:
+        return ""
+    return (
+        "<section id='usage'><h2>Usage</h2><table><tr><th>config</th><th>model</th>"
+        "<th class='num'>calls</th><th class='num'>cached</th><th class='num'>prompt</th>"
+        "<th class='num'>completion</th><th class='num'>tokens</th><th class='num'>cost</th>"
+        "<th class='num'>per correct answer (tokens · cost)</th></tr>"
+        + "".join(rows)
+        + "</table><p class='note'>Spend of every call, failed examples included; cached calls "
+        "cost no tokens. Correct answers: the scores summed.</p></section>"
     )
 
 

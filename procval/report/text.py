@@ -12,7 +12,7 @@ if TYPE_CHECKING:
     from procval.report.compare import Comparison
     from procval.report.protocol import ResultLike, RowLike
 
-__all__ = ["describe", "format_p"]
+__all__ = ["describe", "format_p", "per_correct", "spend_lines", "usage_text"]
 
 
 def format_p(p: float) -> str:
@@ -52,6 +52,47 @@ def describe(comparison: Comparison, a: ResultLike, b: ResultLike, *, examples: 
         lines.append(f"  {row.example_id!s:<{width}}  {verb}  a: {_short(row)}  b: {_short(other)}")
         lines.append(f"  {'':<{width}}  input: {_clip(_plain(row.example), 88)}")
     return "\n".join(lines)
+
+
+def usage_text(usage: Any) -> str:
+    """A ``Usage`` in a few words: ``12 calls (2 cached), 1,530 tokens (...), cost 0.0021``."""
+    cached = f" ({usage.cached_calls:,} cached)" if usage.cached_calls else ""
+    cost = "cost unknown" if usage.cost is None else f"cost {usage.cost:.4g}"
+    return (
+        f"{usage.calls:,} calls{cached}, {usage.total_tokens:,} tokens "
+        f"({usage.prompt_tokens:,} prompt, {usage.completion_tokens:,} completion), {cost}"
+    )
+
+
+def per_correct(result: ResultLike) -> tuple[float, float | None]:
+    """``(tokens, cost)`` per correct answer of ``result``, over all its models.
+
+    Correct answers are the score summed over the examples (for a 0/1 metric, the number of
+    correct answers), from the result's totals: no row is read. NaN (and a NaN cost) when there
+    is no correct answer; the cost is None when no model's cost is known.
+    """
+    usage = getattr(result, "usage", None) or {}
+    tokens = sum(u.total_tokens for u in usage.values())
+    costs = [u.cost for u in usage.values() if u.cost is not None]
+    correct = getattr(result.totals, "score_sum", math.nan)
+    if not correct or math.isnan(correct):
+        return math.nan, (math.nan if costs else None)
+    return tokens / correct, (math.fsum(costs) / correct if costs else None)
+
+
+def spend_lines(prefix: str, result: ResultLike) -> list[str]:
+    """What ``result`` spent, model by model, then per correct answer (no lines if nothing).
+
+    Each line starts with ``prefix`` (an indent, or the config's name and a colon).
+    """
+    usage = getattr(result, "usage", None) or {}
+    if not usage:
+        return []
+    lines = [f"{prefix}{model}: {usage_text(spent)}" for model, spent in usage.items()]
+    tokens, cost = per_correct(result)
+    cost_text = "" if cost is None else f", cost {cost:.4g}"
+    lines.append(f"{prefix}per correct answer: {tokens:,.1f} tokens{cost_text}")
+    return lines
 
 
 def _short(row: RowLike) -> str:

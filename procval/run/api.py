@@ -317,8 +317,10 @@ class _ObservedSink:
     def begin(self, snapshot: Snapshot) -> Totals:
         return self._sink.begin(snapshot)
 
-    def is_done(self, config: str, index: int, example_id: int | str, example: Any) -> bool:
-        return self._sink.is_done(config, index, example_id, example)
+    def is_done(
+        self, config: str, index: int, example_id: int | str, example: Any, epoch: int = 0
+    ) -> bool:
+        return self._sink.is_done(config, index, example_id, example, epoch)
 
     def add(self, config: str, rows: list[Row]) -> None:
         self._sink.add(config, rows)  # durable first, reported after

@@ -12,7 +12,7 @@ from procval.wire import WorkItem
 
 _new = tuple.__new__  # tuple.__new__(WorkItem, values): a NamedTuple built in C
 
-Item = WorkItem  # (seq, example_id, example), as sent to a worker
+Item = WorkItem  # (seq, example_id, example, epoch), as sent to a worker
 
 
 def example_id(example: Any, index: int) -> int | str:
@@ -84,7 +84,9 @@ class Examples:
         if self._ids is not None:  # a list: ids computed (and checked) once, up front
             # built in C: no Python frame per example
             return map(
-                _new, itertools.repeat(WorkItem), zip(itertools.count(), self._ids, self._data)
+                _new,
+                itertools.repeat(WorkItem),
+                zip(itertools.count(), self._ids, self._data, itertools.repeat(0)),
             )
         return self._read()
 

@@ -65,6 +65,8 @@ class RunOptions:
     timeout: float | None = None
     max_errors: int | None = None
     resume_hint: str = ""
+    epochs: int = 1
+    primary: str | None = None
     liveness: float = field(default_factory=default_liveness)
 
 

@@ -63,7 +63,7 @@ from procval.run.lifecycle import (
 from procval.run.pools import ConfigRun, RunOptions, WorkerRun
 from procval.run.progress import Progress
 from procval.run.provenance import Provenance
-from procval.run.rows import error_row, rows_of
+from procval.run.rows import RowMaker
 from procval.run.shards import ShardSizer
 from procval.store.scrub import Scrubber
 from procval.store.sink import Sink
@@ -94,7 +94,15 @@ class Scheduler:
         self._provenance = Provenance()
         self._errors = 0
         self._runs: list[ConfigRun] = []
+        self._makers: dict[str, RowMaker] = {}
         for spec, data in zip(specs, examples, strict=True):
+            self._makers[spec.snapshot.name] = RowMaker(
+                spec.snapshot.name,
+                spec.snapshot.fingerprint,
+                failure_score=options.failure_score,
+                epochs=options.epochs,
+                primary=options.primary,
+            )
             prior = sink.begin(spec.snapshot)  # earlier sessions' errors do not count here
             run = ConfigRun(
                 spec=spec,
@@ -298,15 +306,7 @@ class Scheduler:
         run.start_failures = 0
         if not alone:
             run.sizer.observe(len(results), sum(result.duration for result in results))
-        rows = rows_of(
-            results,
-            w.outstanding,
-            config=run.name,
-            fingerprint=fingerprint,
-            pid=pid,
-            node=node,
-            failure_score=self._options.failure_score,
-        )
+        rows = self._makers[run.name].rows(results, w.outstanding, pid, node, fingerprint)
         self._deliver(run, rows)
         replay.deliver(run.name, rows, results)  # what the examples recorded in the worker
 
@@ -333,11 +333,10 @@ class Scheduler:
     def _error_row(
         self, run: ConfigRun, item: Item, error: RowError, *, pid: int = 0, node: str = ""
     ) -> Row:
-        snapshot, score = run.spec.snapshot, self._options.failure_score
-        return error_row(
-            item, error, config=run.name, fingerprint=snapshot.fingerprint, failure_score=score,
-            pid=pid, node=node,
-        )  # fmt: skip
+        failure_score = self._options.failure_score
+        return self._makers[run.name].error_row(
+            item, error, failure_score=failure_score, pid=pid, node=node
+        )
 
     # ---------------------------------------------------------------- failures
 

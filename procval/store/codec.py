@@ -16,21 +16,28 @@ from collections.abc import Sequence
 from typing import Any
 
 from procval._convert import to_jsonable
-from procval.results import Row, RowError
+from procval.results import Row, RowError, Usage
 
 
 def encode(row: Row, config: str, session: int) -> tuple[Any, ...]:
-    """The record of ``row`` (columns in ``schema.COLUMNS`` order)."""
+    """The record of ``row``: ``schema.COLUMNS`` in order, or its first 16 for a plain row.
+
+    A plain row (epoch 0, one score, no extra, usage or group, a plain JSON prediction) leaves
+    the format 2 columns to their defaults: it is the common case, and six fewer bound values
+    per row keep the store as fast as format 1 (``schema.INSERT_PLAIN``).
+    """
     example = to_json(row.example)
     error = row.error
     eid = row.example_id
-    return (
+    prediction = row.prediction
+    kind = type(prediction)
+    record = (
         config,
         str(eid) if isinstance(eid, int) else json.dumps(eid),
         row.index,
         text_hash(example),
         example,
-        to_json(row.prediction),
+        to_json(prediction),
         None if math.isnan(row.score) else row.score,
         error.type if error else None,
         error.message if error else None,
@@ -42,12 +49,42 @@ def encode(row: Row, config: str, session: int) -> tuple[Any, ...]:
         row.fingerprint,
         session,
     )
+    scores, extra, usage = row.scores, row.extra, row.usage
+    if (
+        kind in _PLAIN
+        and not row.epoch
+        and scores is None
+        and extra is None
+        and usage is None
+        and row.group is None
+    ):
+        return record
+    return (
+        *record,
+        row.epoch,
+        None if scores is None else _CANONICAL(dict(scores)),
+        None if extra is None else to_json(extra),
+        None if usage is None else to_json({m: u.to_dict() for m, u in usage.items()}),
+        row.group,
+        None if kind in _PLAIN else f"{kind.__module__}.{kind.__qualname__}",
+    )
+
+
+DEFAULTS = (0, None, None, None, None, None)
+"""The format 2 columns of a plain row (see :func:`encode`)."""
+
+_PLAIN = frozenset({str, int, float, bool, type(None), list, dict, tuple})
 
 
 def decode(record: Sequence[Any]) -> Row:
-    """The row of a record read with ``schema.SELECT``."""
+    """The row of a record read with ``schema.select(db)`` (format 2, or format 1 as 2).
+
+    A record of format 1's 16 columns is read too: its row has epoch 0 and no scores, extra,
+    usage or group.
+    """
     (config, eid, index, _, example, prediction, score, error_type, message, traceback,
-     attempts, duration, pid, node, fingerprint, _) = record  # fmt: skip
+     attempts, duration, pid, node, fingerprint, _, *new) = record  # fmt: skip
+    epoch, scores, extra, usage, group = new[:5] if new else (0, None, None, None, None)
     return Row(
         index=index,
         example_id=json.loads(eid),
@@ -61,7 +98,17 @@ def decode(record: Sequence[Any]) -> Row:
         config=config,
         fingerprint=fingerprint,
         node=node,
+        epoch=epoch,
+        scores=None if scores is None else json.loads(scores),
+        extra=None if extra is None else json.loads(extra),
+        usage=None if usage is None else decode_usage(usage),
+        group=group,
     )
+
+
+def decode_usage(text: str) -> dict[str, Usage]:
+    """``{model: Usage}`` of a stored usage column."""
+    return {model: Usage.from_dict(counts) for model, counts in json.loads(text).items()}
 
 
 _CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), allow_nan=False).encode

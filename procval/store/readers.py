@@ -14,11 +14,11 @@ from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 from procval.errors import StoreError
-from procval.results import EvaluationResult, Results, Row, RowError, Totals
+from procval.results import EvaluationResult, Results, Row, RowError, Totals, Usage
 from procval.store.codec import decode
 from procval.store.faults import store_errors
 from procval.store.lock import writer_is_gone
-from procval.store.schema import SELECT, connect
+from procval.store.schema import connect, select, version
 
 
 def load(path: str | os.PathLike[str]) -> Results:
@@ -56,9 +56,11 @@ def iter_rows(
         configs: the configs to read (default: all, in the order they were stored).
 
     Yields:
-        Dicts with keys ``config, index, example_id, example, prediction, score, error_type,
-        error_message, error_traceback, attempts, duration, worker_pid, node, fingerprint``;
-        ``example`` and ``prediction`` decoded from JSON.
+        Dicts with keys ``config, index, example_id, epoch, example, prediction, score,
+        scores, extra, usage, group, error_type, error_message, error_traceback, attempts,
+        duration, worker_pid, node, fingerprint``; ``example``, ``prediction``, ``scores``
+        (``{name: value}`` or None) and ``extra`` decoded from JSON, ``usage`` as ``{model:
+        {calls, cached_calls, prompt_tokens, completion_tokens, total_tokens, cost}}`` or None.
 
     Raises:
         StoreError: no store at ``path``, not a store, or a config name it does not hold.
@@ -67,16 +69,24 @@ def iter_rows(
     with store_errors(path), contextlib.closing(connect(path, create=False)) as db:
         names = check_names(path, db, configs)
         for name in names:
-            cursor = db.execute(f"{SELECT} WHERE config = ? ORDER BY idx", (name,))
+            query = f"{select(db)} WHERE config = ? ORDER BY idx, epoch"
+            cursor = db.execute(query, (name,))
             for record in cursor:
                 row = decode(record)
                 yield {
                     "config": row.config,
                     "index": row.index,
                     "example_id": row.example_id,
+                    "epoch": row.epoch,
                     "example": row.example,
                     "prediction": row.prediction,
                     "score": row.score,
+                    "scores": None if row.scores is None else dict(row.scores),
+                    "extra": row.extra,
+                    "usage": None
+                    if row.usage is None
+                    else {m: u.to_dict() for m, u in row.usage.items()},
+                    "group": row.group,
                     "error_type": row.error.type if row.error else None,
                     "error_message": row.error.message if row.error else None,
                     "error_traceback": row.error.traceback if row.error else None,
@@ -86,6 +96,26 @@ def iter_rows(
                     "node": row.node,
                     "fingerprint": row.fingerprint,
                 }
+
+
+def score_names(path: str | os.PathLike[str], configs: Sequence[str] | None = None) -> list[str]:
+    """The names of the named scores the store's rows hold (``[]`` when each has one score).
+
+    Every scored row of a config has the same names (a row with others is an error row), so
+    one row per config tells them; the names of all configs, in first-seen order.
+    """
+    path = os.fspath(path)
+    names: dict[str, None] = {}
+    with store_errors(path), contextlib.closing(connect(path, create=False)) as db:
+        if version(db) < 2:
+            return []
+        for name in check_names(path, db, configs):
+            found = db.execute(
+                "SELECT scores FROM rows WHERE config = ? AND scores IS NOT NULL LIMIT 1", (name,)
+            ).fetchone()
+            if found is not None:
+                names.update(dict.fromkeys(json.loads(found[0])))
+    return list(names)
 
 
 def count_rows(path: str | os.PathLike[str], configs: Sequence[str] | None = None) -> int:
@@ -144,7 +174,8 @@ class RowLoader:
     def __call__(self) -> list[Row]:
         """The config's rows, in dataset order."""
         with store_errors(self.path), contextlib.closing(connect(self.path, create=False)) as db:
-            cursor = db.execute(f"{SELECT} WHERE config = ? ORDER BY idx", (self.config,))
+            query = f"{select(db)} WHERE config = ? ORDER BY idx, epoch"
+            cursor = db.execute(query, (self.config,))
             return [decode(record) for record in cursor]
 
     def first_error(self) -> RowError | None:
@@ -177,7 +208,29 @@ def result_of(
         totals=totals(db, config),
         error_types=dict(error_types),
         fingerprint=fingerprint,
+        usage=usage_of(db, config),
     )
+
+
+def usage_of(db: sqlite3.Connection, config: str) -> dict[str, Usage]:
+    """``{model: Usage}`` spent by ``config`` (all sessions), from the ``usage`` table.
+
+    The table holds each config's spend, added to with its rows, so no row is read. A format 1
+    store has none: no usage.
+    """
+    if (
+        version(db) < 2
+        or not db.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'usage'"
+        ).fetchone()
+    ):
+        return {}
+    cursor = db.execute(
+        "SELECT model, calls, cached_calls, prompt_tokens, completion_tokens, total_tokens, cost "
+        "FROM usage WHERE config = ? ORDER BY model",
+        (config,),
+    )
+    return {model: Usage(*counts) for model, *counts in cursor}
 
 
 def totals(db: sqlite3.Connection, config: str, *, only_ok: bool = False) -> Totals:

@@ -1,14 +1,26 @@
 """The run store's file format: its tables, its version, and opening a file as a store.
 
-Tables::
+Tables (format 2)::
 
     meta      key, value: format = 'procval-store', version
     configs   name, identity, fingerprint, description (JSON: Config.describe(), env names and
-              value hashes only, never env values), created, duration (seconds, all sessions)
-    sessions  one per evaluate() call: started, ended, status (running/completed/stopped), pid
+              value hashes only, never env values), created, duration (seconds, all sessions),
+              kind ('run' | 'rescore'), source (rescore: the config scored), metric (JSON: score
+              names, primary, reducer), epochs
+    sessions  one per evaluate() call: started, ended, status (running/completed/stopped/
+              interrupted), pid
     rows      config, example_id (JSON, so 3 and "3" differ), idx, example_hash, example and
               prediction (JSON), score (NULL for NaN), error_type/_message/_traceback,
-              attempts, duration, worker_pid, node, fingerprint, session
+              attempts, duration, worker_pid, node, fingerprint, session, epoch, scores (JSON
+              {name: value}, NULL when only ``score``), extra (JSON), usage (JSON {model:
+              {calls, ...}}), group_key, prediction_type; keyed by (config, example_id, epoch)
+    usage     config, model, calls, cached_calls, prompt_tokens, completion_tokens,
+              total_tokens, cost: a config's spend, added to in the transaction of its rows
+
+Format 1 (procval 0.1.0) has no ``usage`` table and none of the row columns after ``session``,
+and keys rows by (config, example_id). Readers read both (:func:`select`: the missing columns
+read as their defaults) and never write; a writer migrates a format 1 store in its first write
+transaction (:func:`migrate`).
 """
 
 from __future__ import annotations
@@ -31,43 +43,112 @@ from procval.store.faults import (
 )
 
 FORMAT = "procval-store"
-VERSION = 1
+VERSION = 2
 
-SCHEMA = """
-CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE configs (
-    name TEXT PRIMARY KEY, identity TEXT NOT NULL, fingerprint TEXT NOT NULL,
-    description TEXT NOT NULL, created REAL NOT NULL, duration REAL NOT NULL DEFAULT 0
-);
-CREATE TABLE sessions (
-    id INTEGER PRIMARY KEY, started REAL NOT NULL, ended REAL, status TEXT NOT NULL,
-    pid INTEGER NOT NULL, node TEXT NOT NULL, configs TEXT NOT NULL
-);
-CREATE TABLE rows (
+ROWS = """CREATE TABLE rows (
     config TEXT NOT NULL, example_id TEXT NOT NULL, idx INTEGER NOT NULL,
     example_hash INTEGER NOT NULL, example TEXT NOT NULL, prediction TEXT NOT NULL,
     score REAL, error_type TEXT, error_message TEXT, error_traceback TEXT,
     attempts INTEGER NOT NULL, duration REAL NOT NULL, worker_pid INTEGER NOT NULL,
     node TEXT NOT NULL, fingerprint TEXT NOT NULL, session INTEGER NOT NULL,
-    PRIMARY KEY (config, example_id)
+    epoch INTEGER NOT NULL DEFAULT 0, scores TEXT, extra TEXT, usage TEXT, group_key TEXT,
+    prediction_type TEXT,
+    PRIMARY KEY (config, example_id, epoch)
+)"""
+USAGE = """CREATE TABLE usage (
+    config TEXT NOT NULL, model TEXT NOT NULL, calls INTEGER NOT NULL DEFAULT 0,
+    cached_calls INTEGER NOT NULL DEFAULT 0, prompt_tokens INTEGER NOT NULL DEFAULT 0,
+    completion_tokens INTEGER NOT NULL DEFAULT 0, total_tokens INTEGER NOT NULL DEFAULT 0,
+    cost REAL, PRIMARY KEY (config, model)
+)"""
+SCHEMA = f"""
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE configs (
+    name TEXT PRIMARY KEY, identity TEXT NOT NULL, fingerprint TEXT NOT NULL,
+    description TEXT NOT NULL, created REAL NOT NULL, duration REAL NOT NULL DEFAULT 0,
+    kind TEXT NOT NULL DEFAULT 'run', source TEXT, metric TEXT,
+    epochs INTEGER NOT NULL DEFAULT 1
 );
-CREATE INDEX rows_order ON rows (config, idx);
+CREATE TABLE sessions (
+    id INTEGER PRIMARY KEY, started REAL NOT NULL, ended REAL, status TEXT NOT NULL,
+    pid INTEGER NOT NULL, node TEXT NOT NULL, configs TEXT NOT NULL
+);
+{ROWS};
+CREATE INDEX rows_order ON rows (config, idx, epoch);
+{USAGE};
 """
 
-COLUMNS = (
+COLUMNS_V1 = (
     "config, example_id, idx, example_hash, example, prediction, score, error_type, "
     "error_message, error_traceback, attempts, duration, worker_pid, node, fingerprint, session"
 )
-# A second row for an id is a duplicate id in the dataset (resumed ids are skipped before they
-# run), so a plain INSERT is how a streamed dataset's duplicates are caught with no memory in
-# the parent. With retry_errors, a new row replaces a failed one (and only a failed one).
-INSERT = f"INSERT INTO rows ({COLUMNS}) VALUES ({', '.join('?' * 16)})"
+COLUMNS = f"{COLUMNS_V1}, epoch, scores, extra, usage, group_key, prediction_type"
+# A second row for an (id, epoch) is a duplicate id in the dataset (resumed ones are skipped
+# before they run), so a plain INSERT is how a streamed dataset's duplicates are caught with no
+# memory in the parent. With retry_errors, a new row replaces a failed one (and only a failed
+# one).
+INSERT = f"INSERT INTO rows ({COLUMNS}) VALUES ({', '.join('?' * 22)})"
 REPLACE_FAILED = (
-    f"{INSERT} ON CONFLICT (config, example_id) DO UPDATE SET "
+    f"{INSERT} ON CONFLICT (config, example_id, epoch) DO UPDATE SET "
     + ", ".join(f"{c} = excluded.{c}" for c in COLUMNS.replace(" ", "").split(",")[2:])
     + " WHERE rows.error_type IS NOT NULL"
 )
+INSERT_PLAIN = f"INSERT INTO rows ({COLUMNS_V1}) VALUES ({', '.join('?' * 16)})"
+"""For a batch of plain rows (``codec.encode``): the format 2 columns take their defaults."""
+REPLACE_FAILED_PLAIN = REPLACE_FAILED.replace(INSERT, INSERT_PLAIN, 1)
 SELECT = f"SELECT {COLUMNS} FROM rows"
+SELECT_V1 = f"SELECT {COLUMNS_V1}, 0 AS epoch, NULL, NULL, NULL, NULL, NULL FROM rows"
+"""A format 1 store read as format 2: the columns it lacks read as their defaults."""
+ADD_USAGE = (
+    "INSERT INTO usage (config, model, calls, cached_calls, prompt_tokens, completion_tokens, "
+    "total_tokens, cost) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (config, model) DO UPDATE "
+    "SET calls = calls + excluded.calls, cached_calls = cached_calls + excluded.cached_calls, "
+    "prompt_tokens = prompt_tokens + excluded.prompt_tokens, "
+    "completion_tokens = completion_tokens + excluded.completion_tokens, "
+    "total_tokens = total_tokens + excluded.total_tokens, "
+    "cost = CASE WHEN cost IS NULL AND excluded.cost IS NULL THEN NULL "
+    "ELSE COALESCE(cost, 0) + COALESCE(excluded.cost, 0) END"
+)
+
+
+def version(db: sqlite3.Connection) -> int:
+    """The store's format version, as its meta table says (0 if it says none)."""
+    found = db.execute("SELECT value FROM meta WHERE key = 'version'").fetchone()
+    return int(found[0]) if found else 0
+
+
+def select(db: sqlite3.Connection) -> str:
+    """The ``SELECT`` of every row column for this store's format (:data:`SELECT` or v1's)."""
+    return SELECT if version(db) >= 2 else SELECT_V1
+
+
+def migrate(db: sqlite3.Connection) -> bool:
+    """Bring a format 1 store to format 2, inside the caller's open write transaction.
+
+    New columns are added to ``configs``; ``rows`` is rebuilt (its key gains ``epoch``, which
+    SQLite cannot change in place) and its index recreated; the ``usage`` table is created
+    empty; the meta version becomes 2. A rollback of the caller's transaction undoes it all.
+
+    Returns:
+        Whether the store was migrated (False: it was format 2 already).
+    """
+    if version(db) >= VERSION:
+        return False
+    for column in (
+        "kind TEXT NOT NULL DEFAULT 'run'",
+        "source TEXT",
+        "metric TEXT",
+        "epochs INTEGER NOT NULL DEFAULT 1",
+    ):
+        db.execute(f"ALTER TABLE configs ADD COLUMN {column}")
+    db.execute(ROWS.replace("CREATE TABLE rows (", "CREATE TABLE rows_v2 (", 1))
+    db.execute(f"INSERT INTO rows_v2 ({COLUMNS_V1}) SELECT {COLUMNS_V1} FROM rows")
+    db.execute("DROP TABLE rows")
+    db.execute("ALTER TABLE rows_v2 RENAME TO rows")
+    db.execute("CREATE INDEX rows_order ON rows (config, idx, epoch)")
+    db.execute(USAGE)
+    db.execute("UPDATE meta SET value = ? WHERE key = 'version'", (str(VERSION),))
+    return True
 
 
 def connect(path: str, *, create: bool) -> sqlite3.Connection:

@@ -106,9 +106,11 @@ class ScrubbedSink:
         """As the wrapped sink."""
         return self._sink.begin(snapshot)
 
-    def is_done(self, config: str, index: int, example_id: int | str, example: Any) -> bool:
+    def is_done(
+        self, config: str, index: int, example_id: int | str, example: Any, epoch: int = 0
+    ) -> bool:
         """As the wrapped sink."""
-        return self._sink.is_done(config, index, example_id, example)
+        return self._sink.is_done(config, index, example_id, example, epoch)
 
     def add(self, config: str, rows: list[Row]) -> None:
         """Scrub the rows of a config with env values, then add them to the wrapped sink."""

@@ -15,8 +15,10 @@ class Sink(Protocol):
         """Register a config; return the totals of rows already finished (a resumed run)."""
         ...
 
-    def is_done(self, config: str, index: int, example_id: int | str, example: Any) -> bool:
-        """Whether this example already has a row (then it is not run again)."""
+    def is_done(
+        self, config: str, index: int, example_id: int | str, example: Any, epoch: int = 0
+    ) -> bool:
+        """Whether this example (this epoch of it) already has a row (then it is not run again)."""
         ...
 
     def add(self, config: str, rows: list[Row]) -> None:
@@ -45,7 +47,9 @@ class MemorySink:
         self._fingerprints[snapshot.name] = snapshot.fingerprint
         return Totals()
 
-    def is_done(self, config: str, index: int, example_id: int | str, example: Any) -> bool:
+    def is_done(
+        self, config: str, index: int, example_id: int | str, example: Any, epoch: int = 0
+    ) -> bool:
         """Nothing is done before a run in memory."""
         return False
 

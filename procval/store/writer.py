@@ -8,15 +8,8 @@ the operating system's hands), and a crash mid-transaction rolls it back, so the
 corrupted and loses at most the rows that were still in workers. Other processes may read the
 store while a run writes it (``procval report`` during a run).
 
-Tables::
-
-    meta      key, value: format = 'procval-store', version
-    configs   name, identity, fingerprint, description (JSON: Config.describe(), env names and
-              value hashes only, never env values), created, duration (seconds, all sessions)
-    sessions  one per evaluate() call: started, ended, status (running/completed/stopped), pid
-    rows      config, example_id (JSON, so 3 and "3" differ), idx, example_hash, example and
-              prediction (JSON), score (NULL for NaN), error_type/_message/_traceback,
-              attempts, duration, worker_pid, node, fingerprint, session
+The tables are described in :mod:`procval.store.schema`. A store of format 1 (procval 0.1.0)
+is migrated to format 2 by the first write transaction of a writer; readers never migrate.
 
 Examples and predictions are stored as JSON through :func:`procval._convert.to_jsonable`:
 plain JSON values as they are; mappings, lists, tuples and sets item by item; dataclasses
@@ -56,12 +49,20 @@ from typing import Any
 
 from procval._version import __version__
 from procval.errors import ProgramChangedWarning, StoreError, StoreMismatchError
-from procval.results import EvaluationResult, Row, Totals
-from procval.store.codec import encode, text_hash, to_json
+from procval.results import EvaluationResult, Row, Totals, Usage
+from procval.store.codec import DEFAULTS, encode, text_hash, to_json
 from procval.store.faults import store_errors, translate
 from procval.store.lock import WriterLock, writer_is_gone
 from procval.store.readers import result_of, totals
-from procval.store.schema import INSERT, REPLACE_FAILED, connect
+from procval.store.schema import (
+    ADD_USAGE,
+    INSERT,
+    INSERT_PLAIN,
+    REPLACE_FAILED,
+    REPLACE_FAILED_PLAIN,
+    connect,
+    migrate,
+)
 from procval.wire import Snapshot
 
 
@@ -76,6 +77,8 @@ class StoreSink:
             replace the old ones); otherwise a failed example counts as done.
         run: what this run was given (``workers``, ``threads``), kept with
             procval's and Python's versions under ``"run"`` in each config's stored description.
+        epochs: how many times each example runs (kept in ``configs.epochs``).
+        metric: the score names, primary and reducer, kept as JSON in ``configs.metric``.
 
     Raises:
         StoreError: ``path`` exists but is not a procval run store, or cannot be opened.
@@ -90,8 +93,12 @@ class StoreSink:
         configs: list[str],
         retry_errors: bool = False,
         run: Mapping[str, Any] | None = None,
+        epochs: int = 1,
+        metric: Mapping[str, Any] | None = None,
     ) -> None:
         self._path = path
+        self._epochs = epochs
+        self._metric = None if metric is None else json.dumps(dict(metric), sort_keys=True)
         self._fresh = fresh
         self._retry_errors = retry_errors
         self._names = list(configs)
@@ -102,7 +109,8 @@ class StoreSink:
         self._db: sqlite3.Connection | None = None
         self._session = 0
         self._closed = False
-        self._done: dict[str, dict[int | str, int]] = {}
+        # example_id (epoch 0) or (example_id, epoch) -> example hash, per config
+        self._done: dict[str, dict[Any, int]] = {}
         self._prior: dict[str, float] = {}  # duration of earlier sessions, per config
         self._started: dict[str, float] = {}
         self._failure: StoreError | None = None  # raised by result() if close() failed
@@ -144,32 +152,35 @@ class StoreSink:
             {**snapshot.description, "run": self._run}, sort_keys=True, default=repr
         )
         db.execute(
-            "INSERT INTO configs (name, identity, fingerprint, description, created, duration)"
-            " VALUES (?, ?, ?, ?, ?, 0) ON CONFLICT (name) DO UPDATE SET"
+            "INSERT INTO configs (name, identity, fingerprint, description, created, duration,"
+            " epochs, metric) VALUES (?, ?, ?, ?, ?, 0, ?, ?) ON CONFLICT (name) DO UPDATE SET"
             " identity = excluded.identity, fingerprint = excluded.fingerprint,"
-            " description = excluded.description, duration = ?",
+            " description = excluded.description, duration = ?, epochs = excluded.epochs,"
+            " metric = excluded.metric",
             (name, snapshot.identity, snapshot.fingerprint, description, time.time(),
-             stored[2] if stored else 0.0),
+             self._epochs, self._metric, stored[2] if stored else 0.0),
         )  # fmt: skip
         self._prior[name] = stored[2] if stored else 0.0
         self._started[name] = time.perf_counter()
         only_ok = " AND error_type IS NULL" if self._retry_errors else ""
         self._done[name] = {
-            json.loads(eid): digest
-            for eid, digest in db.execute(
-                "SELECT example_id, example_hash FROM rows WHERE config = ?" + only_ok,
+            (json.loads(eid), epoch) if epoch else json.loads(eid): digest
+            for eid, digest, epoch in db.execute(
+                "SELECT example_id, example_hash, epoch FROM rows WHERE config = ?" + only_ok,
                 (name,),
             )
         }
         return totals(db, name, only_ok=bool(only_ok))
 
-    def is_done(self, config: str, index: int, example_id: int | str, example: Any) -> bool:
-        """Whether the example has a stored row; its content must match the stored one.
+    def is_done(
+        self, config: str, index: int, example_id: int | str, example: Any, epoch: int = 0
+    ) -> bool:
+        """Whether the example's epoch has a stored row; its content must match the stored one.
 
         Raises:
             StoreMismatchError: the stored example of this id has different content.
         """
-        digest = self._done[config].get(example_id)
+        digest = self._done[config].get((example_id, epoch) if epoch else example_id)
         if digest is None:
             return False
         if digest != text_hash(to_json(example)):
@@ -196,11 +207,19 @@ class StoreSink:
     def _add(self, config: str, rows: list[Row]) -> None:
         db = self._writer()
         records = [encode(row, config, self._session) for row in rows]
+        statement = _statement(records, self._retry_errors)
+        if statement in (INSERT, REPLACE_FAILED):  # some rows are not plain: pad the others
+            records = [r if len(r) > PLAIN else (*r, *DEFAULTS) for r in records]
         self._write(db)
         try:
-            db.executemany(REPLACE_FAILED if self._retry_errors else INSERT, records)
+            db.executemany(statement, records)
         except sqlite3.IntegrityError:
             raise self._duplicate(db, config, rows) from None
+        spent = [
+            (config, *_usage_record(m, u)) for r in rows if r.usage for m, u in r.usage.items()
+        ]
+        if spent:  # spend is spend: a failed or replaced row's tokens stay counted
+            db.executemany(ADD_USAGE, spent)
         elapsed = time.perf_counter() - self._started[config]
         db.execute(
             "UPDATE configs SET duration = ? WHERE name = ?",
@@ -212,8 +231,8 @@ class StoreSink:
         """The ValueError for the row whose id is stored already (a duplicate id)."""
         for row in rows:
             found = db.execute(
-                "SELECT idx FROM rows WHERE config = ? AND example_id = ?",
-                (config, json.dumps(row.example_id)),
+                "SELECT idx FROM rows WHERE config = ? AND example_id = ? AND epoch = ?",
+                (config, json.dumps(row.example_id), row.epoch),
             ).fetchone()
             if found is not None and found[0] != row.index:
                 first, second = sorted((int(found[0]), row.index))
@@ -289,6 +308,7 @@ class StoreSink:
                 db.execute("PRAGMA journal_mode = WAL")
                 db.execute("PRAGMA synchronous = NORMAL")
                 db.execute("BEGIN IMMEDIATE")
+                migrate(db)  # a format 1 store: in this first transaction, never by a reader
                 self._mark_interrupted(db)
                 cursor = db.execute(
                     "INSERT INTO sessions (started, status, pid, node, configs) "
@@ -346,6 +366,30 @@ class StoreSink:
                 db.close()
         finally:
             self._lock.release()
+
+
+PLAIN = 16  # columns of a plain row's record
+
+
+def _statement(records: list[tuple[Any, ...]], replace_failed: bool) -> str:
+    """The INSERT for a batch: the plain one when every record is plain (the common case)."""
+    plain = all(len(r) == PLAIN for r in records)
+    if replace_failed:
+        return REPLACE_FAILED_PLAIN if plain else REPLACE_FAILED
+    return INSERT_PLAIN if plain else INSERT
+
+
+def _usage_record(model: str, usage: Usage) -> tuple[Any, ...]:
+    """``(model, calls, ..., cost)`` for :data:`~procval.store.schema.ADD_USAGE`."""
+    return (
+        model,
+        usage.calls,
+        usage.cached_calls,
+        usage.prompt_tokens,
+        usage.completion_tokens,
+        usage.total_tokens,
+        usage.cost,
+    )
 
 
 def _run_description(run: Mapping[str, Any] | None) -> dict[str, Any]:

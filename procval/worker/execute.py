@@ -10,8 +10,6 @@ from __future__ import annotations
 import contextvars
 import hashlib
 import inspect
-import math
-import numbers
 import random
 import sys
 import time
@@ -21,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from procval.wire import ErrorInfo, ExampleResult, WorkItem
 from procval.worker import record
+from procval.worker.scoring import MetricTypeError, NonFiniteScore, outcome  # noqa: F401
 
 if TYPE_CHECKING:
     from procval.worker.slots import SlotTable
@@ -31,14 +30,6 @@ _BACKOFF_CAP = 60.0
 _example_rng: contextvars.ContextVar[random.Random | None] = contextvars.ContextVar(
     "procval_example_rng", default=None
 )
-
-
-class MetricTypeError(TypeError):
-    """A metric returned something other than a bool or a real number."""
-
-
-class NonFiniteScore(ValueError):
-    """A metric returned NaN or an infinity: the example gets an error row, not that score."""
 
 
 class Runner:
@@ -100,12 +91,12 @@ class Runner:
         return record.end(token, result)
 
     def _run(self, item: WorkItem, slot: int) -> ExampleResult:
-        seq, example_id, example = item
+        seq, example_id, example, epoch = item
         started = time.perf_counter()
         attempts = 0
         while True:
             attempts += 1
-            seed_example(self.seed, example_id)
+            seed_example(self.seed, example_id, epoch)
             self.slots.start(slot, seq)
             try:
                 prediction = self.program(example)
@@ -118,7 +109,7 @@ class Runner:
                     seq, None, 0.0, _error(exc), attempts, time.perf_counter() - started
                 )
             try:
-                score = _score(self.metric(example, prediction))
+                score, scores, extra = outcome(self.metric(example, prediction))
             except (Exception, SystemExit) as exc:
                 return ExampleResult(
                     seq, prediction, 0.0, _error(exc), attempts, time.perf_counter() - started
@@ -126,18 +117,18 @@ class Runner:
             finally:
                 self.slots.stop(slot)
             return ExampleResult(
-                seq, prediction, score, None, attempts, time.perf_counter() - started
+                seq, prediction, score, None, attempts, time.perf_counter() - started, scores, extra
             )
 
     async def _run_async(self, item: WorkItem, slot: int) -> ExampleResult:
         import asyncio
 
-        seq, example_id, example = item
+        seq, example_id, example, epoch = item
         started = time.perf_counter()
         attempts = 0
         while True:
             attempts += 1
-            seed_example(self.seed, example_id)
+            seed_example(self.seed, example_id, epoch)
             self.slots.start(slot, seq)
             try:
                 prediction = await self.program(example)
@@ -153,7 +144,7 @@ class Runner:
                 value = self.metric(example, prediction)
                 if inspect.isawaitable(value):
                     value = await value
-                score = _score(value)
+                score, scores, extra = outcome(value)
             except (Exception, SystemExit) as exc:
                 return ExampleResult(
                     seq, prediction, 0.0, _error(exc), attempts, time.perf_counter() - started
@@ -161,7 +152,7 @@ class Runner:
             finally:
                 self.slots.stop(slot)
             return ExampleResult(
-                seq, prediction, score, None, attempts, time.perf_counter() - started
+                seq, prediction, score, None, attempts, time.perf_counter() - started, scores, extra
             )
 
     def _backoff(self, attempt: int) -> float:
@@ -176,9 +167,15 @@ def is_async(program: Any) -> bool:
     )
 
 
-def example_seed(seed: int, example_id: object) -> int:
-    """The seed used for one example: stable across processes, machines and Python versions."""
-    digest = hashlib.sha256(f"{seed}\0{example_id!r}".encode()).digest()
+def example_seed(seed: int, example_id: object, epoch: int = 0) -> int:
+    """The seed used for one example: stable across processes, machines and Python versions.
+
+    Epoch 0 is seeded from ``(seed, example_id)`` alone, as before epochs existed, so that a run
+    of one epoch gives the results it always gave; a later epoch from ``(seed, example_id,
+    epoch)``.
+    """
+    key = f"{seed}\0{example_id!r}" if not epoch else f"{seed}\0{example_id!r}\0{epoch}"
+    digest = hashlib.sha256(key.encode()).digest()
     return int.from_bytes(digest[:8], "little")
 
 
@@ -197,12 +194,12 @@ def seed_globals(seed: int | None) -> None:
         numpy.random.seed(seed % 2**32)
 
 
-def seed_example(seed: int | None, example_id: object) -> None:
+def seed_example(seed: int | None, example_id: object, epoch: int = 0) -> None:
     """Seed the example's own ``rng()``, ``random`` and (if imported) numpy, before each attempt."""
     if seed is None:
         _example_rng.set(None)
         return
-    value = example_seed(seed, example_id)
+    value = example_seed(seed, example_id, epoch)
     _example_rng.set(random.Random(value))
     random.seed(value)
     numpy = sys.modules.get("numpy")
@@ -216,31 +213,6 @@ def _numpy() -> Any:
     except ImportError:
         return None
     return numpy
-
-
-def _score(value: Any) -> float:
-    """The metric's value as a float: a bool, a real number, or a numpy bool; finite.
-
-    A NaN or infinite score would turn the config's mean into NaN or inf while its error count
-    stays 0, so it raises :class:`NonFiniteScore`: the example becomes an error row (its
-    prediction kept), counted and shown by the summary, report and comparison.
-    """
-    if isinstance(value, bool | numbers.Real):
-        score = float(value)
-    else:
-        numpy = sys.modules.get("numpy")  # a numpy bool is not a numbers.Real
-        if numpy is None or not isinstance(value, numpy.bool_):
-            raise MetricTypeError(
-                f"metric returned a {type(value).__module__}.{type(value).__qualname__} "
-                f"({value!r:.80}); it must return a bool, int or float"
-            )
-        score = float(bool(value))
-    if not math.isfinite(score):
-        raise NonFiniteScore(
-            f"metric returned {score!r} for this example; a metric must return a finite number "
-            "(return 0.0, or raise, for an example it cannot score)"
-        )
-    return score
 
 
 def _error(exc: BaseException) -> ErrorInfo:

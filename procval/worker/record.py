@@ -4,8 +4,10 @@ Each example runs inside a :class:`Recording` (a ``ContextVar``, so each thread 
 task has its own). Code running in the worker adds to it (the DSPy integration records callback
 events and LM history entries; logs carry its example id) and whatever was added travels with the
 example's result as ``ExampleResult.events``: a list of ``(kind, payload)`` pairs, opaque to the
-scheduler and handed to :mod:`procval.run.replay` in the parent. An example that recorded
-nothing costs one ``ContextVar.set`` and ``reset``.
+scheduler and handed to :mod:`procval.run.replay` in the parent. The tokens and cost spent
+(:func:`procval.record_usage`, DSPy's LM calls) are summed per model and travel as
+``ExampleResult.usage``. An example that recorded nothing costs one ``ContextVar.set`` and
+``reset``.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Any
 
 from procval.wire import ExampleResult
 
-__all__ = ["Recording", "add", "begin", "current", "end"]
+__all__ = ["Recording", "add", "add_usage", "begin", "current", "end"]
 
 
 class Recording:
@@ -24,13 +26,16 @@ class Recording:
     Attributes:
         example_id: the example's id.
         events: ``(kind, payload)`` pairs, in the order they were added.
+        usage: per model, ``[calls, cached_calls, prompt_tokens, completion_tokens,
+            total_tokens, cost]`` (cost None until one is known), or None when nothing was spent.
     """
 
-    __slots__ = ("events", "example_id")
+    __slots__ = ("events", "example_id", "usage")
 
     def __init__(self, example_id: Any) -> None:
         self.example_id = example_id
         self.events: list[tuple[str, Any]] = []
+        self.usage: dict[str, list[Any]] | None = None
 
 
 _current: contextvars.ContextVar[Recording | None] = contextvars.ContextVar(
@@ -55,10 +60,49 @@ def add(kind: str, payload: Any) -> None:
         recording.events.append((kind, payload))
 
 
+def add_usage(
+    model: str,
+    prompt_tokens: int,
+    completion_tokens: int,
+    total_tokens: int,
+    cost: float | None,
+    cached: bool,
+) -> bool:
+    """Add one call's spend to the current example's usage; False outside an example."""
+    recording = _current.get()
+    if recording is None:
+        return False
+    usage = recording.usage
+    if usage is None:
+        usage = recording.usage = {}
+    counts = usage.get(model)
+    if counts is None:
+        counts = usage[model] = [0, 0, 0, 0, 0, None]
+    counts[0] += 1
+    counts[1] += cached
+    counts[2] += prompt_tokens
+    counts[3] += completion_tokens
+    counts[4] += total_tokens
+    if cost is not None:
+        counts[5] = cost if counts[5] is None else counts[5] + cost
+    return True
+
+
 def end(token: contextvars.Token[Recording | None], result: ExampleResult) -> ExampleResult:
-    """Stop recording; ``result`` with the events recorded, if any."""
+    """Stop recording; ``result`` with the events and the usage recorded, if any."""
     recording = _current.get()
     _current.reset(token)
-    if recording is None or not recording.events:
+    if recording is None:
+        return result
+    usage = recording.usage
+    if usage is not None:
+        counts = {model: dict(zip(_FIELDS, c, strict=True)) for model, c in usage.items()}
+        if recording.events:
+            return result._replace(events=recording.events, usage=counts)
+        return result._replace(usage=counts)
+    if not recording.events:
         return result
     return result._replace(events=recording.events)
+
+
+_FIELDS = ("calls", "cached_calls", "prompt_tokens", "completion_tokens", "total_tokens", "cost")

@@ -65,7 +65,7 @@ from procval.wire import (
     WorkerOptions,
     fingerprint,
 )
-from procval.worker import dspy_limits, execute, lifeline, limited, logs, runners
+from procval.worker import dspy_limits, execute, lifeline, limited, logs, runners, usage
 from procval.worker.feed import Feed
 from procval.worker.slots import BEAT, SlotTable
 
@@ -193,6 +193,7 @@ def initialize(snapshot: bytes, options: WorkerOptions, slots_path: str) -> None
     if options.limiter and config.rate_limits:  # DSPy's LM calls go through the limiter
         limited.install(config.name, config.rate_limits, options.limiter)
         dspy_limits.install()
+    usage.tap_dspy()  # DSPy's LM calls count in each row's usage, if the config uses DSPy
     state.mode = select_mode(
         installed=state.setup_error is None,
         is_async=runner is not None and execute.is_async(runner.program),

@@ -17,11 +17,13 @@ def make_row(
     prediction: Any = None,
     score: float = 1.0,
     error: RowError | None = None,
+    **more: Any,
 ) -> Row:
     """A row of ``config`` for example ``index`` (its id defaults to the index).
 
     ``example`` defaults to ``{"id": example_id, "x": index}``; the provenance fields are fixed
-    (one attempt, 0.01 s, pid 4242, fingerprint ``"f" * 16``, node ``"here"``).
+    (one attempt, 0.01 s, pid 4242, fingerprint ``"f" * 16``, node ``"here"``); ``more`` sets
+    the other fields (``epoch``, ``scores``, ``extra``, ``usage``, ``group``).
     """
     example_id = index if example_id is None else example_id
     return Row(
@@ -37,6 +39,7 @@ def make_row(
         config=config,
         fingerprint="f" * 16,
         node="here",
+        **more,
     )
 
 
