@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     from procval.run.dataset import read_jsonl
     from procval.store.readers import load
     from procval.task import Task
+    from procval.usage import Usage
 
 
 __all__ = [
@@ -70,6 +71,7 @@ __all__ = [
     "Task",
     "TooManyErrors",
     "UnalignedResultsError",
+    "Usage",
     "compare",
     "current_config",
     "evaluate",
@@ -94,6 +96,7 @@ _LAZY_NAMES = {
     "RowError": "procval.results",
     "load": "procval.store.readers",
     "Task": "procval.task",
+    "Usage": "procval.usage",
 }
 
 

@@ -108,6 +108,7 @@ def render_html(
         f"({resamples} resamples, seed {seed})</p>",
         f"<p class='meta'>{esc(run_span(details))}</p>" if run_span(details) else "",
         _scores_section(runs, intervals, best, confidence),
+        _named_scores_section(runs),
         _differences_section(runs, best, stats),
         _errors_section(runs, (details or {}).get("path")),
         _disagreements_section(runs, max_rows),
@@ -117,6 +118,26 @@ def render_html(
 
 
 # ------------------------------------------------------------------------------------- sections
+
+
+def _named_scores_section(runs: list[ResultLike]) -> str:
+    """A table of every named score's mean per config ("" when each config has one score)."""
+    means = [dict(getattr(run, "scores", None) or {}) if run.totals.n else {} for run in runs]
+    names = list(dict.fromkeys(name for found in means for name in found))
+    if names in ([], ["score"]):
+        return ""
+    head = "".join(f"<th class='num'>{esc(name)}</th>" for name in names)
+    rows = "".join(
+        f"<tr><td>{esc(run.config)}</td>"
+        + "".join(f"<td class='num'>{num(found.get(n, math.nan))}</td>" for n in names)
+        + "</tr>"
+        for run, found in zip(runs, means, strict=True)
+    )
+    return (
+        "<section id='named-scores'><h2>Named scores</h2><p class='note'>the mean of each "
+        "score (the primary one first is the score above)</p><table><tr><th>config</th>"
+        f"{head}</tr>{rows}</table></section>"
+    )
 
 
 def _scores_section(

@@ -17,12 +17,15 @@ from procval.backends import Backend, WorkerSpec
 from procval.config import Config
 from procval.results import EvaluationResult, Results, Row, Totals
 from procval.run.dataset import Examples
+from procval.run.epochs import repeat
 from procval.run.progress import Progress, wanted
 from procval.run.scheduler import RunOptions, Scheduler
+from procval.run.scoring import check_model, metric_of
 from procval.run.snapshot import take_snapshot
 from procval.store.scrub import scrubbed
 from procval.store.sink import MemorySink, Sink
 from procval.wire import Snapshot, WorkerOptions
+from procval.worker.scoring import MetricSet
 
 RowsCallback = Callable[[str, list[Row]], None]
 _ON_ROWS: ContextVar[RowsCallback | None] = ContextVar("procval_on_rows", default=None)
@@ -37,7 +40,7 @@ class Program(Protocol):
 
 
 class Metric(Protocol):
-    """Anything called as ``metric(example, prediction) -> bool | int | float``."""
+    """Anything called as ``metric(example, prediction)``, returning a score or named scores."""
 
     def __call__(self, example: Any, prediction: Any, /) -> Any:
         """Score one prediction."""
@@ -48,7 +51,7 @@ class Metric(Protocol):
 def evaluate(
     program: Program,
     dataset: Iterable[Any],
-    metric: Metric,
+    metric: Metric | Sequence[Metric] | Mapping[str, Metric],
     *,
     config: Config | None = None,
     configs: None = None,
@@ -64,6 +67,9 @@ def evaluate(
     fresh: bool = False,
     retry_errors: bool = False,
     backend: str | Backend = "loky",
+    epochs: int = 1,
+    reducer: str | Mapping[str, str] = "mean",
+    primary: str | None = None,
 ) -> EvaluationResult: ...
 
 
@@ -71,7 +77,7 @@ def evaluate(
 def evaluate(
     program: Program,
     dataset: Iterable[Any],
-    metric: Metric,
+    metric: Metric | Sequence[Metric] | Mapping[str, Metric],
     *,
     config: None = None,
     configs: Mapping[str, Config] | Sequence[Config],
@@ -87,13 +93,16 @@ def evaluate(
     fresh: bool = False,
     retry_errors: bool = False,
     backend: str | Backend = "loky",
+    epochs: int = 1,
+    reducer: str | Mapping[str, str] = "mean",
+    primary: str | None = None,
 ) -> Results: ...
 
 
 def evaluate(
     program: Program,
     dataset: Iterable[Any],
-    metric: Metric,
+    metric: Metric | Sequence[Metric] | Mapping[str, Metric],
     *,
     config: Config | None = None,
     configs: Mapping[str, Config] | Sequence[Config] | None = None,
@@ -109,6 +118,9 @@ def evaluate(
     fresh: bool = False,
     retry_errors: bool = False,
     backend: str | Backend = "loky",
+    epochs: int = 1,
+    reducer: str | Mapping[str, str] = "mean",
+    primary: str | None = None,
 ) -> EvaluationResult | Results:
     """Evaluate ``program`` on every example of ``dataset`` with ``metric``, on worker processes.
 
@@ -121,7 +133,10 @@ def evaluate(
             ``program(**example.inputs())``, on each ``dspy.Example``.
         dataset: any iterable of examples (list, generator, :func:`read_jsonl`). An example's id
             is its ``id`` key or attribute, else its position.
-        metric: called as ``metric(example, prediction)``; returns a bool or a number.
+        metric: called as ``metric(example, prediction)``; returns a bool or a number, a
+            mapping of score names to numbers, or an object with a ``score`` and other fields
+            (``dspy.Prediction(score=..., feedback=...)``: the others go to ``row.extra``).
+            A list or dict of metrics gives one named score per metric.
         config: one config (default ``Config()``); the call returns an :class:`EvaluationResult`.
         configs: several configs, as ``{name: Config}`` or a list of uniquely named configs;
             the call returns a read-only mapping of name to :class:`EvaluationResult`.
@@ -141,6 +156,13 @@ def evaluate(
         retry_errors: with ``store``, run again the examples whose stored row failed (after
             fixing the cause of a ``max_errors`` stop, say); by default they count as done.
         backend: ``"loky"`` (local processes), ``"ray"``, or a backend object.
+        epochs: how many times each example runs under each config, each epoch seeded from
+            ``(seed, example_id, epoch)`` (epoch 0 as without epochs); rows carry ``epoch``.
+        reducer: how an example's epochs make its score: ``"mean"``, ``"max"``, ``"median"``,
+            ``"mode"``, ``"pass@K"``, ``"pass^K"`` (0/1 scores, K <= epochs), or a mapping of
+            score name to reducer (see :meth:`EvaluationResult.examples`).
+        primary: with named scores, the one that is ``result.score`` (default: ``score``,
+            else the first).
 
     Returns:
         An :class:`EvaluationResult` for ``config=``, a :class:`Results` mapping for ``configs=``;
@@ -159,20 +181,26 @@ def evaluate(
         TooManyErrors: more than ``max_errors`` examples failed.
     """
     named = _named_configs(config, configs)
-    _check_callables(program, metric)
+    metric = metric_of(metric)
+    for one in metric.metrics.values() if isinstance(metric, MetricSet) else [metric]:
+        _check_callables(program, one)
+    reducer = check_model(metric, primary, epochs, reducer)
     program = _dspy_way(program)
     _check_counts(workers, threads, retries, backoff, timeout, max_errors)
     _check_backend(backend)
     _check_store_options(store, fresh, retry_errors)
     # with a store, a second row for an id is refused by the store: no id set in the parent
     data = Examples(dataset, passes=len(named), track_ids=store is None or retry_errors)
-    examples = [data] * len(named)
+    examples = [repeat(data, epochs)] * len(named)
     snapshots = [take_snapshot(c, program, metric) for c in named]
     options = WorkerOptions(
         threads=threads, retries=retries, backoff=backoff, parent_pid=os.getpid()
     )
     specs = [WorkerSpec(s, options, dict(c.env)) for s, c in zip(snapshots, named, strict=True)]
-    sink = _open_sink(store, fresh, retry_errors, [c.name for c in named], workers, threads)
+    scoring = {"epochs": epochs, "reducer": reducer, "primary": primary}
+    sink = _open_sink(
+        store, fresh, retry_errors, [c.name for c in named], workers, threads, scoring
+    )
     callback = _ON_ROWS.get()
     if callback is not None:
         sink = _ObservedSink(sink, callback)
@@ -195,6 +223,8 @@ def evaluate(
                 failure_score=float(failure_score),
                 timeout=timeout,
                 max_errors=max_errors,
+                epochs=epochs,
+                primary=primary,
                 resume_hint=(
                     f"run again with store={os.fspath(store)!r} to resume (add "
                     "retry_errors=True to rerun the failed examples)"
@@ -369,15 +399,24 @@ def _open_sink(
     names: list[str],
     workers: int | None,
     threads: int,
+    scoring: Mapping[str, Any],
 ) -> Sink:
     """The run's sink; a store's is locked (and its run options kept for the report)."""
     if store is None:
-        return MemorySink()
+        return MemorySink(**scoring)
     from procval.store.writer import StoreSink
 
     run = {"workers": workers, "threads": threads}  # workers None: the backend's default
+    epochs = scoring["epochs"]
+    metric = {"reducer": scoring["reducer"], "primary": scoring["primary"]}
     return StoreSink(
-        os.fspath(store), fresh=fresh, configs=names, retry_errors=retry_errors, run=run
+        os.fspath(store),
+        fresh=fresh,
+        configs=names,
+        retry_errors=retry_errors,
+        run=run,
+        epochs=epochs,
+        metric=metric,
     )
 
 

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 
 from procval import _pickling
@@ -45,6 +45,7 @@ from procval.backends import Backend, WorkerSpec
 from procval.errors import TooManyErrors
 from procval.results import Results, Row, RowError, Totals, _with_counts
 from procval.run.dataset import Examples, Item
+from procval.run.epochs import Repeated
 from procval.run.failures import SetupFailure, note_dataset_error, setup_error
 from procval.run.frames import user_traceback
 from procval.run.lifecycle import (
@@ -76,7 +77,7 @@ class Scheduler:
         self,
         backend: Backend,
         specs: list[WorkerSpec],
-        examples: list[Examples],
+        examples: Sequence[Examples | Repeated],
         sink: Sink,
         progress: Progress,
         options: RunOptions,
@@ -112,7 +113,7 @@ class Scheduler:
             )
             self._runs.append(run)
 
-    def _pending(self, name: str, data: Examples) -> Iterator[Item]:
+    def _pending(self, name: str, data: Examples | Repeated) -> Iterator[Item]:
         for item in data:
             if not self._sink.is_done(name, *item):
                 yield item

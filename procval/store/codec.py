@@ -62,7 +62,7 @@ def encode(row: Row, config: str, session: int) -> tuple[Any, ...]:
     return (
         *record,
         row.epoch,
-        None if scores is None else _CANONICAL(dict(scores)),
+        None if scores is None else _IN_ORDER(dict(scores)),  # the order names the primary
         None if extra is None else to_json(extra),
         None if usage is None else to_json({m: u.to_dict() for m, u in usage.items()}),
         row.group,
@@ -112,6 +112,7 @@ def decode_usage(text: str) -> dict[str, Usage]:
 
 
 _CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), allow_nan=False).encode
+_IN_ORDER = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
 
 
 def to_json(value: Any) -> str:
