@@ -3,6 +3,7 @@
 ::
 
     procval run TASK --store PATH [--config NAME ...] [--workers N] [--threads N] [--timeout S]
+                [--epochs K] [--primary NAME]
                 [--retries N] [--max-errors N] [--limit N] [--fresh] [--retry-errors]
                 [--backend loky|ray] [--no-progress]
     procval report PATH [--html FILE] [--errors]
@@ -134,6 +135,8 @@ class Failure(Exception):
     arg("--retries", type=COUNT0, metavar="N", help="retries of an example whose program raises"),
     arg("--max-errors", type=COUNT0, metavar="N", help="stop once more examples than N failed"),
     arg("--limit", type=COUNT, metavar="N", help="evaluate only the first N examples"),
+    arg("--epochs", type=COUNT, metavar="K", help="run each example K times (resume adds epochs)"),
+    arg("--primary", metavar="NAME", help="the named score that is the score"),
     arg("--fresh", action="store_true", help="discard these configs' stored rows first"),
     arg("--retry-errors", action="store_true", help="rerun examples whose stored row failed"),
     arg("--backend", choices=("loky", "ray"), help="where workers run (default: loky, local)"),
@@ -157,6 +160,8 @@ def run(args: argparse.Namespace) -> int:
             timeout=args.timeout,
             retries=args.retries,
             max_errors=args.max_errors,
+            epochs=args.epochs,
+            primary=args.primary,
             progress=False if args.no_progress else None,
         )
     except TooManyErrors as exc:

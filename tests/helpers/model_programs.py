@@ -56,3 +56,26 @@ def global_draw(example: dict[str, Any]) -> float:
 
 def drawn(example: dict[str, Any], prediction: float) -> float:
     return prediction
+
+
+def slow_coin(example: dict[str, Any]) -> float:
+    """``coin`` after a pause, so that a run can be killed halfway."""
+    import time
+
+    time.sleep(0.02)
+    return procval.rng().random()
+
+
+def epoch_task() -> procval.Task:
+    """A task of 30 examples x 3 epochs, for the kill -9 test (``--epochs`` may change it)."""
+    return procval.Task(
+        slow_coin,
+        [{"id": f"q{i}", "x": i} for i in range(30)],
+        heads,
+        [procval.Config(seed=3)],
+        epochs=3,
+        workers=1,
+    )
+
+
+task = epoch_task()
