@@ -110,6 +110,12 @@ class EvaluationResult:
     run costs the parent no memory until you look at its rows).
     """
 
+    # defaults for results pickled before these existed (procval 0.1.0)
+    _epochs: int = 1
+    _reducer: str | Mapping[str, str] = "mean"
+    _primary: str | None = None
+    _examples: list[Row] | None = None
+
     def __init__(
         self,
         config: str,

@@ -20,11 +20,11 @@ from procval.results import Row, RowError, Usage
 
 
 def encode(row: Row, config: str, session: int) -> tuple[Any, ...]:
-    """The record of ``row``: ``schema.COLUMNS`` in order, or its first 16 for a plain row.
+    """The record of ``row``: ``schema.COLUMNS`` in order, without the trailing defaults.
 
-    A plain row (epoch 0, one score, no extra, usage or group, a plain JSON prediction) leaves
-    the format 2 columns to their defaults: it is the common case, and six fewer bound values
-    per row keep the store as fast as format 1 (``schema.INSERT_PLAIN``).
+    A plain row (epoch 0, one score, no extra, usage or group, a plain JSON prediction) has
+    format 1's 16 columns, a plain row of a later epoch 17: the common cases, whose fewer bound
+    values per row keep the store as fast as format 1 (``schema.insert(width)``).
     """
     example = to_json(row.example)
     error = row.error
@@ -50,15 +50,8 @@ def encode(row: Row, config: str, session: int) -> tuple[Any, ...]:
         session,
     )
     scores, extra, usage = row.scores, row.extra, row.usage
-    if (
-        kind in _PLAIN
-        and not row.epoch
-        and scores is None
-        and extra is None
-        and usage is None
-        and row.group is None
-    ):
-        return record
+    if kind in _PLAIN and scores is None and extra is None and usage is None and row.group is None:
+        return (*record, row.epoch) if row.epoch else record
     return (
         *record,
         row.epoch,
@@ -71,7 +64,7 @@ def encode(row: Row, config: str, session: int) -> tuple[Any, ...]:
 
 
 DEFAULTS = (0, None, None, None, None, None)
-"""The format 2 columns of a plain row (see :func:`encode`)."""
+"""The defaults of the format 2 columns (see :func:`encode`), to pad a shorter record."""
 
 _PLAIN = frozenset({str, int, float, bool, type(None), list, dict, tuple})
 
