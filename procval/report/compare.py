@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any, overload
 
 from procval.errors import UnalignedResultsError
-from procval.report.protocol import ResultLike, RowLike, is_result
+from procval.report.protocol import ResultLike, RowLike, is_result, per_example
 from procval.report.stats import (
     Interval,
     _binary,
@@ -308,18 +308,10 @@ def compare_all(
 # --------------------------------------------------------------------------------- the plumbing
 
 
-def _per_example(result: ResultLike) -> Sequence[RowLike]:
-    """One row per example: with epochs, each example's epochs reduced (``examples()``)."""
-    if getattr(result, "epochs", 1) > 1:
-        examples: Sequence[RowLike] = result.examples()  # type: ignore[attr-defined]
-        return examples
-    return result.rows
-
-
 def _align(
     a: ResultLike, b: ResultLike, *, common_only: bool
 ) -> tuple[list[tuple[RowLike, RowLike]], int, int]:
-    rows_a, rows_b = _per_example(a), _per_example(b)
+    rows_a, rows_b = per_example(a), per_example(b)
     by_id_b = {row.example_id: row for row in rows_b}
     ids_a = [row.example_id for row in rows_a]
     for result, rows, count in ((a, rows_a, len(set(ids_a))), (b, rows_b, len(by_id_b))):

@@ -40,7 +40,7 @@ from procval.report.markup import (
     num,
     plural,
 )
-from procval.report.protocol import ResultLike, RowLike, is_result
+from procval.report.protocol import ResultLike, RowLike, is_result, per_example
 from procval.report.runinfo import run_section, run_span
 from procval.report.stats import Interval, holm
 from procval.report.text import format_p
@@ -256,10 +256,11 @@ def _disagreements_section(runs: list[ResultLike], max_rows: int) -> str:
     head = "<section id='disagreements'><h2>Examples on which the configs disagree</h2>"
     if len(runs) < 2:
         return head + "<p class='note'>Only one config.</p></section>"
-    by_id = [{row.example_id: row for row in run.rows} for run in runs]
+    reduced = [per_example(run) for run in runs]  # with epochs: reduced over them
+    by_id = [{row.example_id: row for row in found} for found in reduced]
     order: dict[int | str, int] = {}
-    for run in runs:
-        for row in run.rows:
+    for found in reduced:
+        for row in found:
             order.setdefault(row.example_id, row.index)
     disagree = []
     for example_id, index in order.items():

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from procval._convert import to_jsonable
@@ -52,15 +52,18 @@ def encode(row: Row, config: str, session: int) -> tuple[Any, ...]:
     scores, extra, usage = row.scores, row.extra, row.usage
     if kind in _PLAIN and scores is None and extra is None and usage is None and row.group is None:
         return (*record, row.epoch) if row.epoch else record
-    return (
-        *record,
+    tail = (
         row.epoch,
-        None if scores is None else _IN_ORDER(dict(scores)),  # the order names the primary
+        None if scores is None else scores_json(scores),
         None if extra is None else to_json(extra),
         None if usage is None else to_json({m: u.to_dict() for m, u in usage.items()}),
         row.group,
         None if kind in _PLAIN else f"{kind.__module__}.{kind.__qualname__}",
     )
+    width = 6
+    while tail[width - 1] is None:  # trailing defaults left out (tail[0], the epoch, is an int)
+        width -= 1
+    return (*record, *tail[:width])
 
 
 DEFAULTS = (0, None, None, None, None, None)
@@ -105,7 +108,23 @@ def decode_usage(text: str) -> dict[str, Usage]:
 
 
 _CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), allow_nan=False).encode
-_IN_ORDER = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
+_TEMPLATES: dict[tuple[str, ...], str] = {}
+
+
+def scores_json(scores: Mapping[str, float]) -> str:
+    """``{name: value}`` as JSON, in the scores' order (the order names the primary).
+
+    The scores are finite floats (the worker checks), whose ``repr`` is JSON; the names of a
+    config's rows are the same, so their JSON template is made once.
+    """
+    names = tuple(scores)
+    template = _TEMPLATES.get(names)
+    if template is None:
+        if len(_TEMPLATES) > 1000:  # names that change each row: do not keep them all
+            _TEMPLATES.clear()
+        escaped = (json.dumps(name).replace("%", "%%") for name in names)
+        template = _TEMPLATES[names] = "{" + ",".join(f"{n}:%r" for n in escaped) + "}"
+    return template % tuple(map(float, scores.values()))
 
 
 def to_json(value: Any) -> str:
