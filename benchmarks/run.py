@@ -374,8 +374,19 @@ def peak_rss() -> int:
 def rss_child(n: int, path: str) -> None:
     """In a fresh process: stream ``n`` examples into a store; print the peak RSS as JSON."""
     before = peak_rss()
+    model = os.environ.get("PROCVAL_BENCH_MODEL", "plain")  # plain | named | epochs
+    options: dict[str, Any] = {}
+    if model == "named":
+        options["metric"] = workloads.named_metric
+    epochs = 3 if model == "epochs" else 1
     start = time.perf_counter()
-    result = procval_run(workloads.trivial_program, workloads.streamed_examples(n), 2, store=path)
+    data = workloads.streamed_examples(n // epochs)
+    if options:
+        result = procval.evaluate(
+            workloads.trivial_program, data, workers=2, progress=False, store=path, **options
+        )
+    else:
+        result = procval_run(workloads.trivial_program, data, 2, store=path, epochs=epochs)
     seconds = time.perf_counter() - start
     cpu = time.process_time()  # the parent's CPU, imports included
     peak = peak_rss()
@@ -433,6 +444,37 @@ def memory_case(sizes: list[int]) -> list[tuple[str, bool]]:
         f"(target: within 10%)  {'met' if flat else 'NOT MET'}"
     )
     return [("memory: peak RSS < 300 MB", under), ("memory: flat in n", flat)]
+
+
+def model_case(n: int) -> list[tuple[str, bool]]:
+    """Parent CPU per row and store rows/s of named scores and of epochs, against one score."""
+    print(f"\nEvaluation model: {n:,} rows into a store (one score, two named scores, 3 epochs)")
+    runs = {}
+    for model in ("plain", "named", "epochs"):
+        with tempfile.TemporaryDirectory(prefix="procval-bench-") as tmp:
+            out = subprocess.run(
+                [sys.executable, __file__, "--rss-child", str(n), os.path.join(tmp, "run.db")],
+                check=True,
+                capture_output=True,
+                text=True,
+                env={**os.environ, "PROCVAL_BENCH_MODEL": model},
+            )
+        runs[model] = json.loads(out.stdout.strip().splitlines()[-1])
+    print(f"  {'model':>8} {'seconds':>8} {'rows/s':>9} {'parent CPU us/row':>18}")
+    for model, r in runs.items():
+        print(
+            f"  {model:>8} {r['seconds']:>8.2f} {n / r['seconds']:>9,.0f} "
+            f"{r['cpu'] / n * 1e6:>18.1f}"
+        )
+    verdicts = []
+    base = runs["plain"]["cpu"]
+    for model in ("named", "epochs"):
+        ratio = runs[model]["cpu"] / base
+        ok = ratio <= 1.10
+        print(f"  -> {model}: parent CPU x{ratio:.2f} of one score (target <= 1.10)  "
+              f"{'met' if ok else 'NOT MET'}")  # fmt: skip
+        verdicts.append((f"model: {model} parent CPU within 10%", ok))
+    return verdicts
 
 
 # ---------------------------------------------------------------- first call in a fresh process
@@ -578,7 +620,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--case",
         default="cpu,io,llm,trivial,cold,memory",
-        help="comma-separated subset of: cpu, io, llm, trivial, cold, memory, fresh "
+        help="comma-separated subset of: cpu, io, llm, trivial, cold, memory, model, fresh "
         "(default: all but fresh)",
     )
     parser.add_argument("--scaling", action="store_true", help="print the scaling table only")
@@ -609,7 +651,7 @@ def main(argv: list[str] | None = None) -> int:
     repeat = args.repeat or (1 if args.quick else 3)
     q = args.quick
     wanted = [c.strip() for c in args.case.split(",") if c.strip()]
-    unknown = set(wanted) - {"cpu", "io", "llm", "trivial", "cold", "memory", "fresh"}
+    unknown = set(wanted) - {"cpu", "io", "llm", "trivial", "cold", "memory", "model", "fresh"}
     if unknown:
         parser.error(f"unknown case(s) {sorted(unknown)}")
     print(f"repetitions: {repeat} (medians shown){'; quick mode' if q else ''}")
@@ -618,7 +660,7 @@ def main(argv: list[str] | None = None) -> int:
     verdicts: list[tuple[str, bool]] = []
     report: dict[str, Any] = {"machine": machine(), "repeat": repeat, "quick": q, "cases": {}}
     for name in wanted:
-        if name in ("memory", "fresh"):
+        if name in ("memory", "model", "fresh"):
             continue
         if name == "cpu":
             case = cpu_case(24 if q else 120, workloads.calibrate(0.02))
@@ -637,6 +679,8 @@ def main(argv: list[str] | None = None) -> int:
         fresh_case(repeat)
     if "memory" in wanted:
         verdicts += memory_case([3_000, 30_000] if q else [30_000, 300_000])
+    if "model" in wanted:
+        verdicts += model_case(30_000 if q else 300_000)
 
     print(f"\nload average at end: {load()}")
     if verdicts:

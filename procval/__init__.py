@@ -39,12 +39,13 @@ if TYPE_CHECKING:
     from types import ModuleType
 
     from procval.report.compare import Comparison, ComparisonTable, Interval, compare
-    from procval.results import EvaluationResult, Results, Row, RowError, Usage
+    from procval.results import EvaluationResult, Results, Row, RowError
     from procval.run.api import Metric, Program, evaluate
     from procval.run.dataset import read_jsonl
     from procval.run.pool import Workers
     from procval.store.readers import load
     from procval.task import Task
+    from procval.usage import Usage
 
 
 __all__ = [
@@ -101,7 +102,7 @@ _LAZY_NAMES = {
     "Results": "procval.results",
     "Row": "procval.results",
     "RowError": "procval.results",
-    "Usage": "procval.results",
+    "Usage": "procval.usage",
     "load": "procval.store.readers",
     "Task": "procval.task",
     "Workers": "procval.run.pool",

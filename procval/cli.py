@@ -4,6 +4,7 @@
 
     procval run TASK --store PATH [--config NAME ...] [--workers N] [--threads N] [--timeout S]
                 [--rate-limit KEY:rpm=N,tpm=N,inflight=N ...]
+                [--epochs K] [--primary NAME]
                 [--retries N] [--max-errors N] [--limit N] [--fresh] [--retry-errors]
                 [--backend loky|ray] [--no-progress]
     procval report PATH [--html FILE] [--errors]
@@ -147,6 +148,8 @@ class Failure(Exception):
     arg("--rate-limit", action="append", type=_rate_limit, metavar="KEY:rpm=N,tpm=N,inflight=N",
         help="limits shared by every config's calls under KEY (repeat for more keys)"),
     arg("--limit", type=COUNT, metavar="N", help="evaluate only the first N examples"),
+    arg("--epochs", type=COUNT, metavar="K", help="run each example K times (resume adds epochs)"),
+    arg("--primary", metavar="NAME", help="the named score that is the score"),
     arg("--fresh", action="store_true", help="discard these configs' stored rows first"),
     arg("--retry-errors", action="store_true", help="rerun examples whose stored row failed"),
     arg("--backend", choices=("loky", "ray"), help="where workers run (default: loky, local)"),
@@ -171,6 +174,8 @@ def run(args: argparse.Namespace) -> int:
             retries=args.retries,
             max_errors=args.max_errors,
             rate_limit=args.rate_limit,
+            epochs=args.epochs,
+            primary=args.primary,
             progress=False if args.no_progress else None,
         )
     except TooManyErrors as exc:

@@ -13,13 +13,17 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
 
+from procval._summary import all_failed as _all_failed
+from procval._summary import example_of as _example_of
+from procval._summary import named_scores as _named_scores
+from procval.usage import Usage
+
 __all__ = [
     "EvaluationResult",
     "Results",
     "Row",
     "RowError",
     "Totals",
-    "Usage",
 ]
 
 
@@ -44,61 +48,6 @@ class RowError:
 
     def __str__(self) -> str:
         return f"{self.type}: {self.message}"
-
-
-@dataclass(frozen=True, slots=True)
-class Usage:
-    """Tokens and cost spent with one model: by one example, or by a whole config.
-
-    Attributes:
-        calls: calls made to the model.
-        cached_calls: of those, calls answered from a cache.
-        prompt_tokens: tokens sent.
-        completion_tokens: tokens received.
-        total_tokens: prompt and completion tokens together.
-        cost: the cost in the provider's currency, or None where it is not known.
-    """
-
-    calls: int = 0
-    cached_calls: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    total_tokens: int = 0
-    cost: float | None = None
-
-    def __add__(self, other: Usage) -> Usage:
-        if not isinstance(other, Usage):
-            return NotImplemented
-        cost = (
-            None
-            if self.cost is None and other.cost is None
-            else ((self.cost or 0.0) + (other.cost or 0.0))
-        )
-        return Usage(
-            self.calls + other.calls,
-            self.cached_calls + other.cached_calls,
-            self.prompt_tokens + other.prompt_tokens,
-            self.completion_tokens + other.completion_tokens,
-            self.total_tokens + other.total_tokens,
-            cost,
-        )
-
-    @classmethod
-    def from_dict(cls, counts: Mapping[str, Any]) -> Usage:
-        """A ``Usage`` from a mapping of its field names (missing ones are 0, cost None)."""
-        cost = counts.get("cost")
-        return cls(
-            int(counts.get("calls", 0) or 0),
-            int(counts.get("cached_calls", 0) or 0),
-            int(counts.get("prompt_tokens", 0) or 0),
-            int(counts.get("completion_tokens", 0) or 0),
-            int(counts.get("total_tokens", 0) or 0),
-            None if cost is None else float(cost),
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        """The fields as a dict (as stored)."""
-        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,6 +110,12 @@ class EvaluationResult:
     run costs the parent no memory until you look at its rows).
     """
 
+    # defaults for results pickled before these existed (procval 0.1.0)
+    _epochs: int = 1
+    _reducer: str | Mapping[str, str] = "mean"
+    _primary: str | None = None
+    _examples: list[Row] | None = None
+
     def __init__(
         self,
         config: str,
@@ -171,9 +126,16 @@ class EvaluationResult:
         error_types: Mapping[str, int] | None = None,
         fingerprint: str = "",
         usage: Mapping[str, Usage] | None = None,
+        epochs: int = 1,
+        reducer: str | Mapping[str, str] = "mean",
+        primary: str | None = None,
     ) -> None:
         self._config = config
         self._usage = dict(usage) if usage is not None else None
+        self._epochs = epochs
+        self._reducer = reducer
+        self._primary = primary
+        self._examples: list[Row] | None = None
         self._rows: Sequence[Row] | None = None if callable(rows) else sorted(rows, key=_index)
         self._load = rows if callable(rows) else None
         self._duration = duration
@@ -217,9 +179,75 @@ class EvaluationResult:
 
     @property
     def score(self) -> float:
-        """Mean score over all examples, failed ones counted as ``failure_score`` (NaN if none)."""
+        """Mean score over all examples, failed ones counted as ``failure_score`` (NaN if none).
+
+        With ``epochs``, the mean over examples of each example's reduced score (:meth:`examples`).
+        """
+        if self._epochs > 1:
+            return _mean([row.score for row in self.examples()])
         totals = self.totals
         return totals.score_sum / totals.n if totals.n else math.nan
+
+    @property
+    def scores(self) -> dict[str, float]:
+        """The mean of every named score, primary first (``{"score": score}`` for one score).
+
+        Failed examples count with ``failure_score`` in each; with ``epochs``, each example's
+        scores are first reduced over its epochs (:meth:`examples`).
+        """
+        ask = getattr(self._load, "score_means", None)
+        if self._epochs == 1 and self._rows is None and callable(ask):
+            found: dict[str, float] = ask()  # a stored result: one query, not every row
+            means = found or {"score": self.score}
+        else:
+            rows = self.examples()
+            names = next((list(r.scores) for r in rows if r.scores), ["score"])
+            means = {
+                name: _mean([r.scores[name] if r.scores else r.score for r in rows])
+                for name in names
+            }
+            if names == ["score"]:
+                means["score"] = self.score
+        primary = self.primary
+        return {primary: means[primary], **means} if primary in means else means
+
+    @property
+    def primary(self) -> str:
+        """The name of the score :attr:`score` is: ``primary=``, else ``score``, else the first."""
+        if self._primary is not None:
+            return self._primary
+        names = self._score_names()
+        return "score" if not names or "score" in names else names[0]
+
+    def _score_names(self) -> list[str]:
+        ask = getattr(self._load, "score_names", None)
+        if self._rows is None and callable(ask):
+            found: list[str] = ask()
+            return found
+        return next((list(r.scores) for r in self.rows if r.scores), [])
+
+    @property
+    def epochs(self) -> int:
+        """How many times each example was run (``evaluate(..., epochs=)``)."""
+        return self._epochs
+
+    def examples(self) -> list[Row]:
+        """One row per example, in dataset order: each score reduced over the example's epochs.
+
+        Without epochs, :attr:`rows`. With them, each example's first epoch's row, whose
+        ``score`` and ``scores`` are reduced by ``reducer=`` over its epochs (see
+        :mod:`procval._reduce`), and whose ``error`` is None when any epoch succeeded.
+
+        Raises:
+            ValueError: ``pass@k`` or ``pass^k`` met a score other than 0 or 1.
+        """
+        if self._examples is None:
+            if self._epochs == 1:
+                return list(self.rows)
+            from procval._reduce import reduce_rows
+
+            self._examples = reduce_rows(self.rows, self._reducer, self.primary)
+        return self._examples
 
     @property
     def error_types(self) -> dict[str, int]:
@@ -314,10 +342,16 @@ class EvaluationResult:
                 "stopped, or its workers could not start; see the output of its run)"
             )
         samples = self._error_samples()
+        over = f"{totals.n} examples"
+        if self._epochs > 1:
+            over = f"{len(self.examples())} examples x {self._epochs} epochs ({totals.n} rows)"
         lines = [
-            f"config {self.config!r}: score {self.score:.4f} over {totals.n} examples "
+            f"config {self.config!r}: score {self.score:.4f} over {over} "
             f"({totals.errors} errors) in {self.duration:.2f}s"
         ]
+        named = _named_scores(self)
+        if named:
+            lines.append(f"  scores: {named}")
         warning = _all_failed(self)
         if warning:
             lines.append(f"  {warning}")
@@ -357,7 +391,7 @@ class EvaluationResult:
         """
         from procval.report.stats import bootstrap_ci
 
-        scores = [row.score for row in self.rows]
+        scores = [row.score for row in self.examples()]
         return bootstrap_ci(scores, confidence=confidence, resamples=resamples, seed=seed)
 
     def to_pandas(self) -> Any:
@@ -369,24 +403,9 @@ class EvaluationResult:
         Raises:
             ImportError: pandas is not installed (``pip install 'procval[pandas]'``).
         """
-        try:
-            import pandas
-        except ImportError:
-            raise ImportError("to_pandas() needs pandas: pip install 'procval[pandas]'") from None
-        columns: list[str] = []
-        for name in (f.name for f in fields(Row)):
-            columns += (
-                ["error_type", "error_message", "error_traceback"] if name == "error" else [name]
-            )
-        records = []
-        for row in self.rows:
-            record = {name: getattr(row, name, None) for name in columns}
-            if row.error is not None:
-                record["error_type"] = row.error.type
-                record["error_message"] = row.error.message
-                record["error_traceback"] = row.error.traceback
-            records.append(record)
-        return pandas.DataFrame.from_records(records, columns=columns)
+        from procval._summary import data_frame
+
+        return data_frame(self.rows, [f.name for f in fields(Row)])
 
     def _repr_html_(self) -> str:
         """The notebook view: score with its interval, counts, and the first errors."""
@@ -431,6 +450,10 @@ class Results(Mapping[str, EvaluationResult]):
                 f"{name:<{width}}  {score}  {totals.n:>7}  {totals.errors:>6}  "
                 f"{result.duration:>7.2f}s"
             )
+        for name, result in self._results.items():
+            named = _named_scores(result) if result.totals.n else ""
+            if named:
+                lines.append(f"{name} scores: {named}")
         for name, result in self._results.items():
             warning = _all_failed(result)
             if warning:
@@ -497,41 +520,12 @@ class Results(Mapping[str, EvaluationResult]):
         return f"Results({', '.join(f'{k}={v.score:.4f}' for k, v in self._results.items())})"
 
 
-def _example_of(sample: tuple[int | str, str] | None, width: int = 160) -> str:
-    """``", e.g. ID: first line of the message"`` (clipped to ``width``), or "" for None."""
-    if sample is None:
-        return ""
-    example_id, message = sample
-    lines = message.strip().splitlines()
-    first = lines[0].strip() if lines else ""
-    if len(first) > width:
-        first = first[: width - 1] + "…"
-    return f", e.g. {example_id}: {first}" if first else f", e.g. {example_id}"
+def _index(row: Row) -> tuple[int, int]:
+    return row.index, row.epoch
 
 
-def _index(row: Row) -> int:
-    return row.index
-
-
-def _all_failed(result: EvaluationResult) -> str:
-    """A loud line when every example failed (its score is then failure_score), else ""."""
-    totals = result.totals
-    if not totals.n or totals.errors < totals.n:
-        return ""
-    kinds = result.error_types
-    error = result._first_error()
-    if error is None:
-        what = ", ".join(f"{n} x {kind}" for kind, n in kinds.items())
-    else:
-        message = error.message.strip().splitlines()[0].rstrip(".") if error.message.strip() else ""
-        message = message if len(message) <= 200 else message[:197] + "..."
-        what = f"{error.type}: {message}" if message else error.type
-        if len(kinds) > 1:
-            what += " (first of: " + ", ".join(f"{n} x {k}" for k, n in kinds.items()) + ")"
-    return (
-        f"ALL {totals.n} EXAMPLES FAILED: {what}; the score {result.score} is "
-        "failure_score, not a measurement"
-    )
+def _mean(values: Sequence[float]) -> float:
+    return math.fsum(values) / len(values) if values else math.nan
 
 
 def _limit_lines(limits: Mapping[str, Mapping[str, float]]) -> list[str]:

@@ -66,6 +66,9 @@ class Task:
         rate_limit: a :class:`procval.RateLimit` (or a list) added to every config, replacing
             a config's own limit of the same key; the command line's ``--rate-limit`` is added
             on top (docs/rate-limits.md).
+        epochs: default for ``evaluate(epochs=)``; the command line's ``--epochs`` wins.
+        reducer: default for ``evaluate(reducer=)``.
+        primary: default for ``evaluate(primary=)``; the command line's ``--primary`` wins.
 
     Raises:
         TaskError: a program or metric that is not callable, or configs that are not Configs.
@@ -73,7 +76,7 @@ class Task:
 
     program: Program
     dataset: Iterable[Any] | Callable[[], Iterable[Any]]
-    metric: Metric
+    metric: Metric | Sequence[Metric] | Mapping[str, Metric]
     configs: Mapping[str, Config] | Sequence[Config] = dataclasses.field(
         default_factory=lambda: [Config()]
     )
@@ -85,12 +88,18 @@ class Task:
     max_errors: int | None = None
     failure_score: float = 0.0
     rate_limit: RateLimit | Sequence[RateLimit] | None = None
+    epochs: int = 1
+    reducer: str | Mapping[str, str] = "mean"
+    primary: str | None = None
 
     def __post_init__(self) -> None:
         if not callable(self.program):
             raise TaskError(f"Task program must be callable, got {type(self.program).__name__}")
-        if not callable(self.metric):
-            raise TaskError(f"Task metric must be callable, got {type(self.metric).__name__}")
+        if not callable(self.metric) and not isinstance(self.metric, Mapping | list | tuple):
+            raise TaskError(
+                "Task metric must be callable, or a list or dict of metrics, got "
+                f"{type(self.metric).__name__}"
+            )
         self.config_map()  # validates
 
     def config_map(self) -> dict[str, Config]:
@@ -173,6 +182,9 @@ class Task:
             "retries": self.retries,
             "max_errors": self.max_errors,
             "failure_score": self.failure_score,
+            "epochs": self.epochs,
+            "reducer": self.reducer,
+            "primary": self.primary,
         }
         merged = {**defaults, **{k: v for k, v in options.items() if v is not None}}
         return evaluate(self.program, self.examples(limit), self.metric, configs=configs, **merged)

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any, overload
 
 from procval.errors import UnalignedResultsError
-from procval.report.protocol import ResultLike, RowLike, is_result
+from procval.report.protocol import ResultLike, RowLike, is_result, per_example
 from procval.report.stats import (
     Interval,
     _binary,
@@ -311,18 +311,19 @@ def compare_all(
 def _align(
     a: ResultLike, b: ResultLike, *, common_only: bool
 ) -> tuple[list[tuple[RowLike, RowLike]], int, int]:
-    by_id_b = {row.example_id: row for row in b.rows}
-    ids_a = [row.example_id for row in a.rows]
-    for result, count in ((a, len(set(ids_a))), (b, len(by_id_b))):
-        if count != len(result.rows):
+    rows_a, rows_b = per_example(a), per_example(b)
+    by_id_b = {row.example_id: row for row in rows_b}
+    ids_a = [row.example_id for row in rows_a]
+    for result, rows, count in ((a, rows_a, len(set(ids_a))), (b, rows_b, len(by_id_b))):
+        if count != len(rows):
             raise ValueError(
-                f"config {result.config!r} has {len(result.rows) - count} duplicate example "
+                f"config {result.config!r} has {len(rows) - count} duplicate example "
                 "ids; pairing needs one row per example id"
             )
     set_a = set(ids_a)
     missing_in_a = sum(i not in set_a for i in by_id_b)
     missing_in_b = sum(i not in by_id_b for i in ids_a)
-    pairs = [(row, by_id_b[row.example_id]) for row in a.rows if row.example_id in by_id_b]
+    pairs = [(row, by_id_b[row.example_id]) for row in rows_a if row.example_id in by_id_b]
     if ((missing_in_a or missing_in_b) and not common_only) or not pairs:
         only_a = [i for i in ids_a if i not in by_id_b][:3]
         only_b = [i for i in by_id_b if i not in set_a][:3]

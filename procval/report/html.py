@@ -40,7 +40,7 @@ from procval.report.markup import (
     num,
     plural,
 )
-from procval.report.protocol import ResultLike, RowLike, is_result
+from procval.report.protocol import ResultLike, RowLike, is_result, per_example
 from procval.report.runinfo import run_section, run_span
 from procval.report.stats import Interval, holm
 from procval.report.text import format_p, per_correct
@@ -109,6 +109,7 @@ def render_html(
         f"<p class='meta'>{esc(run_span(details))}</p>" if run_span(details) else "",
         _scores_section(runs, intervals, best, confidence),
         _usage_section(runs),
+        _named_scores_section(runs),
         _differences_section(runs, best, stats),
         _errors_section(runs, (details or {}).get("path")),
         _disagreements_section(runs, max_rows),
@@ -118,6 +119,26 @@ def render_html(
 
 
 # ------------------------------------------------------------------------------------- sections
+
+
+def _named_scores_section(runs: list[ResultLike]) -> str:
+    """A table of every named score's mean per config ("" when each config has one score)."""
+    means = [dict(getattr(run, "scores", None) or {}) if run.totals.n else {} for run in runs]
+    names = list(dict.fromkeys(name for found in means for name in found))
+    if names in ([], ["score"]):
+        return ""
+    head = "".join(f"<th class='num'>{esc(name)}</th>" for name in names)
+    rows = "".join(
+        f"<tr><td>{esc(run.config)}</td>"
+        + "".join(f"<td class='num'>{num(found.get(n, math.nan))}</td>" for n in names)
+        + "</tr>"
+        for run, found in zip(runs, means, strict=True)
+    )
+    return (
+        "<section id='named-scores'><h2>Named scores</h2><p class='note'>the mean of each "
+        "score (the primary one first is the score above)</p><table><tr><th>config</th>"
+        f"{head}</tr>{rows}</table></section>"
+    )
 
 
 def _scores_section(
@@ -268,10 +289,11 @@ def _disagreements_section(runs: list[ResultLike], max_rows: int) -> str:
     head = "<section id='disagreements'><h2>Examples on which the configs disagree</h2>"
     if len(runs) < 2:
         return head + "<p class='note'>Only one config.</p></section>"
-    by_id = [{row.example_id: row for row in run.rows} for run in runs]
+    reduced = [per_example(run) for run in runs]  # with epochs: reduced over them
+    by_id = [{row.example_id: row for row in found} for found in reduced]
     order: dict[int | str, int] = {}
-    for run in runs:
-        for row in run.rows:
+    for found in reduced:
+        for row in found:
             order.setdefault(row.example_id, row.index)
     disagree = []
     for example_id, index in order.items():

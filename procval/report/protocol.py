@@ -141,3 +141,11 @@ def is_result(value: object) -> TypeGuard[ResultLike]:
         True for an :class:`procval.EvaluationResult` (or any type with the same members).
     """
     return all(hasattr(type(value), name) for name in _RESULT_ATTRIBUTES)
+
+
+def per_example(result: ResultLike) -> Sequence[RowLike]:
+    """One row per example: with epochs, each example's epochs reduced (``examples()``)."""
+    if getattr(result, "epochs", 1) > 1:
+        examples: Sequence[RowLike] = result.examples()  # type: ignore[attr-defined]
+        return examples
+    return result.rows

@@ -7,6 +7,7 @@ import math
 from typing import TYPE_CHECKING, Any
 
 from procval._convert import to_jsonable
+from procval.report.protocol import per_example
 
 if TYPE_CHECKING:
     from procval.report.compare import Comparison
@@ -42,8 +43,8 @@ def describe(comparison: Comparison, a: ResultLike, b: ResultLike, *, examples: 
     lines = [repr(comparison)]
     if not flipped or examples <= 0:
         return lines[0]
-    by_id_b = {row.example_id: row for row in b.rows}
-    shown = [row for row in a.rows if row.example_id in flipped][:examples]
+    by_id_b = {row.example_id: row for row in per_example(b)}
+    shown = [row for row in per_example(a) if row.example_id in flipped][:examples]
     lines.append(f"First {len(shown)} of {len(flipped)} examples where they differ:")
     width = max(len(str(row.example_id)) for row in shown)
     for row in shown:

@@ -19,12 +19,15 @@ from procval.errors import ProcvalError
 from procval.results import EvaluationResult, Results, Row, Totals
 from procval.run import limiter
 from procval.run.dataset import Examples
+from procval.run.epochs import repeat
 from procval.run.progress import Progress, wanted
 from procval.run.scheduler import RunOptions, Scheduler
+from procval.run.scoring import check_model, metric_of
 from procval.run.snapshot import take_snapshot
 from procval.store.scrub import scrubbed
 from procval.store.sink import MemorySink, Sink
 from procval.wire import Snapshot, WorkerOptions
+from procval.worker.scoring import MetricSet
 
 RowsCallback = Callable[[str, list[Row]], None]
 _ON_ROWS: ContextVar[RowsCallback | None] = ContextVar("procval_on_rows", default=None)
@@ -39,7 +42,7 @@ class Program(Protocol):
 
 
 class Metric(Protocol):
-    """Anything called as ``metric(example, prediction) -> bool | int | float``."""
+    """Anything called as ``metric(example, prediction)``, returning a score or named scores."""
 
     def __call__(self, example: Any, prediction: Any, /) -> Any:
         """Score one prediction."""
@@ -50,7 +53,7 @@ class Metric(Protocol):
 def evaluate(
     program: Program,
     dataset: Iterable[Any],
-    metric: Metric,
+    metric: Metric | Sequence[Metric] | Mapping[str, Metric],
     *,
     config: Config | None = None,
     configs: None = None,
@@ -66,6 +69,9 @@ def evaluate(
     fresh: bool = False,
     retry_errors: bool = False,
     backend: str | Backend = "loky",
+    epochs: int = 1,
+    reducer: str | Mapping[str, str] = "mean",
+    primary: str | None = None,
 ) -> EvaluationResult: ...
 
 
@@ -73,7 +79,7 @@ def evaluate(
 def evaluate(
     program: Program,
     dataset: Iterable[Any],
-    metric: Metric,
+    metric: Metric | Sequence[Metric] | Mapping[str, Metric],
     *,
     config: None = None,
     configs: Mapping[str, Config] | Sequence[Config],
@@ -89,13 +95,16 @@ def evaluate(
     fresh: bool = False,
     retry_errors: bool = False,
     backend: str | Backend = "loky",
+    epochs: int = 1,
+    reducer: str | Mapping[str, str] = "mean",
+    primary: str | None = None,
 ) -> Results: ...
 
 
 def evaluate(
     program: Program,
     dataset: Iterable[Any],
-    metric: Metric,
+    metric: Metric | Sequence[Metric] | Mapping[str, Metric],
     *,
     config: Config | None = None,
     configs: Mapping[str, Config] | Sequence[Config] | None = None,
@@ -111,6 +120,9 @@ def evaluate(
     fresh: bool = False,
     retry_errors: bool = False,
     backend: str | Backend = "loky",
+    epochs: int = 1,
+    reducer: str | Mapping[str, str] = "mean",
+    primary: str | None = None,
 ) -> EvaluationResult | Results:
     """Evaluate ``program`` on every example of ``dataset`` with ``metric``, on worker processes.
 
@@ -123,7 +135,10 @@ def evaluate(
             ``program(**example.inputs())``, on each ``dspy.Example``.
         dataset: any iterable of examples (list, generator, :func:`read_jsonl`). An example's id
             is its ``id`` key or attribute, else its position.
-        metric: called as ``metric(example, prediction)``; returns a bool or a number.
+        metric: called as ``metric(example, prediction)``; returns a bool or a number, a
+            mapping of score names to numbers, or an object with a ``score`` and other fields
+            (``dspy.Prediction(score=..., feedback=...)``: the others go to ``row.extra``).
+            A list or dict of metrics gives one named score per metric.
         config: one config (default ``Config()``); the call returns an :class:`EvaluationResult`.
         configs: several configs, as ``{name: Config}`` or a list of uniquely named configs;
             the call returns a read-only mapping of name to :class:`EvaluationResult`.
@@ -143,6 +158,14 @@ def evaluate(
         retry_errors: with ``store``, run again the examples whose stored row failed (after
             fixing the cause of a ``max_errors`` stop, say); by default they count as done.
         backend: ``"loky"`` (local processes), ``"ray"``, or a backend object.
+
+        epochs: how many times each example runs under each config, each epoch seeded from
+            ``(seed, example_id, epoch)`` (epoch 0 as without epochs); rows carry ``epoch``.
+        reducer: how an example's epochs make its score: ``"mean"``, ``"max"``, ``"median"``,
+            ``"mode"``, ``"pass@K"``, ``"pass^K"`` (0/1 scores, K <= epochs), or a mapping of
+            score name to reducer (see :meth:`EvaluationResult.examples`).
+        primary: with named scores, the one that is ``result.score`` (default: ``score``,
+            else the first).
 
     Returns:
         An :class:`EvaluationResult` for ``config=``, a :class:`Results` mapping for ``configs=``;
@@ -181,6 +204,9 @@ def evaluate(
         store=store,
         fresh=fresh,
         retry_errors=retry_errors,
+        epochs=epochs,
+        reducer=reducer,
+        primary=primary,
     )
     return results if configs is not None else results[named[0].name]
 
@@ -189,7 +215,7 @@ def run_configs(
     named: list[Config],
     program: Program,
     dataset: Iterable[Any],
-    metric: Metric,
+    metric: Metric | Sequence[Metric] | Mapping[str, Metric],
     source: Callable[[], Backend],
     *,
     adopt: Callable[[Snapshot], Snapshot] | None = None,
@@ -204,6 +230,9 @@ def run_configs(
     store: str | os.PathLike[str] | None = None,
     fresh: bool = False,
     retry_errors: bool = False,
+    epochs: int = 1,
+    reducer: str | Mapping[str, str] = "mean",
+    primary: str | None = None,
 ) -> Results:
     """Run ``named`` configs (checked) on the workers ``source()`` gives; :func:`evaluate`'s core.
 
@@ -212,14 +241,17 @@ def run_configs(
     workers; ``adopt`` may replace a snapshot by an earlier one of the same content (a pool's,
     whose workers installed it). The options are ``evaluate``'s (counts checked by the caller).
     """
-    _check_callables(program, metric)
+    metric = metric_of(metric)
+    for one in metric.metrics.values() if isinstance(metric, MetricSet) else [metric]:
+        _check_callables(program, one)
+    reducer = check_model(metric, primary, epochs, reducer)
     program = _dspy_way(program)
     _check_counts(workers, threads, retries, backoff, timeout, max_errors)
     _check_store_options(store, fresh, retry_errors)
     limiter.check_limits(named)  # two configs giving one key different limits: refused now
     # with a store, a second row for an id is refused by the store: no id set in the parent
     data = Examples(dataset, passes=len(named), track_ids=store is None or retry_errors)
-    examples = [data] * len(named)
+    examples = [repeat(data, epochs)] * len(named)
     snapshots = [take_snapshot(c, program, metric) for c in named]
     if adopt is not None:
         snapshots = [adopt(s) for s in snapshots]
@@ -227,7 +259,10 @@ def run_configs(
         threads=threads, retries=retries, backoff=backoff, parent_pid=os.getpid(), timeout=timeout
     )
     specs = [WorkerSpec(s, options, dict(c.env)) for s, c in zip(snapshots, named, strict=True)]
-    sink = _open_sink(store, fresh, retry_errors, [c.name for c in named], workers, threads)
+    scoring = {"epochs": epochs, "reducer": reducer, "primary": primary}
+    sink = _open_sink(
+        store, fresh, retry_errors, [c.name for c in named], workers, threads, scoring
+    )
     callback = _ON_ROWS.get()
     if callback is not None:
         sink = _ObservedSink(sink, callback)
@@ -250,6 +285,8 @@ def run_configs(
                 failure_score=float(failure_score),
                 timeout=timeout,
                 max_errors=max_errors,
+                epochs=epochs,
+                primary=primary,
                 resume_hint=(
                     f"run again with store={os.fspath(store)!r} to resume (add "
                     "retry_errors=True to rerun the failed examples)"
@@ -447,15 +484,24 @@ def _open_sink(
     names: list[str],
     workers: int | None,
     threads: int,
+    scoring: Mapping[str, Any],
 ) -> Sink:
     """The run's sink; a store's is locked (and its run options kept for the report)."""
     if store is None:
-        return MemorySink()
+        return MemorySink(**scoring)
     from procval.store.writer import StoreSink
 
     run = {"workers": workers, "threads": threads}  # workers None: the backend's default
+    epochs = scoring["epochs"]
+    metric = {"reducer": scoring["reducer"], "primary": scoring["primary"]}
     return StoreSink(
-        os.fspath(store), fresh=fresh, configs=names, retry_errors=retry_errors, run=run
+        os.fspath(store),
+        fresh=fresh,
+        configs=names,
+        retry_errors=retry_errors,
+        run=run,
+        epochs=epochs,
+        metric=metric,
     )
 
 

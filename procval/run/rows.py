@@ -33,7 +33,7 @@ class RowMaker:
             None for the default (the key ``score``, else the first one).
     """
 
-    __slots__ = ("config", "epochs", "failure_score", "fingerprint", "names", "primary")
+    __slots__ = ("_keys", "config", "epochs", "failure_score", "fingerprint", "names", "primary")
 
     def __init__(
         self,
@@ -50,6 +50,7 @@ class RowMaker:
         self.epochs = epochs
         self.primary = primary
         self.names: tuple[str, ...] | None = None  # the first scored row's names; () unnamed
+        self._keys: set[str] = set()
 
     def rows(
         self,
@@ -71,6 +72,7 @@ class RowMaker:
                 else:
                     if names is None:
                         names = self.names = tuple(scores or ())
+                        self._keys = set(names)
                     score, scores, error = self._named(score, scores)
             elif names is None and error is None:
                 names = self.names = ()
@@ -101,9 +103,11 @@ class RowMaker:
         self, score: float, scores: dict[str, float] | None
     ) -> tuple[float, dict[str, float] | None, ErrorInfo | None]:
         """``(score, scores, error)`` of a row whose metric gave named scores (or should have)."""
-        got = () if scores is None else tuple(scores)
         expected = self.names
-        if expected is not None and set(got) != set(expected):
+        if expected is not None and (
+            scores.keys() != self._keys if scores is not None else expected
+        ):
+            got = () if scores is None else tuple(scores)
             message = (
                 f"the metric returned the scores {list(got) or 'one unnamed score'} for this "
                 f"example, but {list(expected) or 'one unnamed score'} for the first one; a "
@@ -113,7 +117,7 @@ class RowMaker:
         if scores is not None and self.primary is not None:
             if self.primary not in scores:
                 message = (
-                    f"primary={self.primary!r} is not among the metric's scores {list(got)}; "
+                    f"primary={self.primary!r} is not among the metric's scores {list(scores)}; "
                     "pass one of them"
                 )
                 return score, None, ErrorInfo("ScoreNamesChanged", message, "")

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 
 from procval import _pickling
@@ -48,6 +48,7 @@ from procval.errors import TooManyErrors
 from procval.results import Results, Row, RowError, Totals, _with_counts
 from procval.run import logs, replay
 from procval.run.dataset import Examples, Item
+from procval.run.epochs import Repeated
 from procval.run.failures import SetupFailure, note_dataset_error, setup_error
 from procval.run.frames import user_traceback
 from procval.run.lifecycle import (
@@ -81,7 +82,7 @@ class Scheduler:
         self,
         backend: Backend,
         specs: list[WorkerSpec],
-        examples: list[Examples],
+        examples: Sequence[Examples | Repeated],
         sink: Sink,
         progress: Progress,
         options: RunOptions,
@@ -117,7 +118,7 @@ class Scheduler:
             )
             self._runs.append(run)
 
-    def _pending(self, name: str, data: Examples) -> Iterator[Item]:
+    def _pending(self, name: str, data: Examples | Repeated) -> Iterator[Item]:
         for item in data:
             if not self._sink.is_done(name, *item):
                 yield item

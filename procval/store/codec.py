@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from procval._convert import to_jsonable
@@ -20,11 +20,11 @@ from procval.results import Row, RowError, Usage
 
 
 def encode(row: Row, config: str, session: int) -> tuple[Any, ...]:
-    """The record of ``row``: ``schema.COLUMNS`` in order, or its first 16 for a plain row.
+    """The record of ``row``: ``schema.COLUMNS`` in order, without the trailing defaults.
 
-    A plain row (epoch 0, one score, no extra, usage or group, a plain JSON prediction) leaves
-    the format 2 columns to their defaults: it is the common case, and six fewer bound values
-    per row keep the store as fast as format 1 (``schema.INSERT_PLAIN``).
+    A plain row (epoch 0, one score, no extra, usage or group, a plain JSON prediction) has
+    format 1's 16 columns, a plain row of a later epoch 17: the common cases, whose fewer bound
+    values per row keep the store as fast as format 1 (``schema.insert(width)``).
     """
     example = to_json(row.example)
     error = row.error
@@ -50,28 +50,24 @@ def encode(row: Row, config: str, session: int) -> tuple[Any, ...]:
         session,
     )
     scores, extra, usage = row.scores, row.extra, row.usage
-    if (
-        kind in _PLAIN
-        and not row.epoch
-        and scores is None
-        and extra is None
-        and usage is None
-        and row.group is None
-    ):
-        return record
-    return (
-        *record,
+    if kind in _PLAIN and scores is None and extra is None and usage is None and row.group is None:
+        return (*record, row.epoch) if row.epoch else record
+    tail = (
         row.epoch,
-        None if scores is None else _CANONICAL(dict(scores)),
+        None if scores is None else scores_json(scores),
         None if extra is None else to_json(extra),
         None if usage is None else to_json({m: u.to_dict() for m, u in usage.items()}),
         row.group,
         None if kind in _PLAIN else f"{kind.__module__}.{kind.__qualname__}",
     )
+    width = 6
+    while tail[width - 1] is None:  # trailing defaults left out (tail[0], the epoch, is an int)
+        width -= 1
+    return (*record, *tail[:width])
 
 
 DEFAULTS = (0, None, None, None, None, None)
-"""The format 2 columns of a plain row (see :func:`encode`)."""
+"""The defaults of the format 2 columns (see :func:`encode`), to pad a shorter record."""
 
 _PLAIN = frozenset({str, int, float, bool, type(None), list, dict, tuple})
 
@@ -112,6 +108,23 @@ def decode_usage(text: str) -> dict[str, Usage]:
 
 
 _CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), allow_nan=False).encode
+_TEMPLATES: dict[tuple[str, ...], str] = {}
+
+
+def scores_json(scores: Mapping[str, float]) -> str:
+    """``{name: value}`` as JSON, in the scores' order (the order names the primary).
+
+    The scores are finite floats (the worker checks), whose ``repr`` is JSON; the names of a
+    config's rows are the same, so their JSON template is made once.
+    """
+    names = tuple(scores)
+    template = _TEMPLATES.get(names)
+    if template is None:
+        if len(_TEMPLATES) > 1000:  # names that change each row: do not keep them all
+            _TEMPLATES.clear()
+        escaped = (json.dumps(name).replace("%", "%%") for name in names)
+        template = _TEMPLATES[names] = "{" + ",".join(f"{n}:%r" for n in escaped) + "}"
+    return template % tuple(map(float, scores.values()))
 
 
 def to_json(value: Any) -> str:

@@ -178,6 +178,29 @@ class RowLoader:
             cursor = db.execute(query, (self.config,))
             return [decode(record) for record in cursor]
 
+    def score_names(self) -> list[str]:
+        """The config's score names (``[]`` for one unnamed score), from one row."""
+        return score_names(self.path, [self.config])
+
+    def score_means(self) -> dict[str, float]:
+        """``{name: mean}`` of the config's named scores (``{}`` for one unnamed score).
+
+        One query over the score columns; a failed row counts with its ``failure_score``.
+        """
+        names = self.score_names()
+        if not names:
+            return {}
+        means = ", ".join(
+            "AVG(CASE WHEN scores IS NULL THEN score ELSE json_extract(scores, ?) END)"
+            for _ in names
+        )
+        paths = [f"$.{json.dumps(name)}" for name in names]
+        with store_errors(self.path), contextlib.closing(connect(self.path, create=False)) as db:
+            found = db.execute(
+                f"SELECT {means} FROM rows WHERE config = ?", (*paths, self.config)
+            ).fetchone()
+        return {n: math.nan if v is None else float(v) for n, v in zip(names, found, strict=True)}
+
     def first_error(self) -> RowError | None:
         """The error of the config's first failed row (by dataset order), or None."""
         with contextlib.closing(connect(self.path, create=False)) as db:
@@ -196,6 +219,17 @@ def result_of(
     stored, fingerprint = db.execute(
         "SELECT duration, fingerprint FROM configs WHERE name = ?", (config,)
     ).fetchone()
+    scoring: dict[str, Any] = {}
+    if version(db) >= 2:
+        epochs, metric = db.execute(
+            "SELECT epochs, metric FROM configs WHERE name = ?", (config,)
+        ).fetchone()
+        described = json.loads(metric) if metric else {}
+        scoring = {
+            "epochs": int(epochs),
+            "reducer": described.get("reducer") or "mean",
+            "primary": described.get("primary"),
+        }
     error_types = db.execute(
         "SELECT error_type, COUNT(*) FROM rows WHERE config = ? AND error_type IS NOT NULL "
         "GROUP BY error_type",
@@ -209,6 +243,7 @@ def result_of(
         error_types=dict(error_types),
         fingerprint=fingerprint,
         usage=usage_of(db, config),
+        **scoring,
     )
 
 

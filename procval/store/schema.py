@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import os
 import sqlite3
 import urllib.request
@@ -83,19 +84,29 @@ COLUMNS_V1 = (
     "error_message, error_traceback, attempts, duration, worker_pid, node, fingerprint, session"
 )
 COLUMNS = f"{COLUMNS_V1}, epoch, scores, extra, usage, group_key, prediction_type"
-# A second row for an (id, epoch) is a duplicate id in the dataset (resumed ones are skipped
-# before they run), so a plain INSERT is how a streamed dataset's duplicates are caught with no
-# memory in the parent. With retry_errors, a new row replaces a failed one (and only a failed
-# one).
-INSERT = f"INSERT INTO rows ({COLUMNS}) VALUES ({', '.join('?' * 22)})"
-REPLACE_FAILED = (
-    f"{INSERT} ON CONFLICT (config, example_id, epoch) DO UPDATE SET "
-    + ", ".join(f"{c} = excluded.{c}" for c in COLUMNS.replace(" ", "").split(",")[2:])
-    + " WHERE rows.error_type IS NOT NULL"
-)
-INSERT_PLAIN = f"INSERT INTO rows ({COLUMNS_V1}) VALUES ({', '.join('?' * 16)})"
-"""For a batch of plain rows (``codec.encode``): the format 2 columns take their defaults."""
-REPLACE_FAILED_PLAIN = REPLACE_FAILED.replace(INSERT, INSERT_PLAIN, 1)
+_NAMES = COLUMNS.replace(" ", "").split(",")
+
+
+@functools.cache
+def insert(width: int, *, replace_failed: bool) -> str:
+    """The INSERT of a record of the first ``width`` columns (the others take their defaults).
+
+    A second row for an (id, epoch) is a duplicate id in the dataset (resumed ones are skipped
+    before they run), so a plain INSERT is how a streamed dataset's duplicates are caught with no
+    memory in the parent. With ``replace_failed`` (``retry_errors``), a new row replaces a failed
+    one, and only a failed one, every column included.
+    """
+    names = _NAMES[:width]
+    statement = f"INSERT INTO rows ({', '.join(names)}) VALUES ({', '.join('?' * width)})"
+    if not replace_failed:
+        return statement
+    return (
+        f"{statement} ON CONFLICT (config, example_id, epoch) DO UPDATE SET "
+        + ", ".join(f"{c} = excluded.{c}" for c in _NAMES[2:])
+        + " WHERE rows.error_type IS NOT NULL"
+    )
+
+
 SELECT = f"SELECT {COLUMNS} FROM rows"
 SELECT_V1 = f"SELECT {COLUMNS_V1}, 0 AS epoch, NULL, NULL, NULL, NULL, NULL FROM rows"
 """A format 1 store read as format 2: the columns it lacks read as their defaults."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Protocol
 
 from procval.results import EvaluationResult, Row, Totals
@@ -35,9 +36,22 @@ class Sink(Protocol):
 
 
 class MemorySink:
-    """Rows kept in the parent's memory (no store)."""
+    """Rows kept in the parent's memory (no store).
 
-    def __init__(self) -> None:
+    Args:
+        epochs: how many times each example runs (the results reduce over them).
+        reducer: the run's ``reducer=``.
+        primary: the run's ``primary=``.
+    """
+
+    def __init__(
+        self,
+        *,
+        epochs: int = 1,
+        reducer: str | Mapping[str, str] = "mean",
+        primary: str | None = None,
+    ) -> None:
+        self._scoring: dict[str, Any] = {"epochs": epochs, "reducer": reducer, "primary": primary}
         self._rows: dict[str, list[Row]] = {}
         self._fingerprints: dict[str, str] = {}
 
@@ -60,7 +74,11 @@ class MemorySink:
     def result(self, config: str, duration: float) -> EvaluationResult:
         """The rows collected, in dataset order."""
         return EvaluationResult(
-            config, self._rows[config], duration=duration, fingerprint=self._fingerprints[config]
+            config,
+            self._rows[config],
+            duration=duration,
+            fingerprint=self._fingerprints[config],
+            **self._scoring,
         )
 
     def close(self, *, completed: bool) -> None:

@@ -54,15 +54,7 @@ from procval.store.codec import DEFAULTS, encode, text_hash, to_json
 from procval.store.faults import store_errors, translate
 from procval.store.lock import WriterLock, writer_is_gone
 from procval.store.readers import result_of, totals
-from procval.store.schema import (
-    ADD_USAGE,
-    INSERT,
-    INSERT_PLAIN,
-    REPLACE_FAILED,
-    REPLACE_FAILED_PLAIN,
-    connect,
-    migrate,
-)
+from procval.store.schema import ADD_USAGE, connect, insert, migrate
 from procval.wire import Snapshot
 
 
@@ -207,9 +199,11 @@ class StoreSink:
     def _add(self, config: str, rows: list[Row]) -> None:
         db = self._writer()
         records = [encode(row, config, self._session) for row in rows]
-        statement = _statement(records, self._retry_errors)
-        if statement in (INSERT, REPLACE_FAILED):  # some rows are not plain: pad the others
-            records = [r if len(r) > PLAIN else (*r, *DEFAULTS) for r in records]
+        width = max(map(len, records))  # pad shorter records (see codec.encode)
+        records = [
+            r if len(r) == width else (*r, *DEFAULTS[len(r) - 16 : width - 16]) for r in records
+        ]
+        statement = insert(width, replace_failed=self._retry_errors)
         self._write(db)
         try:
             db.executemany(statement, records)
@@ -368,15 +362,11 @@ class StoreSink:
             self._lock.release()
 
 
-PLAIN = 16  # columns of a plain row's record
+DEFAULTS_FROM = range(16)  # the columns of format 1: a record is never shorter
 
 
-def _statement(records: list[tuple[Any, ...]], replace_failed: bool) -> str:
-    """The INSERT for a batch: the plain one when every record is plain (the common case)."""
-    plain = all(len(r) == PLAIN for r in records)
-    if replace_failed:
-        return REPLACE_FAILED_PLAIN if plain else REPLACE_FAILED
-    return INSERT_PLAIN if plain else INSERT
+def _padded(record: tuple[Any, ...], width: int) -> tuple[Any, ...]:
+    return (*record, *DEFAULTS[len(record) - 16 : width - 16])
 
 
 def _usage_record(model: str, usage: Usage) -> tuple[Any, ...]:
