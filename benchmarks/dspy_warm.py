@@ -54,7 +54,7 @@ def on_rows(config, rows):
                 pass
         pss.append(total)
 
-from procval.run.api import on_rows as observe
+from procval.run.observe import on_rows as observe
 config = procval.dspy.snapshot()
 started = time.perf_counter()
 with observe(on_rows):

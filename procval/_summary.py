@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -72,3 +72,76 @@ def data_frame(rows: Sequence[Row], names: list[str]) -> Any:
             record["error_traceback"] = row.error.traceback
         records.append(record)
     return pandas.DataFrame.from_records(records, columns=columns)
+
+
+def result_summary(result: EvaluationResult) -> str:
+    """:meth:`procval.EvaluationResult.summary`."""
+    totals = result.totals
+    if not totals.n:
+        return (
+            f"config {result.config!r}: no rows (none of its examples finished: it was "
+            "stopped, or its workers could not start; see the output of its run)"
+        )
+    samples = result._error_samples()
+    over = f"{totals.n} examples"
+    if result.epochs > 1:
+        over = f"{len(result.examples())} examples x {result.epochs} epochs ({totals.n} rows)"
+    lines = [
+        f"config {result.config!r}: score {result.score:.4f} over {over} "
+        f"({totals.errors} errors) in {result.duration:.2f}s"
+    ]
+    named = named_scores(result)
+    if named:
+        lines.append(f"  scores: {named}")
+    warning = all_failed(result)
+    if warning:
+        lines.append(f"  {warning}")
+    for kind, count in result.error_types.items():
+        lines.append(f"  {count} x {kind}{example_of(samples.get(kind))}")
+    if result.replaced_workers:
+        lines.append(f"  {result.replaced_workers} workers lost and replaced")
+    lines.extend(f"  {line}" for line in limit_lines(result.limits))
+    if result.usage:
+        from procval.report.text import spend_lines
+
+        lines.extend(spend_lines("  ", result))
+    return "\n".join(lines)
+
+
+def results_summary(results: Mapping[str, EvaluationResult]) -> str:
+    """:meth:`procval.Results.summary`."""
+    width = max([len("config"), *(len(name) for name in results)])
+    lines = [f"{'config':<{width}}  {'score':>7}  {'n':>7}  {'errors':>6}  {'time':>8}"]
+    for name, result in results.items():
+        totals = result.totals
+        score = f"{result.score:>7.4f}" if totals.n else f"{'-':>7}"  # no rows: no score
+        lines.append(
+            f"{name:<{width}}  {score}  {totals.n:>7}  {totals.errors:>6}  {result.duration:>7.2f}s"
+        )
+    for name, result in results.items():
+        named = named_scores(result) if result.totals.n else ""
+        if named:
+            lines.append(f"{name} scores: {named}")
+    for name, result in results.items():
+        warning = all_failed(result)
+        if warning:
+            lines.append(f"{name}: {warning}")
+    replaced = [f"{n} {r.replaced_workers}" for n, r in results.items() if r.replaced_workers]
+    if replaced:
+        lines.append(f"workers lost and replaced: {', '.join(replaced)}")
+    for name, result in results.items():
+        lines.extend(f"{name}: {line}" for line in limit_lines(result.limits))
+        if result.usage:
+            from procval.report.text import spend_lines
+
+            lines.extend(spend_lines(f"{name}: ", result))
+    return "\n".join(lines)
+
+
+def limit_lines(limits: Mapping[str, Mapping[str, float]]) -> list[str]:
+    """One summary line per rate-limit key: calls, 429s, waits."""
+    return [
+        f"rate limit {key!r}: {int(c.get('calls', 0))} calls, {int(c.get('rate_limited', 0))} "
+        f"answered 429, {int(c.get('waits', 0))} waited {c.get('wait_seconds', 0.0):.1f}s in all"
+        for key, c in limits.items()
+    ]

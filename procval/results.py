@@ -13,9 +13,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
 
-from procval._summary import all_failed as _all_failed
-from procval._summary import example_of as _example_of
-from procval._summary import named_scores as _named_scores
+from procval._summary import result_summary, results_summary
 from procval.usage import Usage
 
 __all__ = [
@@ -335,36 +333,7 @@ class EvaluationResult:
         Each error type's line names its first failed example and the first line of its
         message (``3 x ValueError, e.g. q7: seven: 7``); :attr:`errors` holds every one.
         """
-        totals = self.totals
-        if not totals.n:
-            return (
-                f"config {self.config!r}: no rows (none of its examples finished: it was "
-                "stopped, or its workers could not start; see the output of its run)"
-            )
-        samples = self._error_samples()
-        over = f"{totals.n} examples"
-        if self._epochs > 1:
-            over = f"{len(self.examples())} examples x {self._epochs} epochs ({totals.n} rows)"
-        lines = [
-            f"config {self.config!r}: score {self.score:.4f} over {over} "
-            f"({totals.errors} errors) in {self.duration:.2f}s"
-        ]
-        named = _named_scores(self)
-        if named:
-            lines.append(f"  scores: {named}")
-        warning = _all_failed(self)
-        if warning:
-            lines.append(f"  {warning}")
-        for kind, count in self.error_types.items():
-            lines.append(f"  {count} x {kind}{_example_of(samples.get(kind))}")
-        if self.replaced_workers:
-            lines.append(f"  {self.replaced_workers} workers lost and replaced")
-        lines.extend(f"  {line}" for line in _limit_lines(self.limits))
-        if self.usage:
-            from procval.report.text import spend_lines
-
-            lines.extend(spend_lines("  ", self))
-        return "\n".join(lines)
+        return result_summary(self)
 
     def _first_error(self) -> RowError | None:
         """The first failed row's error, without reading every row of a stored result."""
@@ -441,35 +410,7 @@ class Results(Mapping[str, EvaluationResult]):
 
     def summary(self) -> str:
         """One line per config: name, score, examples, errors, duration."""
-        width = max([len("config"), *(len(name) for name in self._results)])
-        lines = [f"{'config':<{width}}  {'score':>7}  {'n':>7}  {'errors':>6}  {'time':>8}"]
-        for name, result in self._results.items():
-            totals = result.totals
-            score = f"{result.score:>7.4f}" if totals.n else f"{'-':>7}"  # no rows: no score
-            lines.append(
-                f"{name:<{width}}  {score}  {totals.n:>7}  {totals.errors:>6}  "
-                f"{result.duration:>7.2f}s"
-            )
-        for name, result in self._results.items():
-            named = _named_scores(result) if result.totals.n else ""
-            if named:
-                lines.append(f"{name} scores: {named}")
-        for name, result in self._results.items():
-            warning = _all_failed(result)
-            if warning:
-                lines.append(f"{name}: {warning}")
-        replaced = [
-            f"{n} {r.replaced_workers}" for n, r in self._results.items() if r.replaced_workers
-        ]
-        if replaced:
-            lines.append(f"workers lost and replaced: {', '.join(replaced)}")
-        for name, result in self._results.items():
-            lines.extend(f"{name}: {line}" for line in _limit_lines(result.limits))
-            if result.usage:
-                from procval.report.text import spend_lines
-
-                lines.extend(spend_lines(f"{name}: ", result))
-        return "\n".join(lines)
+        return results_summary(self._results)
 
     def compare(
         self,
@@ -526,15 +467,6 @@ def _index(row: Row) -> tuple[int, int]:
 
 def _mean(values: Sequence[float]) -> float:
     return math.fsum(values) / len(values) if values else math.nan
-
-
-def _limit_lines(limits: Mapping[str, Mapping[str, float]]) -> list[str]:
-    """One summary line per rate-limit key: calls, 429s, waits."""
-    return [
-        f"rate limit {key!r}: {int(c.get('calls', 0))} calls, {int(c.get('rate_limited', 0))} "
-        f"answered 429, {int(c.get('waits', 0))} waited {c.get('wait_seconds', 0.0):.1f}s in all"
-        for key, c in limits.items()
-    ]
 
 
 def _with_counts(

@@ -64,8 +64,8 @@ from procval.integrations._dspy_settings import _Configure as _Configure  # pick
 from procval.ratelimit import RateLimit, rate_limits
 from procval.results import EvaluationResult as _ProcvalResult
 from procval.results import Row, Usage
-from procval.run.api import on_rows
 from procval.run.dataset import example_id
+from procval.run.observe import on_rows
 from procval.run.pool import Workers
 
 __all__ = ["PER_CALL_SETTINGS", "Evaluate", "EvaluationResult", "Scored", "in_worker", "snapshot"]

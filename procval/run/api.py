@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-import inspect
 import os
 import sys
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextvars import ContextVar
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Protocol, overload
 
 import loky
@@ -16,10 +12,19 @@ import loky
 from procval.backends import Backend, WorkerSpec
 from procval.config import Config
 from procval.errors import ProcvalError
-from procval.results import EvaluationResult, Results, Row, Totals
+from procval.results import EvaluationResult, Results
 from procval.run import limiter
+from procval.run.checks import (
+    _check_backend,
+    _check_callables,
+    _check_counts,
+    _check_store_options,
+    _named_configs,
+    check_local_limits,
+)
 from procval.run.dataset import Examples
 from procval.run.epochs import repeat
+from procval.run.observe import observed
 from procval.run.progress import Progress, wanted
 from procval.run.scheduler import RunOptions, Scheduler
 from procval.run.scoring import check_model, metric_of
@@ -28,9 +33,6 @@ from procval.store.scrub import scrubbed
 from procval.store.sink import MemorySink, Sink
 from procval.wire import Snapshot, WorkerOptions
 from procval.worker.scoring import MetricSet
-
-RowsCallback = Callable[[str, list[Row]], None]
-_ON_ROWS: ContextVar[RowsCallback | None] = ContextVar("procval_on_rows", default=None)
 
 
 class Program(Protocol):
@@ -263,9 +265,7 @@ def run_configs(
     sink = _open_sink(
         store, fresh, retry_errors, [c.name for c in named], workers, threads, scoring
     )
-    callback = _ON_ROWS.get()
-    if callback is not None:
-        sink = _ObservedSink(sink, callback)
+    sink = observed(sink)
     sink = scrubbed(sink, named)  # outermost: env values leave every row before anyone sees it
     bars: Progress | None = None
     engine: Backend | None = None
@@ -315,118 +315,6 @@ def run_configs(
     return results
 
 
-def check_local_limits(backend: str | Backend, named: Sequence[Config]) -> None:
-    """Refuse rate limits with workers on other machines (they ask this process for permits).
-
-    Raises:
-        ValueError: a config has a ``rate_limit`` and the backend is Ray.
-    """
-    ray = backend == "ray" or type(backend).__name__ == "RayBackend"
-    if ray and any(c.rate_limits for c in named):
-        raise ValueError(
-            "rate_limit needs workers on this machine (they ask this process for permits over "
-            "a Unix socket); use backend='loky', or limit the calls inside the program"
-        )
-
-
-@contextlib.contextmanager
-def on_rows(callback: RowsCallback) -> Iterator[None]:
-    """Within the block, ``evaluate`` calls ``callback(config, rows)`` as rows arrive.
-
-    Internal (``procval.dspy.Evaluate`` logs failed examples with it as they happen): the
-    callback runs in the caller's thread, after the rows reached the sink (the store), once per
-    batch of rows of one config; rows of earlier sessions of a resumed store are not passed.
-    """
-    token = _ON_ROWS.set(callback)
-    try:
-        yield
-    finally:
-        _ON_ROWS.reset(token)
-
-
-class _ObservedSink:
-    """A sink that passes the rows it was given to a callback, once they are kept."""
-
-    def __init__(self, sink: Sink, callback: RowsCallback) -> None:
-        self._sink = sink
-        self._callback = callback
-
-    def begin(self, snapshot: Snapshot) -> Totals:
-        return self._sink.begin(snapshot)
-
-    def is_done(
-        self, config: str, index: int, example_id: int | str, example: Any, epoch: int = 0
-    ) -> bool:
-        return self._sink.is_done(config, index, example_id, example, epoch)
-
-    def add(self, config: str, rows: list[Row]) -> None:
-        self._sink.add(config, rows)  # durable first, reported after
-        self._callback(config, rows)
-
-    def result(self, config: str, duration: float) -> EvaluationResult:
-        return self._sink.result(config, duration)
-
-    def close(self, *, completed: bool) -> None:
-        self._sink.close(completed=completed)
-
-
-def _named_configs(
-    config: Config | None, configs: Mapping[str, Config] | Sequence[Config] | None
-) -> list[Config]:
-    if config is not None and configs is not None:
-        raise ValueError("pass either config= (one) or configs= (several), not both")
-    if configs is None:
-        one = config if config is not None else Config()
-        if not isinstance(one, Config):
-            raise TypeError(f"config must be a procval.Config, got {type(one).__name__}")
-        return [one]
-    if isinstance(configs, Mapping):
-        named = []
-        for name, value in configs.items():
-            if not isinstance(value, Config):
-                raise TypeError(
-                    f"configs[{name!r}] must be a procval.Config, got {type(value).__name__}"
-                )
-            named.append(value if value.name == name else dataclasses.replace(value, name=name))
-    elif isinstance(configs, Sequence) and not isinstance(configs, str):
-        named = list(configs)
-        for value in named:
-            if not isinstance(value, Config):
-                raise TypeError(
-                    f"configs must hold procval.Config objects, got {type(value).__name__}"
-                )
-    else:
-        raise TypeError("configs must be a mapping {name: Config} or a list of Configs")
-    if not named:
-        raise ValueError("configs is empty: pass at least one Config")
-    names = [c.name for c in named]
-    duplicates = sorted({n for n in names if names.count(n) > 1})
-    if duplicates:
-        raise ValueError(f"config names must be unique; {duplicates} appear more than once")
-    return named
-
-
-def _check_callables(program: Any, metric: Any) -> None:
-    if not callable(program):
-        raise TypeError(
-            f"program must be callable as program(example), got {type(program).__name__}"
-        )
-    if not callable(metric):
-        raise TypeError(
-            f"metric must be callable as metric(example, prediction), got {type(metric).__name__}"
-        )
-    for what, fn, args in (("program", program, 1), ("metric", metric, 2)):
-        try:
-            signature = inspect.signature(fn)
-        except (TypeError, ValueError):
-            continue  # builtins and C callables: trust them
-        try:
-            signature.bind(*range(args))
-        except TypeError as exc:
-            call = "program(example)" if args == 1 else "metric(example, prediction)"
-            raise TypeError(f"{what} cannot be called as {call}: {exc}") from None
-
-
 def _dspy_way(program: Any) -> Any:
     """A ``dspy.Module`` wrapped to be called as ``program(**example.inputs())``.
 
@@ -439,42 +327,6 @@ def _dspy_way(program: Any) -> Any:
     from procval._dspy_call import wrap
 
     return wrap(program)
-
-
-def _check_counts(
-    workers: int | None,
-    threads: int,
-    retries: int,
-    backoff: float,
-    timeout: float | None,
-    max_errors: int | None,
-) -> None:
-    if workers is not None and (
-        isinstance(workers, bool) or not isinstance(workers, int) or workers < 1
-    ):
-        raise ValueError(
-            f"workers must be a positive int (or None for the CPU count), got {workers!r}"
-        )
-    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-        raise ValueError(f"threads must be an int of at least 1, got {threads!r}")
-    if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
-        raise ValueError(f"retries must be an int of at least 0, got {retries!r}")
-    if not isinstance(backoff, int | float) or backoff < 0:
-        raise ValueError(f"backoff must be a number of seconds >= 0, got {backoff!r}")
-    if timeout is not None and (not isinstance(timeout, int | float) or timeout <= 0):
-        raise ValueError(f"timeout must be a positive number of seconds or None, got {timeout!r}")
-    if max_errors is not None and (
-        isinstance(max_errors, bool) or not isinstance(max_errors, int) or max_errors < 0
-    ):
-        raise ValueError(f"max_errors must be an int of at least 0 or None, got {max_errors!r}")
-
-
-def _check_store_options(
-    store: str | os.PathLike[str] | None, fresh: bool, retry_errors: bool
-) -> None:
-    if store is None and (fresh or retry_errors):
-        option = "fresh=True" if fresh else "retry_errors=True"
-        raise ValueError(f"{option} only makes sense with store=")
 
 
 def _open_sink(
@@ -503,11 +355,6 @@ def _open_sink(
         epochs=epochs,
         metric=metric,
     )
-
-
-def _check_backend(backend: str | Backend) -> None:
-    if isinstance(backend, str) and backend not in ("loky", "ray"):
-        raise ValueError(f"backend must be 'loky', 'ray' or a Backend object, got {backend!r}")
 
 
 def _default_workers(engine: Backend) -> int:

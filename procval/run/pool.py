@@ -49,17 +49,8 @@ from typing import Any
 from procval.backends import Backend, Worker, WorkerSpec
 from procval.config import Config
 from procval.results import EvaluationResult, Results
-from procval.run.api import (
-    Metric,
-    Program,
-    _backend,
-    _check_backend,
-    _check_counts,
-    _default_workers,
-    _named_configs,
-    check_local_limits,
-    run_configs,
-)
+from procval.run.api import Metric, Program, _backend, _default_workers, run_configs
+from procval.run.checks import _check_backend, _check_counts, _named_configs, check_local_limits
 from procval.wire import Snapshot
 
 __all__ = ["Workers"]
