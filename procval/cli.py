@@ -35,23 +35,29 @@ import csv
 import json
 import os
 import shlex
-import signal
 import sys
 import traceback
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import IO, Any
+from typing import Any
 
+from procval._cli_util import (
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_TOO_MANY_ERRORS,
+    EXIT_USAGE,
+    _chain,
+    _count,
+    _first_line,
+    _install_signal_handlers,
+    _output,
+    _resume_command,
+)
 from procval.errors import ProcvalError, SetupError, StoreError, StoreFullError, TooManyErrors
 from procval.ratelimit import RateLimit, parse_rate_limit
 from procval.results import Results
 from procval.store import readers as store
 from procval.task import load_task
-
-EXIT_OK = 0
-EXIT_USAGE = 2
-EXIT_TOO_MANY_ERRORS = 3
-EXIT_INTERRUPTED = 130
 
 Handler = Callable[[argparse.Namespace], int]
 Argument = tuple[tuple[str, ...], dict[str, Any]]
@@ -442,73 +448,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     finally:
         restore()
-
-
-def _install_signal_handlers() -> Callable[[], None]:
-    """SIGINT and SIGTERM raise KeyboardInterrupt once; a second signal exits at once."""
-    interrupted = False
-
-    def handle(signum: int, frame: Any) -> None:
-        nonlocal interrupted
-        if interrupted:
-            os._exit(EXIT_INTERRUPTED)  # the store is safe: every commit is atomic
-        interrupted = True
-        raise KeyboardInterrupt
-
-    previous = {}
-    try:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            previous[sig] = signal.signal(sig, handle)
-    except ValueError:  # not the main thread: leave signals alone
-        pass
-
-    def restore() -> None:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-    return restore
-
-
-def _first_line(exc: BaseException) -> str:
-    """The message on one line: its first line, plus the last line of any detail below it."""
-    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
-    if not lines:
-        return type(exc).__name__
-    if len(lines) == 1:
-        return lines[0]
-    return f"{lines[0]} [{lines[-1]}] (set PROCVAL_DEBUG=1 for the details)"
-
-
-def _resume_command(argv: Sequence[str], add: Sequence[str] = ()) -> str:
-    """The command line that resumes this run: the same without ``--fresh``, plus ``add``."""
-    kept = [item for item in argv if item != "--fresh"]
-    kept += [item for item in add if item not in kept]
-    return "procval " + shlex.join(kept)
-
-
-def _count(path: str, names: list[str]) -> int:
-    try:
-        return store.count_rows(path, names)
-    except ProcvalError:
-        return 0
-
-
-@contextlib.contextmanager
-def _output(path: str | None) -> Iterator[IO[str]]:
-    if path is None:
-        yield sys.stdout
-        sys.stdout.flush()
-        return
-    partial = f"{path}.partial"
-    try:
-        with open(partial, "w", encoding="utf-8", newline="") as out:
-            yield out
-        os.replace(partial, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(partial)
-
-
-def _chain(first: dict[str, Any], rest: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-    yield first
-    yield from rest

@@ -50,7 +50,7 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("results", {"results", "_reduce", "_summary"}),
     ("store", {"store"}),
     ("run", {"run"}),
-    ("task and cli", {"task", "cli", "__main__"}),
+    ("task and cli", {"task", "cli", "_cli_util", "__main__"}),
     ("integrations", {"integrations", "dspy"}),
     ("the facade", {""}),  # procval/__init__.py: its __getattr__ reaches every public name
 ]

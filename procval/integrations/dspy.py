@@ -50,7 +50,6 @@ except ImportError as exc:  # pragma: no cover - tested in a subprocess without 
         "procval.dspy needs DSPy, which is not installed: pip install 'procval[dspy]'"
     ) from exc
 
-import loky
 from dspy.evaluate.evaluate import EvaluationResult as _DSPyEvaluationResult
 from dspy.utils.callback import with_callbacks
 
@@ -58,6 +57,7 @@ from procval import _pickling
 from procval.backends.loky import LokyBackend
 from procval.errors import TooManyErrors
 from procval.integrations import _dspy_observe as _observe
+from procval.integrations._dspy_checks import _check_inputs, _ErrorLog, _plan
 from procval.integrations._dspy_observe import in_worker
 from procval.integrations._dspy_settings import PER_CALL_SETTINGS, snapshot
 from procval.integrations._dspy_settings import _Configure as _Configure  # pickled as ours
@@ -75,8 +75,6 @@ logger = logging.getLogger(__name__)
 # a filter set on them applies here too: failed examples as they happen, the mean at the end.
 _executor_logger = logging.getLogger("dspy.utils.parallelizer")
 _evaluate_logger = logging.getLogger("dspy.evaluate.evaluate")
-
-_THREADS_PER_PROCESS = 4  # Evaluate(workers=None): one process per 4 examples in flight
 
 
 _ALL_CALLBACKS: contextvars.ContextVar[list[Any] | None] = contextvars.ContextVar(
@@ -388,56 +386,6 @@ def _workers(owner: Evaluate, config: Any, workers: int, threads: int) -> Worker
             Workers(config, workers=workers, threads=threads, backend=backend),
         )
     return held[1]
-
-
-class _ErrorLog:
-    """Logs each failed example as its row arrives in the parent, in DSPy's words."""
-
-    def __init__(self, devset: list[Any], traceback: bool) -> None:
-        self.devset = devset
-        self.traceback = traceback
-
-    def __call__(self, config: str, rows: list[Row]) -> None:
-        for row in rows:
-            if row.error is None:
-                continue
-            example = self.devset[row.index]
-            if self.traceback:
-                _executor_logger.error(f"Error for {example}: {row.error}\n{row.error.traceback}")
-            else:
-                _executor_logger.error(
-                    f"Error for {example}: {row.error}. Set `provide_traceback=True` for traceback."
-                )
-
-
-def _plan(num_threads: int | None, workers: int | None) -> tuple[int, int]:
-    """``(processes, threads per process)`` for at most ``num_threads`` examples in flight."""
-    wanted = num_threads or dspy.settings.num_threads  # as DSPy's ParallelExecutor reads it
-    if isinstance(wanted, bool) or not isinstance(wanted, int) or wanted < 1:
-        raise ValueError(f"num_threads must be a positive int, got {wanted!r}")
-    if workers is None:
-        workers = min(loky.cpu_count(), -(-wanted // _THREADS_PER_PROCESS))
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-        raise ValueError(f"workers must be a positive int or None, got {workers!r}")
-    workers = min(workers, wanted)
-    return workers, wanted // workers
-
-
-def _check_inputs(devset: list[Any]) -> None:
-    for index, example in enumerate(devset):
-        inputs = getattr(example, "inputs", None)
-        if not callable(inputs):
-            raise TypeError(
-                f"devset[{index}] is a {type(example).__name__}; Evaluate needs dspy.Example "
-                "objects, e.g. dspy.Example(question=..., answer=...).with_inputs('question')"
-            )
-        try:
-            inputs()
-        except ValueError:
-            raise ValueError(
-                f"devset[{index}] has no inputs set; mark them with "
-                "example.with_inputs('question', ...)"
-            ) from None
 
 
 @dataclass(frozen=True)
