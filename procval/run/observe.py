@@ -9,11 +9,9 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
-from typing import Any
 
-from procval.results import EvaluationResult, Row, Totals
-from procval.store.sink import Sink
-from procval.wire import Snapshot
+from procval.results import Row
+from procval.store.sink import Sink, SinkWrapper
 
 __all__ = ["RowsCallback", "observed", "on_rows"]
 
@@ -42,27 +40,14 @@ def on_rows(callback: RowsCallback) -> Iterator[None]:
         _ON_ROWS.reset(token)
 
 
-class _ObservedSink:
+class _ObservedSink(SinkWrapper):
     """A sink that passes the rows it was given to a callback, once they are kept."""
 
     def __init__(self, sink: Sink, callback: RowsCallback) -> None:
-        self._sink = sink
+        super().__init__(sink)
         self._callback = callback
 
-    def begin(self, snapshot: Snapshot) -> Totals:
-        return self._sink.begin(snapshot)
-
-    def is_done(
-        self, config: str, index: int, example_id: int | str, example: Any, epoch: int = 0
-    ) -> bool:
-        return self._sink.is_done(config, index, example_id, example, epoch)
-
     def add(self, config: str, rows: list[Row]) -> None:
-        self._sink.add(config, rows)  # durable first, reported after
+        """Add the rows to the wrapped sink (durable first), then pass them to the callback."""
+        self._sink.add(config, rows)
         self._callback(config, rows)
-
-    def result(self, config: str, duration: float) -> EvaluationResult:
-        return self._sink.result(config, duration)
-
-    def close(self, *, completed: bool) -> None:
-        self._sink.close(completed=completed)

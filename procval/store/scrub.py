@@ -22,9 +22,8 @@ from typing import Any
 
 from procval._convert import to_jsonable
 from procval.config import Config
-from procval.results import EvaluationResult, Row, RowError, Totals
-from procval.store.sink import Sink
-from procval.wire import Snapshot
+from procval.results import Row, RowError
+from procval.store.sink import Sink, SinkWrapper
 
 MIN_SECRET = 8
 _PLAIN = (bool, int, float, type(None))
@@ -95,32 +94,14 @@ def scrubbed(sink: Sink, configs: list[Config]) -> Sink:
     return ScrubbedSink(sink, scrubbers) if scrubbers else sink
 
 
-class ScrubbedSink:
+class ScrubbedSink(SinkWrapper):
     """A sink that scrubs each config's env values from its rows, then passes them on."""
 
     def __init__(self, sink: Sink, scrubbers: Mapping[str, Scrubber]) -> None:
-        self._sink = sink
+        super().__init__(sink)
         self._scrubbers = scrubbers
-
-    def begin(self, snapshot: Snapshot) -> Totals:
-        """As the wrapped sink."""
-        return self._sink.begin(snapshot)
-
-    def is_done(
-        self, config: str, index: int, example_id: int | str, example: Any, epoch: int = 0
-    ) -> bool:
-        """As the wrapped sink."""
-        return self._sink.is_done(config, index, example_id, example, epoch)
 
     def add(self, config: str, rows: list[Row]) -> None:
         """Scrub the rows of a config with env values, then add them to the wrapped sink."""
         scrubber = self._scrubbers.get(config)
         self._sink.add(config, rows if scrubber is None else [scrubber.row(r) for r in rows])
-
-    def result(self, config: str, duration: float) -> EvaluationResult:
-        """As the wrapped sink (whose rows are scrubbed)."""
-        return self._sink.result(config, duration)
-
-    def close(self, *, completed: bool) -> None:
-        """As the wrapped sink."""
-        self._sink.close(completed=completed)

@@ -83,3 +83,32 @@ class MemorySink:
 
     def close(self, *, completed: bool) -> None:
         """Nothing to release."""
+
+
+class SinkWrapper:
+    """A sink that hands everything to another one; subclasses change what ``add`` does."""
+
+    def __init__(self, sink: Sink) -> None:
+        self._sink = sink
+
+    def begin(self, snapshot: Snapshot) -> Totals:
+        """As the wrapped sink."""
+        return self._sink.begin(snapshot)
+
+    def is_done(
+        self, config: str, index: int, example_id: int | str, example: Any, epoch: int = 0
+    ) -> bool:
+        """As the wrapped sink."""
+        return self._sink.is_done(config, index, example_id, example, epoch)
+
+    def add(self, config: str, rows: list[Row]) -> None:
+        """As the wrapped sink."""
+        self._sink.add(config, rows)
+
+    def result(self, config: str, duration: float) -> EvaluationResult:
+        """As the wrapped sink."""
+        return self._sink.result(config, duration)
+
+    def close(self, *, completed: bool) -> None:
+        """As the wrapped sink."""
+        self._sink.close(completed=completed)
