@@ -17,16 +17,8 @@ field by field; pydantic models by ``model_dump(mode="json")``; objects with ``t
 ``to_dict()`` (DSPy) through it; other objects by their public ``__dict__``; anything else as its
 ``repr()``. A row read back from the store holds these JSON values, not the original objects.
 
-One writer at a time: a run holds an exclusive ``flock`` on ``PATH.lock`` (next to the store)
-from the moment its sink opens until it closes, and a second run on the same store fails at
-once, before any worker starts, with :class:`procval.StoreLockedError` naming the holder's pid
-and host. The kernel drops the lock when the holder exits, however it exits (``kill -9``
-included), so a lock is never stale; the file itself is removed on a clean close and may be left
-behind by a killed run (harmless: the pid in it is only read for the message). The lock covers
-the whole store, not a config: a run's session, its configs and ``fresh`` are one unit, SQLite
-has one writer at a time anyway, and runs of different configs in parallel belong in one call
-(``configs=``, which shares the workers) or in separate stores. Readers (``load``, ``report``,
-``export``, ``compare``) never take it.
+One writer at a time: the sink holds the store's writer lock (:mod:`procval.store.lock`) from
+the moment it opens until it closes; readers never take it.
 
 Resuming: an example whose id already has a row is not run again, provided the stored example
 has the same content (a hash of its canonical JSON); a config name stored with a different
