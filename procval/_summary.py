@@ -98,6 +98,7 @@ def result_summary(result: EvaluationResult) -> str:
         lines.append(f"  {warning}")
     for kind, count in result.error_types.items():
         lines.append(f"  {count} x {kind}{example_of(samples.get(kind))}")
+    lines.extend(group_lines(result, "  "))
     if result.replaced_workers:
         lines.append(f"  {result.replaced_workers} workers lost and replaced")
     lines.extend(f"  {line}" for line in limit_lines(result.limits))
@@ -126,6 +127,11 @@ def results_summary(results: Mapping[str, EvaluationResult]) -> str:
         warning = all_failed(result)
         if warning:
             lines.append(f"{name}: {warning}")
+    for name, result in results.items():
+        groups = group_lines(result, "  ")
+        if groups:
+            lines.append(f"{name} by group:")
+            lines.extend(groups)
     replaced = [f"{n} {r.replaced_workers}" for n, r in results.items() if r.replaced_workers]
     if replaced:
         lines.append(f"workers lost and replaced: {', '.join(replaced)}")
@@ -136,6 +142,17 @@ def results_summary(results: Mapping[str, EvaluationResult]) -> str:
 
             lines.extend(spend_lines(f"{name}: ", result))
     return "\n".join(lines)
+
+
+def group_lines(result: EvaluationResult, prefix: str) -> list[str]:
+    """``result``'s scores by group, as table lines (none when its rows have no groups)."""
+    from procval._groups import group_names
+
+    if not result.totals.n or not group_names(result):
+        return []
+    from procval.report.text import group_table
+
+    return group_table(result.by_group(), prefix)
 
 
 def limit_lines(limits: Mapping[str, Mapping[str, float]]) -> list[str]:

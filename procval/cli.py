@@ -4,7 +4,7 @@
 
     procval run TASK --store PATH [--config NAME ...] [--workers N] [--threads N] [--timeout S]
                 [--rate-limit KEY:rpm=N,tpm=N,inflight=N ...]
-                [--epochs K] [--primary NAME]
+                [--epochs K] [--primary NAME] [--group-by KEY]
                 [--retries N] [--max-errors N] [--limit N] [--fresh] [--retry-errors]
                 [--backend loky|ray] [--no-progress]
     procval report PATH [--html FILE] [--errors]
@@ -156,6 +156,7 @@ class Failure(Exception):
     arg("--limit", type=COUNT, metavar="N", help="evaluate only the first N examples"),
     arg("--epochs", type=COUNT, metavar="K", help="run each example K times (resume adds epochs)"),
     arg("--primary", metavar="NAME", help="the named score that is the score"),
+    arg("--group-by", metavar="KEY", help="scores by group: the examples' key or attribute KEY"),
     arg("--fresh", action="store_true", help="discard these configs' stored rows first"),
     arg("--retry-errors", action="store_true", help="rerun examples whose stored row failed"),
     arg("--backend", choices=("loky", "ray"), help="where workers run (default: loky, local)"),
@@ -182,6 +183,7 @@ def run(args: argparse.Namespace) -> int:
             rate_limit=args.rate_limit,
             epochs=args.epochs,
             primary=args.primary,
+            group_by=args.group_by,
             progress=False if args.no_progress else None,
         )
     except TooManyErrors as exc:

@@ -376,6 +376,20 @@ class EvaluationResult:
 
         return data_frame(self.rows, [f.name for f in fields(Row)])
 
+    def by_group(self) -> dict[str, EvaluationResult]:
+        """A result per group (``evaluate(..., group_by=)``), by group name, sorted.
+
+        Each holds that group's rows (every epoch), so ``score``, ``scores``, ``ci()``,
+        ``examples()`` and :func:`procval.compare` work on it; ``duration`` is the config's.
+        Rows without a group (stored before ``group_by`` was given) are left out.
+
+        Raises:
+            ValueError: no row has a group.
+        """
+        from procval._groups import by_group
+
+        return by_group(self)
+
     def _repr_html_(self) -> str:
         """The notebook view: score with its interval, counts, and the first errors."""
         from procval.report.notebook import render_result
@@ -456,6 +470,12 @@ class Results(Mapping[str, EvaluationResult]):
             seed=seed,
             common_only=common_only,
         )
+
+    def by_group(self) -> dict[str, Results]:
+        """Each group's :class:`Results` (see :meth:`EvaluationResult.by_group`; same errors)."""
+        from procval._groups import results_by_group
+
+        return results_by_group(self._results)
 
     def __repr__(self) -> str:
         return f"Results({', '.join(f'{k}={v.score:.4f}' for k, v in self._results.items())})"

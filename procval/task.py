@@ -69,6 +69,8 @@ class Task:
         epochs: default for ``evaluate(epochs=)``; the command line's ``--epochs`` wins.
         reducer: default for ``evaluate(reducer=)``.
         primary: default for ``evaluate(primary=)``; the command line's ``--primary`` wins.
+        group_by: default for ``evaluate(group_by=)`` (a key, an attribute name or a function of
+            the example); the command line's ``--group-by`` wins.
 
     Raises:
         TaskError: a program or metric that is not callable, or configs that are not Configs.
@@ -91,6 +93,7 @@ class Task:
     epochs: int = 1
     reducer: str | Mapping[str, str] = "mean"
     primary: str | None = None
+    group_by: str | Callable[[Any], Any] | None = None
 
     def __post_init__(self) -> None:
         if not callable(self.program):
@@ -185,6 +188,7 @@ class Task:
             "epochs": self.epochs,
             "reducer": self.reducer,
             "primary": self.primary,
+            "group_by": self.group_by,
         }
         merged = {**defaults, **{k: v for k, v in options.items() if v is not None}}
         return evaluate(self.program, self.examples(limit), self.metric, configs=configs, **merged)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from procval._convert import to_jsonable
@@ -13,7 +14,7 @@ if TYPE_CHECKING:
     from procval.report.compare import Comparison
     from procval.report.protocol import ResultLike, RowLike
 
-__all__ = ["describe", "format_p", "per_correct", "spend_lines", "usage_text"]
+__all__ = ["describe", "format_p", "group_table", "per_correct", "spend_lines", "usage_text"]
 
 
 def format_p(p: float) -> str:
@@ -53,6 +54,46 @@ def describe(comparison: Comparison, a: ResultLike, b: ResultLike, *, examples: 
         lines.append(f"  {row.example_id!s:<{width}}  {verb}  a: {_short(row)}  b: {_short(other)}")
         lines.append(f"  {'':<{width}}  input: {_clip(_plain(row.example), 88)}")
     return "\n".join(lines)
+
+
+def group_table(
+    groups: Mapping[str, ResultLike], prefix: str = "  ", *, confidence: float = 0.95
+) -> list[str]:
+    """One config's scores by group as table lines: score, bootstrap interval, examples, errors.
+
+    With named scores, each other score's mean follows in a column of its own.
+
+    Args:
+        groups: ``result.by_group()``.
+        prefix: put before every line (an indent).
+        confidence: level of the intervals (bootstrap over the group's examples, seed 0).
+
+    Returns:
+        A header line and one line per group (none when there are no groups).
+    """
+    if not groups:
+        return []
+    means = {
+        name: dict(getattr(g, "scores", None) or {"score": g.score}) for name, g in groups.items()
+    }
+    others = list(dict.fromkeys(n for found in means.values() for n in list(found)[1:]))
+    width = max(len("group"), *(len(name) for name in groups))
+    level = f"{confidence:.0%} CI"
+    first = next(iter(means.values()))
+    score = next(iter(first)) if list(first) != ["score"] else "score"
+    lines = [
+        f"{prefix}{'group':<{width}}  {score:>7}  {level:^18}  {'examples':>8}  {'errors':>6}"
+        + "".join(f"  {n:>{max(7, len(n))}}" for n in others)
+    ]
+    for name, group in groups.items():
+        ci = group.ci(confidence=confidence)
+        n = len(per_example(group))
+        lines.append(
+            f"{prefix}{name:<{width}}  {group.score:>7.4f}  [{ci.low:.4f}, {ci.high:.4f}]  "
+            f"{n:>8}  {group.totals.errors:>6}"
+            + "".join(f"  {means[name].get(o, math.nan):>{max(7, len(o))}.4f}" for o in others)
+        )
+    return lines
 
 
 def usage_text(usage: Any) -> str:

@@ -24,6 +24,7 @@ from procval.run.checks import (
 )
 from procval.run.dataset import Examples
 from procval.run.epochs import repeat
+from procval.run.groups import GroupBy, GroupedSink
 from procval.run.observe import observed
 from procval.run.progress import Progress, wanted
 from procval.run.scheduler import RunOptions, Scheduler
@@ -74,6 +75,7 @@ def evaluate(
     epochs: int = 1,
     reducer: str | Mapping[str, str] = "mean",
     primary: str | None = None,
+    group_by: GroupBy | None = None,
 ) -> EvaluationResult: ...
 
 
@@ -100,6 +102,7 @@ def evaluate(
     epochs: int = 1,
     reducer: str | Mapping[str, str] = "mean",
     primary: str | None = None,
+    group_by: GroupBy | None = None,
 ) -> Results: ...
 
 
@@ -125,6 +128,7 @@ def evaluate(
     epochs: int = 1,
     reducer: str | Mapping[str, str] = "mean",
     primary: str | None = None,
+    group_by: GroupBy | None = None,
 ) -> EvaluationResult | Results:
     """Evaluate ``program`` on every example of ``dataset`` with ``metric``, on worker processes.
 
@@ -168,6 +172,11 @@ def evaluate(
             score name to reducer (see :meth:`EvaluationResult.examples`).
         primary: with named scores, the one that is ``result.score`` (default: ``score``,
             else the first).
+        group_by: each example's group, for scores by group (``result.by_group()``): a key
+            (``example["subject"]``), an attribute name, or a function of the example; its
+            value, made a str, is ``row.group``. A list dataset is checked up front: examples
+            without a group are refused (naming how many, and which ids) before any worker
+            starts; a streamed one at the first such example, before it is sent.
 
     Returns:
         An :class:`EvaluationResult` for ``config=``, a :class:`Results` mapping for ``configs=``;
@@ -209,6 +218,7 @@ def evaluate(
         epochs=epochs,
         reducer=reducer,
         primary=primary,
+        group_by=group_by,
     )
     return results if configs is not None else results[named[0].name]
 
@@ -235,6 +245,7 @@ def run_configs(
     epochs: int = 1,
     reducer: str | Mapping[str, str] = "mean",
     primary: str | None = None,
+    group_by: GroupBy | None = None,
 ) -> Results:
     """Run ``named`` configs (checked) on the workers ``source()`` gives; :func:`evaluate`'s core.
 
@@ -252,7 +263,9 @@ def run_configs(
     _check_store_options(store, fresh, retry_errors)
     limiter.check_limits(named)  # two configs giving one key different limits: refused now
     # with a store, a second row for an id is refused by the store: no id set in the parent
-    data = Examples(dataset, passes=len(named), track_ids=store is None or retry_errors)
+    data = Examples(
+        dataset, passes=len(named), track_ids=store is None or retry_errors, group_by=group_by
+    )
     examples = [repeat(data, epochs)] * len(named)
     snapshots = [take_snapshot(c, program, metric) for c in named]
     if adopt is not None:
@@ -265,6 +278,8 @@ def run_configs(
     sink = _open_sink(
         store, fresh, retry_errors, [c.name for c in named], workers, threads, scoring
     )
+    if data.grouped:  # innermost: the store, and whoever sees the rows, get their groups
+        sink = GroupedSink(sink, data.group)
     sink = observed(sink)
     sink = scrubbed(sink, named)  # outermost: env values leave every row before anyone sees it
     bars: Progress | None = None

@@ -8,6 +8,7 @@ import os
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
+from procval.run.groups import GroupBy, Grouping
 from procval.wire import WorkItem
 
 _new = tuple.__new__  # tuple.__new__(WorkItem, values): a NamedTuple built in C
@@ -46,9 +47,20 @@ class Examples:
     are not (a run store refuses a second row for an id instead, with no memory in the parent).
     A one-shot iterator (a generator) is read once; if several configs need it, it is read into
     memory first (pass a re-iterable such as :func:`read_jsonl` to stream it).
+
+    With ``group_by``, each example's group is computed as it is read: all of a list's up front
+    (an example without one is refused before anything runs), a streamed one's as it is read
+    (see :mod:`procval.run.groups`); :meth:`group` gives it for a row.
     """
 
-    def __init__(self, dataset: Iterable[Any], *, passes: int, track_ids: bool = True) -> None:
+    def __init__(
+        self,
+        dataset: Iterable[Any],
+        *,
+        passes: int,
+        track_ids: bool = True,
+        group_by: GroupBy | None = None,
+    ) -> None:
         if isinstance(dataset, str | bytes) or not isinstance(dataset, Iterable):
             raise TypeError(
                 f"dataset must be an iterable of examples (a list, a generator, read_jsonl(path)), "
@@ -75,9 +87,30 @@ class Examples:
             raise ValueError("dataset is empty: there is nothing to evaluate")
         self._checked = not track_ids  # False: someone else (the run store) catches duplicates
         self._ids: list[int | str] | None = None
+        self._grouping = None if group_by is None else Grouping(group_by)
+        self._groups: list[str] | None = None
         if isinstance(dataset, list | tuple):
             self._ids = _unique_ids(dataset)
             self._checked = True
+            if self._grouping is not None:  # every example's group, before any worker starts
+                self._groups = self._grouping.all(dataset, self._ids)
+
+    @property
+    def grouped(self) -> bool:
+        """Whether rows get a group (``group_by`` was given)."""
+        return self._grouping is not None
+
+    def group(self, index: int, example: Any) -> str:
+        """The group of the example at ``index`` (computed up front for a list).
+
+        Raises:
+            ValueError: without ``group_by``; or see :meth:`procval.run.groups.Grouping.one`.
+        """
+        if self._groups is not None:
+            return self._groups[index]
+        if self._grouping is None:
+            raise ValueError("this dataset has no group_by")
+        return self._grouping.one(example, example_id(example, index), index)
 
     def __iter__(self) -> Iterator[Item]:
         """``WorkItem(index, example_id, example)`` each; raises ValueError at a duplicate id."""
@@ -92,12 +125,15 @@ class Examples:
 
     def _read(self) -> Iterator[Item]:
         seen: dict[int | str, int] | None = None if self._checked else {}
+        grouping = self._grouping
         for index, example in enumerate(self._data):
             eid = example_id(example, index)
             if seen is not None:
                 first = seen.setdefault(eid, index)
                 if first != index:
                     raise _duplicate(eid, first, index)
+            if grouping is not None:
+                grouping.one(example, eid, index)  # refused here, before it is sent
             yield WorkItem(index, eid, example)
 
 

@@ -201,6 +201,17 @@ class RowLoader:
             ).fetchone()
         return {n: math.nan if v is None else float(v) for n, v in zip(names, found, strict=True)}
 
+    def group_names(self) -> list[str]:
+        """The config's row groups, sorted (``[]`` without groups), from the ``group_key`` column."""
+        with store_errors(self.path), contextlib.closing(connect(self.path, create=False)) as db:
+            if version(db) < 2:
+                return []
+            cursor = db.execute(
+                "SELECT DISTINCT group_key FROM rows WHERE config = ? AND group_key IS NOT NULL",
+                (self.config,),
+            )
+            return sorted(name for (name,) in cursor)
+
     def first_error(self) -> RowError | None:
         """The error of the config's first failed row (by dataset order), or None."""
         with contextlib.closing(connect(self.path, create=False)) as db:
