@@ -321,15 +321,13 @@ def compare(args: argparse.Namespace) -> int:
         if name not in results:
             raise Failure(f"no config named {name!r} in {args.path}; there are {list(results)}")
     a, b = results[args.a], results[args.b]
-    comparison = paired(
-        a,
-        b,
-        confidence=args.confidence,
-        resamples=args.resamples,
-        seed=args.seed,
-        common_only=args.common_only,
-    )
+    stats = {"confidence": args.confidence, "resamples": args.resamples, "seed": args.seed}
+    comparison = paired(a, b, common_only=args.common_only, **stats)
     print(describe(comparison, a, b, examples=args.examples))
+    every = paired(a, b, every=True, common_only=args.common_only, **stats)  # scores x groups
+    if len(every) > 1:
+        print("every score and group (p (Holm): adjusted for all of these comparisons):")
+        print(repr(every))
     for label, result in ((f"a ({args.a}): ", a), (f"b ({args.b}): ", b)):
         for line in spend_lines(label, result):
             print(line)

@@ -449,7 +449,8 @@ class Results(Mapping[str, EvaluationResult]):
 
         Returns:
             A :class:`procval.ComparisonTable` of :class:`procval.Comparison` (``a`` is the
-            other config, ``b`` the baseline), with Holm-adjusted p-values.
+            other config, ``b`` the baseline), with Holm-adjusted p-values: one per pair, or,
+            with named scores or groups, one per pair, score and group (overall first).
 
         Raises:
             KeyError: no config named ``baseline``.

@@ -10,7 +10,14 @@ each example is, so it detects far smaller differences than two scores with thei
                                   │                permutation test (random sign flips)
                                   └─▶ wins/losses/ties   example ids, in a's dataset order
 
-Errored rows take part with the score they carry (``failure_score``); they are counted.
+Errored rows take part with the score they carry (``failure_score``); they are counted. With
+epochs, an example's row is its epochs reduced (``result.examples()``: the mean by default): the
+pairs, the resamples and the tests are over examples, so an interval is clustered by example and
+not narrowed by counting an example's epochs as if they were independent examples.
+
+``score=`` compares one named score, ``group=`` one group's examples; ``every=True`` (and
+:meth:`procval.Results.compare`) compares every named score, overall and in every group, in one
+:class:`ComparisonTable` whose Holm adjustment counts every comparison made.
 
 This module pairs the rows and holds the outcome; the statistics themselves (bootstrap, sign
 and permutation tests, Holm's adjustment, with numpy or in pure Python) are in
@@ -25,7 +32,7 @@ import itertools
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, overload
+from typing import Any, Literal, overload
 
 from procval.errors import UnalignedResultsError
 from procval.report.protocol import ResultLike, RowLike, is_result, per_example
@@ -77,6 +84,9 @@ class Comparison:
         confidence: the intervals' confidence level.
         resamples: bootstrap resamples (and sign flips, for the permutation test).
         seed: the seed the resamples were drawn from.
+        score_name: the named score compared (``compare(score=)``), or None for each row's
+            ``score`` (the primary one).
+        group: the group compared (``compare(group=)``), or None for every example.
     """
 
     a: str
@@ -100,6 +110,8 @@ class Comparison:
     confidence: float
     resamples: int
     seed: int
+    score_name: str | None = None
+    group: str | None = None
 
     def __repr__(self) -> str:
         level = f"{self.confidence:.0%}"
@@ -108,6 +120,8 @@ class Comparison:
         lines = [
             f"Comparison of {self.a!r} (a) with {self.b!r} (b) on {self.n} paired examples"
             + (f" ({left_out} unpaired ids left out)" if left_out else "")
+            + (f", score {self.score_name!r}" if self.score_name is not None else "")
+            + (f", group {self.group!r}" if self.group is not None else "")
         ]
         for label, name, score, ci, errors in (
             ("a", self.a, self.score_a, self.ci_a, self.errors_a),
@@ -143,7 +157,39 @@ class Comparison:
             "ties": len(self.ties),
             "errors_a": self.errors_a,
             "errors_b": self.errors_b,
+            "score_name": self.score_name,
+            "group": self.group,
         }
+
+
+@overload
+def compare(
+    a: ResultLike,
+    b: ResultLike,
+    *,
+    confidence: float = ...,
+    resamples: int = ...,
+    seed: int = ...,
+    common_only: bool = ...,
+    score: str | None = ...,
+    group: str | None = ...,
+    every: Literal[False] = ...,
+) -> Comparison: ...
+
+
+@overload
+def compare(
+    a: ResultLike,
+    b: ResultLike,
+    *,
+    confidence: float = ...,
+    resamples: int = ...,
+    seed: int = ...,
+    common_only: bool = ...,
+    score: None = ...,
+    group: None = ...,
+    every: Literal[True],
+) -> ComparisonTable: ...
 
 
 def compare(
@@ -154,8 +200,14 @@ def compare(
     resamples: int = 10_000,
     seed: int = 0,
     common_only: bool = False,
-) -> Comparison:
+    score: str | None = None,
+    group: str | None = None,
+    every: bool = False,
+) -> Comparison | ComparisonTable:
     """Compare two configs' results example by example.
+
+    With epochs, each example counts once, its epochs reduced (``result.examples()``), so the
+    interval is clustered by example.
 
     Args:
         a: one config's result.
@@ -164,28 +216,45 @@ def compare(
         resamples: bootstrap resamples over examples (and sign flips for the permutation test).
         seed: seed of the resamples; the same seed gives the same answer.
         common_only: compare on the example ids both results have instead of refusing.
+        score: the named score to compare (default: each row's ``score``, the primary one).
+        group: compare only the examples of this group (``evaluate(..., group_by=)``).
+        every: compare every named score, overall and in every group, in one table with
+            Holm-adjusted p-values (``score`` and ``group`` must then be None).
 
     Returns:
-        A :class:`Comparison`: ``difference`` (a minus b), ``ci``, ``p_value``, ``wins``...
+        A :class:`Comparison`: ``difference`` (a minus b), ``ci``, ``p_value``, ``wins``...;
+        with ``every``, a :class:`ComparisonTable` of them.
 
     Raises:
         UnalignedResultsError: the results cover different example ids (and not
             ``common_only``), or none in common. It is also a ``ValueError``.
-        ValueError: bad ``confidence``, ``resamples`` or ``seed``, or duplicate example ids.
+        ValueError: bad ``confidence``, ``resamples`` or ``seed``, duplicate example ids, a
+            ``score`` the results do not have, a ``group`` without examples.
         TypeError: ``a`` or ``b`` is not an ``EvaluationResult``.
     """
     for name, value in (("a", a), ("b", b)):
         if not is_result(value):
             raise TypeError(f"{name} must be an EvaluationResult, got {type(value).__name__}")
     check_options(confidence, resamples, seed)
-    pairs, missing_in_a, missing_in_b = _align(a, b, common_only=common_only)
-    xs = [ra.score for ra, _ in pairs]
-    ys = [rb.score for _, rb in pairs]
+    options = {"confidence": confidence, "resamples": resamples, "seed": seed}
+    if every:
+        if score is not None or group is not None:
+            raise ValueError("every=True compares every score and group: leave score= and group=")
+        return ComparisonTable(_every(a, b, common_only=common_only, **options))
+    for result in (a, b):
+        if score is not None and score not in _score_names(result):
+            raise ValueError(
+                f"config {result.config!r} has no score {score!r}; it has {_score_names(result)}"
+            )
+    pairs, missing_in_a, missing_in_b = _align(a, b, common_only=common_only, group=group)
+    xs = [_value(ra, score) for ra, _ in pairs]
+    ys = [_value(rb, score) for _, rb in pairs]
     means = _resample_means([xs, ys], resamples, seed)
     ci_a, ci_b, ci = _intervals(means, confidence)
-    wins = tuple(ra.example_id for ra, rb in pairs if ra.score > rb.score)
-    losses = tuple(ra.example_id for ra, rb in pairs if ra.score < rb.score)
-    ties = tuple(ra.example_id for ra, rb in pairs if ra.score == rb.score)
+    ids = [ra.example_id for ra, _ in pairs]
+    wins = tuple(i for i, x, y in zip(ids, xs, ys, strict=True) if x > y)
+    losses = tuple(i for i, x, y in zip(ids, xs, ys, strict=True) if x < y)
+    ties = tuple(i for i, x, y in zip(ids, xs, ys, strict=True) if x == y)
     if _binary(xs) and _binary(ys):
         p_value, test = sign_test(len(wins), len(losses)), "exact sign test"
     else:
@@ -214,6 +283,8 @@ def compare(
         confidence=confidence,
         resamples=resamples,
         seed=seed,
+        score_name=score,
+        group=group,
     )
 
 
@@ -264,14 +335,27 @@ class ComparisonTable(Sequence[Comparison]):
         level = f"{self._rows[0].confidence:.0%}"
         wa = max(3, *(len(c.a) for c in self._rows))
         wb = max(1, *(len(c.b) for c in self._rows))
+        named = any(c.score_name is not None for c in self._rows)
+        grouped = any(c.group is not None for c in self._rows)
+        ws = max(5, *(len(c.score_name or "") for c in self._rows)) if named else 0
+        wg = max(5, *(len(c.group or "(all)") for c in self._rows)) if grouped else 0
+
+        def which(c: Comparison) -> str:
+            return (f"{c.score_name or '':<{ws}}  " if named else "") + (
+                f"{c.group or '(all)':<{wg}}  " if grouped else ""
+            )
+
         header = (
-            f"{'a':<{wa}}  {'b':<{wb}}  {'n':>6}  {'a - b':>8}  {level + ' CI':^19}  "
+            f"{'a':<{wa}}  {'b':<{wb}}  "
+            + (f"{'score':<{ws}}  " if named else "")
+            + (f"{'group':<{wg}}  " if grouped else "")
+            + f"{'n':>6}  {'a - b':>8}  {level + ' CI':^19}  "
             f"{'p':>8}  {'p (Holm)':>8}  {'wins':>5} {'losses':>6} {'ties':>6}"
         )
         lines = [header]
         for c, p_adj in zip(self._rows, self.p_adjusted, strict=True):
             lines.append(
-                f"{c.a:<{wa}}  {c.b:<{wb}}  {c.n:>6}  {c.difference:>+8.4f}  "
+                f"{c.a:<{wa}}  {c.b:<{wb}}  {which(c)}{c.n:>6}  {c.difference:>+8.4f}  "
                 f"[{c.ci.low:+.4f}, {c.ci.high:+.4f}]  {format_p(c.p_value):>8}  "
                 f"{format_p(p_adj):>8}  {len(c.wins):>5} {len(c.losses):>6} {len(c.ties):>6}"
             )
@@ -296,22 +380,59 @@ def compare_all(
         **options: passed to :func:`compare`.
 
     Returns:
-        A :class:`ComparisonTable`; each row's ``a`` is the other (or the later) config.
+        A :class:`ComparisonTable`; each row's ``a`` is the other (or the later) config. Each
+        pair is compared on every named score and, when the rows have groups, overall and in
+        every group (see :func:`compare` with ``every=True``); Holm's adjustment counts them all.
     """
     if baseline is not None:
         pairs = [(r, baseline) for r in results if r is not baseline]
     else:
         pairs = [(later, earlier) for earlier, later in itertools.combinations(results, 2)]
-    return ComparisonTable([compare(x, y, **options) for x, y in pairs])
+    return ComparisonTable([c for x, y in pairs for c in _every(x, y, **options)])
 
 
 # --------------------------------------------------------------------------------- the plumbing
 
 
+def _every(a: ResultLike, b: ResultLike, **options: Any) -> list[Comparison]:
+    """``a`` against ``b`` on every score both have, overall then in each group both have.
+
+    One score (or no score name in common) and no groups: the one plain comparison.
+    """
+    names_b = _score_names(b)
+    names = [name for name in _score_names(a) if name in names_b]
+    scores: list[str | None] = [None] if len(names) < 2 else list(names)
+    groups: list[str | None] = [None, *sorted(_groups(a) & _groups(b))]
+    return [compare(a, b, score=s, group=g, **options) for g in groups for s in scores]
+
+
+def _score_names(result: ResultLike) -> list[str]:
+    return list(getattr(result, "scores", None) or ["score"])
+
+
+def _groups(result: ResultLike) -> set[str]:
+    return {g for row in per_example(result) if (g := getattr(row, "group", None)) is not None}
+
+
+def _value(row: RowLike, score: str | None) -> float:
+    """The row's ``score``, or its named score ``score`` (a failed row's is its ``score``)."""
+    scores = getattr(row, "scores", None) if score is not None else None
+    return row.score if scores is None else float(scores[score])
+
+
 def _align(
-    a: ResultLike, b: ResultLike, *, common_only: bool
+    a: ResultLike, b: ResultLike, *, common_only: bool, group: str | None = None
 ) -> tuple[list[tuple[RowLike, RowLike]], int, int]:
     rows_a, rows_b = per_example(a), per_example(b)
+    if group is not None:
+        rows_a = [row for row in rows_a if getattr(row, "group", None) == group]
+        rows_b = [row for row in rows_b if getattr(row, "group", None) == group]
+        if not rows_a or not rows_b:
+            raise ValueError(
+                f"no example of group {group!r} in config "
+                f"{(a if not rows_a else b).config!r}; its groups are "
+                f"{sorted(_groups(a if not rows_a else b))}"
+            )
     by_id_b = {row.example_id: row for row in rows_b}
     ids_a = [row.example_id for row in rows_a]
     for result, rows, count in ((a, rows_a, len(set(ids_a))), (b, rows_b, len(by_id_b))):

@@ -202,7 +202,7 @@ class RowLoader:
         return {n: math.nan if v is None else float(v) for n, v in zip(names, found, strict=True)}
 
     def group_names(self) -> list[str]:
-        """The config's row groups, sorted (``[]`` without groups), from the ``group_key`` column."""
+        """The config's row groups, sorted (``[]`` without groups), from ``group_key``."""
         with store_errors(self.path), contextlib.closing(connect(self.path, create=False)) as db:
             if version(db) < 2:
                 return []
