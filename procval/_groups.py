@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -19,9 +19,7 @@ def group_names(result: EvaluationResult) -> list[str]:
 
 
 def by_group(result: EvaluationResult) -> dict[str, EvaluationResult]:
-    """:meth:`procval.EvaluationResult.by_group`."""
-    from procval.results import EvaluationResult
-
+    """:meth:`procval.EvaluationResult.by_group` (each made as ``type(result)``)."""
     rows: dict[str, list[Row]] = {}
     for row in result.rows:
         if row.group is not None:
@@ -32,7 +30,7 @@ def by_group(result: EvaluationResult) -> dict[str, EvaluationResult]:
             "(pass evaluate(..., group_by=KEY) or procval run --group-by KEY)"
         )
     return {
-        name: EvaluationResult(
+        name: type(result)(
             result.config,
             rows[name],
             duration=result.duration,
@@ -45,13 +43,14 @@ def by_group(result: EvaluationResult) -> dict[str, EvaluationResult]:
     }
 
 
-def results_by_group(results: Mapping[str, EvaluationResult]) -> dict[str, Results]:
-    """:meth:`procval.Results.by_group`."""
-    from procval.results import Results
-
+def results_by_group(
+    results: Mapping[str, EvaluationResult],
+    make: Callable[[Mapping[str, EvaluationResult]], Results],
+) -> dict[str, Results]:
+    """:meth:`procval.Results.by_group`: ``make`` is :class:`procval.Results`."""
     split = {name: by_group(result) for name, result in results.items()}
     names = sorted({group for groups in split.values() for group in groups})
     return {
-        group: Results({n: groups[group] for n, groups in split.items() if group in groups})
+        group: make({n: groups[group] for n, groups in split.items() if group in groups})
         for group in names
     }

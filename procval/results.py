@@ -476,7 +476,7 @@ class Results(Mapping[str, EvaluationResult]):
         """Each group's :class:`Results` (see :meth:`EvaluationResult.by_group`; same errors)."""
         from procval._groups import results_by_group
 
-        return results_by_group(self._results)
+        return results_by_group(self._results, Results)
 
     def __repr__(self) -> str:
         return f"Results({', '.join(f'{k}={v.score:.4f}' for k, v in self._results.items())})"

@@ -3,8 +3,10 @@
 :func:`render_html` lays a run out top to bottom::
 
     Scores          per config: score, bootstrap interval, an inline SVG bar, errors, time
+    Groups          with ``group_by``: per config, each group's score, interval and bar
     Differences     every other config minus the best one, paired: interval (inline SVG),
-                    p-value, Holm-adjusted p-value, wins / losses / ties
+                    p-value, Holm-adjusted p-value, wins / losses / ties; with named scores
+                    or groups, one line per score and group, Holm across all of them
     Errors          counts by error type and config, one sample traceback per type, and how
                     to list every failed example
     Disagreements   the examples whose scores differ between configs: input, each config's
@@ -110,6 +112,7 @@ def render_html(
         _scores_section(runs, intervals, best, confidence),
         _usage_section(runs),
         _named_scores_section(runs),
+        _groups_section(runs, stats),
         _differences_section(runs, best, stats),
         _errors_section(runs, (details or {}).get("path")),
         _disagreements_section(runs, max_rows),
@@ -139,6 +142,33 @@ def _named_scores_section(runs: list[ResultLike]) -> str:
         "score (the primary one first is the score above)</p><table><tr><th>config</th>"
         f"{head}</tr>{rows}</table></section>"
     )
+
+
+def _groups_section(runs: list[ResultLike], stats: dict[str, Any]) -> str:
+    """Per config with groups, a table of each group's score and interval ("" without)."""
+    tables = []
+    for run in runs:
+        split = getattr(run, "by_group", None)
+        try:
+            groups = split() if callable(split) and run.totals.n else {}
+        except ValueError:  # no groups
+            continue
+        intervals = [g.ci(**stats) for g in groups.values()]
+        lo, hi = domain([g.score for g in groups.values()], intervals)
+        rows = "".join(
+            f"<tr><td>{esc(name)}</td><td class='num'>{num(g.score)}</td>"
+            f"<td class='num'>{ci_text(ci)}</td><td>{bar_svg(g.score, ci, lo, hi)}</td>"
+            f"<td class='num'>{len(per_example(g))}</td><td class='num'>{g.totals.errors}</td></tr>"
+            for (name, g), ci in zip(groups.items(), intervals, strict=True)
+        )
+        tables.append(
+            f"<h3>{esc(run.config)}</h3><table><tr><th>group</th><th class='num'>score</th>"
+            f"<th class='num'>{stats['confidence']:.0%} CI</th><th>{axis_svg(lo, hi)}</th>"
+            f"<th class='num'>examples</th><th class='num'>errors</th></tr>{rows}</table>"
+        )
+    if not tables:
+        return ""
+    return "<section id='groups'><h2>Scores by group</h2>" + "".join(tables) + "</section>"
 
 
 def _scores_section(
@@ -208,15 +238,20 @@ def _differences_section(runs: list[ResultLike], best: int | None, stats: dict[s
         if run is base:
             continue
         try:
-            found.append(compare(run, base, common_only=True, **stats))
+            found.extend(compare(run, base, common_only=True, every=True, **stats))
         except UnalignedResultsError as exc:
             refused.append(str(exc))
     adjusted = holm([c.p_value for c in found])
+    named = any(c.score_name is not None for c in found)
+    grouped = any(c.group is not None for c in found)
     bound = max([abs(x) for c in found for x in (*c.ci, c.difference)] + [0.01]) * 1.1
     rows = []
     for c, p in zip(found, adjusted, strict=True):
         rows.append(
-            f"<tr><td>{esc(c.a)}</td><td class='num'>{num(c.difference, signed=True)}</td>"
+            f"<tr><td>{esc(c.a)}</td>"
+            + (f"<td>{esc(c.score_name)}</td>" if named else "")
+            + (f"<td>{esc(c.group or '(all)')}</td>" if grouped else "")
+            + f"<td class='num'>{num(c.difference, signed=True)}</td>"
             f"<td class='num'>{ci_text(c.ci, signed=True)}</td>"
             f"<td>{diff_svg(c.difference, c.ci, bound)}</td>"
             f"<td class='num'>{format_p(c.p_value)}</td><td class='num'>{format_p(p)}</td>"
@@ -226,7 +261,10 @@ def _differences_section(runs: list[ResultLike], best: int | None, stats: dict[s
     refusals = "".join(f"<p class='err'>{esc(message)}</p>" for message in refused)
     return (
         head + f"<p>Each config minus <b>{esc(base.config)}</b>, example by example.</p>"
-        "<table><tr><th>config</th><th class='num'>difference</th>"
+        "<table><tr><th>config</th>"
+        + ("<th>score</th>" if named else "")
+        + ("<th>group</th>" if grouped else "")
+        + "<th class='num'>difference</th>"
         f"<th class='num'>{stats['confidence']:.0%} CI</th><th>{axis_svg(-bound, bound)}</th>"
         "<th class='num'>p</th><th class='num'>p (Holm)</th>"
         "<th class='num'>wins / losses / ties</th><th class='num'>paired</th><th>test</th></tr>"
@@ -235,7 +273,8 @@ def _differences_section(runs: list[ResultLike], best: int | None, stats: dict[s
         + refusals
         + "<p class='note'>Intervals: paired bootstrap over examples. p: exact sign test "
         "(McNemar) for 0/1 scores, paired sign-flip permutation test otherwise; Holm's "
-        "adjustment accounts for testing several configs at once.</p></section>"
+        "adjustment accounts for testing several configs (and scores and groups) at once.</p>"
+        "</section>"
     )
 
 
