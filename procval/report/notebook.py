@@ -8,7 +8,7 @@ from procval.report.markup import bar_svg, ci_text, clip, domain, esc, num
 from procval.report.text import format_p
 
 if TYPE_CHECKING:
-    from procval.report.compare import ComparisonTable
+    from procval.report.compare import Comparison, ComparisonTable
     from procval.report.protocol import ResultLike
 
 __all__ = ["render_result", "render_table"]
@@ -44,13 +44,24 @@ def render_result(result: ResultLike, *, errors: int = 5) -> str:
 
 def render_table(table: ComparisonTable) -> str:
     """The notebook view of a :class:`procval.ComparisonTable`."""
+    named = any(c.score_name is not None for c in table)
+    grouped = any(c.group is not None for c in table)
+
+    def which(c: Comparison) -> str:  # score and group columns, when the table has them
+        return (f"<td>{esc(c.score_name)}</td>" if named else "") + (
+            f"<td>{esc(c.group or '(all)')}</td>" if grouped else ""
+        )
+
     head = (
-        "<table><tr><th>a</th><th>b</th><th class='num'>n</th><th class='num'>a − b</th>"
+        "<table><tr><th>a</th><th>b</th>"
+        + ("<th>score</th>" if named else "")
+        + ("<th>group</th>" if grouped else "")
+        + "<th class='num'>n</th><th class='num'>a − b</th>"
         "<th class='num'>CI</th><th class='num'>p</th><th class='num'>p (Holm)</th>"
         "<th class='num'>wins</th><th class='num'>losses</th><th class='num'>ties</th></tr>"
     )
     rows = [
-        f"<tr><td>{esc(c.a)}</td><td>{esc(c.b)}</td><td class='num'>{c.n}</td>"
+        f"<tr><td>{esc(c.a)}</td><td>{esc(c.b)}</td>{which(c)}<td class='num'>{c.n}</td>"
         f"<td class='num'>{num(c.difference, signed=True)}</td>"
         f"<td class='num'>{ci_text(c.ci, signed=True)}</td><td class='num'>"
         f"{format_p(c.p_value)}</td><td class='num'>{format_p(p)}</td>"
