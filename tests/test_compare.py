@@ -395,3 +395,40 @@ def test_describe_lists_the_first_flipped_examples():
     assert text.describe(procval.compare(a, a, resamples=10), a, a) == repr(
         procval.compare(a, a, resamples=10)
     )
+
+
+def named_answer(example):
+    return example["x"] * procval.current_config().values["factor"]
+
+
+def named_scores(example, prediction):
+    return {
+        "exact": prediction == 2 * example["x"],
+        "close": 1 / (1 + abs(prediction - 2 * example["x"])),
+    }
+
+
+def test_command_line_compare_adds_every_score_and_group_below_the_usual_lines(tmp_path, capsys):
+    data = [{"id": f"e{i}", "x": i, "kind": "odd" if i % 2 else "even"} for i in range(20)]
+    configs = {
+        "double": procval.Config(values={"factor": 2}),
+        "triple": procval.Config(values={"factor": 3}),
+    }
+    path = tmp_path / "run.db"
+    procval.evaluate(
+        named_answer, data, named_scores, configs=configs, workers=1, progress=False,
+        store=path, group_by="kind",
+    )  # fmt: skip
+    from procval import cli
+
+    assert cli.main(["compare", str(path), "double", "triple", "--examples", "1"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "Comparison of 'double' (a) with 'triple' (b) on 20 paired examples"
+    at = out.index("every score and group (p (Holm): adjusted for all of these comparisons):")
+    table = out[at + 1 :]
+    assert table[0].split()[:4] == ["a", "b", "score", "group"]
+    assert [line.split()[2:4] for line in table[1:]] == [
+        ["exact", "(all)"], ["close", "(all)"], ["exact", "even"], ["close", "even"],
+        ["exact", "odd"], ["close", "odd"],
+    ]  # fmt: skip
+    assert all(line.split()[:2] == ["double", "triple"] for line in table[1:])

@@ -300,3 +300,14 @@ def test_epochs_pair_by_example_so_intervals_are_clustered_by_example():
     naive = stats._intervals(means, 0.95)[2]
     width = clustered.ci.high - clustered.ci.low
     assert naive.high - naive.low < 0.7 * width
+
+
+def test_task_and_workers_pool_take_group_by():
+    task = procval.Task(echo, data(6), even, workers=1, group_by="subject")
+    results = task.evaluate(progress=False)
+    assert [row.group for row in results["default"].rows] == [SUBJECTS[i % 3] for i in range(6)]
+    override = task.evaluate(progress=False, group_by=lambda e: f"level{e['level']}")
+    assert list(override["default"].by_group()) == ["level0", "level1"]
+    with procval.Workers(workers=1) as pool:
+        result = pool.evaluate(echo, data(6), even, progress=False, group_by="level")
+    assert {g: len(r) for g, r in result.by_group().items()} == {"0": 3, "1": 3}
