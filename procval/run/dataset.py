@@ -108,9 +108,16 @@ class Examples:
         """
         if self._groups is not None:
             return self._groups[index]
-        if self._grouping is None:
+        grouping = self._grouping
+        if grouping is None:
             raise ValueError("this dataset has no group_by")
-        return self._grouping.one(example, example_id(example, index), index)
+        try:
+            value = grouping.raw(example)  # checked when it was read: the common case is a str
+        except Exception:
+            value = None
+        if type(value) is str:
+            return value
+        return grouping.one(example, example_id(example, index), index)
 
     def __iter__(self) -> Iterator[Item]:
         """``WorkItem(index, example_id, example)`` each; raises ValueError at a duplicate id."""
