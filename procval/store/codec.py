@@ -69,7 +69,9 @@ def encode(row: Row, config: str, session: int) -> tuple[Any, ...]:
 DEFAULTS = (0, None, None, None, None, None)
 """The defaults of the format 2 columns (see :func:`encode`), to pad a shorter record."""
 
-_PLAIN = frozenset({str, int, float, bool, type(None), list, dict, tuple})
+_PLAIN = frozenset({str, int, float, bool, type(None), list, dict})
+"""Types whose JSON is the value itself: no ``prediction_type`` is recorded for them. A tuple
+is not one: its JSON is a list, so ``builtins.tuple`` is recorded, and a rescore rebuilds it."""
 
 
 def decode(record: Sequence[Any]) -> Row:
