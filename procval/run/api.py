@@ -23,7 +23,7 @@ from procval.run.checks import (
     check_local_limits,
 )
 from procval.run.dataset import Examples
-from procval.run.epochs import Repeated, repeat
+from procval.run.epochs import repeat
 from procval.run.observe import observed
 from procval.run.progress import Progress, wanted
 from procval.run.scheduler import RunOptions, Scheduler
@@ -235,7 +235,7 @@ def run_configs(
     epochs: int = 1,
     reducer: str | Mapping[str, str] = "mean",
     primary: str | None = None,
-    items: Sequence[Examples | Repeated] | None = None,
+    items: Sequence[Any] | None = None,  # each like Examples: iterable of Items, .total
     sources: Mapping[str, str] | None = None,
     wrap: Callable[[Sink], Sink] | None = None,
 ) -> Results:

@@ -163,12 +163,10 @@ def _chosen(
     chosen: dict[str, Config] = {}
     for one in given:
         if not isinstance(one, str | Config):
-            raise TypeError(f"configs must hold config names or procval.Config objects, got {one!r}")
+            raise TypeError(f"configs must hold config names or procval.Config objects: {one!r}")
         source = one if isinstance(one, str) else one.name
         if source not in stored:
-            raise StoreError(
-                f"the store {path} has no config {source!r}; it has {list(stored)}"
-            )
+            raise StoreError(f"the store {path} has no config {source!r}; it has {list(stored)}")
         found = stored[source]
         if found.predictions == 0:
             why = (
@@ -188,8 +186,8 @@ def _config_for(stored: StoredConfig, given: Config | None) -> Config:
     if given is not None:
         if stored.identity not in (given.identity(), given._identity_v1()):
             now, before = given.describe(), stored.description
-            changed = sorted(k for k in set(now) | set(before) - {"run", "program"}
-                             if k not in ("run", "program") and now.get(k) != before.get(k))  # fmt: skip
+            keys = (set(now) | set(before)) - {"run", "program"}
+            changed = sorted(k for k in keys if now.get(k) != before.get(k))
             what = f" (its {', '.join(changed)} differ)" if changed else ""
             raise ValueError(
                 f"the config {given.name!r} given differs from the one stored under that name"
@@ -295,4 +293,3 @@ def _unwrap(row: Row) -> Row:
             error=RowError(*stored.error), scores=None, extra=None,
         )  # fmt: skip
     return dataclasses.replace(row, example=stored.example, group=stored.group)
-

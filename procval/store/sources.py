@@ -128,9 +128,19 @@ def stored_rows(path: str | os.PathLike[str], config: str) -> Iterator[StoredRow
             f"ORDER BY {'idx, epoch' if v2 else 'idx'}",
             (config,),
         )
-        for index, eid, epoch, kind, group, example, prediction, etype, message, tb, failed in (
-            cursor
-        ):
+        for (
+            index,
+            eid,
+            epoch,
+            kind,
+            group,
+            example,
+            prediction,
+            etype,
+            message,
+            tb,
+            failed,
+        ) in cursor:
             yield StoredRow(
                 index=index,
                 example_id=json.loads(eid),

@@ -128,7 +128,7 @@ def rebuild(value: Any, kind: str | None) -> Any:
     if cls is not None:
         try:
             return _construct(cls, value)
-        except Exception:  # noqa: BLE001 - a constructor that does not take its fields
+        except Exception:  # a constructor that does not take its fields: a Fields below
             pass
     return Fields(value) if isinstance(value, dict) else value
 
@@ -160,7 +160,7 @@ def _construct(cls: type, value: Any) -> Any:
         return cls(**value)
     if isinstance(value, str) and issubclass(cls, str):
         return cls(value)
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        if issubclass(cls, int | float) and not issubclass(cls, bool):
-            return cls(value)
+    numeric = isinstance(value, int | float) and not isinstance(value, bool)
+    if numeric and issubclass(cls, int | float) and not issubclass(cls, bool):
+        return cls(value)
     raise TypeError(f"cannot rebuild a {cls.__name__} from {type(value).__name__}")
