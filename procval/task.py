@@ -42,6 +42,7 @@ from procval.run.frames import user_frame
 
 __all__ = [
     "Task",
+    "load_object",
     "load_task",
 ]
 
