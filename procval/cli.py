@@ -265,7 +265,7 @@ def report(args: argparse.Namespace) -> int:
         print(f"{args.path}: {len(sessions)} session(s), the last one {status}")
     if not results:
         print("no config has been stored yet")
-    kinds = stored_configs(args.path)
+    kinds = stored_configs(args.path, counts=False)  # no row is read
     for name, result in results.items():
         print(result.summary())
         if kinds[name].kind == "rescore":
@@ -418,7 +418,7 @@ def rescore(args: argparse.Namespace) -> int:
         progress=False if args.no_progress else None,
     )  # fmt: skip
     _print_summary(results)
-    stored = stored_configs(args.path)
+    stored = stored_configs(args.path, counts=False)
     for name in results:  # same predictions, new scores: a paired comparison
         print(f"compare with its source: procval compare {shlex.quote(args.path)} "
               f"{shlex.quote(name)} {shlex.quote(stored[name].source or '')}")  # fmt: skip

@@ -74,8 +74,13 @@ _FAILED_PROGRAM = "error_type IS NOT NULL AND prediction = 'null'"
 """A row with an error and no prediction: its program failed, there is nothing to score."""
 
 
-def stored_configs(path: str | os.PathLike[str]) -> dict[str, StoredConfig]:
+def stored_configs(path: str | os.PathLike[str], *, counts: bool = True) -> dict[str, StoredConfig]:
     """Every config of the store, in the order they were first stored.
+
+    Args:
+        path: the run store.
+        counts: count each config's rows and predictions (one pass over the rows); without,
+            ``rows`` and ``predictions`` are 0 and no row is read.
 
     Raises:
         StoreError: no store at ``path``, or not a store.
@@ -87,11 +92,15 @@ def stored_configs(path: str | os.PathLike[str]) -> dict[str, StoredConfig]:
         found = db.execute(
             f"SELECT name, identity, description, {columns} FROM configs ORDER BY rowid"
         ).fetchall()
-        counts = {
+        counted = {
             name: (n, n - failed)
-            for name, n, failed in db.execute(
-                f"SELECT config, COUNT(*), COUNT(CASE WHEN {_FAILED_PROGRAM} THEN 1 END) "
-                "FROM rows GROUP BY config"
+            for name, n, failed in (
+                db.execute(
+                    f"SELECT config, COUNT(*), COUNT(CASE WHEN {_FAILED_PROGRAM} THEN 1 END) "
+                    "FROM rows GROUP BY config"
+                )
+                if counts
+                else ()
             )
         }
     return {
@@ -103,8 +112,8 @@ def stored_configs(path: str | os.PathLike[str]) -> dict[str, StoredConfig]:
             source=source,
             metric=json.loads(metric) if metric else {},
             epochs=int(epochs),
-            rows=counts.get(name, (0, 0))[0],
-            predictions=counts.get(name, (0, 0))[1],
+            rows=counted.get(name, (0, 0))[0],
+            predictions=counted.get(name, (0, 0))[1],
         )
         for name, identity, description, kind, source, metric, epochs in found
     }
