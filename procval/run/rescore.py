@@ -35,11 +35,12 @@ from procval.results import EvaluationResult, Results, Row, RowError
 from procval.run.api import Metric, _backend, run_configs
 from procval.run.checks import _check_backend, _check_callables, _check_counts
 from procval.run.scoring import check_model, metric_of
+from procval.store.codec import RawJSON
 from procval.store.sink import SinkWrapper
 from procval.store.sources import StoredConfig, stored_configs, stored_rows
 from procval.wire import WorkItem
 from procval.worker.scoring import MetricSet
-from procval.worker.stored import Fields, OnStored, Replay, Stored
+from procval.worker.stored import OnStored, Replay, Stored
 
 __all__ = ["rescore"]
 
@@ -270,9 +271,8 @@ class _Items:
     def __iter__(self) -> Iterator[WorkItem]:
         k = self._epochs
         for row in stored_rows(self._path, self._config):
-            example = Fields(row.example) if type(row.example) is dict else row.example
-            item = Stored(example, row.prediction, row.prediction_type, row.error, row.group)
-            yield WorkItem(row.index * k + row.epoch, row.example_id, item, row.epoch)
+            item = Stored(row.example, row.prediction, row.prediction_type, row.error, row.group)
+            yield WorkItem(row.position * k + row.epoch, row.example_id, item, row.epoch)
 
 
 class _Unwrapped(SinkWrapper):
@@ -283,13 +283,22 @@ class _Unwrapped(SinkWrapper):
         self._sink.add(config, [_unwrap(row) for row in rows])
 
 
+_set = object.__setattr__
+
+
 def _unwrap(row: Row) -> Row:
+    """``row`` with its example and group (and a failed program's error) from its Stored.
+
+    In place: the row was just made by the scheduler's RowMaker and nobody else holds it yet
+    (``dataclasses.replace`` would cost more than the rest of the row's way to the store).
+    """
     stored = row.example
     if not isinstance(stored, Stored):
         return row
+    _set(row, "example", RawJSON(stored.text))  # stored as it is, with the same hash
+    _set(row, "group", stored.group)
     if stored.error is not None:  # the program had failed: its row as it was
-        return dataclasses.replace(
-            row, example=stored.example, group=stored.group, prediction=None,
-            error=RowError(*stored.error), scores=None, extra=None,
-        )  # fmt: skip
-    return dataclasses.replace(row, example=stored.example, group=stored.group)
+        for field, value in (("prediction", None), ("error", RowError(*stored.error)),
+                             ("scores", None), ("extra", None)):  # fmt: skip
+            _set(row, field, value)
+    return row

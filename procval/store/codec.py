@@ -129,8 +129,19 @@ def scores_json(scores: Mapping[str, float]) -> str:
     return template % tuple(map(float, scores.values()))
 
 
+class RawJSON(str):
+    """Text that is canonical JSON already (a stored example, rescored): stored as it is."""
+
+    __slots__ = ()
+
+
 def to_json(value: Any) -> str:
-    """Canonical JSON (keys sorted, no spaces) of ``value``, through ``to_jsonable`` if needed."""
+    """Canonical JSON (keys sorted, no spaces) of ``value``, through ``to_jsonable`` if needed.
+
+    A :class:`RawJSON` is that JSON already, and is returned as it is.
+    """
+    if type(value) is RawJSON:
+        return str(value)
     try:
         return _CANONICAL(value)  # the fast path for plain JSON data
     except (TypeError, ValueError, RecursionError):

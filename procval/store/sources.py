@@ -10,7 +10,7 @@ import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from procval.store.faults import store_errors
 from procval.store.schema import connect, version
@@ -45,26 +45,27 @@ class StoredConfig:
     predictions: int
 
 
-@dataclass(frozen=True)
-class StoredRow:
-    """One stored row, as a rescore sends it: the JSON values decoded.
+class StoredRow(NamedTuple):
+    """One stored row, as a rescore sends it: its example and prediction as JSON text.
+
+    The text is decoded in the worker that scores the row, not in the parent.
 
     Attributes:
-        index: the example's position in the dataset.
+        position: the example's position in the dataset (its index).
         example_id: the example's id.
         epoch: the row's epoch.
-        example: the stored example (JSON values).
-        prediction: the stored prediction (JSON values).
+        example: the stored example's JSON text (canonical: as stored, and hashed).
+        prediction: the stored prediction's JSON text.
         prediction_type: the prediction's type as ``module.qualname``, or None (plain JSON).
         error: ``(type, message, traceback)`` when the program failed (no prediction), or None.
         group: the row's group key.
     """
 
-    index: int
+    position: int
     example_id: int | str
     epoch: int
-    example: Any
-    prediction: Any
+    example: str
+    prediction: str
     prediction_type: str | None
     error: tuple[str, str, str] | None
     group: str | None
@@ -137,6 +138,7 @@ def stored_rows(path: str | os.PathLike[str], config: str) -> Iterator[StoredRow
             f"ORDER BY {'idx, epoch' if v2 else 'idx'}",
             (config,),
         )
+        loads = json.loads
         for (
             index,
             eid,
@@ -151,12 +153,12 @@ def stored_rows(path: str | os.PathLike[str], config: str) -> Iterator[StoredRow
             failed,
         ) in cursor:
             yield StoredRow(
-                index=index,
-                example_id=json.loads(eid),
-                epoch=epoch,
-                example=json.loads(example),
-                prediction=json.loads(prediction),
-                prediction_type=kind,
-                error=(etype, message or "", tb or "") if failed else None,
-                group=group,
+                index,
+                loads(eid),
+                epoch,
+                example,
+                prediction,
+                kind,
+                (etype, message or "", tb or "") if failed else None,
+                group,
             )
