@@ -141,6 +141,20 @@ def test_a_store_without_predictions_is_refused(tmp_path):
         procval.rescore(store, rp.near, progress=False)
 
 
+def test_the_metric_usage_and_the_rows_groups_are_kept(run):
+    store, calls = run
+    with sqlite3.connect(store) as db:  # groups as group_by would have stored them
+        db.execute("UPDATE rows SET group_key = 'odd' WHERE config = 'a' AND idx % 2 = 1")
+    db.close()
+    result = procval.rescore(store, rp.judge, configs=[configs(calls)["a"]], workers=1,
+                             progress=False)["a+judge"]  # fmt: skip
+    assert {r.example_id: r.group for r in result.rows} == {
+        f"q{i}": "odd" if i % 2 else None for i in range(8)
+    }
+    spent = procval.load(store)["a+judge"].usage["judge-model"]
+    assert (spent.calls, spent.prompt_tokens, spent.cost) == (7, 70, pytest.approx(0.007))
+
+
 def test_score_names_that_change_give_error_rows(run):
     store, calls = run
     result = procval.rescore(store, rp.changing, configs=[configs(calls)["a"]], workers=1,

@@ -131,3 +131,9 @@ task = procval.Task(
         os.environ.get("RESCORE_TEST_CALLS", "-"), int(os.environ.get("RESCORE_TEST_PARENT", "0"))
     ),
 )
+
+
+def judge(example: Any, prediction: Any) -> float:
+    """A stand-in LLM judge: it spends tokens, recorded as a judge's are."""
+    procval.record_usage("judge-model", prompt_tokens=10, completion_tokens=2, cost=0.001)
+    return 1.0
