@@ -159,8 +159,13 @@ def _chosen(
         given = [configs]
     else:
         given = list(configs)
-    if not stored or not given:
+    if not stored:
         raise ValueError(f"the store {path} holds no configs to rescore; run a task into it first")
+    if not given:
+        raise ValueError(
+            f"every config of {path} is a rescore; name the one to rescore again "
+            "(configs=[NAME], procval rescore --config NAME)"
+        )
     chosen: dict[str, Config] = {}
     for one in given:
         if not isinstance(one, str | Config):
