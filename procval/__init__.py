@@ -43,6 +43,7 @@ if TYPE_CHECKING:
     from procval.run.api import Metric, Program, evaluate
     from procval.run.dataset import read_jsonl
     from procval.run.pool import Workers
+    from procval.run.rescore import rescore
     from procval.store.readers import load
     from procval.task import Task
     from procval.usage import Usage
@@ -85,6 +86,7 @@ __all__ = [
     "load",
     "read_jsonl",
     "record_usage",
+    "rescore",
     "rng",
 ]
 
@@ -106,6 +108,7 @@ _LAZY_NAMES = {
     "load": "procval.store.readers",
     "Task": "procval.task",
     "Workers": "procval.run.pool",
+    "rescore": "procval.run.rescore",
 }
 
 

@@ -11,6 +11,8 @@
     procval compare PATH A B [--confidence C] [--resamples N] [--seed N] [--common-only]
                 [--examples N]
     procval export PATH [--format jsonl|csv] [--output FILE] [--config NAME ...]
+    procval rescore PATH --metric FILE.py:NAME [--config NAME ...] [--as NAME] [--task TASK]
+                [--workers N] [--threads N] [--timeout S] [--primary NAME] [--no-progress]
     procval repair PATH NEW
 
 ``TASK`` is ``path/to/file.py:name`` or ``module:name`` (see :mod:`procval.task`).
@@ -57,6 +59,7 @@ from procval.errors import ProcvalError, SetupError, StoreError, StoreFullError,
 from procval.ratelimit import RateLimit, parse_rate_limit
 from procval.results import Results
 from procval.store import readers as store
+from procval.store.sources import stored_configs
 from procval.task import load_task
 
 Handler = Callable[[argparse.Namespace], int]
@@ -264,8 +267,11 @@ def report(args: argparse.Namespace) -> int:
         print(f"{args.path}: {len(sessions)} session(s), the last one {status}")
     if not results:
         print("no config has been stored yet")
-    for result in results.values():
+    kinds = stored_configs(args.path, counts=False)  # no row is read
+    for name, result in results.items():
         print(result.summary())
+        if kinds[name].kind == "rescore":
+            print(f"  a rescore of {kinds[name].source!r}: its predictions, scored again")
     failed = any(result.totals.errors for result in results.values())
     if args.errors:
         _print_errors(args.path)
@@ -379,6 +385,43 @@ def export(args: argparse.Namespace) -> int:
             else f"the output is INCOMPLETE: only its first {written} rows went to stdout"
         )
         raise Failure(f"{_first_line(exc)}; {where}") from exc
+    return EXIT_OK
+
+
+@command(
+    "rescore",
+    "score a store's predictions with another metric, as new configs (no program is called)",
+    arg("path", help="the run store"),
+    arg("--metric", required=True, metavar="FILE.py:NAME", help="the metric (or module:NAME)"),
+    arg("--config", action="extend", nargs="+", metavar="NAME", help="only these configs"),
+    arg("--as", dest="name", metavar="NAME", help="the new config's name (one config)"),
+    arg("--task", metavar="TASK", help="a task whose configs are installed (a setup, env)"),
+    arg("--workers", type=COUNT, metavar="N", help="worker processes in total (default: CPUs)"),
+    arg("--threads", type=COUNT, metavar="N", help="examples at once in each worker"),
+    arg("--timeout", type=SECONDS, metavar="S", help="seconds the metric may take per example"),
+    arg("--primary", metavar="NAME", help="the named score that is the score"),
+    arg("--no-progress", action="store_true", help="no progress bars on stderr"),
+)  # fmt: skip
+def rescore(args: argparse.Namespace) -> int:
+    """``procval rescore``: each chosen config's stored predictions, scored into a new config."""
+    from procval.run.rescore import rescore as score_again
+    from procval.task import load_object
+
+    metric = load_object(args.metric, "metric")
+    configs: list[Any] | None = args.config
+    if args.task:
+        given = load_task(args.task).config_map()
+        configs = [given.get(n, n) for n in args.config or given]
+    results = score_again(
+        args.path, metric, configs=configs, name=args.name, workers=args.workers,
+        threads=args.threads or 1, timeout=args.timeout, primary=args.primary,
+        progress=False if args.no_progress else None,
+    )  # fmt: skip
+    _print_summary(results)
+    stored = stored_configs(args.path, counts=False)
+    for name in results:  # same predictions, new scores: a paired comparison
+        print(f"compare with its source: procval compare {shlex.quote(args.path)} "
+              f"{shlex.quote(name)} {shlex.quote(stored[name].source or '')}")  # fmt: skip
     return EXIT_OK
 
 

@@ -42,6 +42,7 @@ from procval.run.frames import user_frame
 
 __all__ = [
     "Task",
+    "load_object",
     "load_task",
 ]
 
@@ -242,6 +243,26 @@ def load_task(reference: str) -> Task:
     if not isinstance(task, Task):
         raise TaskError(f"{where}:{name} is of type {type(task).__name__}, not a procval.Task")
     return task
+
+
+def load_object(reference: str, default: str) -> Any:
+    """What ``reference`` names, as :func:`load_task` finds a task (``--metric path.py:fn``).
+
+    Without ``:name``, the object is the one called ``default``.
+
+    Raises:
+        TaskError: no such file or module, no such name in it, or the import raised.
+    """
+    where, _, name = reference.rpartition(":")
+    if not where or os.sep in name or name.endswith(".py"):
+        where, name = reference, default
+    if where.endswith(".py") or os.sep in where or (os.altsep and os.altsep in where):
+        module = _import_file(where)
+    else:
+        module = _import_module(where)
+    if not hasattr(module, name):
+        raise TaskError(f"{where} has no attribute {name!r}; pass {where}:NAME")
+    return getattr(module, name)
 
 
 def _import_file(path: str) -> Any:

@@ -126,7 +126,7 @@ def test_a_format_2_row_with_every_field_round_trips(tmp_path: Path) -> None:
         assert spent.fetchall() == [("gpt", 3, 132, 0.25), ("small", 1, 5, None)]
         assert db.execute("SELECT epochs, metric FROM configs").fetchone() == (
             3,
-            '{"primary": "em"}',
+            '{"primary": "em", "scores": ["em", "f1"]}',  # names: from the first scored row
         )
     exported = next(r for r in procval.store.iter_rows(path) if r["epoch"] == 2)
     assert exported["scores"] == {"em": 0.5, "f1": 0.75} and exported["group"] == "math"

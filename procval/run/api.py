@@ -246,6 +246,9 @@ def run_configs(
     reducer: str | Mapping[str, str] = "mean",
     primary: str | None = None,
     group_by: GroupBy | None = None,
+    items: Sequence[Any] | None = None,  # each like Examples: iterable of Items, .total
+    sources: Mapping[str, str] | None = None,
+    wrap: Callable[[Sink], Sink] | None = None,
 ) -> Results:
     """Run ``named`` configs (checked) on the workers ``source()`` gives; :func:`evaluate`'s core.
 
@@ -253,6 +256,9 @@ def run_configs(
     (shut down at the end of the run), or a :class:`procval.Workers` pool's lease of its warm
     workers; ``adopt`` may replace a snapshot by an earlier one of the same content (a pool's,
     whose workers installed it). The options are ``evaluate``'s (counts checked by the caller).
+    A rescore (:mod:`procval.run.rescore`) gives each config's work ``items`` instead of a
+    ``dataset``, the rescored configs' ``sources`` (kept in the store), and ``wrap`` for the
+    store's sink.
     """
     metric = metric_of(metric)
     for one in metric.metrics.values() if isinstance(metric, MetricSet) else [metric]:
@@ -263,10 +269,13 @@ def run_configs(
     _check_store_options(store, fresh, retry_errors)
     limiter.check_limits(named)  # two configs giving one key different limits: refused now
     # with a store, a second row for an id is refused by the store: no id set in the parent
-    data = Examples(
-        dataset, passes=len(named), track_ids=store is None or retry_errors, group_by=group_by
-    )
-    examples = [repeat(data, epochs)] * len(named)
+    data: Examples | None = None
+    if items is None:
+        data = Examples(
+            dataset, passes=len(named), track_ids=store is None or retry_errors, group_by=group_by
+        )
+        items = [repeat(data, epochs)] * len(named)
+    examples = list(items)
     snapshots = [take_snapshot(c, program, metric) for c in named]
     if adopt is not None:
         snapshots = [adopt(s) for s in snapshots]
@@ -276,11 +285,11 @@ def run_configs(
     specs = [WorkerSpec(s, options, dict(c.env)) for s, c in zip(snapshots, named, strict=True)]
     scoring = {"epochs": epochs, "reducer": reducer, "primary": primary}
     sink = _open_sink(
-        store, fresh, retry_errors, [c.name for c in named], workers, threads, scoring
+        store, fresh, retry_errors, [c.name for c in named], workers, threads, scoring, sources
     )
-    if data.grouped:  # innermost: the store, and whoever sees the rows, get their groups
+    if data is not None and data.grouped:  # innermost: the store and all who see rows get groups
         sink = GroupedSink(sink, data.group)
-    sink = observed(sink)
+    sink = observed(sink if wrap is None else wrap(sink))
     sink = scrubbed(sink, named)  # outermost: env values leave every row before anyone sees it
     bars: Progress | None = None
     engine: Backend | None = None
@@ -352,6 +361,7 @@ def _open_sink(
     workers: int | None,
     threads: int,
     scoring: Mapping[str, Any],
+    sources: Mapping[str, str] | None = None,
 ) -> Sink:
     """The run's sink; a store's is locked (and its run options kept for the report)."""
     if store is None:
@@ -369,6 +379,7 @@ def _open_sink(
         run=run,
         epochs=epochs,
         metric=metric,
+        sources=sources,
     )
 
 

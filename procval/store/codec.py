@@ -69,7 +69,9 @@ def encode(row: Row, config: str, session: int) -> tuple[Any, ...]:
 DEFAULTS = (0, None, None, None, None, None)
 """The defaults of the format 2 columns (see :func:`encode`), to pad a shorter record."""
 
-_PLAIN = frozenset({str, int, float, bool, type(None), list, dict, tuple})
+_PLAIN = frozenset({str, int, float, bool, type(None), list, dict})
+"""Types whose JSON is the value itself: no ``prediction_type`` is recorded for them. A tuple
+is not one: its JSON is a list, so ``builtins.tuple`` is recorded, and a rescore rebuilds it."""
 
 
 def decode(record: Sequence[Any]) -> Row:
@@ -127,8 +129,19 @@ def scores_json(scores: Mapping[str, float]) -> str:
     return template % tuple(map(float, scores.values()))
 
 
+class RawJSON(str):
+    """Text that is canonical JSON already (a stored example, rescored): stored as it is."""
+
+    __slots__ = ()
+
+
 def to_json(value: Any) -> str:
-    """Canonical JSON (keys sorted, no spaces) of ``value``, through ``to_jsonable`` if needed."""
+    """Canonical JSON (keys sorted, no spaces) of ``value``, through ``to_jsonable`` if needed.
+
+    A :class:`RawJSON` is that JSON already, and is returned as it is.
+    """
+    if type(value) is RawJSON:
+        return str(value)
     try:
         return _CANONICAL(value)  # the fast path for plain JSON data
     except (TypeError, ValueError, RecursionError):

@@ -102,7 +102,8 @@ def score_names(path: str | os.PathLike[str], configs: Sequence[str] | None = No
     """The names of the named scores the store's rows hold (``[]`` when each has one score).
 
     Every scored row of a config has the same names (a row with others is an error row), so
-    one row per config tells them; the names of all configs, in first-seen order.
+    one row per config tells them; the names of all configs, in first-seen order. A store
+    written since they are kept has them in ``configs.metric`` (no row is read).
     """
     path = os.fspath(path)
     names: dict[str, None] = {}
@@ -110,6 +111,11 @@ def score_names(path: str | os.PathLike[str], configs: Sequence[str] | None = No
         if version(db) < 2:
             return []
         for name in check_names(path, db, configs):
+            (metric,) = db.execute("SELECT metric FROM configs WHERE name = ?", (name,)).fetchone()
+            kept = json.loads(metric).get("scores") if metric else None
+            if kept is not None:
+                names.update(dict.fromkeys(kept))
+                continue
             found = db.execute(
                 "SELECT scores FROM rows WHERE config = ? AND scores IS NOT NULL LIMIT 1", (name,)
             ).fetchone()

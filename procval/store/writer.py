@@ -62,7 +62,10 @@ class StoreSink:
         run: what this run was given (``workers``, ``threads``), kept with
             procval's and Python's versions under ``"run"`` in each config's stored description.
         epochs: how many times each example runs (kept in ``configs.epochs``).
-        metric: the score names, primary and reducer, kept as JSON in ``configs.metric``.
+        metric: the primary and reducer, kept as JSON in ``configs.metric``; the score names
+            (``"scores"``: ``[]`` for one unnamed score) are added from the first scored row.
+        sources: for a rescore, each rescored config's source config (stored with
+            ``kind = 'rescore'``).
 
     Raises:
         StoreError: ``path`` exists but is not a procval run store, or cannot be opened.
@@ -79,10 +82,14 @@ class StoreSink:
         run: Mapping[str, Any] | None = None,
         epochs: int = 1,
         metric: Mapping[str, Any] | None = None,
+        sources: Mapping[str, str] | None = None,
     ) -> None:
         self._path = path
         self._epochs = epochs
+        self._metric_of = dict(metric or {})
         self._metric = None if metric is None else json.dumps(dict(metric), sort_keys=True)
+        self._sources = dict(sources or {})
+        self._named: set[str] = set()  # configs whose score names are in configs.metric
         self._fresh = fresh
         self._retry_errors = retry_errors
         self._names = list(configs)
@@ -122,11 +129,11 @@ class StoreSink:
         name = snapshot.name
         self._write(db)
         stored = db.execute(
-            "SELECT identity, description, duration FROM configs WHERE name = ?", (name,)
+            "SELECT identity, description, duration, metric FROM configs WHERE name = ?", (name,)
         ).fetchone()
         if stored is not None and self._fresh:
             db.execute("DELETE FROM rows WHERE config = ?", (name,))
-            stored = (snapshot.identity, None, 0.0)
+            stored = (snapshot.identity, None, 0.0, None)
         # a store written by 0.1.0 holds the identity it gave: accepted, then replaced
         if stored is not None and stored[0] not in (snapshot.identity, snapshot.identity_v1):
             raise _identity_mismatch(self._path, db, snapshot, stored[1])
@@ -142,8 +149,14 @@ class StoreSink:
             " description = excluded.description, duration = ?, epochs = excluded.epochs,"
             " metric = excluded.metric",
             (name, snapshot.identity, snapshot.fingerprint, description, time.time(),
-             self._epochs, self._metric, stored[2] if stored else 0.0),
+             self._epochs, self._metric_json(stored[3] if stored else None),
+             stored[2] if stored else 0.0),
         )  # fmt: skip
+        if name in self._sources:
+            db.execute(
+                "UPDATE configs SET kind = 'rescore', source = ? WHERE name = ?",
+                (self._sources[name], name),
+            )
         self._prior[name] = stored[2] if stored else 0.0
         self._started[name] = time.perf_counter()
         only_ok = " AND error_type IS NULL" if self._retry_errors else ""
@@ -206,12 +219,38 @@ class StoreSink:
         ]
         if spent:  # spend is spend: a failed or replaced row's tokens stay counted
             db.executemany(ADD_USAGE, spent)
+        if config not in self._named:
+            self._name_scores(db, config, rows)
         elapsed = time.perf_counter() - self._started[config]
         db.execute(
             "UPDATE configs SET duration = ? WHERE name = ?",
             (self._prior[config] + elapsed, config),
         )
         self._commit()
+
+    def _metric_json(self, stored: str | None) -> str | None:
+        """This run's ``configs.metric``, keeping the stored rows' score names until rows come."""
+        names = json.loads(stored).get("scores") if stored else None
+        if names is None or self._metric is None:
+            return self._metric
+        return json.dumps({**self._metric_of, "scores": names}, sort_keys=True)
+
+    def _name_scores(self, db: sqlite3.Connection, config: str, rows: list[Row]) -> None:
+        """Add the score names to ``configs.metric`` once a row of this session is scored.
+
+        Every scored row of a config has the names of the first one (else it is an error row),
+        so one row tells them: ``procval report`` then lists a config's scores without reading
+        its rows. Once per config and session.
+        """
+        scored = next((row for row in rows if row.error is None), None)
+        if scored is None:
+            return
+        self._named.add(config)
+        described = {**self._metric_of, "scores": list(scored.scores or ())}
+        db.execute(
+            "UPDATE configs SET metric = ? WHERE name = ?",
+            (json.dumps(described, sort_keys=True), config),
+        )
 
     def _duplicate(self, db: sqlite3.Connection, config: str, rows: list[Row]) -> ValueError:
         """The ValueError for the row whose id is stored already (a duplicate id)."""
