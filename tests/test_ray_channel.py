@@ -232,7 +232,7 @@ def test_two_configs_under_ray_sharing_a_key_never_exceed_the_limit_together():
             procval.Config(n, rate_limit=limit, values={"base": server.api_base}) for n in "ab"
         ]
         results = procval.evaluate(
-            limit_programs.limited_call,
+            ray_channel.limited_call,
             range(30),
             limit_programs.ok,
             configs=configs,
@@ -255,7 +255,7 @@ def test_an_actor_killed_holding_a_permit_does_not_leak_it():
     with LLMServer() as server:
         limit = RateLimit("k", max_in_flight=1)
         result = procval.evaluate(
-            limit_programs.kill_holding_a_permit,
+            ray_channel.kill_holding_a_permit,
             range(12),
             limit_programs.ok,
             config=procval.Config("c", rate_limit=limit, values={"base": server.api_base}),
