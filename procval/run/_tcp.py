@@ -6,7 +6,7 @@
     ────────────────────────────                 ─────────────────────────────────────────
     connect ────────────────────────────────────▶ accept; keepalive on (a lost node's
                                                   connection ends within DEAD_AFTER s)
-    token, newline ───────────────────────────────▶ hmac.compare_digest with the run's token;
+    token, newline ─────────────────────────────▶ hmac.compare_digest with the run's token;
     ◀── {"auth": "ok"}                            wrong, or none within 10 s: refused, closed
     JSON lines ─────────────────────────────────▶ on_line(sock, message), in this thread
     EOF, reset, keepalive timeout ──────────────▶ on_close(sock)
@@ -33,7 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from procval.worker._tcp import address, keepalive
+from procval.worker._tcp import address, tune
 
 __all__ = ["LineServer"]
 
@@ -117,7 +117,7 @@ class LineServer:
                 sock, _ = self._listener.accept()
             except OSError:  # BlockingIOError: none left
                 return
-            keepalive(sock)
+            tune(sock)
             sock.setblocking(False)
             self._peers[sock] = _Peer(sock, time.monotonic())
             self._selector.register(sock, selectors.EVENT_READ)

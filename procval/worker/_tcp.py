@@ -5,7 +5,7 @@
     worker (this module)                               parent (procval.run._tcp.LineServer)
     ────────────────────                               ────────────────────────────────────
     connect("tcp://host:port/token") ─────────────────▶ accept; keepalive on
-    token, newline ─────────────────────────────────────▶ compared in constant time
+    token, newline ───────────────────────────────────▶ compared in constant time
     ◀── {"auth": "ok"}  (or {"auth": "refused"}, closed)
     JSON lines, as over the parent's Unix sockets ────▶ the limiter's or log listener's handlers
 
@@ -29,7 +29,7 @@ import threading
 from collections import deque
 from typing import Any
 
-__all__ = ["DEAD_AFTER", "Sender", "address", "connect", "is_tcp", "keepalive", "parse"]
+__all__ = ["DEAD_AFTER", "Sender", "address", "connect", "is_tcp", "tune", "parse"]
 
 SCHEME = "tcp://"
 DEAD_AFTER = 20  # seconds after which a silent peer's connection ends (keepalive, user timeout)
@@ -64,9 +64,13 @@ def parse(target: str) -> tuple[str, int, str]:
     return host.strip("[]"), int(port), token
 
 
-def keepalive(sock: socket.socket) -> None:
-    """End the connection within :data:`DEAD_AFTER` seconds once its peer stops answering."""
+def tune(sock: socket.socket) -> None:
+    """Send each message at once (no Nagle delay); end a connection whose peer went silent.
+
+    Keepalive and the user timeout end it within :data:`DEAD_AFTER` seconds.
+    """
     with contextlib.suppress(OSError):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         for name, value in (
             ("TCP_KEEPIDLE", _IDLE),
@@ -102,7 +106,7 @@ def connect(target: str, *, timeout: float | None, what: str) -> socket.socket:
             "PROCVAL_DRIVER_HOST on the driver to one it can)"
         ) from None
     try:
-        keepalive(sock)
+        tune(sock)
         sock.sendall(token.encode() + b"\n")
         reply = b""
         while b"\n" not in reply and len(reply) < 4096:
@@ -152,7 +156,8 @@ class Sender:
                 return False
             self._queue.append(message)
             self._pending += 1
-            self._ready.notify_all()
+            if len(self._queue) == 1:  # the thread waits only for an empty queue
+                self._ready.notify_all()
         return True
 
     def _serve(self) -> None:
