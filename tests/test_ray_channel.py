@@ -117,6 +117,7 @@ def test_both_ends_probe_a_silent_peer_so_a_lost_node_frees_its_permits(limiter)
     sock = _tcp.connect(limiter.open_tcp("127.0.0.1"), timeout=5, what="rate limiter")
     with sock:
         assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1  # no 40 ms stalls
         if hasattr(socket, "TCP_KEEPIDLE"):
             idle = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE)
             interval = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL)
