@@ -52,6 +52,7 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from procval.backends import WorkerSpec
+from procval.backends._channels import reachable
 from procval.backends._ray_actor import PREFIX, ProcvalWorker, forget_placed, remove_leftovers
 from procval.backends._ray_worker import LostWorker, RayWorker, _remote, _remote_cache
 
@@ -200,8 +201,11 @@ class RayBackend:
             runtime_env={**self._runtime_env, "env_vars": env_vars}, **options
         )
         name = f"{PREFIX}{self._run}-{next(self._ids)}.slots"
-        # the driver's pid means nothing on a node: Ray ends actors with their driver instead
-        worker_options = dataclasses.replace(spec.options, parent_pid=0)
+        # the driver's pid means nothing on a node: Ray ends actors with their driver instead;
+        # nor do its Unix sockets: the rate limiter and the log relay are reached over TCP
+        worker_options = dataclasses.replace(
+            spec.options, parent_pid=0, **reachable(spec.options, ray.util.get_node_ip_address)
+        )
         worker = RayWorker(
             actor.remote(snapshot, worker_options, name),
             name,

@@ -20,7 +20,6 @@ from procval.run.checks import (
     _check_counts,
     _check_store_options,
     _named_configs,
-    check_local_limits,
 )
 from procval.run.dataset import Examples
 from procval.run.epochs import repeat
@@ -197,7 +196,6 @@ def evaluate(
     named = _named_configs(config, configs)
     _check_counts(workers, threads, retries, backoff, timeout, max_errors)
     _check_backend(backend)
-    check_local_limits(backend, named)
     results = run_configs(
         named,
         program,

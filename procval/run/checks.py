@@ -14,21 +14,7 @@ from typing import Any
 from procval.backends import Backend
 from procval.config import Config
 
-__all__ = ["check_local_limits"]
-
-
-def check_local_limits(backend: str | Backend, named: Sequence[Config]) -> None:
-    """Refuse rate limits with workers on other machines (they ask this process for permits).
-
-    Raises:
-        ValueError: a config has a ``rate_limit`` and the backend is Ray.
-    """
-    ray = backend == "ray" or type(backend).__name__ == "RayBackend"
-    if ray and any(c.rate_limits for c in named):
-        raise ValueError(
-            "rate_limit needs workers on this machine (they ask this process for permits over "
-            "a Unix socket); use backend='loky', or limit the calls inside the program"
-        )
+__all__: list[str] = []
 
 
 def _named_configs(

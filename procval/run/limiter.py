@@ -38,8 +38,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from procval.backends import _channels
 from procval.config import Config
 from procval.ratelimit import RateLimit
+from procval.run import _tcp
 from procval.run.pacing import KeyState
 from procval.wire import WorkerSpec
 
@@ -150,6 +152,9 @@ class Limiter:
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._serve, name="procval-limits", daemon=True)
         self._thread.start()
+        self._tcp: _tcp.LineServer | None = None  # for workers on other nodes (open_tcp)
+        self._remote: dict[socket.socket, _Conn] = {}
+        _channels.offer(self.path, self.open_tcp)
 
     # ---------------------------------------------------------------- results
 
@@ -317,6 +322,9 @@ class Limiter:
 
     def stop(self) -> None:
         """Stop the thread (within a second) and remove the socket."""
+        _channels.withdraw(self.path)
+        if self._tcp is not None:
+            self._tcp.stop()
         self._stopping.set()
         with contextlib.suppress(OSError):
             self._wake_w.send(b"x")
@@ -327,6 +335,35 @@ class Limiter:
         self._selector.close()
         self._wake_w.close()
         shutil.rmtree(self._directory, ignore_errors=True)
+
+    # ---------------------------------------------------------------- over TCP (procval.run._tcp)
+
+    def open_tcp(self, host: str) -> str:
+        """Serve workers on other nodes too, over TCP on ``host`` (opened once); its address.
+
+        Their messages are handled as a local worker's; a connection that ends (its actor
+        killed, or its node lost: keepalive) gives back its permits as a Unix one does.
+        """
+        with self._lock:
+            if self._tcp is None:
+                self._tcp = _tcp.LineServer(
+                    host, name="procval-limits-tcp", on_line=self._tcp_line, on_close=self._tcp_end
+                )
+            return self._tcp.address
+
+    def _tcp_line(self, sock: socket.socket, message: dict[str, Any]) -> None:
+        conn = self._remote.get(sock)
+        if conn is None:
+            conn = self._remote[sock] = _Conn(sock)
+        with self._lock:
+            self._handle(conn, message, time.monotonic())
+        with contextlib.suppress(OSError):
+            self._wake_w.send(b"x")  # the serving thread grants what it can now
+
+    def _tcp_end(self, sock: socket.socket) -> None:
+        conn = self._remote.pop(sock, None)
+        if conn is not None:
+            self._close(conn)
 
 
 def start(configs: Sequence[Config], specs: Iterable[WorkerSpec]) -> Limiter | None:

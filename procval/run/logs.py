@@ -4,8 +4,9 @@ See :mod:`procval.worker.logs` for the worker side. The listener binds a Unix da
 in a private temporary directory, which every worker of the run is told about in
 ``WorkerOptions.log``; it lives as long as the run (:func:`start`, :func:`stop`), and stops within a
 second of it. Records are handled in the listener's thread, by the parent's own loggers and
-handlers, as they arrive, with ``procval_example_id`` and ``procval_pid`` attached. Ray workers
-cannot reach a local socket (docs/ray.md).
+handlers, as they arrive, with ``procval_example_id`` and ``procval_pid`` attached. Ray actors,
+which may run on other nodes, send theirs over TCP instead (:meth:`LogListener.open_tcp`,
+:mod:`procval.run._tcp`), as JSON lines in batches.
 """
 
 from __future__ import annotations
@@ -20,8 +21,10 @@ import socket
 import tempfile
 import threading
 from collections.abc import Sequence
+from typing import Any
 
-from procval.backends import WorkerSpec
+from procval.backends import WorkerSpec, _channels
+from procval.run import _tcp
 
 __all__ = ["LogListener", "parent_levels", "start", "stop"]
 
@@ -56,6 +59,17 @@ class LogListener:
         self.received = 0
         self._thread = threading.Thread(target=self._serve, name="procval-logs", daemon=True)
         self._thread.start()
+        self._tcp: _tcp.LineServer | None = None
+        _channels.offer(self.path, self.open_tcp)
+
+    def open_tcp(self, host: str) -> str:
+        """Take records over TCP on ``host`` too (opened once), for workers on other nodes."""
+        with self._flushing:
+            if self._tcp is None:
+                self._tcp = _tcp.LineServer(
+                    host, name="procval-logs-tcp", on_line=lambda _, state: self._emit(state)
+                )
+            return self._tcp.address
 
     @property
     def dropped(self) -> int:
@@ -80,6 +94,12 @@ class LogListener:
     def _handle(self, data: bytes) -> None:
         try:
             state = pickle.loads(data)  # from our own workers, through a 0700 directory
+        except Exception:
+            return
+        self._emit(state)
+
+    def _emit(self, state: dict[str, Any]) -> None:
+        try:
             record = logging.makeLogRecord(state)
         except Exception:
             return
@@ -94,6 +114,8 @@ class LogListener:
 
     def flush(self) -> None:
         """Handle the records already queued, now; say how many the workers dropped."""
+        if self._tcp is not None:
+            self._tcp.settle()  # records on their way from other nodes
         with self._flushing:
             self._socket.settimeout(0)
             try:
@@ -117,6 +139,9 @@ class LogListener:
 
     def stop(self) -> None:
         """Handle what is already queued, then stop the thread and remove the socket."""
+        _channels.withdraw(self.path)
+        if self._tcp is not None:
+            self._tcp.stop()
         self._stopping.set()
         # wake the thread from its recv now, rather than at its timeout (every call paid 0.1 s)
         with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:

@@ -50,7 +50,7 @@ from procval.backends import Backend, Worker, WorkerSpec
 from procval.config import Config
 from procval.results import EvaluationResult, Results
 from procval.run.api import Metric, Program, _backend, _default_workers, run_configs
-from procval.run.checks import _check_backend, _check_counts, _named_configs, check_local_limits
+from procval.run.checks import _check_backend, _check_counts, _named_configs
 from procval.wire import Snapshot
 
 __all__ = ["Workers"]
@@ -140,7 +140,6 @@ class Workers:
         self._single = configs is None
         _check_counts(workers, threads, 0, 0.0, None, None)
         _check_backend(backend)
-        check_local_limits(backend, self._named)
         engine = _backend(backend)
         self._threads = threads
         self._state = _PoolState(engine, workers or _default_workers(engine))

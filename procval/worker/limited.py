@@ -29,6 +29,7 @@ from collections.abc import Awaitable, Callable, Iterator, Mapping
 from typing import Any, TypeVar
 
 from procval.ratelimit import RateLimit
+from procval.worker import _tcp
 
 __all__ = ["Permit", "acall", "call", "install", "is_rate_limited", "limited", "retry_after"]
 
@@ -91,18 +92,26 @@ class Permit:
 def _connection() -> socket.socket:
     conn: socket.socket | None = getattr(_local, "conn", None)
     if conn is None or getattr(_local, "path", "") != _path:
-        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        conn.settimeout(_GRANT_TIMEOUT)
-        try:
-            conn.connect(_path)
-        except OSError as exc:
-            conn.close()
-            raise RuntimeError(
-                f"cannot reach the parent's rate limiter at {_path} ({exc}); the run is over "
-                "or the parent died"
-            ) from None
+        if _tcp.is_tcp(_path):  # a Ray actor: the driver's TCP channel (procval.worker._tcp)
+            conn = _tcp.connect(_path, timeout=_GRANT_TIMEOUT, what="rate limiter")
+        else:
+            conn = _unix(_path)
         conn.sendall(json.dumps({"op": "hello", "config": _config}).encode() + b"\n")
         _local.conn, _local.path, _local.buffer = conn, _path, b""
+    return conn
+
+
+def _unix(path: str) -> socket.socket:
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    conn.settimeout(_GRANT_TIMEOUT)
+    try:
+        conn.connect(path)
+    except OSError as exc:
+        conn.close()
+        raise RuntimeError(
+            f"cannot reach the parent's rate limiter at {path} ({exc}); the run is over "
+            "or the parent died"
+        ) from None
     return conn
 
 

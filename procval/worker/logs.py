@@ -14,6 +14,10 @@ The worker's loggers take the parent's levels (``WorkerOptions.log``), so what t
 not show is not even formatted. A full socket buffer never stalls the worker: the record is
 dropped and counted, and the next record that gets through carries the count
 (``procval_dropped``), which the parent reports at the end of the run.
+
+On Ray the target is a ``tcp://`` address (the driver's node, :mod:`procval.worker._tcp`): the
+record goes to a bounded queue that a thread sends in batches, so logging never waits on the
+network either; a full queue drops the record and counts it the same way.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import pickle
 import socket
 from typing import Any
 
-from procval.worker import record
+from procval.worker import _tcp, record
 
 __all__ = ["RelayHandler", "install"]
 
@@ -40,18 +44,30 @@ class RelayHandler(logging.Handler):
         self.path = path
         self.pid = os.getpid()
         self.dropped = 0
-        self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self._socket.setblocking(False)
+        self._sender = _tcp.Sender(path) if _tcp.is_tcp(path) else None
+        self._socket: socket.socket | None = None
+        if self._sender is None:
+            self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            self._socket.setblocking(False)
 
     def emit(self, record_: logging.LogRecord) -> None:
         """Send the record; drop it (and count it) if the socket would block."""
+        if self._sender is not None:
+            try:
+                state = self._prepare(record_)
+            except Exception:
+                self.handleError(record_)
+                return
+            if not self._sender.put(state):
+                self.dropped += 1
+            return
         try:
             data = pickle.dumps(self._prepare(record_), pickle.HIGHEST_PROTOCOL)
         except Exception:
             self.handleError(record_)
             return
         try:
-            self._socket.sendto(data, self.path)
+            self._socket.sendto(data, self.path)  # type: ignore[union-attr]
         except OSError:  # EAGAIN (buffer full), ENOBUFS, the parent gone: never block
             self.dropped += 1
 
@@ -67,15 +83,23 @@ class RelayHandler(logging.Handler):
         state["args"] = None
         state["procval_example_id"] = recording.example_id if recording is not None else None
         state["procval_pid"] = self.pid
-        state["procval_dropped"] = self.dropped
+        state["procval_dropped"] = self.dropped + (self._sender.lost if self._sender else 0)
         for key, value in state.items():  # extra=... values the parent may not unpickle
             if not isinstance(value, str | int | float | bool | type(None)):
                 state[key] = repr(value)
         return state
 
+    def flush(self) -> None:
+        """Over TCP: wait (a second at most) for the queued records to be sent."""
+        if self._sender is not None:
+            self._sender.flush()
+
     def close(self) -> None:
-        """Close the socket."""
-        self._socket.close()
+        """Close the socket (over TCP: send what is queued first, within two seconds)."""
+        if self._sender is not None:
+            self._sender.close()
+        if self._socket is not None:
+            self._socket.close()
         super().close()
 
 
