@@ -42,6 +42,18 @@ def all_failed(result: EvaluationResult) -> str:
     )
 
 
+def kept_line(result: EvaluationResult) -> str:
+    """What the store keeps out of a result resumed with fewer epochs than it holds, or ""."""
+    rows, epochs = result._kept
+    if not rows:
+        return ""
+    return (
+        f"{rows} stored rows of epochs {result.epochs} to {epochs - 1} are not counted "
+        f"(this run has epochs={result.epochs}); they stay in the store: epochs={epochs} "
+        "counts them again without rerunning them"
+    )
+
+
 def named_scores(result: EvaluationResult) -> str:
     """``"em 0.5000, f1 0.7500"`` when the config has named scores, else ""."""
     scores = result.scores
@@ -100,6 +112,9 @@ def result_summary(result: EvaluationResult) -> str:
         lines.append(f"  {count} x {kind}{example_of(samples.get(kind))}")
     if result.replaced_workers:
         lines.append(f"  {result.replaced_workers} workers lost and replaced")
+    kept = kept_line(result)
+    if kept:
+        lines.append(f"  {kept}")
     lines.extend(f"  {line}" for line in limit_lines(result.limits))
     if result.usage:
         from procval.report.text import spend_lines
@@ -126,6 +141,10 @@ def results_summary(results: Mapping[str, EvaluationResult]) -> str:
         warning = all_failed(result)
         if warning:
             lines.append(f"{name}: {warning}")
+    for name, result in results.items():
+        kept = kept_line(result)
+        if kept:
+            lines.append(f"{name}: {kept}")
     replaced = [f"{n} {r.replaced_workers}" for n, r in results.items() if r.replaced_workers]
     if replaced:
         lines.append(f"workers lost and replaced: {', '.join(replaced)}")

@@ -93,12 +93,14 @@ class Examples:
     def _read(self) -> Iterator[Item]:
         seen: dict[int | str, int] | None = None if self._checked else {}
         for index, example in enumerate(self._data):
-            eid = example_id(example, index)
+            eid = example.get("id", index) if type(example) is dict else None
+            if type(eid) is not int and type(eid) is not str:  # not a plain dict's int or str
+                eid = example_id(example, index)
             if seen is not None:
                 first = seen.setdefault(eid, index)
                 if first != index:
                     raise _duplicate(eid, first, index)
-            yield WorkItem(index, eid, example)
+            yield _new(WorkItem, (index, eid, example, 0))  # built in C, as in __iter__
 
 
 def _duplicate(eid: int | str, first: int, second: int) -> ValueError:
