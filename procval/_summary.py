@@ -47,8 +47,13 @@ def kept_line(result: EvaluationResult) -> str:
     rows, epochs = result._kept
     if not rows:
         return ""
+    which = (
+        f"epoch {epochs - 1}"
+        if epochs - 1 == result.epochs
+        else (f"epochs {result.epochs} to {epochs - 1}")
+    )
     return (
-        f"{rows} stored rows of epochs {result.epochs} to {epochs - 1} are not counted "
+        f"{rows} stored rows of {which} are not counted "
         f"(this run has epochs={result.epochs}); they stay in the store: epochs={epochs} "
         "counts them again without rerunning them"
     )
