@@ -166,11 +166,13 @@ class DoneRows:
         A finished item that :meth:`ContentCheck.wanted` picks is hashed; ``changed(item)`` is
         raised if its hash is not the stored one.
         """
+        lo, hi, window = self._lo, self._hi, self._window  # locals: this loop runs per example
         for item in items:
             index, example_id, example, epoch = item
-            if not self._lo <= index < self._hi:
+            if not lo <= index < hi:
                 self._load(index)
-            digest = self._window.pop((example_id, epoch) if epoch else example_id, None)
+                lo, hi, window = self._lo, self._hi, self._window
+            digest = window.pop((example_id, epoch) if epoch else example_id, None)
             if digest is None:
                 if self.unfound <= 0:
                     yield item
