@@ -18,6 +18,9 @@ stopped by Ctrl-C leaves it. Each measurement resumes a fresh copy of it in a ne
   ``benchmarks/run.py``'s ``peak_rss``), and its RSS after imports;
 - the seconds from the call to the first new example reaching a worker's program (each worker
   writes the time of its first call to a file; the earliest counts), worker start included;
+- the parent's CPU seconds from the call until it reads the first new example from the dataset
+  (the generator notes it): the work done before new work, which load from elsewhere does not
+  inflate as it does the wall-clock seconds;
 - the seconds to the end of the run, and that exactly the missing examples ran.
 
 With ``--base``, every repetition runs the base checkout and then this one, so that load from
@@ -35,6 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from typing import Any
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -134,7 +138,7 @@ def measure(checkout: str, stored: str, total: int, done: int) -> dict[str, Any]
         env = child_env(checkout)
         env["PROCVAL_BENCH_FIRST"] = first
         out = subprocess.run(
-            [sys.executable, __file__, "--resume-child", str(total), copy],
+            [sys.executable, __file__, "--resume-child", str(total), str(done), copy],
             check=True,
             capture_output=True,
             text=True,
@@ -149,7 +153,7 @@ def measure(checkout: str, stored: str, total: int, done: int) -> dict[str, Any]
     return found
 
 
-def resume_child(total: int, path: str) -> None:
+def resume_child(total: int, done: int, path: str) -> None:
     """In a fresh process: resume the run in ``path`` to ``total`` examples; print JSON."""
     import resume
     import workloads
@@ -157,11 +161,19 @@ def resume_child(total: int, path: str) -> None:
     import procval
 
     after_imports = peak_rss()
-    called = time.time()
+    seen: dict[str, float] = {}
+
+    def noted(examples: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        for example in examples:
+            if example["id"] == done and not seen:  # the first example not in the store
+                seen["cpu"] = time.process_time() - cpu
+            yield example
+
+    called, cpu = time.time(), time.process_time()
     start = time.perf_counter()
     result = procval.evaluate(
         resume.first_touch,
-        workloads.streamed_examples(total),
+        noted(workloads.streamed_examples(total)),
         workloads.metric,
         store=path,
         workers=2,
@@ -174,6 +186,7 @@ def resume_child(total: int, path: str) -> None:
         "peak": peak_rss(),
         "called": called,
         "seconds": seconds,
+        "cpu_to_new": seen["cpu"],
         "found": result.found,
         "added": result.added,
     }
@@ -198,9 +211,13 @@ def report(name: str, runs: list[dict[str, Any]]) -> dict[str, float]:
     first = statistics.median(r["first_new"] for r in runs)
     total = statistics.median(r["seconds"] for r in runs)
     imports = statistics.median(r["after_imports"] for r in runs) / MB
+    cpu = statistics.median(r["cpu_to_new"] for r in runs)
     spread = ", ".join(f"{r['first_new']:.2f}" for r in runs)
-    print(f"  {name:<8} {imports:>14.1f} {peak:>12.1f} {first:>16.2f} {total:>12.2f}   ({spread})")
-    return {"peak": peak, "first": first, "total": total}
+    print(
+        f"  {name:<8} {imports:>14.1f} {peak:>12.1f} {first:>14.2f} {cpu:>14.2f} "
+        f"{total:>9.2f}   ({spread})"
+    )
+    return {"peak": peak, "first": first, "total": total, "cpu": cpu}
 
 
 def main() -> None:
@@ -211,12 +228,13 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--base", help="a base checkout to measure too, alternating")
     parser.add_argument("--build-child", nargs=2, help=argparse.SUPPRESS)
-    parser.add_argument("--resume-child", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--resume-child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.build_child:
         return build_child(int(args.build_child[0]), args.build_child[1])
     if args.resume_child:
-        return resume_child(int(args.resume_child[0]), args.resume_child[1])
+        total, done, path = args.resume_child
+        return resume_child(int(total), int(done), path)
     total, done = (100_000, 90_000) if args.quick else (args.total, args.done)
     stored = cached_store(done)
     checkouts = {"base": os.path.abspath(args.base)} if args.base else {}
@@ -229,7 +247,7 @@ def main() -> None:
             runs[name].append(measure(checkout, stored, total, done))
     print(
         f"  {'checkout':<8} {'MB after import':>14} {'peak RSS MB':>12} "
-        f"{'s to new work':>16} {'s in all':>12}   (s to new work, each run)"
+        f"{'s to new work':>14} {'parent CPU s':>14} {'s in all':>9}   (s to new work, each run)"
     )
     medians = {name: report(name, found) for name, found in runs.items()}
     now = medians["this"]
@@ -237,7 +255,8 @@ def main() -> None:
         base = medians["base"]
         print(
             f"  -> this / base: peak RSS {now['peak'] / base['peak']:.2f}x, "
-            f"seconds to new work {now['first'] / base['first']:.2f}x"
+            f"seconds to new work {now['first'] / base['first']:.2f}x, "
+            f"parent CPU seconds to new work {now['cpu'] / base['cpu']:.2f}x"
         )
     for what, value, target, unit in (
         ("peak RSS", now["peak"], TARGET_MB, "MB"),
