@@ -42,6 +42,23 @@ def all_failed(result: EvaluationResult) -> str:
     )
 
 
+def kept_line(result: EvaluationResult) -> str:
+    """What the store keeps out of a result resumed with fewer epochs than it holds, or ""."""
+    rows, epochs = result._kept
+    if not rows:
+        return ""
+    which = (
+        f"epoch {epochs - 1}"
+        if epochs - 1 == result.epochs
+        else (f"epochs {result.epochs} to {epochs - 1}")
+    )
+    return (
+        f"{rows} stored rows of {which} are not counted "
+        f"(this run has epochs={result.epochs}); they stay in the store: epochs={epochs} "
+        "counts them again without rerunning them"
+    )
+
+
 def named_scores(result: EvaluationResult) -> str:
     """``"em 0.5000, f1 0.7500"`` when the config has named scores, else ""."""
     scores = result.scores
@@ -101,6 +118,9 @@ def result_summary(result: EvaluationResult) -> str:
     lines.extend(group_lines(result, "  "))
     if result.replaced_workers:
         lines.append(f"  {result.replaced_workers} workers lost and replaced")
+    kept = kept_line(result)
+    if kept:
+        lines.append(f"  {kept}")
     lines.extend(f"  {line}" for line in limit_lines(result.limits))
     if result.usage:
         from procval.report.text import spend_lines
@@ -132,6 +152,9 @@ def results_summary(results: Mapping[str, EvaluationResult]) -> str:
         if groups:
             lines.append(f"{name} by group:")
             lines.extend(groups)
+        kept = kept_line(result)
+        if kept:
+            lines.append(f"{name}: {kept}")
     replaced = [f"{n} {r.replaced_workers}" for n, r in results.items() if r.replaced_workers]
     if replaced:
         lines.append(f"workers lost and replaced: {', '.join(replaced)}")

@@ -113,6 +113,7 @@ class EvaluationResult:
     _reducer: str | Mapping[str, str] = "mean"
     _primary: str | None = None
     _examples: list[Row] | None = None
+    _kept: tuple[int, int] = (0, 0)
 
     def __init__(
         self,
@@ -127,8 +128,11 @@ class EvaluationResult:
         epochs: int = 1,
         reducer: str | Mapping[str, str] = "mean",
         primary: str | None = None,
+        kept: tuple[int, int] = (0, 0),
     ) -> None:
         self._config = config
+        # (rows, epochs): rows of later epochs its store keeps out of this result (store.readers)
+        self._kept = kept
         self._usage = dict(usage) if usage is not None else None
         self._epochs = epochs
         self._reducer = reducer

@@ -143,6 +143,24 @@ def test_more_epochs_on_resume_run_only_the_missing_epochs(tmp_path: Path) -> No
     assert run(epochs=3, store=store).added == 0
 
 
+def test_fewer_epochs_on_resume_leave_the_later_epochs_in_the_store(tmp_path: Path) -> None:
+    store = tmp_path / "run.db"
+    run(epochs=3, store=store)
+    fewer = run(epochs=2, store=store)
+    assert (fewer.found, fewer.added, fewer.epochs) == (16, 0, 2)
+    assert sorted({r.epoch for r in fewer.rows}) == [0, 1] and len(fewer.rows) == 16
+    assert len(fewer.examples()) == 8 and len(fewer) == 16
+    assert "8 stored rows of epoch 2 are not counted" in fewer.summary()
+    assert "epochs=3 counts them again" in fewer.summary()
+    loaded = procval.load(store)["default"]
+    assert (loaded.epochs, len(loaded.rows), loaded.totals.n) == (2, 16, 16)
+    with sqlite3.connect(store) as db:
+        assert db.execute("SELECT COUNT(*) FROM rows WHERE epoch = 2").fetchone() == (8,)
+    again = run(epochs=3, store=store)  # the kept rows count again, and nothing reruns
+    assert (again.found, again.added, len(again.rows)) == (24, 0, 24)
+    assert "not counted" not in again.summary()
+
+
 @pytest.mark.slow
 def test_a_killed_epoch_run_resumes_every_missing_epoch_and_more(
     tmp_path: Path,

@@ -134,14 +134,16 @@ class Examples:
         seen: dict[int | str, int] | None = None if self._checked else {}
         grouping = self._grouping
         for index, example in enumerate(self._data):
-            eid = example_id(example, index)
+            eid = example.get("id", index) if type(example) is dict else None
+            if type(eid) is not int and type(eid) is not str:  # not a plain dict's int or str
+                eid = example_id(example, index)
             if seen is not None:
                 first = seen.setdefault(eid, index)
                 if first != index:
                     raise _duplicate(eid, first, index)
             if grouping is not None:
                 grouping.one(example, eid, index)  # refused here, before it is sent
-            yield WorkItem(index, eid, example)
+            yield _new(WorkItem, (index, eid, example, 0))  # built in C, as in __iter__
 
 
 def _duplicate(eid: int | str, first: int, second: int) -> ValueError:

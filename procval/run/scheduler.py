@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 
 from procval import _pickling
@@ -107,7 +107,7 @@ class Scheduler:
             prior = sink.begin(spec.snapshot)  # earlier sessions' errors do not count here
             run = ConfigRun(
                 spec=spec,
-                source=self._pending(spec.snapshot.name, data) if prior.n else iter(data),
+                source=sink.pending(spec.snapshot.name, data) if prior.n else iter(data),
                 total=data.total,
                 sizer=ShardSizer(spec.options.threads),
                 totals=prior,
@@ -117,11 +117,6 @@ class Scheduler:
                 run.name, prior.n, n=prior.n, score_sum=prior.score_sum, errors=prior.errors
             )
             self._runs.append(run)
-
-    def _pending(self, name: str, data: Examples | Repeated) -> Iterator[Item]:
-        for item in data:
-            if not self._sink.is_done(name, *item):
-                yield item
 
     # ---------------------------------------------------------------- main loop
 

@@ -33,7 +33,7 @@ def encode(row: Row, config: str, session: int) -> tuple[Any, ...]:
     kind = type(prediction)
     record = (
         config,
-        str(eid) if isinstance(eid, int) else json.dumps(eid),
+        id_text(eid),
         row.index,
         text_hash(example),
         example,
@@ -146,6 +146,11 @@ def to_json(value: Any) -> str:
         return _CANONICAL(value)  # the fast path for plain JSON data
     except (TypeError, ValueError, RecursionError):
         return _CANONICAL(to_jsonable(value))
+
+
+def id_text(example_id: int | str) -> str:
+    """The stored form of an id: its JSON (``3`` and ``"3"`` differ)."""
+    return str(example_id) if isinstance(example_id, int) else json.dumps(example_id)
 
 
 def text_hash(text: str) -> int:

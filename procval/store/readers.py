@@ -69,8 +69,8 @@ def iter_rows(
     with store_errors(path), contextlib.closing(connect(path, create=False)) as db:
         names = check_names(path, db, configs)
         for name in names:
-            query = f"{select(db)} WHERE config = ? ORDER BY idx, epoch"
-            cursor = db.execute(query, (name,))
+            where, params = rows_of(db, name)
+            cursor = db.execute(f"{select(db)} WHERE {where} ORDER BY idx, epoch", params)
             for record in cursor:
                 row = decode(record)
                 yield {
@@ -116,8 +116,9 @@ def score_names(path: str | os.PathLike[str], configs: Sequence[str] | None = No
             if kept is not None:
                 names.update(dict.fromkeys(kept))
                 continue
+            where, params = rows_of(db, name)
             found = db.execute(
-                "SELECT scores FROM rows WHERE config = ? AND scores IS NOT NULL LIMIT 1", (name,)
+                f"SELECT scores FROM rows WHERE {where} AND scores IS NOT NULL LIMIT 1", params
             ).fetchone()
             if found is not None:
                 names.update(dict.fromkeys(json.loads(found[0])))
@@ -180,8 +181,8 @@ class RowLoader:
     def __call__(self) -> list[Row]:
         """The config's rows, in dataset order."""
         with store_errors(self.path), contextlib.closing(connect(self.path, create=False)) as db:
-            query = f"{select(db)} WHERE config = ? ORDER BY idx, epoch"
-            cursor = db.execute(query, (self.config,))
+            where, params = rows_of(db, self.config)
+            cursor = db.execute(f"{select(db)} WHERE {where} ORDER BY idx, epoch", params)
             return [decode(record) for record in cursor]
 
     def score_names(self) -> list[str]:
@@ -202,9 +203,9 @@ class RowLoader:
         )
         paths = [f"$.{json.dumps(name)}" for name in names]
         with store_errors(self.path), contextlib.closing(connect(self.path, create=False)) as db:
-            found = db.execute(
-                f"SELECT {means} FROM rows WHERE config = ?", (*paths, self.config)
-            ).fetchone()
+            where, params = rows_of(db, self.config)
+            found = db.execute(f"SELECT {means} FROM rows WHERE {where}", (*paths, *params))
+            found = found.fetchone()
         return {n: math.nan if v is None else float(v) for n, v in zip(names, found, strict=True)}
 
     def group_names(self) -> list[str]:
@@ -212,19 +213,21 @@ class RowLoader:
         with store_errors(self.path), contextlib.closing(connect(self.path, create=False)) as db:
             if version(db) < 2:
                 return []
+            where, params = rows_of(db, self.config)
             cursor = db.execute(
-                "SELECT DISTINCT group_key FROM rows WHERE config = ? AND group_key IS NOT NULL",
-                (self.config,),
+                f"SELECT DISTINCT group_key FROM rows WHERE {where} AND group_key IS NOT NULL",
+                params,
             )
             return sorted(name for (name,) in cursor)
 
     def first_error(self) -> RowError | None:
         """The error of the config's first failed row (by dataset order), or None."""
         with contextlib.closing(connect(self.path, create=False)) as db:
+            where, params = rows_of(db, self.config)
             found = db.execute(
-                "SELECT error_type, error_message FROM rows WHERE config = ? AND error_type IS "
+                f"SELECT error_type, error_message FROM rows WHERE {where} AND error_type IS "
                 "NOT NULL ORDER BY idx LIMIT 1",
-                (self.config,),
+                params,
             ).fetchone()
         return None if found is None else RowError(found[0], found[1] or "")
 
@@ -247,10 +250,11 @@ def result_of(
             "reducer": described.get("reducer") or "mean",
             "primary": described.get("primary"),
         }
+    where, params = rows_of(db, config)
     error_types = db.execute(
-        "SELECT error_type, COUNT(*) FROM rows WHERE config = ? AND error_type IS NOT NULL "
+        f"SELECT error_type, COUNT(*) FROM rows WHERE {where} AND error_type IS NOT NULL "
         "GROUP BY error_type",
-        (config,),
+        params,
     ).fetchall()
     return EvaluationResult(
         config,
@@ -260,6 +264,7 @@ def result_of(
         error_types=dict(error_types),
         fingerprint=fingerprint,
         usage=usage_of(db, config),
+        kept=kept_rows(db, config),
         **scoring,
     )
 
@@ -285,14 +290,60 @@ def usage_of(db: sqlite3.Connection, config: str) -> dict[str, Usage]:
     return {model: Usage(*counts) for model, *counts in cursor}
 
 
-def totals(db: sqlite3.Connection, config: str, *, only_ok: bool = False) -> Totals:
-    """Count, score sum and errors of ``config``'s rows (only successful ones with ``only_ok``)."""
+def totals(
+    db: sqlite3.Connection, config: str, *, only_ok: bool = False, epochs: int | None = None
+) -> Totals:
+    """Count, score sum and errors of ``config``'s rows.
+
+    Args:
+        db: the store.
+        config: the config.
+        only_ok: count only the rows without an error.
+        epochs: count only the rows of epochs below it (default: the config's stored epochs,
+            so that rows kept from a run with more epochs are not counted).
+    """
+    where, params = rows_of(db, config, epochs)
     n, score_sum, errors, nan = db.execute(
         "SELECT COUNT(*), TOTAL(score), COUNT(error_type), COUNT(*) - COUNT(score) "
-        "FROM rows WHERE config = ?" + (" AND error_type IS NULL" if only_ok else ""),
-        (config,),
+        f"FROM rows WHERE {where}" + (" AND error_type IS NULL" if only_ok else ""),
+        params,
     ).fetchone()
     return Totals(n=n, score_sum=math.nan if nan else float(score_sum), errors=errors)
+
+
+def rows_of(
+    db: sqlite3.Connection, config: str, epochs: int | None = None
+) -> tuple[str, tuple[Any, ...]]:
+    """The ``WHERE`` condition (and its parameters) of the rows a result of ``config`` holds.
+
+    Those of its epochs below ``epochs`` (default: the config's stored epochs). A run resumed
+    with fewer epochs than its store holds keeps the later epochs' rows in the store, untouched,
+    and out of its result; a run with more epochs again counts them (and does not rerun them).
+    A format 1 store has no epochs: every row of the config.
+    """
+    if version(db) < 2:
+        return "config = ?", (config,)
+    if epochs is None:
+        found = db.execute("SELECT epochs FROM configs WHERE name = ?", (config,)).fetchone()
+        if found is None:
+            return "config = ?", (config,)
+        epochs = int(found[0])
+    return "config = ? AND epoch < ?", (config, epochs)
+
+
+def kept_rows(db: sqlite3.Connection, config: str) -> tuple[int, int]:
+    """``(rows, epochs)``: the config's stored rows that its result leaves out, by epoch.
+
+    ``rows`` of epochs at or past the config's stored epochs (see :func:`rows_of`), and the
+    epochs a run would need to count them all (``(0, 0)`` when there are none).
+    """
+    _, params = rows_of(db, config)
+    if len(params) < 2:
+        return 0, 0
+    n, last = db.execute(
+        "SELECT COUNT(*), MAX(epoch) FROM rows WHERE config = ? AND epoch >= ?", params
+    ).fetchone()
+    return int(n), 0 if last is None else int(last) + 1
 
 
 def check_names(path: str, db: sqlite3.Connection, wanted: Iterable[str] | None) -> list[str]:
@@ -311,10 +362,11 @@ def error_samples(db: sqlite3.Connection, config: str) -> dict[str, tuple[int | 
 
     One query grouped by error type; SQLite takes the bare columns from the row with ``MIN(idx)``.
     """
+    where, params = rows_of(db, config)
     cursor = db.execute(
         "SELECT error_type, MIN(idx), example_id, error_message FROM rows "
-        "WHERE config = ? AND error_type IS NOT NULL GROUP BY error_type ORDER BY MIN(idx)",
-        (config,),
+        f"WHERE {where} AND error_type IS NOT NULL GROUP BY error_type ORDER BY MIN(idx)",
+        params,
     )
     return {kind: (json.loads(eid), message or "") for kind, _, eid, message in cursor}
 
@@ -333,10 +385,11 @@ def iter_errors(
     path = os.fspath(path)
     with contextlib.closing(connect(path, create=False)) as db:
         for name in check_names(path, db, configs):
+            where, params = rows_of(db, name)
             cursor = db.execute(
                 "SELECT example_id, error_type, error_message FROM rows "
-                "WHERE config = ? AND error_type IS NOT NULL ORDER BY idx",
-                (name,),
+                f"WHERE {where} AND error_type IS NOT NULL ORDER BY idx",
+                params,
             )
             for eid, kind, message in cursor:
                 yield name, json.loads(eid), kind, message or ""

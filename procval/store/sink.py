@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, Protocol
 
 from procval.results import EvaluationResult, Row, Totals
 from procval.wire import Snapshot
+from procval.wire import WorkItem as Item
 
 
 class Sink(Protocol):
@@ -20,6 +21,10 @@ class Sink(Protocol):
         self, config: str, index: int, example_id: int | str, example: Any, epoch: int = 0
     ) -> bool:
         """Whether this example (this epoch of it) already has a row (then it is not run again)."""
+        ...
+
+    def pending(self, config: str, items: Iterable[Item]) -> Iterator[Item]:
+        """The items that are not done, in order: ``is_done`` of each, as one lazy stream."""
         ...
 
     def add(self, config: str, rows: list[Row]) -> None:
@@ -67,6 +72,10 @@ class MemorySink:
         """Nothing is done before a run in memory."""
         return False
 
+    def pending(self, config: str, items: Iterable[Item]) -> Iterator[Item]:
+        """Every item: nothing is done before a run in memory."""
+        return iter(items)
+
     def add(self, config: str, rows: list[Row]) -> None:
         """Append rows."""
         self._rows[config].extend(rows)
@@ -100,6 +109,10 @@ class SinkWrapper:
     ) -> bool:
         """As the wrapped sink."""
         return self._sink.is_done(config, index, example_id, example, epoch)
+
+    def pending(self, config: str, items: Iterable[Item]) -> Iterator[Item]:
+        """As the wrapped sink."""
+        return self._sink.pending(config, items)
 
     def add(self, config: str, rows: list[Row]) -> None:
         """As the wrapped sink."""

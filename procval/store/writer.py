@@ -21,7 +21,9 @@ One writer at a time: the sink holds the store's writer lock (:mod:`procval.stor
 the moment it opens until it closes; readers never take it.
 
 Resuming: an example whose id already has a row is not run again, provided the stored example
-has the same content (a hash of its canonical JSON); a config name stored with a different
+has the same content (a hash of its canonical JSON: every finished example up to the first
+10,000 of a session, then a random sample, see :mod:`procval.store.done`, which also finds the
+stored rows without holding their ids); a config name stored with a different
 :meth:`procval.Config.identity` is refused. ``fresh=True`` discards the stored rows of the configs
 being run, and only those.
 """
@@ -36,18 +38,20 @@ import socket
 import sqlite3
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 from procval._version import __version__
 from procval.errors import ProgramChangedWarning, StoreError, StoreMismatchError
 from procval.results import EvaluationResult, Row, Totals, Usage
 from procval.store.codec import DEFAULTS, encode, text_hash, to_json
+from procval.store.done import ContentCheck, DoneRows, check_mode
 from procval.store.faults import store_errors, translate
 from procval.store.lock import WriterLock, writer_is_gone
 from procval.store.readers import result_of, totals
 from procval.store.schema import ADD_USAGE, connect, insert, migrate
 from procval.wire import Snapshot
+from procval.wire import WorkItem as Item
 
 
 class StoreSink:
@@ -84,6 +88,7 @@ class StoreSink:
         metric: Mapping[str, Any] | None = None,
         sources: Mapping[str, str] | None = None,
     ) -> None:
+        self._check = check_mode()  # a bad PROCVAL_RESUME_CHECK: refused before any file
         self._path = path
         self._epochs = epochs
         self._metric_of = dict(metric or {})
@@ -100,8 +105,8 @@ class StoreSink:
         self._db: sqlite3.Connection | None = None
         self._session = 0
         self._closed = False
-        # example_id (epoch 0) or (example_id, epoch) -> example hash, per config
-        self._done: dict[str, dict[Any, int]] = {}
+        self._done: dict[str, DoneRows] = {}  # the stored rows that count as done, per config
+        self._checks: dict[str, ContentCheck] = {}
         self._prior: dict[str, float] = {}  # duration of earlier sessions, per config
         self._started: dict[str, float] = {}
         self._failure: StoreError | None = None  # raised by result() if close() failed
@@ -159,35 +164,54 @@ class StoreSink:
             )
         self._prior[name] = stored[2] if stored else 0.0
         self._started[name] = time.perf_counter()
-        only_ok = " AND error_type IS NULL" if self._retry_errors else ""
-        self._done[name] = {
-            (json.loads(eid), epoch) if epoch else json.loads(eid): digest
-            for eid, digest, epoch in db.execute(
-                "SELECT example_id, example_hash, epoch FROM rows WHERE config = ?" + only_ok,
-                (name,),
-            )
-        }
-        return totals(db, name, only_ok=bool(only_ok))
+        found = totals(db, name, only_ok=self._retry_errors, epochs=self._epochs)
+        self._done[name] = DoneRows(
+            db,
+            self._path,
+            name,
+            stored=found.n,
+            epochs=self._epochs,
+            session=self._session,
+            only_ok=self._retry_errors,
+        )
+        self._checks[name] = ContentCheck(self._check)
+        return found
 
     def is_done(
         self, config: str, index: int, example_id: int | str, example: Any, epoch: int = 0
     ) -> bool:
         """Whether the example's epoch has a stored row; its content must match the stored one.
 
+        The content is compared for a session's first finished examples, then for a random
+        sample of them (:mod:`procval.store.done` says which, and what that misses).
+
         Raises:
             StoreMismatchError: the stored example of this id has different content.
         """
-        digest = self._done[config].get((example_id, epoch) if epoch else example_id)
+        digest = self._done[config].find(index, example_id, epoch)
         if digest is None:
             return False
-        if digest != text_hash(to_json(example)):
-            raise StoreMismatchError(
-                f"example {example_id!r} of config {config!r} differs from the one stored under "
-                f"that id in {self._path}; resuming would mix results of two datasets. Start over "
-                "with fresh=True (procval run --fresh), use a new store path, or give changed "
-                "examples new ids"
-            )
+        if self._checks[config].wanted() and digest != text_hash(to_json(example)):
+            raise self._changed(config, example_id)
         return True
+
+    def pending(self, config: str, items: Iterable[Item]) -> Iterator[Item]:
+        """The items without a stored row, in order, as :meth:`is_done` tells (in one loop).
+
+        Raises:
+            StoreMismatchError: a finished example's content differs from the stored one.
+        """
+        return self._done[config].pending(
+            items, self._checks[config], lambda item: self._changed(config, item.example_id)
+        )
+
+    def _changed(self, config: str, example_id: int | str) -> StoreMismatchError:
+        return StoreMismatchError(
+            f"example {example_id!r} of config {config!r} differs from the one stored under "
+            f"that id in {self._path}; resuming would mix results of two datasets. Start over "
+            "with fresh=True (procval run --fresh), use a new store path, or give changed "
+            "examples new ids (PROCVAL_RESUME_CHECK=all checks every finished example)"
+        )
 
     def add(self, config: str, rows: list[Row]) -> None:
         """Write ``rows`` and commit them (one transaction per call) before returning.
