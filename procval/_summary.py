@@ -78,10 +78,11 @@ def result_summary(result: EvaluationResult) -> str:
     """:meth:`procval.EvaluationResult.summary`."""
     totals = result.totals
     if not totals.n:
-        return (
+        return "\n".join([
             f"config {result.config!r}: no rows (none of its examples finished: it was "
-            "stopped, or its workers could not start; see the output of its run)"
-        )
+            "stopped, or its workers could not start; see the output of its run)",
+            *(f"  {line}" for line in budget_lines(result)),
+        ])  # fmt: skip
     samples = result._error_samples()
     over = f"{totals.n} examples"
     if result.epochs > 1:
@@ -101,6 +102,7 @@ def result_summary(result: EvaluationResult) -> str:
     if result.replaced_workers:
         lines.append(f"  {result.replaced_workers} workers lost and replaced")
     lines.extend(f"  {line}" for line in limit_lines(result.limits))
+    lines.extend(f"  {line}" for line in budget_lines(result))
     if result.usage:
         from procval.report.text import spend_lines
 
@@ -131,11 +133,17 @@ def results_summary(results: Mapping[str, EvaluationResult]) -> str:
         lines.append(f"workers lost and replaced: {', '.join(replaced)}")
     for name, result in results.items():
         lines.extend(f"{name}: {line}" for line in limit_lines(result.limits))
+        lines.extend(f"{name}: {line}" for line in budget_lines(result))
         if result.usage:
             from procval.report.text import spend_lines
 
             lines.extend(spend_lines(f"{name}: ", result))
     return "\n".join(lines)
+
+
+def budget_lines(result: EvaluationResult) -> list[str]:
+    """Why a budget stopped the config and how to resume, and a budget it could not check."""
+    return [line for line in (result.stopped, result._budget_warning) if line]
 
 
 def limit_lines(limits: Mapping[str, Mapping[str, float]]) -> list[str]:

@@ -69,6 +69,9 @@ class Task:
         epochs: default for ``evaluate(epochs=)``; the command line's ``--epochs`` wins.
         reducer: default for ``evaluate(reducer=)``.
         primary: default for ``evaluate(primary=)``; the command line's ``--primary`` wins.
+        max_tokens: default for ``evaluate(max_tokens=)``; ``--max-tokens`` wins (a config's
+            own ``Config(max_tokens=)`` wins over both).
+        max_cost: default for ``evaluate(max_cost=)``; ``--max-cost`` wins (likewise).
 
     Raises:
         TaskError: a program or metric that is not callable, or configs that are not Configs.
@@ -91,6 +94,8 @@ class Task:
     epochs: int = 1
     reducer: str | Mapping[str, str] = "mean"
     primary: str | None = None
+    max_tokens: int | None = None
+    max_cost: float | None = None
 
     def __post_init__(self) -> None:
         if not callable(self.program):
@@ -185,6 +190,8 @@ class Task:
             "epochs": self.epochs,
             "reducer": self.reducer,
             "primary": self.primary,
+            "max_tokens": self.max_tokens,
+            "max_cost": self.max_cost,
         }
         merged = {**defaults, **{k: v for k, v in options.items() if v is not None}}
         return evaluate(self.program, self.examples(limit), self.metric, configs=configs, **merged)
