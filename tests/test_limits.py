@@ -36,15 +36,6 @@ def test_requests_are_paced_evenly_at_the_rate():
     assert starts == [0.0, 0.1, 0.2, 0.3, 0.4]
 
 
-def test_a_grant_a_little_late_keeps_the_schedule_and_an_idle_key_gets_no_burst():
-    state = KeyState(RateLimit("k", requests_per_minute=600), now=0.0)  # one per 0.1 s
-    state.grant(1, 0.0)
-    state.grant(1, 0.103)  # the limiter woke 3 ms late for the 0.1 s slot
-    assert state.ready_at(1, 0.103) == pytest.approx(0.2)  # not 0.203: the delay is not kept
-    state.grant(1, 5.0)  # nobody asked for a while
-    assert state.ready_at(1, 5.0) == pytest.approx(5.1)  # paced from now: no catch-up burst
-
-
 def test_tokens_are_reserved_then_corrected_by_the_usage_reported():
     state = KeyState(RateLimit("k", tokens_per_minute=600), now=0.0)  # 10 tokens/s, bucket 10
     state.grant(10, 0.0)

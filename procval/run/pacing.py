@@ -15,8 +15,7 @@ Pure (no socket, no thread, no clock of its own: every method is given ``now``),
     answered()                                    window + 1/window  (grows back by one per window)
     rate_limited(retry_after)                     pause; window halved (once per pause)
 
-Requests are paced evenly (one every ``60 / requests_per_minute`` s, no burst, on a schedule
-that a grant a little late does not push back: see :meth:`KeyState.grant`), so a provider
+Requests are paced evenly (one every ``60 / requests_per_minute`` s, no burst), so a provider
 whose own bucket holds a few requests never sees the limit passed. The token bucket holds one
 second of tokens; a call whose estimate exceeds that waits for a full bucket and takes it
 below zero, which later calls wait out.
@@ -76,17 +75,9 @@ class KeyState:
         return start
 
     def grant(self, tokens: float, now: float) -> None:
-        """A call reserving ``tokens`` starts now.
-
-        The next slot follows this one's (``next_start``), not ``now``, when the grant comes
-        less than an interval late: a grant a millisecond late (the limiter thread waking up)
-        then costs no time, where pacing from ``now`` lost that millisecond at every call
-        (0.7 s over 600 calls). A grant later than that (nobody was waiting) starts the
-        pacing afresh from now: no burst after an idle spell.
-        """
+        """A call reserving ``tokens`` starts now."""
         self.in_flight += 1
-        late = now - self.next_start
-        self.next_start = (self.next_start if 0 <= late < self.interval else now) + self.interval
+        self.next_start = max(self.next_start, now) + self.interval
         if self.token_rate:
             self._refill(now)
             self.level -= tokens
