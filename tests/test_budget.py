@@ -153,7 +153,7 @@ def test_a_configs_own_budget_wins_over_evaluates(tmp_path):
 
 
 def test_the_spend_rule_counts_tokens_cost_and_cached_calls():
-    spend = Spend(max_tokens=None, max_cost=1.0, source="evaluate")
+    spend = Spend(max_tokens=None, max_cost=1.0)
     spend.add({"m": Usage(calls=2, cached_calls=2, total_tokens=0, cost=None)})  # cache hits
     assert not spend.uncosted and not spend.reached
     spend.add({"m": Usage(calls=1, total_tokens=7, cost=0.6), "n": Usage(calls=1, cost=0.4)})
@@ -264,3 +264,13 @@ def test_a_store_without_the_limits_table_reads_and_gets_it_from_its_next_writer
 def test_the_html_report_has_no_limits_section_without_limits():
     result = procval.evaluate(programs.silent, range(3), programs.one, workers=1)
     assert "id='limits'" not in render_html(result)
+
+
+def test_the_resume_hint_names_where_the_budget_that_stopped_came_from(tmp_path):
+    mixed = procval.Config("mixed", max_cost=10.0)  # its own cost budget; the call's tokens
+    result = procval.evaluate(
+        programs.priced, range(30), programs.one, config=mixed, workers=1, max_tokens=30,
+        store=tmp_path / "runs.db",
+    )  # fmt: skip
+    assert result.stopped is not None and "max_tokens=30 was reached" in result.stopped
+    assert "and a larger max_tokens (" in result.stopped and "Config(" not in result.stopped

@@ -50,7 +50,8 @@ class Spend:
     Attributes:
         max_tokens: the token budget (None: none).
         max_cost: the cost budget (None: none).
-        source: ``"Config"`` when the budget is the config's own, else ``"evaluate"``.
+        own: the options (``"max_tokens"``, ``"max_cost"``) the config set itself (the others
+            are ``evaluate``'s).
         tokens: tokens spent, earlier sessions' included.
         cost: cost spent (of the calls whose cost is known).
         before: whether the spend already stored reached the budget (nothing ran now).
@@ -63,7 +64,7 @@ class Spend:
 
     max_tokens: float | None
     max_cost: float | None
-    source: str
+    own: frozenset[str] = frozenset()
     tokens: float = 0.0
     cost: float = 0.0
     before: bool = False
@@ -120,8 +121,15 @@ class Budgets:
             cost = config.max_cost if config.max_cost is not None else max_cost
             if tokens is None and cost is None:
                 continue
-            own = config.max_tokens is not None or config.max_cost is not None
-            self.spends[config.name] = Spend(tokens, cost, "Config" if own else "evaluate")
+            own = frozenset(
+                option
+                for option, value in (
+                    ("max_tokens", config.max_tokens),
+                    ("max_cost", config.max_cost),
+                )
+                if value is not None
+            )
+            self.spends[config.name] = Spend(tokens, cost, own)
 
     def gated(self, names: Sequence[str], examples: Sequence[Source]) -> list[Source]:
         """Each config's examples, read through its budget's gate where it has a budget."""
@@ -196,7 +204,8 @@ class BudgetSink(SinkWrapper):
             if spend.reached:
                 option = spend.reached.split("=")[0]
                 limit = spend.max_tokens if option == "max_tokens" else spend.max_cost
-                result._budget_stop = (option, float(limit or 0), spend.source)
+                source = "Config" if option in spend.own else "evaluate"
+                result._budget_stop = (option, float(limit or 0), source)
         return result
 
     def close(self, *, completed: bool) -> None:
@@ -215,7 +224,7 @@ def stop_note(spend: Spend, rows: int, store: str | None) -> str | None:
     else:
         when = f"was reached; the {spend.in_flight} examples already sent then finished, kept"
     what = spend.reached.split("=")[0]
-    where = f"Config({what}=) of this config" if spend.source == "Config" else what
+    where = f"Config({what}=) of this config" if what in spend.own else what
     resume = (
         f"to continue, run again with store={store!r} and a larger {where} (the spend "
         "stored counts toward it)"
