@@ -16,6 +16,7 @@ from procval.store import readers as store
 EXIT_OK = 0
 EXIT_USAGE = 2
 EXIT_TOO_MANY_ERRORS = 3
+EXIT_BUDGET = 4
 EXIT_INTERRUPTED = 130
 
 
@@ -59,6 +60,29 @@ def _resume_command(argv: Sequence[str], add: Sequence[str] = ()) -> str:
     kept = [item for item in argv if item != "--fresh"]
     kept += [item for item in add if item not in kept]
     return "procval " + shlex.join(kept)
+
+
+def _budget_resume(argv: Sequence[str], results: Any) -> list[str]:
+    """One line per config a budget stopped: how to resume it with a larger budget."""
+    lines = []
+    for name, result in results.items():
+        stop = getattr(result, "_budget_stop", None)
+        if stop is None:
+            continue
+        option, limit, source = stop
+        flag = "--" + option.replace("_", "-")
+        larger = f"{2 * limit:g}" if option == "max_cost" else str(int(2 * limit))
+        kept = [a for i, a in enumerate(argv) if a != flag and (i == 0 or argv[i - 1] != flag)]
+        kept = [a for a in kept if not a.startswith(flag + "=")]
+        command = f"{_resume_command(kept)} {flag} {larger}"
+        if source == "Config":
+            lines.append(f"procval: config {name!r} stopped at its {option}={limit:g} (its "
+                         f"Config's): raise it in the task, then resume with: "
+                         f"{_resume_command(argv)}")  # fmt: skip
+        else:
+            lines.append(f"procval: config {name!r} stopped at {flag} {limit:g}; resume with a "
+                         f"larger one (the spend stored counts toward it): {command}")  # fmt: skip
+    return lines
 
 
 def _count(path: str, names: list[str]) -> int:

@@ -95,10 +95,11 @@ def result_summary(result: EvaluationResult) -> str:
     """:meth:`procval.EvaluationResult.summary`."""
     totals = result.totals
     if not totals.n:
-        return (
+        return "\n".join([
             f"config {result.config!r}: no rows (none of its examples finished: it was "
-            "stopped, or its workers could not start; see the output of its run)"
-        )
+            "stopped, or its workers could not start; see the output of its run)",
+            *(f"  {line}" for line in budget_lines(result)),
+        ])  # fmt: skip
     samples = result._error_samples()
     over = f"{totals.n} examples"
     if result.epochs > 1:
@@ -122,6 +123,7 @@ def result_summary(result: EvaluationResult) -> str:
     if kept:
         lines.append(f"  {kept}")
     lines.extend(f"  {line}" for line in limit_lines(result.limits))
+    lines.extend(f"  {line}" for line in budget_lines(result))
     if result.usage:
         from procval.report.text import spend_lines
 
@@ -160,6 +162,7 @@ def results_summary(results: Mapping[str, EvaluationResult]) -> str:
         lines.append(f"workers lost and replaced: {', '.join(replaced)}")
     for name, result in results.items():
         lines.extend(f"{name}: {line}" for line in limit_lines(result.limits))
+        lines.extend(f"{name}: {line}" for line in budget_lines(result))
         if result.usage:
             from procval.report.text import spend_lines
 
@@ -176,6 +179,11 @@ def group_lines(result: EvaluationResult, prefix: str) -> list[str]:
     from procval.report.text import group_table
 
     return group_table(result.by_group(), prefix)
+
+
+def budget_lines(result: EvaluationResult) -> list[str]:
+    """Why a budget stopped the config and how to resume, and a budget it could not check."""
+    return [line for line in (result.stopped, result._budget_warning) if line]
 
 
 def limit_lines(limits: Mapping[str, Mapping[str, float]]) -> list[str]:

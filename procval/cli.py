@@ -6,6 +6,7 @@
                 [--rate-limit KEY:rpm=N,tpm=N,inflight=N ...]
                 [--epochs K] [--primary NAME] [--group-by KEY]
                 [--retries N] [--max-errors N] [--limit N] [--fresh] [--retry-errors]
+                [--max-tokens N] [--max-cost X]
                 [--backend loky|ray] [--no-progress]
     procval report PATH [--html FILE] [--errors]
     procval compare PATH A B [--confidence C] [--resamples N] [--seed N] [--common-only]
@@ -20,7 +21,8 @@
 Exit status: 0 when the run completed (even if some examples failed), 2 for bad input (a wrong
 task path or flag, a missing store or one of another format, a store that another live run is
 writing, a config that cannot be set up: the other configs run to completion first, and the
-failed one's worker traceback is printed), 3 when ``--max-errors`` stopped the run, 130 when
+failed one's worker traceback is printed), 3 when ``--max-errors`` stopped the run, 4 when a
+budget (``--max-tokens``, ``--max-cost``) stopped a config (the others ran on), 130 when
 interrupted (Ctrl-C or SIGTERM; a second one exits at once). Errors are one line on stderr,
 ``procval: error: ...``, in the words of the flags; set ``PROCVAL_DEBUG=1`` to see the
 traceback too (the exit status stays the same).
@@ -35,6 +37,7 @@ import argparse
 import contextlib
 import csv
 import json
+import math
 import os
 import shlex
 import sys
@@ -44,10 +47,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from procval._cli_util import (
+    EXIT_BUDGET,
     EXIT_INTERRUPTED,
     EXIT_OK,
     EXIT_TOO_MANY_ERRORS,
     EXIT_USAGE,
+    _budget_resume,
     _chain,
     _count,
     _first_line,
@@ -124,6 +129,14 @@ def at_least(low: int | float, kind: type[int] | type[float] = int) -> Callable[
 COUNT, COUNT0, SECONDS = at_least(1), at_least(0), at_least(0, float)
 
 
+def _amount(text: str) -> float:
+    """``--max-cost X``: a finite number above 0."""
+    value = SECONDS(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number above 0, got {text}")
+    return float(value)
+
+
 def _rate_limit(text: str) -> RateLimit:
     """``--rate-limit KEY:rpm=N,tpm=N,inflight=N`` (also ``rps=N``) as a RateLimit."""
     try:
@@ -154,6 +167,8 @@ class Failure(Exception):
     arg("--timeout", type=SECONDS, metavar="S", help="seconds an example may run"),
     arg("--retries", type=COUNT0, metavar="N", help="retries of an example whose program raises"),
     arg("--max-errors", type=COUNT0, metavar="N", help="stop once more examples than N failed"),
+    arg("--max-tokens", type=COUNT, metavar="N", help="stop a config once its rows spent N tokens"),
+    arg("--max-cost", type=_amount, metavar="X", help="stop a config once its rows cost X"),
     arg("--rate-limit", action="append", type=_rate_limit, metavar="KEY:rpm=N,tpm=N,inflight=N",
         help="limits shared by every config's calls under KEY (repeat for more keys)"),
     arg("--limit", type=COUNT, metavar="N", help="evaluate only the first N examples"),
@@ -183,6 +198,8 @@ def run(args: argparse.Namespace) -> int:
             timeout=args.timeout,
             retries=args.retries,
             max_errors=args.max_errors,
+            max_tokens=args.max_tokens,
+            max_cost=args.max_cost,
             rate_limit=args.rate_limit,
             epochs=args.epochs,
             primary=args.primary,
@@ -216,7 +233,10 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_INTERRUPTED
     _print_summary(results)
     print(f"rows are in {args.store}; see them with: procval report {shlex.quote(args.store)}")
-    return EXIT_OK
+    stopped = _budget_resume(args.argv, results)
+    for line in stopped:
+        print(line, file=sys.stderr)
+    return EXIT_BUDGET if stopped else EXIT_OK
 
 
 def _setup_failure(exc: SetupError) -> str:

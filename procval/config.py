@@ -9,6 +9,7 @@ snapshot, so nothing one config does to its process can reach another config.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -79,9 +80,14 @@ class Config:
         rate_limit: a :class:`procval.RateLimit` or a list of them: limits on the calls made
             under each key, shared with every config of the run that names the same key
             (docs/rate-limits.md). Kept as a tuple; part of :meth:`describe` only when set.
+        max_tokens: stop sending this config's examples once its rows have spent this many
+            tokens (overrides ``evaluate(max_tokens=)``; docs/rate-limits.md). Not part of
+            the config's identity: a run resumed with a larger budget continues its rows.
+        max_cost: the same for the cost its rows report (overrides ``evaluate(max_cost=)``).
 
     Raises:
-        ValueError: an empty name, or ``rate_limit`` naming a key twice.
+        ValueError: an empty name, ``rate_limit`` naming a key twice, or a budget that is
+            not a positive number.
         TypeError: a non-callable ``setup``, non-string ``env`` entries, a non-int ``seed``,
             or a ``rate_limit`` that is not made of ``RateLimit`` objects.
     """
@@ -92,6 +98,8 @@ class Config:
     seed: int | None = None
     values: Mapping[str, Any] = field(default_factory=FrozenDict)
     rate_limit: RateLimit | tuple[RateLimit, ...] | None = None
+    max_tokens: int | None = None
+    max_cost: float | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.strip():
@@ -120,6 +128,8 @@ class Config:
         object.__setattr__(self, "env", SecretEnv(env))
         object.__setattr__(self, "values", FrozenDict(values))
         object.__setattr__(self, "rate_limit", rate_limits(self.rate_limit) or None)
+        _check_budget("Config.max_tokens", self.max_tokens)
+        _check_budget("Config.max_cost", self.max_cost)
 
     @property
     def rate_limits(self) -> tuple[RateLimit, ...]:
@@ -166,3 +176,16 @@ class Config:
         if limits and self.rate_limits:  # only when set: other configs' identity stays
             described["rate_limit"] = [limit.describe() for limit in self.rate_limits]
         return described
+
+
+def _check_budget(what: str, value: Any) -> None:
+    """Refuse a budget (``max_tokens``, ``max_cost``) that is not None or a positive number.
+
+    Raises:
+        ValueError: ``value`` is a bool, not a number, zero, negative, NaN or infinite.
+    """
+    if value is None:
+        return
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    if not number or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{what} must be a positive number (or None for no budget), got {value!r}")

@@ -114,6 +114,9 @@ class EvaluationResult:
     _primary: str | None = None
     _examples: list[Row] | None = None
     _kept: tuple[int, int] = (0, 0)
+    _stopped: str | None = None
+    _budget_warning: str | None = None
+    _budget_stop: tuple[str, float, str] | None = None  # (option, budget, "Config"/"evaluate")
 
     def __init__(
         self,
@@ -303,13 +306,24 @@ class EvaluationResult:
 
     @property
     def limits(self) -> dict[str, dict[str, float]]:
-        """What this config's rate-limited calls met in this call, by key (empty: no limits).
+        """What this config's rate-limited calls met, by key (empty: no limits).
+
+        In this call; with a run store (or read from one), over every session, as the store
+        keeps them (``procval report`` shows them).
 
         Each key maps to ``calls`` (permits granted, retries included), ``rate_limited`` (calls
         answered 429), ``waits`` and ``wait_seconds`` (calls the limits held back, and for how
         long in total) and ``tokens`` (as the calls reported them, else their estimates).
         """
         return self._limits
+
+    @property
+    def stopped(self) -> str | None:
+        """Why this config stopped before its last example, and how to resume; None if not.
+
+        Set when its budget (``max_tokens``, ``max_cost``) was reached; see docs/rate-limits.md.
+        """
+        return self._stopped
 
     def __len__(self) -> int:
         return self.totals.n

@@ -72,6 +72,9 @@ class Task:
         primary: default for ``evaluate(primary=)``; the command line's ``--primary`` wins.
         group_by: default for ``evaluate(group_by=)`` (a key, an attribute name or a function of
             the example); the command line's ``--group-by`` wins.
+        max_tokens: default for ``evaluate(max_tokens=)``; ``--max-tokens`` wins (a config's
+            own ``Config(max_tokens=)`` wins over both).
+        max_cost: default for ``evaluate(max_cost=)``; ``--max-cost`` wins (likewise).
 
     Raises:
         TaskError: a program or metric that is not callable, or configs that are not Configs.
@@ -95,6 +98,8 @@ class Task:
     reducer: str | Mapping[str, str] = "mean"
     primary: str | None = None
     group_by: str | Callable[[Any], Any] | None = None
+    max_tokens: int | None = None
+    max_cost: float | None = None
 
     def __post_init__(self) -> None:
         if not callable(self.program):
@@ -190,6 +195,8 @@ class Task:
             "reducer": self.reducer,
             "primary": self.primary,
             "group_by": self.group_by,
+            "max_tokens": self.max_tokens,
+            "max_cost": self.max_cost,
         }
         merged = {**defaults, **{k: v for k, v in options.items() if v is not None}}
         return evaluate(self.program, self.examples(limit), self.metric, configs=configs, **merged)

@@ -125,3 +125,15 @@ def test_a_preload_that_starts_a_thread_is_refused_with_a_warning_and_the_run_go
         warnings.simplefilter("error")  # refused once: the next run does not warn again
         run()
     assert os.environ.get("PROCVAL_PRELOAD") is None
+
+
+def test_dspy_is_preloaded_without_ipython_which_workers_can_still_import():
+    pytest.importorskip("dspy")
+    pytest.importorskip("IPython")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a preload that failed would warn and fall back
+        result = procval.evaluate(
+            env_at_import.ipython_seen, range(2), env_at_import.accept, workers=1,
+            backend=LokyBackend(preload=["dspy"]),
+        )  # fmt: skip
+    assert [row.prediction for row in result.rows] == [(False, True)] * 2

@@ -64,6 +64,7 @@ from procval.integrations._dspy_settings import _Configure as _Configure  # pick
 from procval.ratelimit import RateLimit, rate_limits
 from procval.results import EvaluationResult as _ProcvalResult
 from procval.results import Row, Usage
+from procval.run.budget import check_budgets
 from procval.run.dataset import example_id
 from procval.run.observe import on_rows
 from procval.run.pool import Workers
@@ -188,6 +189,9 @@ class Evaluate(dspy.Evaluate):
         rate_limit: a :class:`procval.RateLimit` (or a list) for the LM calls of every worker,
             e.g. ``RateLimit(lm.model, requests_per_minute=3000)``; a call answered 429 is
             retried alone after its ``Retry-After`` (docs/rate-limits.md).
+        max_tokens: stop once the LM calls spent this many tokens, keeping what finished
+            (``evaluate(max_tokens=)``; ``.procval.stopped`` says how to resume).
+        max_cost: the same for their cost (LiteLLM's price table, or the response's).
         **kwargs: passed to ``dspy.Evaluate`` (which rejects ``return_outputs``).
     """
 
@@ -209,6 +213,8 @@ class Evaluate(dspy.Evaluate):
         retries: int = 0,
         store: str | os.PathLike[str] | None = None,
         rate_limit: RateLimit | Sequence[RateLimit] | None = None,
+        max_tokens: int | None = None,
+        max_cost: float | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(
@@ -229,6 +235,8 @@ class Evaluate(dspy.Evaluate):
         self.retries = retries
         self.store = store
         self.rate_limit = rate_limits(rate_limit) or None  # checked now, not at the call
+        check_budgets(max_tokens, max_cost)
+        self.max_tokens, self.max_cost = max_tokens, max_cost
 
     @_callbacks_here
     @with_callbacks
@@ -317,6 +325,8 @@ class Evaluate(dspy.Evaluate):
                     retries=self.retries,
                     max_errors=None if limit is None else max(0, limit - 1),  # as DSPy stops
                     store=self.store,
+                    max_tokens=self.max_tokens,
+                    max_cost=self.max_cost,
                 )
         except TooManyErrors as exc:
             partial = exc.results[config.name] if isinstance(exc.results, Mapping) else exc.results

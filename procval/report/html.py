@@ -111,6 +111,7 @@ def render_html(
         f"<p class='meta'>{esc(run_span(details))}</p>" if run_span(details) else "",
         _scores_section(runs, intervals, best, confidence),
         _usage_section(runs),
+        _limits_section(runs),
         _named_scores_section(runs),
         _groups_section(runs, stats),
         _differences_section(runs, best, stats),
@@ -224,6 +225,33 @@ def _usage_section(runs: list[ResultLike]) -> str:
         + "".join(rows)
         + "</table><p class='note'>Spend of every call, failed examples included; cached calls "
         "cost no tokens. Correct answers: the scores summed.</p></section>"
+    )
+
+
+def _limits_section(runs: list[ResultLike]) -> str:
+    """What each config's rate-limited calls met, per key: calls, 429s, waits (nothing if none)."""
+    rows = []
+    for run in runs:
+        for i, (key, c) in enumerate((getattr(run, "limits", None) or {}).items()):
+            rows.append(
+                f"<tr><td>{esc(run.config) if i == 0 else ''}</td><td>{esc(key)}</td>"
+                + "".join(
+                    f"<td class='num'>{int(c.get(name, 0)):,}</td>"
+                    for name in ("calls", "rate_limited", "waits")
+                )
+                + f"<td class='num'>{c.get('wait_seconds', 0.0):.1f}s</td>"
+                f"<td class='num'>{int(c.get('tokens', 0)):,}</td></tr>"
+            )
+    if not rows:
+        return ""
+    return (
+        "<section id='limits'><h2>Rate limits</h2><table><tr><th>config</th><th>key</th>"
+        "<th class='num'>calls</th><th class='num'>answered 429</th><th class='num'>waited</th>"
+        "<th class='num'>wait time</th><th class='num'>tokens</th></tr>"
+        + "".join(rows)
+        + "</table><p class='note'>Calls count every attempt (a call answered 429 is retried "
+        "alone); waits are the calls the limits held back. Summed over the run's sessions."
+        "</p></section>"
     )
 
 

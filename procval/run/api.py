@@ -14,6 +14,7 @@ from procval.config import Config
 from procval.errors import ProcvalError
 from procval.results import EvaluationResult, Results
 from procval.run import limiter
+from procval.run.budget import Budgets, check_budgets
 from procval.run.checks import (
     _check_backend,
     _check_callables,
@@ -24,6 +25,7 @@ from procval.run.checks import (
 from procval.run.dataset import Examples
 from procval.run.epochs import repeat
 from procval.run.groups import GroupBy, GroupedSink
+from procval.run.limit_counts import counted
 from procval.run.observe import observed
 from procval.run.progress import Progress, wanted
 from procval.run.scheduler import RunOptions, Scheduler
@@ -75,6 +77,8 @@ def evaluate(
     reducer: str | Mapping[str, str] = "mean",
     primary: str | None = None,
     group_by: GroupBy | None = None,
+    max_tokens: int | None = None,
+    max_cost: float | None = None,
 ) -> EvaluationResult: ...
 
 
@@ -102,6 +106,8 @@ def evaluate(
     reducer: str | Mapping[str, str] = "mean",
     primary: str | None = None,
     group_by: GroupBy | None = None,
+    max_tokens: int | None = None,
+    max_cost: float | None = None,
 ) -> Results: ...
 
 
@@ -128,6 +134,8 @@ def evaluate(
     reducer: str | Mapping[str, str] = "mean",
     primary: str | None = None,
     group_by: GroupBy | None = None,
+    max_tokens: int | None = None,
+    max_cost: float | None = None,
 ) -> EvaluationResult | Results:
     """Evaluate ``program`` on every example of ``dataset`` with ``metric``, on worker processes.
 
@@ -176,6 +184,11 @@ def evaluate(
             value, made a str, is ``row.group``. A list dataset is checked up front: examples
             without a group are refused (naming how many, and which ids) before any worker
             starts; a streamed one at the first such example, before it is sent.
+        max_tokens: stop sending a config's examples once its rows have spent this many
+            tokens (``Row.usage``; with a store, earlier sessions count); the examples in
+            flight then finish and are kept, and ``result.stopped`` says how to resume. A
+            config's own ``Config(max_tokens=)`` wins. See docs/rate-limits.md.
+        max_cost: the same for the cost the rows report.
 
     Returns:
         An :class:`EvaluationResult` for ``config=``, a :class:`Results` mapping for ``configs=``;
@@ -195,6 +208,7 @@ def evaluate(
     """
     named = _named_configs(config, configs)
     _check_counts(workers, threads, retries, backoff, timeout, max_errors)
+    check_budgets(max_tokens, max_cost)
     _check_backend(backend)
     results = run_configs(
         named,
@@ -217,6 +231,8 @@ def evaluate(
         reducer=reducer,
         primary=primary,
         group_by=group_by,
+        max_tokens=max_tokens,
+        max_cost=max_cost,
     )
     return results if configs is not None else results[named[0].name]
 
@@ -247,6 +263,8 @@ def run_configs(
     items: Sequence[Any] | None = None,  # each like Examples: iterable of Items, .total
     sources: Mapping[str, str] | None = None,
     wrap: Callable[[Sink], Sink] | None = None,
+    max_tokens: int | None = None,
+    max_cost: float | None = None,
 ) -> Results:
     """Run ``named`` configs (checked) on the workers ``source()`` gives; :func:`evaluate`'s core.
 
@@ -265,6 +283,7 @@ def run_configs(
     program = _dspy_way(program)
     _check_counts(workers, threads, retries, backoff, timeout, max_errors)
     _check_store_options(store, fresh, retry_errors)
+    check_budgets(max_tokens, max_cost)
     limiter.check_limits(named)  # two configs giving one key different limits: refused now
     # with a store, a second row for an id is refused by the store: no id set in the parent
     data: Examples | None = None
@@ -273,7 +292,8 @@ def run_configs(
             dataset, passes=len(named), track_ids=store is None or retry_errors, group_by=group_by
         )
         items = [repeat(data, epochs)] * len(named)
-    examples = list(items)
+    budgets = Budgets(named, max_tokens, max_cost, None if store is None else os.fspath(store))
+    examples = budgets.gated([c.name for c in named], list(items))
     snapshots = [take_snapshot(c, program, metric) for c in named]
     if adopt is not None:
         snapshots = [adopt(s) for s in snapshots]
@@ -285,8 +305,11 @@ def run_configs(
     sink = _open_sink(
         store, fresh, retry_errors, [c.name for c in named], workers, threads, scoring, sources
     )
+    limits: list[limiter.Limiter] = []  # the run's limiter, once started (below)
+    writer = sink if store is not None else None  # the store keeps the limit counts too
     if data is not None and data.grouped:  # innermost: the store and all who see rows get groups
         sink = GroupedSink(sink, data.group)
+    sink = counted(budgets.wrap(sink), writer, lambda: limits[0].counts() if limits else None)
     sink = observed(sink if wrap is None else wrap(sink))
     sink = scrubbed(sink, named)  # outermost: env values leave every row before anyone sees it
     bars: Progress | None = None
@@ -325,6 +348,7 @@ def run_configs(
             engine.shutdown()
         raise
     served = limiter.start(named, specs)  # before any worker starts: they are told its socket
+    limits.extend([served] if served is not None else [])
     try:
         results = scheduler.run()
     except ProcvalError as exc:  # TooManyErrors, SetupError: their results get the counts too

@@ -6,7 +6,7 @@ import itertools
 import json
 import os
 from collections.abc import Iterable, Iterator, Mapping
-from typing import Any
+from typing import Any, Protocol
 
 from procval.run.groups import GroupBy, Grouping
 from procval.wire import WorkItem
@@ -14,6 +14,16 @@ from procval.wire import WorkItem
 _new = tuple.__new__  # tuple.__new__(WorkItem, values): a NamedTuple built in C
 
 Item = WorkItem  # (seq, example_id, example, epoch), as sent to a worker
+
+
+class Source(Protocol):
+    """What the scheduler reads a config's items from (:class:`Examples`, epochs, a budget)."""
+
+    total: int | None  # how many items (None: unknown)
+
+    def __iter__(self) -> Iterator[Item]:
+        """The items, in order."""
+        ...
 
 
 def example_id(example: Any, index: int) -> int | str:

@@ -382,7 +382,10 @@ def start(configs: Sequence[Config], specs: Iterable[WorkerSpec]) -> Limiter | N
 
 
 def stop(limiter: Limiter | None, results: Any) -> None:
-    """Stop ``limiter``; put each config's counts on its result in ``results`` (if any)."""
+    """Stop ``limiter``; put each config's counts on its result in ``results`` (if any).
+
+    A result read from a run store keeps the store's counts (every session, this one included).
+    """
     if limiter is None:
         return
     limiter.stop()
@@ -390,5 +393,5 @@ def stop(limiter: Limiter | None, results: Any) -> None:
     items = results.values() if isinstance(results, Mapping) else [results]
     for result in items:
         found = counts.get(getattr(result, "config", None) or "")
-        if found is not None and hasattr(result, "_limits"):
+        if found is not None and hasattr(result, "_limits") and not result._limits:
             result._limits = found

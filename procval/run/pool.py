@@ -166,8 +166,8 @@ class Workers:
             metric: called as ``metric(example, prediction)``.
             **options: ``evaluate``'s other options (``store=``, ``timeout=``, ``retries=``,
                 ``max_errors=``, ``failure_score=``, ``progress=``, ``backoff=``, ``fresh=``,
-                ``retry_errors=``, ``epochs=``, ``group_by=``, ...); ``config``, ``workers``,
-                ``threads`` and ``backend`` are the pool's.
+                ``retry_errors=``, ``epochs=``, ``group_by=``, ``max_tokens=``, ``max_cost=``,
+                ...); ``config``, ``workers``, ``threads`` and ``backend`` are the pool's.
 
         Returns:
             An :class:`EvaluationResult` (a pool of one config) or a :class:`Results` mapping.

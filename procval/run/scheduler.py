@@ -47,8 +47,7 @@ from procval.backends import Backend, WorkerSpec
 from procval.errors import TooManyErrors
 from procval.results import Results, Row, RowError, Totals, _with_counts
 from procval.run import logs, replay
-from procval.run.dataset import Examples, Item
-from procval.run.epochs import Repeated
+from procval.run.dataset import Item, Source
 from procval.run.failures import SetupFailure, note_dataset_error, setup_error
 from procval.run.frames import user_traceback
 from procval.run.lifecycle import (
@@ -82,7 +81,7 @@ class Scheduler:
         self,
         backend: Backend,
         specs: list[WorkerSpec],
-        examples: Sequence[Examples | Repeated],
+        examples: Sequence[Source],
         sink: Sink,
         progress: Progress,
         options: RunOptions,

@@ -18,7 +18,7 @@ from procval.results import EvaluationResult, Results, Row, RowError, Totals, Us
 from procval.store.codec import decode
 from procval.store.faults import store_errors
 from procval.store.lock import writer_is_gone
-from procval.store.schema import connect, select, version
+from procval.store.schema import LIMIT_COUNTS, connect, select, version
 
 
 def load(path: str | os.PathLike[str]) -> Results:
@@ -256,7 +256,7 @@ def result_of(
         "GROUP BY error_type",
         params,
     ).fetchall()
-    return EvaluationResult(
+    result = EvaluationResult(
         config,
         RowLoader(path, config),
         duration=float(stored if duration is None else duration),
@@ -267,6 +267,8 @@ def result_of(
         kept=kept_rows(db, config),
         **scoring,
     )
+    result._limits = limits_of(db, config)
+    return result
 
 
 def usage_of(db: sqlite3.Connection, config: str) -> dict[str, Usage]:
@@ -288,6 +290,29 @@ def usage_of(db: sqlite3.Connection, config: str) -> dict[str, Usage]:
         (config,),
     )
     return {model: Usage(*counts) for model, *counts in cursor}
+
+
+def limits_of(db: sqlite3.Connection, config: str) -> dict[str, dict[str, float]]:
+    """``{key: counts}`` of ``config``'s rate-limited calls, summed over its sessions.
+
+    Counts as in :attr:`procval.EvaluationResult.limits`; ``{}`` for a store without the
+    ``limits`` table (written before it existed: a reader does not add it).
+    """
+    if not db.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'limits'"
+    ).fetchone():
+        return {}
+    cursor = db.execute(
+        f"SELECT key, {', '.join(LIMIT_COUNTS)} FROM limits WHERE config = ? ORDER BY key",
+        (config,),
+    )
+    return {
+        key: {
+            name: (round(value, 3) if name == "wait_seconds" else int(value))
+            for name, value in zip(LIMIT_COUNTS, counts, strict=True)
+        }
+        for key, *counts in cursor
+    }
 
 
 def totals(

@@ -16,11 +16,14 @@ Tables (format 2)::
               {calls, ...}}), group_key, prediction_type; keyed by (config, example_id, epoch)
     usage     config, model, calls, cached_calls, prompt_tokens, completion_tokens,
               total_tokens, cost: a config's spend, added to in the transaction of its rows
+    limits    config, key, calls, rate_limited, waits, wait_seconds, tokens: what a config's
+              rate-limited calls met under each key (docs/rate-limits.md), added to by each
+              session; a format 2 store written before it gets it from its next writer
 
 Format 1 (procval 0.1.0) has no ``usage`` table and none of the row columns after ``session``,
 and keys rows by (config, example_id). Readers read both (:func:`select`: the missing columns
 read as their defaults) and never write; a writer migrates a format 1 store in its first write
-transaction (:func:`migrate`).
+transaction (:func:`migrate`), and adds the ``limits`` table to a format 2 store without it.
 """
 
 from __future__ import annotations
@@ -62,6 +65,18 @@ USAGE = """CREATE TABLE usage (
     completion_tokens INTEGER NOT NULL DEFAULT 0, total_tokens INTEGER NOT NULL DEFAULT 0,
     cost REAL, PRIMARY KEY (config, model)
 )"""
+LIMITS = """CREATE TABLE IF NOT EXISTS limits (
+    config TEXT NOT NULL, key TEXT NOT NULL, calls INTEGER NOT NULL DEFAULT 0,
+    rate_limited INTEGER NOT NULL DEFAULT 0, waits INTEGER NOT NULL DEFAULT 0,
+    wait_seconds REAL NOT NULL DEFAULT 0, tokens REAL NOT NULL DEFAULT 0,
+    PRIMARY KEY (config, key)
+)"""
+LIMIT_COUNTS = ("calls", "rate_limited", "waits", "wait_seconds", "tokens")
+ADD_LIMITS = (
+    f"INSERT INTO limits (config, key, {', '.join(LIMIT_COUNTS)}) VALUES (?, ?, ?, ?, ?, ?, ?) "
+    "ON CONFLICT (config, key) DO UPDATE SET "
+    + ", ".join(f"{c} = {c} + excluded.{c}" for c in LIMIT_COUNTS)
+)
 SCHEMA = f"""
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE configs (
@@ -77,6 +92,7 @@ CREATE TABLE sessions (
 {ROWS};
 CREATE INDEX rows_order ON rows (config, idx, epoch);
 {USAGE};
+{LIMITS};
 """
 
 COLUMNS_V1 = (
@@ -140,9 +156,12 @@ def migrate(db: sqlite3.Connection) -> bool:
     SQLite cannot change in place) and its index recreated; the ``usage`` table is created
     empty; the meta version becomes 2. A rollback of the caller's transaction undoes it all.
 
+    A format 2 store written before the ``limits`` table existed gets it (empty).
+
     Returns:
         Whether the store was migrated (False: it was format 2 already).
     """
+    db.execute(LIMITS)  # IF NOT EXISTS: an older format 2 store gets the table
     if version(db) >= VERSION:
         return False
     for column in (

@@ -48,8 +48,8 @@ from procval.store.codec import DEFAULTS, encode, text_hash, to_json
 from procval.store.done import ContentCheck, DoneRows, check_mode
 from procval.store.faults import store_errors, translate
 from procval.store.lock import WriterLock, writer_is_gone
-from procval.store.readers import result_of, totals
-from procval.store.schema import ADD_USAGE, connect, insert, migrate
+from procval.store.readers import result_of, totals, usage_of
+from procval.store.schema import ADD_LIMITS, ADD_USAGE, LIMIT_COUNTS, connect, insert, migrate
 from procval.wire import Snapshot
 from procval.wire import WorkItem as Item
 
@@ -137,7 +137,8 @@ class StoreSink:
             "SELECT identity, description, duration, metric FROM configs WHERE name = ?", (name,)
         ).fetchone()
         if stored is not None and self._fresh:
-            db.execute("DELETE FROM rows WHERE config = ?", (name,))
+            for table in ("rows", "usage", "limits"):  # its spend and counts start over too
+                db.execute(f"DELETE FROM {table} WHERE config = ?", (name,))
             stored = (snapshot.identity, None, 0.0, None)
         # a store written by 0.1.0 holds the identity it gave: accepted, then replaced
         if stored is not None and stored[0] not in (snapshot.identity, snapshot.identity_v1):
@@ -290,6 +291,29 @@ class StoreSink:
                     "ids must be unique (drop the 'id' field to number examples by position)"
                 )
         return ValueError(f"a row of config {config!r} could not be stored: duplicate id")
+
+    def spent(self, config: str) -> dict[str, Usage]:
+        """``{model: Usage}`` the config's stored rows spent (all sessions; after ``begin``)."""
+        with store_errors(self._path, "read"):
+            return usage_of(self._writer(), config)
+
+    def add_limits(self, config: str, counts: Mapping[str, Mapping[str, float]]) -> None:
+        """Add ``{key: counts}`` (``LimitCounts.as_dict``) to the config's stored limit counts.
+
+        Raises:
+            StoreError: SQLite failed (see :mod:`procval.store.faults`).
+        """
+        records = [
+            (config, key, *(found.get(name, 0) for name in LIMIT_COUNTS))
+            for key, found in counts.items()
+        ]
+        if not records:
+            return
+        with store_errors(self._path, "write"):
+            db = self._writer()
+            self._write(db)
+            db.executemany(ADD_LIMITS, records)
+            self._commit()
 
     def result(self, config: str, duration: float) -> EvaluationResult:
         """The config's result over all stored rows (all sessions); rows load when first read.

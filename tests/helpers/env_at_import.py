@@ -8,6 +8,7 @@ imported it (a preloaded module was imported by the fork server, not by the work
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any
 
 AT_IMPORT = os.environ.get("PROCVAL_TEST_AT_IMPORT", "<unset>")
@@ -51,3 +52,11 @@ class Labelled:
 
     def __call__(self, example: Any) -> dict[str, Any]:
         return observe(example)
+
+
+def ipython_seen(example: object) -> tuple[bool, bool]:
+    """Whether IPython was imported before this call, and whether it can be imported now."""
+    import importlib.util
+
+    before = "IPython" in sys.modules
+    return before, importlib.util.find_spec("IPython") is not None
