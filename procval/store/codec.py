@@ -116,8 +116,9 @@ _TEMPLATES: dict[tuple[str, ...], str] = {}
 def scores_json(scores: Mapping[str, float]) -> str:
     """``{name: value}`` as JSON, in the scores' order (the order names the primary).
 
-    The scores are finite floats (the worker checks), whose ``repr`` is JSON; the names of a
-    config's rows are the same, so their JSON template is made once.
+    The scores are finite (the worker checks) floats, whose ``repr`` is JSON (an int or a
+    bool is made a float first); the names of a config's rows are the same, so their JSON
+    template is made once.
     """
     names = tuple(scores)
     template = _TEMPLATES.get(names)
@@ -125,8 +126,14 @@ def scores_json(scores: Mapping[str, float]) -> str:
         if len(_TEMPLATES) > 1000:  # names that change each row: do not keep them all
             _TEMPLATES.clear()
         escaped = (json.dumps(name).replace("%", "%%") for name in names)
-        template = _TEMPLATES[names] = "{" + ",".join(f"{n}:%r" for n in escaped) + "}"
-    return template % tuple(map(float, scores.values()))
+        template = _TEMPLATES[names] = "{" + ",".join(f"{n}:%s" for n in escaped) + "}"
+    try:
+        return template % tuple(map(_FLOAT_REPR, scores.values()))  # floats: the common case
+    except TypeError:  # an int or a bool
+        return template % tuple(map(_FLOAT_REPR, map(float, scores.values())))
+
+
+_FLOAT_REPR = float.__repr__  # raises TypeError for anything but a float
 
 
 def _c_encoder() -> Callable[[Any], str] | None:
