@@ -31,10 +31,9 @@ def test_unfrozen_after_a_raising_run():
 
 def test_a_callers_own_freeze_is_left_to_it():
     gc.freeze()
-    frozen = gc.get_freeze_count()
     with frozen_heap():
         pass
-    assert gc.get_freeze_count() == frozen  # not unfrozen by procval
+    assert gc.get_freeze_count() > 0  # still frozen: not unfrozen by procval
 
 
 def test_a_disabled_collector_is_left_alone():
