@@ -9,11 +9,17 @@ process so that its CPU is not the parent's), in three modes, alternated ``--rep
 - ``history``: no callback, the LM history relayed (what every ``Evaluate`` call does);
 - ``callback``: a counting callback in ``dspy.configure(callbacks=[...])`` and the history.
 
-It prints the best (by wall time) run of each: wall time, the parent's CPU time and the
-workers' CPU time (summed over the worker processes, sampled with psutil).
-Target: ``callback`` within 5% of ``none`` in wall time and parent CPU.
+It prints the median of each over the alternating runs: wall time, the parent's own CPU time
+(``getrusage(RUSAGE_SELF)``: every thread of the parent, no child process) and the workers' CPU
+time (summed over the worker processes, sampled with psutil by a process of its own, so that the
+sampling costs the parent nothing).
+"The same run without callbacks" is ``history``: ``Evaluate`` relays the LM history whether or
+not a callback is set, so ``callback`` against ``history`` is the cost of the callbacks' relay,
+and against ``none`` the cost of the whole relay. Target: within 5% in wall time and parent CPU.
+A parent's CPU here is a few tenths of a second for 1,000 examples (the stand-in server's
+latency sets the wall time), so the relay's cost is also printed in seconds.
 
-    PYTHONPATH=$PWD python benchmarks/relay.py [--examples 1000] [--repeats 2] [--modes ...]
+    PYTHONPATH=$PWD python benchmarks/relay.py [--examples 1000] [--repeats 3] [--modes ...]
 
 ``--one MODE`` runs a single measurement and prints it as JSON (for a driver that alternates
 two checkouts of procval in fresh processes).
@@ -25,8 +31,11 @@ import argparse
 import dataclasses
 import json
 import os
+import resource
+import select
+import statistics
+import subprocess
 import sys
-import threading
 import time
 from typing import Any
 
@@ -64,44 +73,82 @@ def _snapshot_without_relay(**kwargs: Any) -> procval.Config:
     return dataclasses.replace(config, setup=_NoRelay(config.setup))  # no relay in the parent
 
 
-class _WorkersCPU:
-    """The CPU time of the children but ``excluded`` (the server), sampled during a run.
+_SAMPLER = """
+import sys, psutil
+parent, excluded, me = int(sys.argv[1]), set(map(int, sys.argv[2:])), psutil.Process()
+def read():
+    found = {}
+    try:
+        children = psutil.Process(parent).children(recursive=True)
+    except psutil.Error:
+        return found
+    for child in children:
+        if child.pid in excluded or child.pid == me.pid:
+            continue
+        try:
+            times = child.cpu_times()
+        except psutil.Error:
+            continue
+        found[child.pid] = times.user + times.system
+    return found
+import select
+for line in sys.stdin:
+    if line.strip() != "start":
+        break
+    start, seen = read(), {}
+    while not select.select([sys.stdin], [], [], 0.25)[0]:
+        seen.update(read())
+    sys.stdin.readline()  # stop
+    seen.update(read())
+    print(sum(cpu - start.get(pid, 0.0) for pid, cpu in seen.items()), flush=True)
+"""
 
-    A worker that exits between two samples loses its last fraction of a second.
+
+class _WorkersCPU:
+    """The workers' CPU time, sampled by a process of its own (none of it in the parent's CPU).
+
+    It sums the CPU of the parent's descendants but ``excluded`` (the server), sampled every
+    0.25 s between :meth:`start` and :meth:`stop`: a worker that exits between two samples loses
+    its last fraction of a second.
     """
 
     def __init__(self, excluded: set[int]) -> None:
-        self.excluded = excluded
-        self.seen: dict[int, float] = {}
-        self.stop = threading.Event()
-        self.start = self._read()
-        self.thread = threading.Thread(target=self._sample, daemon=True)
-        self.thread.start()
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", _SAMPLER, str(os.getpid()), *map(str, excluded)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            bufsize=1,
+        )
 
-    def _read(self) -> dict[int, float]:
-        found = {}
-        for child in psutil.Process().children(recursive=True):
-            if child.pid in self.excluded:
-                continue
-            try:
-                times = child.cpu_times()
-            except psutil.Error:
-                continue
-            found[child.pid] = times.user + times.system
-        return found
+    def start(self) -> None:
+        assert self.process.stdin is not None
+        self.process.stdin.write("start\n")
 
-    def _sample(self) -> None:
-        while not self.stop.wait(0.25):
-            self.seen.update(self._read())
+    def stop(self) -> float:
+        assert self.process.stdin is not None and self.process.stdout is not None
+        self.process.stdin.write("stop\n")
+        if not select.select([self.process.stdout], [], [], 30)[0]:
+            raise RuntimeError("the CPU sampler did not answer within 30 s")
+        return float(self.process.stdout.readline())
 
-    def total(self) -> float:
-        self.stop.set()
-        self.thread.join(5)
-        self.seen.update(self._read())
-        return sum(cpu - self.start.get(pid, 0.0) for pid, cpu in self.seen.items())
+    def close(self) -> None:
+        assert self.process.stdin is not None
+        self.process.stdin.close()
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(10)
 
 
-def once(server: Any, n: int, mode: str, excluded: set[int]) -> tuple[float, float, float, int]:
+def _parent_cpu() -> float:
+    """This process's own CPU time (user + system, all its threads, no children)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def once(server: Any, n: int, mode: str, sampler: _WorkersCPU) -> tuple[float, float, float, int]:
     """One run: wall time, parent CPU, workers' CPU, callback events seen."""
     callback = programs.Counting()
     lm = dspy.LM(server.model, api_base=server.api_base, api_key="sk-test", cache=False)
@@ -113,11 +160,11 @@ def once(server: Any, n: int, mode: str, excluded: set[int]) -> tuple[float, flo
     if mode == "none":
         procval_dspy.snapshot = _snapshot_without_relay  # type: ignore[assignment]
     try:
-        workers = _WorkersCPU(excluded)
-        wall, cpu = time.perf_counter(), time.process_time()
+        sampler.start()
+        wall, cpu = time.perf_counter(), _parent_cpu()
         result = evaluate(programs.Pipeline())
-        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-        children = workers.total()
+        wall, cpu = time.perf_counter() - wall, _parent_cpu() - cpu
+        children = sampler.stop()
     finally:
         procval_dspy.snapshot = original  # type: ignore[assignment]
     assert result.score == 100.0
@@ -128,38 +175,45 @@ def once(server: Any, n: int, mode: str, excluded: set[int]) -> tuple[float, flo
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--examples", type=int, default=1000)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--one", choices=MODES, help="one run of this mode, printed as JSON")
     args = parser.parse_args()
     with LLMServer.in_process() as server:
         excluded = {child.pid for child in psutil.Process().children(recursive=True)}
-        once(server, 20, "callback", excluded)  # warm up imports and the server
-        if args.one:
-            wall, cpu, workers, events = once(server, args.examples, args.one, excluded)
-            print(json.dumps({"wall": wall, "cpu": cpu, "workers": workers, "events": events}))
-            return
-        best: dict[str, tuple[float, float, float, int]] = {}
-        for _ in range(args.repeats):
-            for mode in args.modes:
-                run = once(server, args.examples, mode, excluded)
-                if mode not in best or run[0] < best[mode][0]:
-                    best[mode] = run
+        sampler = _WorkersCPU(excluded)
+        try:
+            once(server, 20, "callback", sampler)  # warm up imports and the server
+            if args.one:
+                wall, cpu, workers, events = once(server, args.examples, args.one, sampler)
+                print(json.dumps({"wall": wall, "cpu": cpu, "workers": workers, "events": events}))
+                return
+            runs: dict[str, list[tuple[float, float, float, int]]] = {m: [] for m in args.modes}
+            for i in range(args.repeats):  # alternating, the order rotated each round
+                modes = args.modes[i % len(args.modes) :] + args.modes[: i % len(args.modes)]
+                for mode in modes:
+                    runs[mode].append(once(server, args.examples, mode, sampler))
+        finally:
+            sampler.close()
+    median = {
+        mode: tuple(statistics.median(run[k] for run in found) for k in range(4))
+        for mode, found in runs.items()
+    }
+    print(f"medians of {args.repeats} alternating runs of {args.examples} examples:")
     for mode in args.modes:
-        wall, cpu, workers, events = best[mode]
+        wall, cpu, workers, events = median[mode]
         print(
             f"{mode:<8}  wall {wall:6.2f} s  parent CPU {cpu:5.2f} s  "
-            f"workers CPU {workers:6.2f} s  events {events}"
+            f"workers CPU {workers:6.2f} s  events {events:.0f}"
         )
-    if "none" in best:
-        w0, c0, k0, _ = best["none"]
-        for mode in args.modes[1:] if args.modes[0] == "none" else args.modes:
-            if mode == "none":
-                continue
-            w1, c1, k1, _ = best[mode]
+    for base, mode in (("none", "history"), ("none", "callback"), ("history", "callback")):
+        if base in median and mode in median:
+            w0, c0, k0, _ = median[base]
+            w1, c1, k1, _ = median[mode]
             print(
-                f"{mode} vs none: wall {100 * (w1 / w0 - 1):+.1f}%  "
-                f"parent CPU {100 * (c1 / c0 - 1):+.1f}%  workers CPU {100 * (k1 / k0 - 1):+.1f}%"
+                f"{mode} vs {base}: wall {100 * (w1 / w0 - 1):+.1f}%  "
+                f"parent CPU {100 * (c1 / c0 - 1):+.1f}% ({c1 - c0:+.2f} s)  "
+                f"workers CPU {100 * (k1 / k0 - 1):+.1f}%"
             )
 
 

@@ -25,6 +25,7 @@ from procval.run.checks import (
 from procval.run.dataset import Examples
 from procval.run.epochs import repeat
 from procval.run.groups import GroupBy, GroupedSink
+from procval.run.heap import frozen_heap
 from procval.run.limit_counts import counted
 from procval.run.observe import observed
 from procval.run.progress import Progress, wanted
@@ -350,7 +351,8 @@ def run_configs(
     served = limiter.start(named, specs)  # before any worker starts: they are told its socket
     limits.extend([served] if served is not None else [])
     try:
-        results = scheduler.run()
+        with frozen_heap():  # the collector passes over what the run allocates only
+            results = scheduler.run()
     except ProcvalError as exc:  # TooManyErrors, SetupError: their results get the counts too
         limiter.stop(served, getattr(exc, "results", None) or {})
         raise

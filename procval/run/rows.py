@@ -62,18 +62,19 @@ class RowMaker:
     ) -> list[Row]:
         """The rows of ``results``, taking each answered item out of ``outstanding``."""
         failure_score, name, epochs = self.failure_score, self.config, self.epochs
-        names = self.names
+        names, keys, chosen = self.names, self._keys, self.primary is not None
         made = []
         for seq, prediction, score, error, attempts, duration, scores, extra, usage, *_ in results:
             _, example_id, example, epoch = outstanding.pop(seq)
             if scores is not None or names:  # named scores, or a row that lacks them
                 if error is not None:
                     scores = None
-                else:
+                elif chosen or scores is None or names is None or scores.keys() != keys:
                     if names is None:
                         names = self.names = tuple(scores or ())
-                        self._keys = set(names)
+                        keys = self._keys = set(names)
                     score, scores, error = self._named(score, scores)
+                # else: the first row's names, and the worker's primary (no primary= given)
             elif names is None and error is None:
                 names = self.names = ()
             # positional, in Row's field order: a third faster than keywords, per example

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from procval._convert import to_jsonable
@@ -49,15 +49,17 @@ def encode(row: Row, config: str, session: int) -> tuple[Any, ...]:
         row.fingerprint,
         session,
     )
-    scores, extra, usage = row.scores, row.extra, row.usage
-    if kind in _PLAIN and scores is None and extra is None and usage is None and row.group is None:
-        return (*record, row.epoch) if row.epoch else record
+    scores, extra, usage, group = row.scores, row.extra, row.usage, row.group
+    if extra is None and usage is None and group is None and kind in _PLAIN:
+        if scores is None:
+            return (*record, row.epoch) if row.epoch else record
+        return (*record, row.epoch, scores_json(scores))  # named scores: the common width
     tail = (
         row.epoch,
         None if scores is None else scores_json(scores),
         None if extra is None else to_json(extra),
         None if usage is None else to_json({m: u.to_dict() for m, u in usage.items()}),
-        row.group,
+        group,
         None if kind in _PLAIN else f"{kind.__module__}.{kind.__qualname__}",
     )
     width = 6
@@ -116,8 +118,9 @@ _TEMPLATES: dict[tuple[str, ...], str] = {}
 def scores_json(scores: Mapping[str, float]) -> str:
     """``{name: value}`` as JSON, in the scores' order (the order names the primary).
 
-    The scores are finite floats (the worker checks), whose ``repr`` is JSON; the names of a
-    config's rows are the same, so their JSON template is made once.
+    The scores are finite (the worker checks) floats, whose ``repr`` is JSON (an int or a
+    bool is made a float first); the names of a config's rows are the same, so their JSON
+    template is made once.
     """
     names = tuple(scores)
     template = _TEMPLATES.get(names)
@@ -125,8 +128,52 @@ def scores_json(scores: Mapping[str, float]) -> str:
         if len(_TEMPLATES) > 1000:  # names that change each row: do not keep them all
             _TEMPLATES.clear()
         escaped = (json.dumps(name).replace("%", "%%") for name in names)
-        template = _TEMPLATES[names] = "{" + ",".join(f"{n}:%r" for n in escaped) + "}"
-    return template % tuple(map(float, scores.values()))
+        template = _TEMPLATES[names] = "{" + ",".join(f"{n}:%s" for n in escaped) + "}"
+    try:
+        return template % tuple(map(_FLOAT_REPR, scores.values()))  # floats: the common case
+    except TypeError:  # an int or a bool
+        return template % tuple(map(_FLOAT_REPR, map(float, scores.values())))
+
+
+_FLOAT_REPR = float.__repr__  # raises TypeError for anything but a float
+
+
+def _c_encoder() -> Callable[[Any], str] | None:
+    """:data:`_CANONICAL` without its per-call setup: the C encoder made once (None: no C).
+
+    The same output as ``_CANONICAL`` (keys sorted, no spaces, ASCII, NaN refused); a cycle
+    raises ``RecursionError`` instead of ``ValueError`` (no markers), which :func:`to_json`
+    catches alike.
+    """
+    make = getattr(json.encoder, "c_make_encoder", None)
+    if make is None:
+        return None
+    encoder = json.JSONEncoder(sort_keys=True, separators=(",", ":"), allow_nan=False)
+    chunks = make(
+        None,
+        encoder.default,
+        json.encoder.encode_basestring_ascii,
+        None,
+        ":",
+        ",",
+        True,
+        False,
+        False,
+    )
+    join = "".join
+
+    def encode(value: Any) -> str:
+        return join(chunks(value, 0))
+
+    return encode
+
+
+_ENCODE = _c_encoder() or _CANONICAL
+_ASCII = json.encoder.encode_basestring_ascii
+_SCALARS: dict[type, Callable[[Any], str]] = {
+    int: int.__repr__,  # an int's JSON is its repr; a bool's is not (true), nor a subclass's
+    str: _ASCII,
+}
 
 
 class RawJSON(str):
@@ -140,10 +187,13 @@ def to_json(value: Any) -> str:
 
     A :class:`RawJSON` is that JSON already, and is returned as it is.
     """
+    scalar = _SCALARS.get(type(value))
+    if scalar is not None:
+        return scalar(value)
     if type(value) is RawJSON:
         return str(value)
     try:
-        return _CANONICAL(value)  # the fast path for plain JSON data
+        return _ENCODE(value)  # the fast path for plain JSON data
     except (TypeError, ValueError, RecursionError):
         return _CANONICAL(to_jsonable(value))
 
