@@ -47,7 +47,7 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("worker", {"worker"}),
     ("backends", {"backends"}),
     ("report", {"report"}),
-    ("results", {"results", "_reduce", "_summary", "_groups"}),
+    ("results", {"_row", "results", "_reduce", "_summary", "_groups"}),
     ("store", {"store"}),
     ("run", {"run"}),
     ("task and cli", {"task", "cli", "_cli_util", "__main__"}),
