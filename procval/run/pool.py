@@ -321,7 +321,7 @@ class _PoolState:
 
 
 def _alive(worker: Worker) -> bool:
-    alive = getattr(worker, "alive", None)  # LokyWorker has it; assume so elsewhere
+    alive = getattr(worker, "alive", None)  # LokyWorker and RayWorker have it
     return bool(alive()) if callable(alive) else True
 
 
@@ -374,6 +374,11 @@ class _Leased:
     @property
     def pid(self) -> int:
         return self.inner.pid
+
+    @property
+    def node(self) -> str:
+        """The worker's node, as its rows name it ("" for this host; a Ray actor's node id)."""
+        return str(getattr(self.inner, "node", ""))
 
     def submit(self, shard: bytes) -> Future[bytes]:
         return self.inner.submit(shard)
