@@ -66,6 +66,24 @@ def _timed(call: Any) -> dict[str, float]:
     return {"wall": wall, "first": first[0]}
 
 
+def _bare_actors(ray: Any, n: int) -> float:
+    """Seconds for ``n`` bare actors with a fresh ``runtime_env`` (as procval's) to answer."""
+
+    class Bare:
+        def ready(self) -> int:
+            return os.getpid()
+
+    started = time.perf_counter()
+    env = {"PYTHONPATH": os.environ.get("PYTHONPATH", ""), "PROCVAL_RAY_RUN": str(time.time_ns())}
+    options = {"num_cpus": 1, "runtime_env": {"env_vars": env}}
+    actors = [ray.remote(Bare).options(**options).remote() for _ in range(n)]
+    ray.get([a.ready.remote() for a in actors], timeout=120)
+    seconds = time.perf_counter() - started
+    for actor in actors:
+        ray.kill(actor)
+    return seconds
+
+
 def child(address: str, n: int, ms: float, order: int, warm: bool) -> None:
     """One driver: connect, warm loky, time loky and ray (in ``order``), print JSON."""
     import ray
@@ -89,7 +107,7 @@ def child(address: str, n: int, ms: float, order: int, warm: bool) -> None:
             pool.evaluate(sleeper, data, score, progress=False)
             return _timed(lambda: pool.evaluate(sleeper, data, score, progress=False))
 
-    out: dict[str, Any] = {}
+    out: dict[str, Any] = {"actor floor": {"first": _bare_actors(ray, 2)}}
     engines = [("loky", "loky"), ("ray", RayBackend)]
     for name, backend in engines if order == 0 else engines[::-1]:
         make = backend if callable(backend) else lambda b=backend: b
@@ -120,9 +138,7 @@ def main() -> None:
 
     trees = [os.path.abspath(t) for t in args.tree or [HERE]]
     started = time.perf_counter()
-    context = ray.init(
-        address="local", num_cpus=2, include_dashboard=False, log_to_driver=False
-    )
+    context = ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     print(f"local cluster started in {time.perf_counter() - started:.1f} s; ray {ray.__version__}")
     address = context.address_info["gcs_address"]
     runs: dict[str, list[dict[str, Any]]] = {tree: [] for tree in trees}
@@ -159,6 +175,8 @@ def main() -> None:
               f"   (target <= {TARGET_RATIO}x)")  # fmt: skip
         print(f"  first row  loky {median('loky', 'first'):6.2f} s   ray {first:6.2f} s"
               f"                   (target <= {TARGET_FIRST} s)")  # fmt: skip
+        floor = median("actor floor", "first")
+        print(f"  Ray's floor: 2 bare actors with a fresh runtime_env answer in {floor:.2f} s")
         if not args.no_warm:
             errors = {r["ray warm"]["error"] for r in results if "error" in r.get("ray warm", {})}
             warm_loky, warm_ray = median("loky warm", "wall"), median("ray warm", "wall")

@@ -55,3 +55,21 @@ def slow_double(example: dict[str, Any]) -> int:
 def slow_setup() -> None:
     """A Config.setup that takes 4 seconds (loading a model, say)."""
     time.sleep(4)
+
+
+def timed_setup() -> None:
+    """A Config.setup that takes a second and records when it began and ended (in os.environ)."""
+    os.environ["PROCVAL_TEST_SETUP_BEGAN"] = repr(time.time())
+    time.sleep(1)
+    os.environ["PROCVAL_TEST_SETUP_ENDED"] = repr(time.time())
+
+
+def setup_times(example: Any) -> tuple[int, float, float]:
+    """``(pid, when its setup began, when it ended)`` of the actor running this example."""
+    began = float(os.environ["PROCVAL_TEST_SETUP_BEGAN"])
+    return os.getpid(), began, float(os.environ["PROCVAL_TEST_SETUP_ENDED"])
+
+
+def where_too(example: Any) -> dict[str, Any]:
+    """As :func:`where`: another program, so another snapshot."""
+    return where(example)
