@@ -14,6 +14,8 @@ tiny call, and then times, alternating the order from one repetition to the next
 - ``loky`` and ``ray``: one ``procval.evaluate`` of ``n`` examples that sleep ``ms`` each
   (workers=2, threads=1), worker start included, as a user sees it; the first result is the
   time from the call to the first row reaching the caller (``procval.run.observe.on_rows``);
+- ``actor floor``, just before the ``ray`` call: how long 2 bare actors with a fresh
+  ``runtime_env`` (as procval's actors have) take to answer a call: Ray's share of the start;
 - ``warm``: the same call made twice in a ``procval.Workers`` pool of each backend; the second
   call's wall time (the workers are already up).
 
@@ -107,10 +109,12 @@ def child(address: str, n: int, ms: float, order: int, warm: bool) -> None:
             pool.evaluate(sleeper, data, score, progress=False)
             return _timed(lambda: pool.evaluate(sleeper, data, score, progress=False))
 
-    out: dict[str, Any] = {"actor floor": {"first": _bare_actors(ray, 2)}}
+    out: dict[str, Any] = {}
     engines = [("loky", "loky"), ("ray", RayBackend)]
     for name, backend in engines if order == 0 else engines[::-1]:
         make = backend if callable(backend) else lambda b=backend: b
+        if name == "ray":  # Ray's part of the start, just before procval's
+            out["actor floor"] = {"first": _bare_actors(ray, 2)}
         out[name] = _timed(lambda make=make: plain(make()))
         if warm:
             try:

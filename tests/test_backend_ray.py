@@ -358,3 +358,28 @@ def test_rows_the_driver_writes_name_the_actors_node(no_leaked_workers):
     assert timed_out.error.type == "Timeout" and timed_out.example["q"] == 3
     node = ray.get_runtime_context().get_node_id()
     assert {r.node for r in result.rows} == {node} and node != socket.gethostname()
+
+
+@pytest.mark.dspy
+def test_dspy_evaluate_keeps_its_ray_actors_while_the_settings_stay_the_same(no_leaked_workers):
+    dspy = pytest.importorskip("dspy")
+    from helpers import dspy_toys
+    from procval.dspy import Evaluate
+
+    program = dspy.Predict("question -> answer")
+    evaluate = Evaluate(
+        devset=dspy_toys.devset(),
+        metric=dspy_toys.exact_match,
+        num_threads=2,
+        workers=1,
+        backend=RayBackend(num_cpus=0.5),
+    )
+    with dspy.context(lm=dspy_toys.knowing_lm()):
+        runs = [evaluate(program) for _ in range(3)]
+    held = evaluate._procval_workers[1]
+    held.close()
+    assert [run.score for run in runs] == [100.0] * 3
+    pids = [{row.worker_pid for row in run.procval.rows} for run in runs]
+    # as with loky: the first run's predictions change the program's pickle once
+    assert pids[2] == pids[1] and held.pids() == []
+    assert {row.node for row in runs[2].procval.rows} == {ray.get_runtime_context().get_node_id()}

@@ -54,6 +54,7 @@ from dspy.evaluate.evaluate import EvaluationResult as _DSPyEvaluationResult
 from dspy.utils.callback import with_callbacks
 
 from procval import _pickling
+from procval.backends import Backend
 from procval.backends.loky import LokyBackend
 from procval.errors import TooManyErrors
 from procval.integrations import _dspy_observe as _observe
@@ -188,6 +189,8 @@ class Evaluate(dspy.Evaluate):
         rate_limit: a :class:`procval.RateLimit` (or a list) for the LM calls of every worker,
             e.g. ``RateLimit(lm.model, requests_per_minute=3000)``; a call answered 429 is
             retried alone after its ``Retry-After`` (docs/rate-limits.md).
+        backend: the engine, as ``evaluate``'s (``"ray"``, a ``RayBackend``); None: loky with
+            DSPy preloaded. Its workers are kept between calls alike (Ray actors stay warm).
         **kwargs: passed to ``dspy.Evaluate`` (which rejects ``return_outputs``).
     """
 
@@ -209,6 +212,7 @@ class Evaluate(dspy.Evaluate):
         retries: int = 0,
         store: str | os.PathLike[str] | None = None,
         rate_limit: RateLimit | Sequence[RateLimit] | None = None,
+        backend: str | Backend | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(
@@ -229,6 +233,7 @@ class Evaluate(dspy.Evaluate):
         self.retries = retries
         self.store = store
         self.rate_limit = rate_limits(rate_limit) or None  # checked now, not at the call
+        self.backend = backend
 
     @_callbacks_here
     @with_callbacks
@@ -380,7 +385,9 @@ def _workers(owner: Evaluate, config: Any, workers: int, threads: int) -> Worker
     if held is None or held[0] != key:
         if held is not None:
             held[1].close()
-        backend = LokyBackend(preload=None if os.environ.get("PROCVAL_PRELOAD") else ["dspy"])
+        backend = owner.backend or LokyBackend(
+            preload=None if os.environ.get("PROCVAL_PRELOAD") else ["dspy"]
+        )
         held = owner._procval_workers = (
             key,
             Workers(config, workers=workers, threads=threads, backend=backend),
