@@ -300,20 +300,27 @@ def test_an_actor_in_a_slow_setup_counts_as_placed():
 
 
 def test_actors_start_in_parallel(no_leaked_workers):
-    """Every actor of a run is created at once: their (1 s) setups overlap in time."""
+    """Every actor of a run is created before any of them starts: none waits for another."""
+
+    class Recording(RayBackend):
+        def start_worker(self, spec):
+            worker = super().start_worker(spec)
+            created.append(time.time())
+            return worker
+
+    created: list[float] = []
     result = procval.evaluate(
-        ray_programs.setup_times,
+        ray_programs.setup_time,
         list(range(12)),
         toys.any_score,
         config=procval.Config(setup=ray_programs.timed_setup),
-        backend=RayBackend(num_cpus=0.5),
+        backend=Recording(num_cpus=0.5),
         workers=3,
         progress=False,
     )
-    setups = {r.prediction[0]: r.prediction[1:] for r in result.rows}
-    assert len(setups) == 3  # three actors, each ran examples
-    began, ended = [b for b, _ in setups.values()], [e for _, e in setups.values()]
-    assert max(began) < min(ended), f"setups did not overlap: {sorted(setups.values())}"
+    began = dict(r.prediction for r in result.rows)  # actor pid: when its setup began
+    assert len(created) == len(began) == 3  # three actors, each ran examples
+    assert max(created) < min(began.values()), (created, sorted(began.values()))
 
 
 def test_a_workers_pool_keeps_its_actors_across_calls(no_leaked_workers):
