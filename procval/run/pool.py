@@ -18,6 +18,9 @@ pool lends the scheduler warm workers instead, and takes them back when the call
         ├──worker.kill() (died, timed out, Ctrl-C)──▶ killed for good, never lent again
         └──shutdown() (end of call)──▶ _Lease: anything lent and not given back is killed
 
+With ``backend="ray"`` (or a ``RayBackend``) the workers are Ray actors, kept and lent the same
+way; the backend lives as long as the pool.
+
 The invariant holds: a process serves one snapshot for life. A worker's key is everything it
 installed at start: the snapshot's fingerprint (the config, program and metric pickled
 together), the worker options (threads, retries, backoff) and the config's env. A call whose
