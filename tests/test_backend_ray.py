@@ -294,3 +294,99 @@ def test_an_actor_in_a_slow_setup_counts_as_placed():
         worker.kill()
         backend.shutdown()
     assert not was_placed(worker._name)  # the run's marks are removed at shutdown
+
+
+# ---------------------------------------------------------------- start, warmth
+
+
+def test_actors_start_in_parallel(no_leaked_workers):
+    """Every actor of a run is created before any of them starts: none waits for another."""
+
+    class Recording(RayBackend):
+        def start_worker(self, spec):
+            worker = super().start_worker(spec)
+            created.append(time.time())
+            return worker
+
+    created: list[float] = []
+    result = procval.evaluate(
+        ray_programs.setup_time,
+        list(range(12)),
+        toys.any_score,
+        config=procval.Config(setup=ray_programs.timed_setup),
+        backend=Recording(num_cpus=0.5),
+        workers=3,
+        progress=False,
+    )
+    began = dict(r.prediction for r in result.rows)  # actor pid: when its setup began
+    assert len(created) == len(began) == 3  # three actors, each ran examples
+    assert max(created) < min(began.values()), (created, sorted(began.values()))
+
+
+def test_a_workers_pool_keeps_its_actors_across_calls(no_leaked_workers):
+    """The same actors serve the same snapshot again; a new snapshot gets new actors."""
+    with procval.Workers(workers=2, backend=RayBackend(num_cpus=0.5)) as pool:
+        first = pool.evaluate(ray_programs.where, list(range(8)), toys.any_score, progress=False)
+        pids = {r.worker_pid for r in first.rows}
+        assert sorted(pool.pids()) == sorted(pids) and len(pids) == 2
+        again = pool.evaluate(ray_programs.where, list(range(8)), toys.any_score, progress=False)
+        assert {r.worker_pid for r in again.rows} == pids
+        assert {r.prediction["pid"] for r in again.rows} == pids
+        other = pool.evaluate(ray_programs.where_too, list(range(8)), toys.any_score)
+        assert not {r.worker_pid for r in other.rows} & pids  # another snapshot: new actors
+        assert not set(pool.pids()) & pids
+        assert {r.node for r in other.rows} == {ray.get_runtime_context().get_node_id()}
+
+
+def test_an_actor_no_node_can_place_fails_the_run_naming_the_resource(no_leaked_workers):
+    """Ray keeps such an actor pending forever, silently; the run fails after placement_timeout."""
+    backend = RayBackend(num_cpus=0.5, resources={"procval_nowhere": 1}, placement_timeout=2)
+    with pytest.raises(procval.SetupError) as caught:
+        procval.evaluate(
+            toys.program, toys.dataset(4), toys.metric, backend=backend, workers=2, progress=False
+        )
+    message = str(caught.value)
+    assert "no live node has 'procval_nowhere'" in message and "placement_timeout" in message
+    assert "The cluster offers: node " in message
+
+
+def test_rows_the_driver_writes_name_the_actors_node(no_leaked_workers):
+    """A Timeout row is written by the scheduler, but names the actor's Ray node, not the host."""
+    result = procval.evaluate(
+        toys.hanging_program,
+        toys.dataset(6),
+        toys.metric,
+        backend=RayBackend(num_cpus=0.5),
+        workers=1,
+        timeout=1,
+        progress=False,
+    )
+    [timed_out] = result.errors
+    assert timed_out.error.type == "Timeout" and timed_out.example["q"] == 3
+    node = ray.get_runtime_context().get_node_id()
+    assert {r.node for r in result.rows} == {node} and node != socket.gethostname()
+
+
+@pytest.mark.dspy
+def test_dspy_evaluate_keeps_its_ray_actors_while_the_settings_stay_the_same(no_leaked_workers):
+    dspy = pytest.importorskip("dspy")
+    from helpers import dspy_toys
+    from procval.dspy import Evaluate
+
+    program = dspy.Predict("question -> answer")
+    evaluate = Evaluate(
+        devset=dspy_toys.devset(),
+        metric=dspy_toys.exact_match,
+        num_threads=2,
+        workers=1,
+        backend=RayBackend(num_cpus=0.5),
+    )
+    with dspy.context(lm=dspy_toys.knowing_lm()):
+        runs = [evaluate(program) for _ in range(3)]
+    held = evaluate._procval_workers[1]
+    held.close()
+    assert [run.score for run in runs] == [100.0] * 3
+    pids = [{row.worker_pid for row in run.procval.rows} for run in runs]
+    # as with loky: the first run's predictions change the program's pickle once
+    assert pids[2] == pids[1] and held.pids() == []
+    assert {row.node for row in runs[2].procval.rows} == {ray.get_runtime_context().get_node_id()}

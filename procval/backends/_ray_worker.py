@@ -121,6 +121,16 @@ class RayWorker:
 
     node_id = node
 
+    def alive(self) -> bool:
+        """Whether the actor may still run shards (a pool lends only such workers).
+
+        False once it was killed, closed, lost, or a call or its start failed. An idle actor
+        is not polled, so one that died since its last call is found by its next one.
+        """
+        if self.killed or self.closing is not None or self._lost or self._dead is not None:
+            return False
+        return not (self._description.done() and self._description.exception() is not None)
+
     @property
     def label(self) -> str:
         """``pid N on HOST (node 1a2b3c4d)`` once the actor has started."""

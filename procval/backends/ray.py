@@ -148,9 +148,13 @@ class RayBackend:
         self._lost_after = lost_after
         self._run = uuid.uuid4().hex[:12]
         self._ids = itertools.count()
+        self._lock = threading.Lock()  # the lists below: the scheduler adds, the monitor prunes
         self._workers: list[RayWorker] = []
         self._configs: dict[RayWorker, tuple[str, dict[str, Any]]] = {}
         self._snapshots: dict[int, tuple[WorkerSpec, Any]] = {}
+        self._spec_of: dict[RayWorker, int] = {}
+        self._leftovers: set[str] = set()  # nodes of forgotten killed actors: files to remove
+        self._started = False  # an actor was created since the last shutdown
         self._monitor: threading.Thread | None = None
         self._stop = threading.Event()
         self.lost_workers = 0
@@ -188,9 +192,10 @@ class RayBackend:
     def start_worker(self, spec: WorkerSpec) -> RayWorker:
         """Create one actor for ``spec.snapshot`` (Ray starts its process asynchronously)."""
         self._connect()
-        if id(spec) not in self._snapshots:  # one copy in the object store per config
-            self._snapshots[id(spec)] = (spec, ray.put(spec.snapshot.data))
-        snapshot = self._snapshots[id(spec)][1]
+        with self._lock:
+            if id(spec) not in self._snapshots:  # one copy in the object store per config
+                self._snapshots[id(spec)] = (spec, ray.put(spec.snapshot.data))
+            snapshot = self._snapshots[id(spec)][1]
         env_vars = {
             **self._runtime_env.get("env_vars", {}),
             **spec.env,
@@ -212,8 +217,11 @@ class RayBackend:
             max(1, spec.options.threads),
             self._tasks(),
         )
-        self._workers.append(worker)
-        self._configs[worker] = (spec.snapshot.name, options)
+        with self._lock:
+            self._workers.append(worker)
+            self._configs[worker] = (spec.snapshot.name, options)
+            self._spec_of[worker] = id(spec)
+            self._started = True
         self._watch()
         return worker
 
@@ -231,6 +239,30 @@ class RayBackend:
             for worker in list(self._workers):
                 with contextlib.suppress(Exception):  # a monitor that dies would hide hangs
                     self._check(worker)
+            with contextlib.suppress(Exception):
+                self._prune()
+
+    def _prune(self) -> None:
+        """Forget the actors that ended, and the snapshots no actor of ours installs any more.
+
+        A :class:`procval.Workers` pool keeps its backend for many calls, each of which may
+        start new actors: without this the lists (and the snapshots pinned in the object
+        store) would grow with every call.
+        """
+        with self._lock:
+            closing = [w.closing for w in self._workers if w.closing is not None and not w.killed]
+        exited = set(ray.wait(closing, num_returns=len(closing), timeout=0)[0]) if closing else ()
+        with self._lock:
+            gone = [w for w in self._workers if w.killed or w.closing in exited]
+            for worker in gone:
+                if worker.killed and not worker.examined and worker.node_id:
+                    self._leftovers.add(worker.node_id)
+                self._workers.remove(worker)
+                self._configs.pop(worker, None)
+                self._spec_of.pop(worker, None)
+            used = set(self._spec_of.values())
+            for key in [key for key in self._snapshots if key not in used]:
+                del self._snapshots[key]
 
     def _check(self, worker: RayWorker) -> None:
         verdict = worker.check(
@@ -258,13 +290,15 @@ class RayBackend:
     def shutdown(self) -> None:
         """Give closing actors ``grace`` seconds, kill the rest, remove killed actors' files."""
         self._stop.set()
-        closing = {w.closing: w for w in self._workers if w.closing is not None}
+        with self._lock:
+            workers, started = list(self._workers), self._started
+        closing = {w.closing: w for w in workers if w.closing is not None}
         exited: set[RayWorker] = set()
         if closing:
             ready, _ = ray.wait(list(closing), num_returns=len(closing), timeout=self._grace)
             exited = {closing[ref] for ref in ready}
-        leftovers = set()
-        for worker in self._workers:
+        leftovers, self._leftovers = self._leftovers, set()
+        for worker in workers:
             if worker in exited:
                 continue  # it removed its files itself
             if not worker.killed:
@@ -272,11 +306,14 @@ class RayBackend:
             if not worker.examined and worker.node_id:
                 leftovers.add(worker.node_id)
         self._remove_leftovers(leftovers)
-        if self._workers:
+        if started:
             forget_placed(f"{PREFIX}{self._run}-")
-        self._workers.clear()
-        self._configs.clear()
-        self._snapshots.clear()
+        with self._lock:
+            self._started = False
+            self._workers.clear()
+            self._configs.clear()
+            self._snapshots.clear()
+            self._spec_of.clear()
 
     def _remove_leftovers(self, nodes: set[str]) -> None:
         """Remove the files of killed actors on their live nodes (one small task per node)."""

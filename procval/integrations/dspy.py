@@ -36,11 +36,9 @@ import hashlib
 import importlib.util
 import json
 import logging
-import numbers
 import os
 import types
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 try:
@@ -54,18 +52,19 @@ from dspy.evaluate.evaluate import EvaluationResult as _DSPyEvaluationResult
 from dspy.utils.callback import with_callbacks
 
 from procval import _pickling
+from procval.backends import Backend
 from procval.backends.loky import LokyBackend
 from procval.errors import TooManyErrors
 from procval.integrations import _dspy_observe as _observe
 from procval.integrations._dspy_checks import _check_inputs, _ErrorLog, _plan
 from procval.integrations._dspy_observe import in_worker
+from procval.integrations._dspy_program import Scored, _dataset, _Program, _result, _score
 from procval.integrations._dspy_settings import PER_CALL_SETTINGS, snapshot
 from procval.integrations._dspy_settings import _Configure as _Configure  # pickled as ours
 from procval.ratelimit import RateLimit, rate_limits
 from procval.results import EvaluationResult as _ProcvalResult
 from procval.results import Row, Usage
 from procval.run.budget import check_budgets
-from procval.run.dataset import example_id
 from procval.run.observe import on_rows
 from procval.run.pool import Workers
 
@@ -192,6 +191,8 @@ class Evaluate(dspy.Evaluate):
         max_tokens: stop once the LM calls spent this many tokens, keeping what finished
             (``evaluate(max_tokens=)``; ``.procval.stopped`` says how to resume).
         max_cost: the same for their cost (LiteLLM's price table, or the response's).
+        backend: the engine, as ``evaluate``'s (``"ray"``, a ``RayBackend``); None: loky with
+            DSPy preloaded. Its workers are kept between calls alike (Ray actors stay warm).
         **kwargs: passed to ``dspy.Evaluate`` (which rejects ``return_outputs``).
     """
 
@@ -215,6 +216,7 @@ class Evaluate(dspy.Evaluate):
         rate_limit: RateLimit | Sequence[RateLimit] | None = None,
         max_tokens: int | None = None,
         max_cost: float | None = None,
+        backend: str | Backend | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(
@@ -237,6 +239,7 @@ class Evaluate(dspy.Evaluate):
         self.rate_limit = rate_limits(rate_limit) or None  # checked now, not at the call
         check_budgets(max_tokens, max_cost)
         self.max_tokens, self.max_cost = max_tokens, max_cost
+        self.backend = backend
 
     @_callbacks_here
     @with_callbacks
@@ -390,110 +393,11 @@ def _workers(owner: Evaluate, config: Any, workers: int, threads: int) -> Worker
     if held is None or held[0] != key:
         if held is not None:
             held[1].close()
-        backend = LokyBackend(preload=None if os.environ.get("PROCVAL_PRELOAD") else ["dspy"])
+        backend = owner.backend or LokyBackend(
+            preload=None if os.environ.get("PROCVAL_PRELOAD") else ["dspy"]
+        )
         held = owner._procval_workers = (
             key,
             Workers(config, workers=workers, threads=threads, backend=backend),
         )
     return held[1]
-
-
-@dataclass(frozen=True)
-class _ByPosition:
-    """An example sent under its position: for devsets whose ``id`` fields procval cannot use.
-
-    procval identifies an example by its ``id`` field (ints or strings, unique) or else by
-    position. DSPy does not care about ``id``, so a devset with duplicate or non-scalar ids
-    is sent wrapped, numbered by position.
-    """
-
-    position: int
-    example: Any
-
-    @property
-    def id(self) -> int:
-        """The example's position in the devset."""
-        return self.position
-
-
-def _dataset(devset: list[Any]) -> list[Any]:
-    seen: set[int | str] = set()
-    for index, example in enumerate(devset):
-        try:
-            eid = example_id(example, index)
-        except TypeError:
-            break
-        if eid in seen:
-            break
-        seen.add(eid)
-    else:
-        return devset
-    return [_ByPosition(i, example) for i, example in enumerate(devset)]
-
-
-def _unwrap(example: Any) -> Any:
-    return example.example if isinstance(example, _ByPosition) else example
-
-
-@dataclass(frozen=True)
-class Scored:
-    """What a worker returns for one example (a row's ``prediction``).
-
-    DSPy runs the program and the metric as one step, and keeps the metric's value as returned
-    (a bool, a number, a ``dspy.Prediction(score=..., feedback=...)``); so does procval.dspy.
-
-    Attributes:
-        prediction: what ``program(**example.inputs())`` returned.
-        score: what ``metric(example, prediction)`` returned; the row's score is its float.
-    """
-
-    prediction: Any
-    score: Any
-
-
-class _Program:
-    """Runs a DSPy program and its metric as DSPy's Evaluate does, on one example."""
-
-    def __init__(self, program: Callable[..., Any], metric: Callable[..., Any]) -> None:
-        self.program = program
-        self.metric = metric
-        self.watched = False
-
-    def __call__(self, example: Any) -> Scored:
-        if not self.watched:  # once per worker: name the program's modules and LMs for replay
-            _observe.watch(self.program, _observe.current_token())
-            self.watched = True
-        example = _unwrap(example)
-        prediction = self.program(**example.inputs())
-        return Scored(prediction, self.metric(example, prediction))
-
-
-def _score(example: Any, scored: Scored) -> Any:
-    """The row's score: the metric's value, through ``float()`` unless a bool or a number."""
-    value = scored.score
-    if isinstance(value, bool | numbers.Real):
-        return value
-    try:
-        return float(value)  # e.g. dspy.Prediction(score=..., feedback=...)
-    except (TypeError, ValueError):
-        return value  # procval records the wrong type as the row's error
-
-
-def _result(row: Row) -> tuple[Any, Any]:
-    """``(prediction, metric value)`` of a row, as DSPy's results tuples hold them."""
-    if row.error is not None:
-        return dspy.Prediction(), row.score
-    scored = row.prediction
-    if isinstance(scored, Scored):
-        return scored.prediction, scored.score
-    # A row read back from a run store holds JSON: {"prediction": {...}, "score": ...}, where a
-    # dspy.Prediction is the dict of its fields.
-    stored = scored if isinstance(scored, dict) else {"prediction": scored}
-    prediction, value = stored.get("prediction"), stored.get("score", row.score)
-    if isinstance(prediction, dict):
-        prediction = dspy.Prediction(**prediction)
-    if isinstance(value, dict):
-        value = dspy.Prediction(**value)
-    elif not isinstance(value, bool | numbers.Real):
-        value = row.score
-    return prediction, value

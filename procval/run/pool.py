@@ -18,6 +18,9 @@ pool lends the scheduler warm workers instead, and takes them back when the call
         ├──worker.kill() (died, timed out, Ctrl-C)──▶ killed for good, never lent again
         └──shutdown() (end of call)──▶ _Lease: anything lent and not given back is killed
 
+With ``backend="ray"`` (or a ``RayBackend``) the workers are Ray actors, kept and lent the same
+way; the backend lives as long as the pool.
+
 The invariant holds: a process serves one snapshot for life. A worker's key is everything it
 installed at start: the snapshot's fingerprint (the config, program and metric pickled
 together), the worker options (threads, retries, backoff) and the config's env. A call whose
@@ -320,7 +323,7 @@ class _PoolState:
 
 
 def _alive(worker: Worker) -> bool:
-    alive = getattr(worker, "alive", None)  # LokyWorker has it; assume so elsewhere
+    alive = getattr(worker, "alive", None)  # LokyWorker and RayWorker have it
     return bool(alive()) if callable(alive) else True
 
 
@@ -373,6 +376,11 @@ class _Leased:
     @property
     def pid(self) -> int:
         return self.inner.pid
+
+    @property
+    def node(self) -> str:
+        """The worker's node, as its rows name it ("" for this host; a Ray actor's node id)."""
+        return str(getattr(self.inner, "node", ""))
 
     def submit(self, shard: bytes) -> Future[bytes]:
         return self.inner.submit(shard)

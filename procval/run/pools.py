@@ -114,6 +114,10 @@ class WorkerRun:
             and (time.monotonic() - self.empty_at > _DRAIN_PAUSE)
         )
 
+    def where(self) -> tuple[int, str]:
+        """The worker's pid and node for the rows written for it ("": this host; Ray: a node id)."""
+        return self.worker.pid, getattr(self.worker, "node", "")
+
     def busy(self) -> bool:
         """Whether the worker owes a reply or a result."""
         return bool(self.calls or self.outstanding)

@@ -326,11 +326,11 @@ class Scheduler:
         )
 
     def _error_row(
-        self, run: ConfigRun, item: Item, error: RowError, *, pid: int = 0, node: str = ""
+        self, run: ConfigRun, item: Item, error: RowError, where: tuple[int, str] = (0, "")
     ) -> Row:
-        failure_score = self._options.failure_score
+        """A row for ``error``, naming the worker ``where`` (pid, node: a Ray actor's, not ours)."""
         return self._makers[run.name].error_row(
-            item, error, failure_score=failure_score, pid=pid, node=node
+            item, error, failure_score=self._options.failure_score, pid=where[0], node=where[1]
         )
 
     # ---------------------------------------------------------------- failures
@@ -355,7 +355,7 @@ class Scheduler:
     def _on_death(self, w: WorkerRun, how: str) -> None:
         run = w.config
         running = {seq for seq, _ in w.worker.running() if seq in w.outstanding}
-        label, pid, log = w.worker.label, w.worker.pid, w.worker.crash_log()
+        label, where, log = w.worker.label, w.where(), w.worker.crash_log()
         lost, alone = self._drop(w)
         run.replaced += 1
         verdict = fate_after_death(
@@ -375,7 +375,7 @@ class Scheduler:
                 self._fail_setup(run, SetupFailure(message, log))
                 return
         message = f"{how} while running this example alone in {label}"
-        self._apply(run, lost, verdict.fates, RowError("WorkerCrashed", message, log), pid)
+        self._apply(run, lost, verdict.fates, RowError("WorkerCrashed", message, log), where)
 
     def _check_timeouts(self) -> None:
         """A late example gets its Timeout row now; its worker drains, or dies if it must."""
@@ -384,7 +384,7 @@ class Scheduler:
             action, late = w.check_timeout(timeout)  # NONE for one killed meanwhile
             if action is TimeoutAction.NONE:
                 continue
-            run, label, pid = w.config, w.worker.label, w.worker.pid
+            run, label, where = w.config, w.worker.label, w.where()
             message = f"example still running after {timeout:g}s; worker {label} was killed"
             if action is TimeoutAction.DRAIN:  # takes nothing new; its other examples finish
                 w.move(WorkerEvent.TIMED_OUT)
@@ -392,7 +392,7 @@ class Scheduler:
             else:
                 lost, _ = self._drop(w)
             fates = fate_after_timeout([item.seq for item in lost], late)
-            self._apply(run, lost, fates, RowError("Timeout", message + " and replaced"), pid)
+            self._apply(run, lost, fates, RowError("Timeout", message + " and replaced"), where)
 
     def _check_liveness(self) -> None:
         """Kill and replace each worker that owes answers and has been silent for too long.
@@ -408,7 +408,7 @@ class Scheduler:
             silent = w.worker.silent_for()
             if silent <= bound:
                 continue
-            run, label, pid = w.config, w.worker.label, w.worker.pid
+            run, label, where = w.config, w.worker.label, w.where()
             running = {seq for seq, _ in w.worker.running() if seq in w.outstanding}
             lost, alone = self._drop(w)
             fates = fate_after_loss(
@@ -419,7 +419,7 @@ class Scheduler:
                 "in the operating system) while it ran this example alone, after losing it "
                 f"before; PROCVAL_LIVENESS={bound:g} sets the bound"
             )
-            self._apply(run, lost, fates, RowError("WorkerLost", message), pid)
+            self._apply(run, lost, fates, RowError("WorkerLost", message), where)
 
     def _apply(
         self,
@@ -427,10 +427,10 @@ class Scheduler:
         lost: list[Item],
         fates: dict[int, ExampleFate],
         error: RowError,
-        pid: int,
+        where: tuple[int, str],
     ) -> None:
         """Move a killed worker's examples where their fates say; ``error`` for the rows."""
-        rows = [self._error_row(run, item, error, pid=pid) for item in run.place(lost, fates)]
+        rows = [self._error_row(run, item, error, where) for item in run.place(lost, fates)]
         self._deliver(run, rows)
 
     def _drop(self, w: WorkerRun) -> tuple[list[Item], bool]:

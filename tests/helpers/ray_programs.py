@@ -55,3 +55,18 @@ def slow_double(example: dict[str, Any]) -> int:
 def slow_setup() -> None:
     """A Config.setup that takes 4 seconds (loading a model, say)."""
     time.sleep(4)
+
+
+def timed_setup() -> None:
+    """A Config.setup that records when it began (in os.environ)."""
+    os.environ["PROCVAL_TEST_SETUP_BEGAN"] = repr(time.time())
+
+
+def setup_time(example: Any) -> tuple[int, float]:
+    """``(pid, when its setup began)`` of the actor running this example."""
+    return os.getpid(), float(os.environ["PROCVAL_TEST_SETUP_BEGAN"])
+
+
+def where_too(example: Any) -> dict[str, Any]:
+    """As :func:`where`: another program, so another snapshot."""
+    return where(example)
