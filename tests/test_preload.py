@@ -137,3 +137,82 @@ def test_dspy_is_preloaded_without_ipython_which_workers_can_still_import():
             backend=LokyBackend(preload=["dspy"]),
         )  # fmt: skip
     assert [row.prediction for row in result.rows] == [(False, True)] * 2
+def _server_pids(preload: tuple[str, ...]) -> set[int]:
+    return {server.pid for key, server in _preload._servers.items() if key[0] == preload}
+
+
+def _wait_for_server(preload: tuple[str, ...], before: set[int]) -> set[int]:
+    import time
+
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        started = _server_pids(preload) - before
+        if started:
+            return started
+        time.sleep(0.05)
+    raise AssertionError(f"no server preloading {preload} started within 60 s")
+
+
+def test_a_prestarted_server_is_the_one_the_run_forks_from(monkeypatch):
+    monkeypatch.setenv("PROCVAL_TEST_AT_IMPORT", "prestarted")
+    preload = (MODULE, "json")  # a key of its own: no other test's server
+    before = _server_pids(preload)
+    _preload.prestart({}, preload)
+    started = _wait_for_server(preload, before)
+    result = procval.evaluate(
+        env_at_import.observe,
+        range(2),
+        env_at_import.accept,
+        config=procval.Config(setup=functools.partial(env_at_import.install, "p")),
+        workers=1,
+        backend=LokyBackend(preload=list(preload)),
+    )
+    assert {row.prediction["imported_in"] for row in result.rows} == started
+    assert {row.prediction["at_import"] for row in result.rows} == {"PRESTARTED"}
+
+
+def test_a_run_after_the_environment_changed_does_not_use_the_prestarted_server(monkeypatch):
+    monkeypatch.setenv("PROCVAL_TEST_AT_IMPORT", "at prestart")
+    preload = (MODULE, "csv")
+    before = _server_pids(preload)
+    _preload.prestart({}, preload)
+    prestarted = _wait_for_server(preload, before)
+    monkeypatch.setenv("PROCVAL_TEST_AT_IMPORT", "at the call")
+    result = procval.evaluate(
+        env_at_import.observe,
+        range(2),
+        env_at_import.accept,
+        workers=1,
+        backend=LokyBackend(preload=list(preload)),
+    )
+    assert {row.prediction["at_import"] for row in result.rows} == {"AT THE CALL"}
+    assert not {row.prediction["imported_in"] for row in result.rows} & prestarted
+
+
+def test_prestart_starts_nothing_without_a_preload():
+    servers = dict(_preload._servers)
+    _preload.prestart({}, ())
+    _preload.prestart({}, "auto")
+    assert _preload._servers == servers
+
+
+def test_a_dspy_snapshot_preloads_dspy_by_default():
+    pytest.importorskip("dspy")
+    import procval.dspy
+    from procval.run.snapshot import take_snapshot
+
+    snapshot = take_snapshot(procval.dspy.snapshot(name="d"), env_at_import.observe)
+    assert _preload.integration_preload(snapshot.data) == _preload.DSPY
+    plain = take_snapshot(procval.Config(), env_at_import.observe, env_at_import.accept)
+    assert _preload.integration_preload(plain.data) == ()
+
+
+def test_dspy_evaluate_starts_its_preloading_server_when_it_is_made():
+    pytest.importorskip("dspy")
+    import procval.dspy
+
+    before = _server_pids(_preload.DSPY)
+    if before:
+        pytest.skip("a DSPy-preloading server already runs in this process")
+    procval.dspy.Evaluate(devset=[], metric=env_at_import.accept)
+    assert _wait_for_server(_preload.DSPY, before)

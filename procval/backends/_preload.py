@@ -48,14 +48,31 @@ from procval.backends._preimport import import_preload
 if TYPE_CHECKING:
     from procval.backends._forkserver import ForkServer
 
-__all__ = ["AUTO", "import_preload", "referenced_packages", "resolve", "server_for"]
+__all__ = [
+    "AUTO",
+    "DSPY",
+    "import_preload",
+    "integration_preload",
+    "prestart",
+    "referenced_packages",
+    "resolve",
+    "server_for",
+]
 
 AUTO = "auto"
 _ALWAYS = frozenset({"procval", "loky", "cloudpickle", "__main__", "builtins"})
+#: Modules preloaded by default for a snapshot that refers to one of procval's integrations (a
+#: ``procval.dspy.snapshot()`` config's setup pickles as ``procval.integrations.dspy._Configure``):
+#: their import is known to start no thread.
+#: With DSPy, procval's integration too: a worker unpickling a DSPy config imports it (and with
+#: it procval's parent side), 0.1-0.2 s and a few MB per worker when not preloaded.
+DSPY = ("dspy", "procval.integrations.dspy")
+_INTEGRATIONS = {b"procval.integrations.dspy": DSPY}
 
 _Key = tuple[tuple[str, ...], frozenset[tuple[str, str]]]
 _servers: dict[_Key, ForkServer] = {}
 _refused: dict[_Key, str] = {}  # a preload that failed under this environment: not again
+_warned: set[_Key] = set()  # refusals reported (a background start reports none)
 _lock = threading.Lock()
 
 
@@ -109,14 +126,27 @@ def referenced_packages(data: bytes) -> tuple[str, ...]:
     return tuple(found)
 
 
-def server_for(env: dict[str, str], preload: tuple[str, ...]) -> ForkServer | None:
+def integration_preload(data: bytes) -> tuple[str, ...]:
+    """The default preload of a snapshot made by a procval integration (``procval.dspy``)."""
+    return next((names for marker, names in _INTEGRATIONS.items() if marker in data), ())
+
+
+def server_for(
+    env: dict[str, str], preload: tuple[str, ...], *, quiet: bool = False
+) -> ForkServer | None:
     """The fork server for a worker with the config's ``env`` that preloads ``preload``.
+
+    Args:
+        env: the config's ``env``, on top of this process's ``os.environ``.
+        preload: the modules to preload.
+        quiet: warn of nothing (a background start): a later call reports a refusal.
 
     Returns:
         A ``ForkServer``, or None when workers must start by ``fork+exec`` (no fork server
         here). A preload that cannot be used (an import fails or starts a thread in the
         server) is reported once as a ``RuntimeWarning``; the workers then fork from the plain
-        server and import what they need themselves.
+        server and import what they need themselves. A server being started (by
+        :func:`prestart`) is waited for, not started twice.
     """
     from procval.backends import _forkserver
 
@@ -136,17 +166,47 @@ def server_for(env: dict[str, str], preload: tuple[str, ...]) -> ForkServer | No
                 server = _servers[key] = _forkserver.ForkServer(preload, environ)
             except OSError as exc:
                 _refused[key] = str(exc)
-                warnings.warn(
-                    f"procval could not preload {list(preload)} in its fork server ({exc}); "
-                    "workers import these modules themselves",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
+        if key in _refused and not quiet and key not in _warned:
+            _warned.add(key)
+            warnings.warn(
+                f"procval could not preload {list(preload)} in its fork server "
+                f"({_refused[key]}); workers import these modules themselves",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+    if quiet:
+        return server
     return server if server is not None else _forkserver.get_server(env)
+
+
+def prestart(env: dict[str, str], preload: Sequence[str] | str | None) -> None:
+    """Start the preloading server for ``env`` in the background, before a call needs it.
+
+    The server's imports (DSPy: 0.7 s or more) then overlap the caller's own work; the first
+    worker that needs the server waits for it instead of starting another. Nothing starts where
+    workers would not fork from such a server (no preload, ``"auto"``, no fork server here).
+    The server is the same a call would start: the environment it runs under is read now, and a
+    call whose environment has changed meanwhile starts its own.
+    """
+    from procval.backends import _forkserver
+
+    names = resolve(preload) if not isinstance(preload, tuple) else preload
+    if not names or isinstance(names, str) or not _forkserver.available():
+        return
+    thread = threading.Thread(
+        target=server_for,
+        args=(dict(env), names),
+        kwargs={"quiet": True},
+        name="procval-prestart",
+        daemon=True,  # an exit meanwhile closes the socket: the server ends too
+    )
+    thread.start()
 
 
 def _forget_in_child() -> None:
     """A fork of the parent starts its own servers when it needs them."""
+    global _lock
+    _lock = threading.Lock()  # a background start may have held it in the parent
     servers = list(_servers.values())
     _servers.clear()
     for server in servers:

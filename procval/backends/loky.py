@@ -233,7 +233,8 @@ class LokyBackend:
             preload: modules the fork server imports before it forks workers, so that they
                 start with them imported and share their memory (e.g. ``["dspy"]``);
                 ``"auto"``: the third-party packages the snapshot refers to; None: the
-                ``PROCVAL_PRELOAD`` variable (comma-separated, or ``auto``), else none.
+                ``PROCVAL_PRELOAD`` variable (comma-separated, or ``auto``), else DSPy for
+                the configs of ``procval.dspy.snapshot()`` and nothing for the others.
                 Preloading is per environment: a config whose ``env`` differs gets a server
                 of its own, started under that ``env`` (:mod:`procval.backends._preload`).
 
@@ -241,7 +242,8 @@ class LokyBackend:
             ValueError: ``preload`` names a module that cannot be found.
         """
         self._preload = _preload.resolve(preload)
-        self._auto: dict[str, tuple[str, ...]] = {}  # "auto": the packages, by fingerprint
+        self._default = preload is None and not self._preload  # an integration's preload
+        self._auto: dict[str, tuple[str, ...]] = {}  # the packages, by fingerprint
         self._dir = tempfile.mkdtemp(prefix="procval-")
         self._ids = count()
         self._workers: list[LokyWorker] = []
@@ -256,10 +258,13 @@ class LokyBackend:
         """Start one worker process for ``spec.snapshot``."""
         path = os.path.join(self._dir, f"worker-{next(self._ids)}.slots")
         preload = self._preload
-        if isinstance(preload, str):  # "auto"
+        if isinstance(preload, str) or self._default:  # "auto", or by default
             key = spec.snapshot.fingerprint
             if key not in self._auto:
-                self._auto[key] = _preload.referenced_packages(spec.snapshot.data)
+                find = (
+                    _preload.integration_preload if self._default else _preload.referenced_packages
+                )
+                self._auto[key] = find(spec.snapshot.data)
             preload = self._auto[key]
         worker = LokyWorker(spec, path, fork_server=self._fork_server, preload=preload)
         self._workers.append(worker)

@@ -140,7 +140,7 @@ def snapshot(
     if here:
         carried["callbacks"].append(_observe.Recorder(relay.token))
     blob = _dump(carried, _cache_settings(), relay.token)
-    env = {_COST_MAP: os.environ.get(_COST_MAP, "True")}
+    env = worker_env()
     return Config(
         name=name if name is not None else _model_name(lm),
         setup=_Configure(blob, relay),
@@ -148,6 +148,11 @@ def snapshot(
         values={"model": _model_name(lm) if lm is not None else None, **described},
         rate_limit=rate_limits(rate_limit) or None,
     )
+
+
+def worker_env() -> dict[str, str]:
+    """``Config.env`` of a snapshot taken now: LiteLLM's local cost map, unless set here."""
+    return {_COST_MAP: os.environ.get(_COST_MAP, "True")}
 
 
 class _Configure:

@@ -52,14 +52,14 @@ from dspy.evaluate.evaluate import EvaluationResult as _DSPyEvaluationResult
 from dspy.utils.callback import with_callbacks
 
 from procval import _pickling
-from procval.backends import Backend
+from procval.backends import Backend, _preload
 from procval.backends.loky import LokyBackend
 from procval.errors import TooManyErrors
 from procval.integrations import _dspy_observe as _observe
 from procval.integrations._dspy_checks import _check_inputs, _ErrorLog, _plan
 from procval.integrations._dspy_observe import in_worker
 from procval.integrations._dspy_program import Scored, _dataset, _Program, _result, _score
-from procval.integrations._dspy_settings import PER_CALL_SETTINGS, snapshot
+from procval.integrations._dspy_settings import PER_CALL_SETTINGS, snapshot, worker_env
 from procval.integrations._dspy_settings import _Configure as _Configure  # pickled as ours
 from procval.ratelimit import RateLimit, rate_limits
 from procval.results import EvaluationResult as _ProcvalResult
@@ -240,6 +240,10 @@ class Evaluate(dspy.Evaluate):
         check_budgets(max_tokens, max_cost)
         self.max_tokens, self.max_cost = max_tokens, max_cost
         self.backend = backend
+        if backend is None:
+            # the fork server that will preload DSPy starts now, in the background: its import
+            # of DSPy overlaps the caller's own work until the first call (which waits for it)
+            _preload.prestart(worker_env(), _preloaded())
 
     @_callbacks_here
     @with_callbacks
@@ -393,11 +397,14 @@ def _workers(owner: Evaluate, config: Any, workers: int, threads: int) -> Worker
     if held is None or held[0] != key:
         if held is not None:
             held[1].close()
-        backend = owner.backend or LokyBackend(
-            preload=None if os.environ.get("PROCVAL_PRELOAD") else ["dspy"]
-        )
+        backend = owner.backend or LokyBackend(preload=_preloaded())
         held = owner._procval_workers = (
             key,
             Workers(config, workers=workers, threads=threads, backend=backend),
         )
     return held[1]
+
+
+def _preloaded() -> tuple[str, ...] | None:
+    """What Evaluate's workers preload: ``PROCVAL_PRELOAD`` if set, else DSPy (and this module)."""
+    return None if os.environ.get("PROCVAL_PRELOAD") else _preload.DSPY
