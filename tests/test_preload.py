@@ -137,6 +137,8 @@ def test_dspy_is_preloaded_without_ipython_which_workers_can_still_import():
             backend=LokyBackend(preload=["dspy"]),
         )  # fmt: skip
     assert [row.prediction for row in result.rows] == [(False, True)] * 2
+
+
 def _server_pids(preload: tuple[str, ...]) -> set[int]:
     return {server.pid for key, server in _preload._servers.items() if key[0] == preload}
 
