@@ -7,9 +7,13 @@ import pytest
 from procval.run.shards import MAX_SIZE, MIN_ROUNDS, TARGET, ShardSizer
 
 
-def test_first_shards_are_small_until_a_timing_comes_back():
+def test_first_shards_fill_the_free_threads_until_a_timing_comes_back():
     assert ShardSizer(1).next_size(remaining=None, workers=2) == 2
-    assert ShardSizer(8).next_size(remaining=None, workers=2) == 16
+    assert ShardSizer(8).next_size(remaining=None, workers=2) == 8
+    # the shard queued behind a full first one: one example, so its call returns (with the
+    # first results) as soon as a thread frees, not after a whole round
+    assert ShardSizer(8).next_size(remaining=None, workers=2, running=8) == 1
+    assert ShardSizer(8).next_size(remaining=None, workers=2, running=3) == 5
 
 
 def test_trivial_examples_travel_in_large_shards():

@@ -231,9 +231,15 @@ class ConfigRun:
             return True
         return not self.workers and bool(self.requeue or self.suspects)
 
-    def take(self) -> list[Item]:
-        """The next shard's examples (requeued ones first), sized by ``sizer``."""
-        size = self.sizer.next_size(remaining=self.remaining(), workers=len(self.workers))
+    def take(self, running: int = 0) -> list[Item]:
+        """The next shard's examples (requeued ones first), sized by ``sizer``.
+
+        Args:
+            running: examples the receiving worker has without a result yet.
+        """
+        size = self.sizer.next_size(
+            remaining=self.remaining(), workers=len(self.workers), running=running
+        )
         items: list[Item] = []
         while self.requeue and len(items) < size:
             items.append(self.requeue.popleft())

@@ -215,7 +215,7 @@ class Scheduler:
                     self._send_alone(w, run.suspects.popleft())
                     continue
                 while w.takes_work() and not run.suspects and len(w.calls) < PIPELINE:
-                    items = run.take()
+                    items = run.take(len(w.outstanding))
                     if not items:
                         break
                     self._send(w, items, drain=not run.has_unsent())

@@ -10,6 +10,10 @@ the scheduler keeps a second shard queued behind it. So a shard should be:
 - with threads, at least ``MIN_ROUNDS`` rounds of ``threads`` examples, in whole rounds, so that
   the queued shard arrives well before the running one runs dry (a shard sized by seconds alone
   would hold a few slow LLM calls, fewer than the threads);
+- before any timing is known, with threads, just enough to fill the worker's free threads (then
+  one example at a time), so that the first results come back as soon as the first examples
+  finish: a shard's call returns once its last example has started, so a first shard of two
+  rounds would hold every result back until a whole round had finished;
 - small near the end of a dataset of known length, so that no worker idles while another one
   finishes a long last shard: at most a ``1 / (SHARE * workers)`` part of what is left (guided
   self-scheduling; what is left includes the shards in flight, about two per worker).
@@ -53,20 +57,23 @@ class ShardSizer:
         else:  # exponential moving average: follow drifts, damp noise
             self._latency += _SMOOTHING * (sample - self._latency)
 
-    def next_size(self, *, remaining: int | None, workers: int) -> int:
+    def next_size(self, *, remaining: int | None, workers: int, running: int = 0) -> int:
         """Examples for the next shard.
 
         Args:
             remaining: the config's examples without a result yet, those in running shards
                 included; ``None`` when unknown (a generator).
             workers: how many workers the config has.
+            running: examples the receiving worker has without a result yet.
 
         Returns:
             A size of at least 1.
         """
         threads = self._threads
         if self._latency is None:
-            size = 2 * threads  # small first shards: the first timings come back soon
+            # fill the free threads, so that the first results come back soon (one thread: the
+            # worker runs its shard inline and answers when all is done, so two examples)
+            size = max(1, threads - running) if threads > 1 else 2
         else:
             size = int(TARGET * threads / self._latency)
             if threads > 1:
