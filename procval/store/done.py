@@ -37,14 +37,11 @@ avoid the question.
 
 from __future__ import annotations
 
-import itertools
 import math
 import os
 import random
 import sqlite3
 from collections.abc import Callable, Iterable, Iterator
-from json.encoder import encode_basestring_ascii
-from operator import itemgetter
 from typing import Any
 
 from procval.store.codec import id_text, text_hash, to_json
@@ -149,7 +146,6 @@ class DoneRows:
         self._lo = self._hi = 0
         self._window: dict[Any, int] = {}
         self.lookups = 0
-        self._hits = self._misses = 0  # windows skipped at once, or not
 
     def find(self, index: int, example_id: int | str, epoch: int = 0) -> int | None:
         """The stored hash of this example's epoch if it has a row that counts, else None."""
@@ -165,102 +161,18 @@ class DoneRows:
     def pending(
         self, items: Iterable[Item], check: ContentCheck, changed: Callable[[Item], Exception]
     ) -> Iterator[Item]:
-        """The items without a row that counts, in order: :meth:`find` for each, in effect.
+        """The items without a row that counts, in order: :meth:`find` for each, in one loop.
 
         A finished item that :meth:`ContentCheck.wanted` picks is hashed; ``changed(item)`` is
-        raised if its hash is not the stored one. With one epoch, a window of items whose ids
-        are the stored ones, in order, is skipped at once (:meth:`_skipped`); any other window
-        is matched item by item.
+        raised if its hash is not the stored one.
         """
-        if self._epochs > 1:
-            return self._each(items, check, changed)
-        return self._windows(iter(items), check, changed)
-
-    def _windows(
-        self, items: Iterator[Item], check: ContentCheck, changed: Callable[[Item], Exception]
-    ) -> Iterator[Item]:
-        while self.unfound > 0:
-            chunk = list(itertools.islice(items, 1))
-            if not chunk:
-                return
-            try:
-                chunk.extend(itertools.islice(items, WINDOW - 1))  # read in C
-            except Exception:  # the dataset failed: its items before the failure go first
-                yield from self._each(chunk, check, changed)
-                raise
-            if not self._skipped(chunk, check, changed):
-                yield from self._each(chunk, check, changed)
-        yield from self._each(items, check, changed)
-
-    def _skipped(
-        self, chunk: list[Item], check: ContentCheck, changed: Callable[[Item], Exception]
-    ) -> bool:
-        """Whether ``chunk`` (consecutive positions) was all found, as :meth:`_each` would.
-
-        It is when the stored rows that count at its positions, in position order, have its
-        ids in its order: then each item would find its own row in the window. The ids are
-        compared as their stored JSON texts, joined, one string on each side (no Python
-        object per row); the sampled items' hashes are read by id. False, having changed
-        nothing, when not (or when it does not pay: most windows did not match).
-        """
-        lo, n = chunk[0][0], len(chunk)
-        hi = lo + n
-        if n > self.unfound or lo >= self._end or (self._misses > 3 and self._misses > self._hits):
-            return False
-        ids = list(map(_ID_OF, chunk))
-        try:
-            texts = "\n".join(map(_INT_TEXT if type(ids[0]) is int else _STR_TEXT, ids))
-        except TypeError:  # ids of mixed types, or other than int and str
-            return False
-        params = (*self._params, lo, hi)
-        with store_errors(self._path):
-            count, stored = self._db.execute(_JOINED.format(where=self._where), params).fetchone()
-        if count != n or stored != texts or list(map(_SEQ_OF, chunk)) != list(range(lo, hi)):
-            self._misses += 1
-            return False
-        self._hits += 1
-        seen, positions = check.seen, []
-        while check.due <= seen + n:  # the checks of check.wanted(), n at once
-            check.seen = check.due
-            check.take()
-            positions.append(check.seen - seen - 1)
-        check.seen = seen + n
-        keys = [id_text(ids[p]) for p in positions]
-        digests = self._digests(keys)
-        for p, key in zip(positions, keys, strict=True):
-            if digests[key] != text_hash(to_json(chunk[p].example)):
-                raise changed(chunk[p])
-        self.unfound -= n
-        self._lo, self._hi, self._window = lo, hi, {}
-        return True
-
-    def _digests(self, texts: list[str]) -> dict[str, int]:
-        """``{stored id: hash}`` of the rows that count of these ids (by key: the primary one)."""
-        found: dict[str, int] = {}
-        with store_errors(self._path):
-            for start in range(0, len(texts), 500):  # under any build's limit of parameters
-                some = texts[start : start + 500]
-                found.update(
-                    self._db.execute(
-                        f"SELECT example_id, example_hash FROM rows WHERE {self._where} "
-                        f"AND epoch = 0 AND example_id IN ({', '.join('?' * len(some))})",
-                        (*self._params, *some),
-                    )
-                )
-        return found
-
-    def _each(
-        self, items: Iterable[Item], check: ContentCheck, changed: Callable[[Item], Exception]
-    ) -> Iterator[Item]:
-        """:meth:`find` for each item, in one loop; the items without a row, in order."""
         k = self._epochs  # an item's position is its seq // k (procval.run.epochs)
-        lo, hi, window = self._lo, self._hi, self._window  # locals: this loop runs per example
+        lo, hi, window = self._lo * k, self._hi * k, self._window  # in seqs; locals: per example
         for item in items:
             seq, example_id, example, epoch = item
-            index = seq if k == 1 else seq // k
-            if not lo <= index < hi:
-                self._load(index)
-                lo, hi, window = self._lo, self._hi, self._window
+            if not lo <= seq < hi:
+                self._load(seq // k)
+                lo, hi, window = self._lo * k, self._hi * k, self._window
             digest = window.pop((example_id, epoch) if epoch else example_id, None)
             if digest is None:
                 if self.unfound <= 0:
@@ -313,14 +225,3 @@ _ID = (
 (JSON escapes quotes, backslashes and all that is not ASCII), an int of up to 18 characters
 (exact as SQLite's 64-bit INTEGER). Any other id reads as NULL, which no example's id equals:
 such a row is found by :meth:`DoneRows._lookup`, which compares the stored JSON itself."""
-
-_JOINED = (
-    "SELECT COUNT(*), group_concat(example_id, char(10)) FROM (SELECT example_id FROM rows "
-    "WHERE {where} AND idx >= ? AND idx < ? AND epoch = 0 ORDER BY idx)"
-)
-"""A window's stored ids (their JSON), in position order, one line each (JSON has no raw
-newline). Should SQLite not keep the subquery's order, the texts differ and the window is
-matched item by item: slower, never wrong."""
-_ID_OF, _SEQ_OF = itemgetter(1), itemgetter(0)
-_INT_TEXT = int.__repr__  # an int's JSON, as codec.id_text stores it; TypeError for a str
-_STR_TEXT = encode_basestring_ascii  # a str's JSON, as json.dumps (id_text); TypeError for an int
