@@ -195,6 +195,90 @@ def test_done_rows_of_later_epochs_do_not_count(tmp_path: Path) -> None:
         assert rows.unfound == 0
 
 
+def items_of(ids: list[Any], *, change: frozenset[int] | set[int] = frozenset()):
+    """Work items of one epoch for these ids, the examples of ``change`` edited."""
+    return [
+        WorkItem(i, eid, {"id": eid, "x": i, **({"e": 1} if i in change else {})}, 0)
+        for i, eid in enumerate(ids)
+    ]
+
+
+def test_windows_of_stored_ids_of_both_types_are_found_without_lookups(tmp_path: Path, monkeypatch):
+    monkeypatch.setattr(done, "WINDOW", 50)
+    path = tmp_path / "run.db"
+    ids: list[Any] = [f"ex{i}" for i in range(100)] + list(range(100, 200))
+    write(path, [row(i, eid) for i, eid in enumerate(ids)])
+    sink = opened(path)
+    rows = sink._done["a"]
+    new = [*ids, "n1", 201, "n3"]
+    assert [item.seq for item in sink.pending("a", items_of(new))] == [200, 201, 202]
+    assert (rows.lookups, rows.unfound) == (0, 0)
+    assert sink._checks["a"].checked == 200  # each finished one, under FULL
+    sink.close(completed=False)
+
+
+def test_a_changed_example_in_a_later_window_is_caught(tmp_path: Path, monkeypatch):
+    monkeypatch.setattr(done, "WINDOW", 50)
+    path = tmp_path / "run.db"
+    write(path, [row(i) for i in range(100)])
+    sink = opened(path)
+    with pytest.raises(procval.StoreMismatchError, match="example 73 of config 'a'"):
+        list(sink.pending("a", items_of(list(range(120)), change={73, 90})))
+    sink.close(completed=False)
+
+
+def test_windows_with_mixed_ids_swaps_and_insertions_find_every_row(
+    tmp_path: Path, monkeypatch
+) -> None:
+    monkeypatch.setattr(done, "WINDOW", 10)
+    path = tmp_path / "run.db"
+    ids: list[Any] = [0, "1", 2, 'q"é', "back\\slash", 5, 6, 7, 8, 9, *range(10, 30)]
+    write(path, [row(i, eid) for i, eid in enumerate(ids)])
+    sink = opened(path)
+    order = [*ids[:10], 11, 10, *ids[12:20], *range(20, 25), "new", *range(25, 30)]
+    items = [  # each example as stored: x is its stored position
+        WorkItem(i, eid, {"id": eid, "x": ids.index(eid) if eid in ids else i}, 0)
+        for i, eid in enumerate(order)
+    ]
+    new = [item.example_id for item in sink.pending("a", items)]
+    assert new == ["new"]
+    rows = sink._done["a"]
+    assert rows.unfound == 0  # mixed types, swapped, an insertion
+    sink.close(completed=False)
+
+
+def test_items_before_a_failing_read_go_first(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(done, "WINDOW", 10)
+    path = tmp_path / "run.db"
+    write(path, [row(i) for i in range(4)])
+    sink = opened(path)
+
+    def failing() -> Iterator[WorkItem]:
+        yield from items_of(list(range(7)))
+        raise ValueError("line 8: not valid JSON")
+
+    pending = sink.pending("a", failing())
+    assert [next(pending).seq for _ in range(3)] == [4, 5, 6]
+    with pytest.raises(ValueError, match="line 8"):
+        next(pending)
+    sink.close(completed=False)
+
+
+def test_epochs_are_found_in_their_windows(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(done, "WINDOW", 10)
+    path = tmp_path / "run.db"
+    sink = StoreSink(str(path), fresh=False, configs=["a"], epochs=2)
+    sink.begin(take_snapshot(Config(name="a")))
+    sink.add("a", [row(i, epoch=e) for i in range(40) for e in range(2)])
+    sink.close(completed=False)
+    sink = StoreSink(str(path), fresh=False, configs=["a"], epochs=2)
+    sink.begin(take_snapshot(Config(name="a")))
+    items = [WorkItem(i * 2 + e, i, {"id": i, "x": i}, e) for i in range(45) for e in range(2)]
+    assert [item.seq for item in sink.pending("a", items)] == list(range(80, 90))
+    assert sink._done["a"].lookups == 0  # a row's position is its item's seq // epochs
+    sink.close(completed=False)
+
+
 # ---------------------------------------------------------------- the sample
 
 

@@ -166,12 +166,13 @@ class DoneRows:
         A finished item that :meth:`ContentCheck.wanted` picks is hashed; ``changed(item)`` is
         raised if its hash is not the stored one.
         """
-        lo, hi, window = self._lo, self._hi, self._window  # locals: this loop runs per example
+        k = self._epochs  # an item's position is its seq // k (procval.run.epochs)
+        lo, hi, window = self._lo * k, self._hi * k, self._window  # in seqs; locals: per example
         for item in items:
-            index, example_id, example, epoch = item
-            if not lo <= index < hi:
-                self._load(index)
-                lo, hi, window = self._lo, self._hi, self._window
+            seq, example_id, example, epoch = item
+            if not lo <= seq < hi:
+                self._load(seq // k)
+                lo, hi, window = self._lo * k, self._hi * k, self._window
             digest = window.pop((example_id, epoch) if epoch else example_id, None)
             if digest is None:
                 if self.unfound <= 0:
