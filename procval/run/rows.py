@@ -81,7 +81,7 @@ class RowMaker:
             if sent is not None or names:  # named scores, or a row that lacks them
                 if error is not None:
                     pass
-                elif sent is not None and sent[0] is last and not chosen:
+                elif type(sent) is tuple and sent[0] is last and not chosen:
                     # the names of an earlier row (the same tuple), the worker's primary: kept
                     # as their JSON text, which the store writes as is
                     scores = NamedScores(*sent)
