@@ -16,12 +16,30 @@ the parent, its store writer included; no worker, no import). Rows/s is rows ove
 of ``evaluate``. Target: ``named`` and ``epochs`` within 10% of ``single`` in parent CPU per row.
 
     PYTHONPATH=$PWD python benchmarks/rows.py [--rows 300000] [--repeats 3] [--base PATH]
+    PYTHONPATH=$PWD python benchmarks/rows.py --micro    # the parent's per-row code alone
+
+Measured 2026-12-01 on the shared 2-core machine (load 3-8 during the end-to-end runs, 1.4-2
+during the micro ones), before (main at 1665f2f) and after named scores crossed the pipe as
+their JSON text (``procval._scores``), 6 alternating rounds of this file at ``--repeats 1``:
+
+    parent CPU us/row (median)  single  named        epochs       rows/s named / single
+    before                      16.18   21.19 x1.31  16.77 x1.04  x0.78
+    after                       18.43   18.48 x1.00  18.54 x1.01  x0.93
+    --micro total us/row        4.68    6.60  x1.41  4.82  x1.03   (before)
+                                4.41    4.82  x1.09  4.52  x1.02   (after)
+
+The end-to-end medians swing by +-15% from run to run under that load (the paired ratio of
+named over single, run by run, has a median of x1.07 after, x1.35 before); ``--micro`` is the
+steady one. In a worker, scoring a 3-score dict and making its wire form went from 4.5-5.3 us
+to 2.1 us per row (0.3 us for one score).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
+import math
 import os
 import resource
 import sqlite3
@@ -112,18 +130,93 @@ def once(mode: str, rows: int, base: str | None) -> dict[str, Any]:
     return found
 
 
+def micro(shard: int = 1000, repeats: int = 60) -> None:
+    """The parent's per-row code alone, in this process: what the end-to-end run's noise hides.
+
+    For each mode, a shard's reply as a worker sends it (each example scored by the worker's
+    own code) is unpickled, made rows (``RowMaker.rows``) and encoded as store records
+    (``codec.encode``): the per-row work of the parent's scheduler thread and store writer,
+    without the pipe, SQLite or the progress bar. The modes alternate, the collector off (a run
+    freezes its heap); each step's best of ``repeats``.
+    """
+    from procval import _pickling
+    from procval.run.dataset import Item
+    from procval.run.rows import RowMaker
+    from procval.store import codec
+    from procval.wire import ExampleResult, ShardDone
+    from procval.worker.scoring import outcome
+
+    try:  # the worker's wire form of named scores (absent before it was introduced)
+        from procval._scores import wire_scores
+    except ImportError:
+        wire_scores = None
+
+    def reply(mode: str) -> bytes:
+        results = []
+        for i in range(shard):
+            score, scores, extra = outcome(
+                named_metric({"id": i}, i) if mode == "named" else metric({"id": i}, i)
+            )
+            sent: Any = scores if scores is None or wire_scores is None else wire_scores(scores)
+            results.append(ExampleResult(i, i * 2, score, None, 1, 1e-5, sent, extra))
+        return _pickling.dumps(ShardDone(1, "node", "fp", results), what="results")
+
+    print(f"parent per-row code alone, {shard:,}-row shards, best of {repeats} alternating, "
+          f"collector off (load {os.getloadavg()[0]:.2f}):")  # fmt: skip
+    print(f"  {'mode':<7} {'unpickle':>9} {'rows':>7} {'encode':>7} {'total us/row':>13}")
+    cases = {}
+    for mode in MODES:
+        epochs = 3 if mode == "epochs" else 1
+        items = {
+            i: Item(i, i // epochs, {"id": i // epochs, "text": f"question {i}"}, i % epochs)
+            for i in range(shard)
+        }
+        cases[mode] = (epochs, reply(mode), items)
+    best = {mode: [math.inf] * 3 for mode in MODES}
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(repeats):
+            for mode, (epochs, data, items) in cases.items():
+                maker = RowMaker("c", "fp", epochs=epochs)
+                t0 = time.perf_counter()
+                message = _pickling.loads(data)
+                t1 = time.perf_counter()
+                rows = maker.rows(message.results, dict(items), 1, "node", "fp")
+                t2 = time.perf_counter()
+                for row in rows:
+                    codec.encode(row, "c", 1)
+                t3 = time.perf_counter()
+                found = (t1 - t0, t2 - t1, t3 - t2)
+                best[mode] = [min(b, t) for b, t in zip(best[mode], found, strict=True)]
+                del message, rows
+    finally:
+        gc.enable()
+    totals = {}
+    for mode in MODES:
+        us = [b / shard * 1e6 for b in best[mode]]
+        totals[mode] = sum(us)
+        print(f"  {mode:<7} {us[0]:>9.2f} {us[1]:>7.2f} {us[2]:>7.2f} {totals[mode]:>13.2f}")
+    for mode in MODES[1:]:
+        print(f"  {mode} vs single: x{totals[mode] / totals['single']:.3f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rows", type=int, default=300_000)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--base", help="a checkout of procval to run 'single' with, as 'base'")
+    parser.add_argument("--micro", action="store_true", help="the parent's per-row code alone")
     parser.add_argument(
         "--child", nargs=3, metavar=("MODE", "ROWS", "STORE"), help=argparse.SUPPRESS
     )
     args = parser.parse_args()
     if args.child:
         child(args.child[0], int(args.child[1]), args.child[2])
+        return
+    if args.micro:
+        micro()
         return
     modes = list(args.modes) + (["base"] if args.base else [])
     runs: dict[str, list[dict[str, Any]]] = {mode: [] for mode in modes}

@@ -51,7 +51,8 @@ class Row:
         node: the host that ran the process.
         epoch: which repetition of the example this row is (``evaluate(..., epochs=)``), from 0.
         scores: every named score of the row, or None when the only score is ``score``;
-            when set, ``score`` is the primary one.
+            when set, ``score`` is the primary one. A read-only mapping (a run's rows hold
+            their scores' JSON text, decoded on first access; ``dict(row.scores)`` for a dict).
         extra: what the metric returned besides its scores (JSON values), or None.
         usage: tokens and cost per model name spent by this example, or None.
         group: the example's group key, or None.

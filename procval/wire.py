@@ -177,7 +177,8 @@ class ExampleResult(NamedTuple):
         error: None, or what went wrong.
         attempts: how many times the program was called.
         duration: seconds spent in the worker, all attempts included.
-        scores: every named score, or None when the metric gave one unnamed score.
+        scores: every named score as ``(names, JSON text)`` (``procval._scores``), or None
+            when the metric gave one unnamed score.
         extra: what the metric returned besides scores (JSON-able), or None.
         usage: raw token counts and cost per model name, or None (the parent builds ``Usage``).
         events: what the example recorded while it ran (``(kind, payload)`` pairs: DSPy
@@ -190,7 +191,7 @@ class ExampleResult(NamedTuple):
     error: ErrorInfo | None
     attempts: int
     duration: float
-    scores: dict[str, float] | None = None
+    scores: tuple[tuple[str, ...], str] | None = None
     extra: dict[str, Any] | None = None
     usage: dict[str, dict[str, float]] | None = None
     # ``events`` goes last: new fields above it

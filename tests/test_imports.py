@@ -42,6 +42,7 @@ LAYERS: list[tuple[str, set[str]]] = [
             "wire",
             "_dspy_call",
             "usage",
+            "_scores",
         },
     ),
     ("worker", {"worker"}),

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import pickle
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 import procval
 from helpers import model_programs as mp
-from procval.worker.scoring import MetricSet, MetricTypeError, outcome
+from procval._scores import NamedScores, scores_json, wire_scores
+from procval.run.dataset import Item
+from procval.run.rows import RowMaker
+from procval.wire import ExampleResult
+from procval.worker.scoring import MetricSet, MetricTypeError, NonFiniteScore, outcome
 
 DATA = [{"id": f"q{i}", "x": i} for i in range(10)]
 
@@ -93,3 +99,64 @@ def test_bad_metric_options_are_refused_before_any_worker_starts() -> None:
     with pytest.raises(ValueError, match="metric is an empty list or dict"):
         procval.evaluate(mp.identity, DATA, {})
     assert repr(MetricSet({"em": mp.em})) == "MetricSet(['em'])"
+
+
+def test_named_scores_kept_as_text_read_as_the_dict_they_hold() -> None:
+    names, text = wire_scores({"em": 1.0, "f1": 0.5, "n": 2})
+    assert text == '{"em":1.0,"f1":0.5,"n":2.0}' and names == ("em", "f1", "n")
+    assert wire_scores({"em": 0.0, "f1": 1.0, "n": 3.0})[0] is names  # one tuple per names
+    scores = NamedScores(names, text)
+    assert scores == {"em": 1.0, "f1": 0.5, "n": 2.0}
+    assert {"em": 1.0, "f1": 0.5, "n": 2.0} == scores  # noqa: SIM300  (a dict on the left)
+    assert scores != {"em": 1.0} and scores == NamedScores(*wire_scores(dict(scores)))
+    assert list(scores) == ["em", "f1", "n"] and len(scores) == 3 and "f1" in scores
+    assert scores["f1"] == 0.5 and dict(scores.items()) == dict(scores)
+    assert repr(scores) == "{'em': 1.0, 'f1': 0.5, 'n': 2.0}"
+    copied = pickle.loads(pickle.dumps(scores))
+    assert type(copied) is dict and copied == scores  # pickled as a plain dict
+    with pytest.raises(TypeError):
+        scores["em"] = 0.0  # type: ignore[index]
+    assert scores_json(scores) == text and scores_json({"a": True}) == '{"a":1.0}'
+    with pytest.raises(NonFiniteScore):
+        outcome({"em": float("nan"), "f1": 1.0})
+
+
+def test_the_row_maker_checks_the_names_a_worker_sends_with_their_text() -> None:
+    maker = RowMaker("c", "fp")
+    names = ("em", "f1")
+
+    def result(seq: int, scores: Any) -> ExampleResult:
+        return ExampleResult(seq, seq, 1.0, None, 1, 0.0, scores)
+
+    items = {i: Item(i, i, {"x": i}, 0) for i in range(6)}
+    rows = maker.rows(
+        [
+            result(0, (names, '{"em":1.0,"f1":0.5}')),
+            result(1, (names, '{"em":0.0,"f1":0.25}')),
+            result(2, (("f1", "em"), '{"f1":0.5,"em":1.0}')),  # the same names, in another order
+            result(3, (("em", "recall"), '{"em":1.0,"recall":0.5}')),
+            result(4, {"em": 1.0, "f1": 1.0}),  # a mapping is taken too
+        ],
+        items,
+        1,
+        "n",
+        "fp",
+    )
+    assert [row.scores for row in rows[:3]] == [
+        {"em": 1.0, "f1": 0.5},
+        {"em": 0.0, "f1": 0.25},
+        {"f1": 0.5, "em": 1.0},
+    ]
+    assert rows[3].error is not None and rows[3].error.type == "ScoreNamesChanged"
+    assert "['em', 'recall']" in rows[3].error.message and rows[3].scores is None
+    assert rows[4].error is None and rows[4].scores == {"em": 1.0, "f1": 1.0}
+    chosen = RowMaker("c", "fp", primary="f1")
+    row = chosen.rows([result(5, (names, '{"em":1.0,"f1":0.5}'))], items, 1, "n", "fp")
+    assert row[0].score == 0.5 and row[0].scores == {"em": 1.0, "f1": 0.5}
+
+
+def test_rows_of_a_run_without_a_store_hold_their_named_scores() -> None:
+    result = procval.evaluate(mp.identity, DATA, mp.both, workers=2, progress=False)
+    rows = pickle.loads(pickle.dumps(result.rows))
+    assert rows == result.rows and rows[1].scores == {"em": 0.0, "f1": 0.25}
+    assert result.examples()[1].scores == {"em": 0.0, "f1": 0.25}

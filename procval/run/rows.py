@@ -11,8 +11,9 @@ picks which of them is the row's ``score``.
 from __future__ import annotations
 
 import socket
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
+from procval._scores import NamedScores
 from procval.results import Row, RowError, Usage
 from procval.run.dataset import Item
 from procval.wire import ErrorInfo, ExampleResult
@@ -33,7 +34,16 @@ class RowMaker:
             None for the default (the key ``score``, else the first one).
     """
 
-    __slots__ = ("_keys", "config", "epochs", "failure_score", "fingerprint", "names", "primary")
+    __slots__ = (
+        "_keys",
+        "_last",
+        "config",
+        "epochs",
+        "failure_score",
+        "fingerprint",
+        "names",
+        "primary",
+    )
 
     def __init__(
         self,
@@ -51,6 +61,7 @@ class RowMaker:
         self.primary = primary
         self.names: tuple[str, ...] | None = None  # the first scored row's names; () unnamed
         self._keys: set[str] = set()
+        self._last: tuple[str, ...] | None = None  # names already checked: the same tuple
 
     def rows(
         self,
@@ -62,19 +73,21 @@ class RowMaker:
     ) -> list[Row]:
         """The rows of ``results``, taking each answered item out of ``outstanding``."""
         failure_score, name, epochs = self.failure_score, self.config, self.epochs
-        names, keys, chosen = self.names, self._keys, self.primary is not None
+        names, last, chosen = self.names, self._last, self.primary is not None
         made = []
-        for seq, prediction, score, error, attempts, duration, scores, extra, usage, *_ in results:
+        for seq, prediction, score, error, attempts, duration, sent, extra, usage, *_ in results:
             _, example_id, example, epoch = outstanding.pop(seq)
-            if scores is not None or names:  # named scores, or a row that lacks them
+            scores: Mapping[str, float] | None = None
+            if sent is not None or names:  # named scores, or a row that lacks them
                 if error is not None:
-                    scores = None
-                elif chosen or scores is None or names is None or scores.keys() != keys:
-                    if names is None:
-                        names = self.names = tuple(scores or ())
-                        keys = self._keys = set(names)
-                    score, scores, error = self._named(score, scores)
-                # else: the first row's names, and the worker's primary (no primary= given)
+                    pass
+                elif type(sent) is tuple and sent[0] is last and not chosen:
+                    # the names of an earlier row (the same tuple), the worker's primary: kept
+                    # as their JSON text, which the store writes as is
+                    scores = NamedScores(*sent)
+                else:
+                    score, scores, error = self._named(score, sent)
+                    names, last = self.names, self._last
             elif names is None and error is None:
                 names = self.names = ()
             # positional, in Row's field order: a third faster than keywords, per example
@@ -101,29 +114,40 @@ class RowMaker:
         return made
 
     def _named(
-        self, score: float, scores: dict[str, float] | None
-    ) -> tuple[float, dict[str, float] | None, ErrorInfo | None]:
-        """``(score, scores, error)`` of a row whose metric gave named scores (or should have)."""
+        self, score: float, scores: tuple[tuple[str, ...], str] | Mapping[str, float] | None
+    ) -> tuple[float, Mapping[str, float] | None, ErrorInfo | None]:
+        """``(score, scores, error)`` of a row whose metric gave named scores (or should have).
+
+        ``scores`` is what the worker sent, ``(names, JSON text)``, or a mapping.
+        """
+        got: tuple[str, ...] | None = None
+        named: Mapping[str, float] | None = None
+        if isinstance(scores, tuple):
+            got, named = scores[0], NamedScores(*scores)
+        elif scores is not None:
+            got, named = tuple(scores), scores
+        if self.names is None:
+            self.names = got or ()
+            self._keys = set(self.names)
         expected = self.names
-        if expected is not None and (
-            scores.keys() != self._keys if scores is not None else expected
-        ):
-            got = () if scores is None else tuple(scores)
+        if set(got) != self._keys if got is not None else expected:
             message = (
-                f"the metric returned the scores {list(got) or 'one unnamed score'} for this "
-                f"example, but {list(expected) or 'one unnamed score'} for the first one; a "
-                "metric must return the same score names for every example"
+                f"the metric returned the scores {list(got or ()) or 'one unnamed score'} for "
+                f"this example, but {list(expected) or 'one unnamed score'} for the first one; "
+                "a metric must return the same score names for every example"
             )
             return score, None, ErrorInfo("ScoreNamesChanged", message, "")
-        if scores is not None and self.primary is not None:
-            if self.primary not in scores:
+        if isinstance(scores, tuple):
+            self._last = scores[0]  # the next rows of this shard: the same tuple, not compared
+        if named is not None and self.primary is not None:
+            if self.primary not in named:
                 message = (
-                    f"primary={self.primary!r} is not among the metric's scores {list(scores)}; "
+                    f"primary={self.primary!r} is not among the metric's scores {list(named)}; "
                     "pass one of them"
                 )
                 return score, None, ErrorInfo("ScoreNamesChanged", message, "")
-            score = scores[self.primary]
-        return score, scores, None
+            score = named[self.primary]
+        return score, named, None
 
     def error_row(
         self, item: Item, error: RowError, *, failure_score: float, pid: int = 0, node: str = ""

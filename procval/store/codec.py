@@ -12,10 +12,11 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from procval._convert import to_jsonable
+from procval._scores import NamedScores, scores_json
 from procval.results import Row, RowError, Usage
 
 
@@ -53,7 +54,9 @@ def encode(row: Row, config: str, session: int) -> tuple[Any, ...]:
     if extra is None and usage is None and group is None and kind in _PLAIN:
         if scores is None:
             return (*record, row.epoch) if row.epoch else record
-        return (*record, row.epoch, scores_json(scores))  # named scores: the common width
+        # named scores: the common width; a worker's are their text already
+        text = scores.text if type(scores) is NamedScores else scores_json(scores)
+        return (*record, row.epoch, text)
     tail = (
         row.epoch,
         None if scores is None else scores_json(scores),
@@ -112,30 +115,6 @@ def decode_usage(text: str) -> dict[str, Usage]:
 
 
 _CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), allow_nan=False).encode
-_TEMPLATES: dict[tuple[str, ...], str] = {}
-
-
-def scores_json(scores: Mapping[str, float]) -> str:
-    """``{name: value}`` as JSON, in the scores' order (the order names the primary).
-
-    The scores are finite (the worker checks) floats, whose ``repr`` is JSON (an int or a
-    bool is made a float first); the names of a config's rows are the same, so their JSON
-    template is made once.
-    """
-    names = tuple(scores)
-    template = _TEMPLATES.get(names)
-    if template is None:
-        if len(_TEMPLATES) > 1000:  # names that change each row: do not keep them all
-            _TEMPLATES.clear()
-        escaped = (json.dumps(name).replace("%", "%%") for name in names)
-        template = _TEMPLATES[names] = "{" + ",".join(f"{n}:%s" for n in escaped) + "}"
-    try:
-        return template % tuple(map(_FLOAT_REPR, scores.values()))  # floats: the common case
-    except TypeError:  # an int or a bool
-        return template % tuple(map(_FLOAT_REPR, map(float, scores.values())))
-
-
-_FLOAT_REPR = float.__repr__  # raises TypeError for anything but a float
 
 
 def _c_encoder() -> Callable[[Any], str] | None:

@@ -17,6 +17,7 @@ import traceback
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from procval._scores import wire_scores
 from procval.wire import ErrorInfo, ExampleResult, WorkItem
 from procval.worker import record
 from procval.worker.scoring import MetricTypeError, NonFiniteScore, outcome  # noqa: F401
@@ -116,8 +117,9 @@ class Runner:
                 )
             finally:
                 self.slots.stop(slot)
+            named = None if scores is None else wire_scores(scores)  # (names, JSON text)
             return ExampleResult(
-                seq, prediction, score, None, attempts, time.perf_counter() - started, scores, extra
+                seq, prediction, score, None, attempts, time.perf_counter() - started, named, extra
             )
 
     async def _run_async(self, item: WorkItem, slot: int) -> ExampleResult:
@@ -151,8 +153,9 @@ class Runner:
                 )
             finally:
                 self.slots.stop(slot)
+            named = None if scores is None else wire_scores(scores)  # (names, JSON text)
             return ExampleResult(
-                seq, prediction, score, None, attempts, time.perf_counter() - started, scores, extra
+                seq, prediction, score, None, attempts, time.perf_counter() - started, named, extra
             )
 
     def _backoff(self, attempt: int) -> float:

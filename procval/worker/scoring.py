@@ -47,6 +47,8 @@ def outcome(value: Any) -> tuple[float, Scores | None, dict[str, Any] | None]:
         MetricTypeError: the value is none of the shapes above, or a score is not a number.
         NonFiniteScore: a score is NaN or infinite.
     """
+    if type(value) is dict and "score" not in value:  # named scores, without the ABC checks
+        return _named(value)
     if isinstance(value, bool | numbers.Real):
         return score_of(value), None, None
     if isinstance(value, MetricValues):
@@ -65,9 +67,13 @@ def _named(values: Mapping[Any, Any]) -> tuple[float, Scores | None, dict[str, A
         raise MetricTypeError("metric returned an empty mapping; it must hold at least one score")
     scores: Scores = {}
     extra: dict[str, Any] = {}
+    isfinite = math.isfinite
     for name, value in values.items():
-        if not isinstance(name, str):
+        if type(name) is not str and not isinstance(name, str):
             raise MetricTypeError(f"metric returned a score named {name!r}; names must be str")
+        if type(value) is float and isfinite(value):  # the common case, without the checks
+            scores[name] = value
+            continue
         if isinstance(value, bool | numbers.Real):
             scores[name] = score_of(value, name)
             continue
@@ -97,10 +103,10 @@ def score_of(value: Any, name: str = "") -> float:
     stays 0, so it raises :class:`NonFiniteScore`: the example becomes an error row (its
     prediction kept), counted and shown by the summary, report and comparison.
     """
-    what = f"score {name!r}" if name and name != "score" else "metric"
     if isinstance(value, bool | numbers.Real):
         score = float(value)
     else:
+        what = f"score {name!r}" if name and name != "score" else "metric"
         numpy = sys.modules.get("numpy")  # a numpy bool is not a numbers.Real
         if numpy is None or not isinstance(value, numpy.bool_):
             raise MetricTypeError(
@@ -110,6 +116,7 @@ def score_of(value: Any, name: str = "") -> float:
             )
         score = float(bool(value))
     if not math.isfinite(score):
+        what = f"score {name!r}" if name and name != "score" else "metric"
         raise NonFiniteScore(
             f"{what} returned {score!r} for this example; a metric must return a finite number "
             "(return 0.0, or raise, for an example it cannot score)"
