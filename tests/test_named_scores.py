@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import pickle
 import subprocess
 import sys
@@ -160,3 +161,13 @@ def test_rows_of_a_run_without_a_store_hold_their_named_scores() -> None:
     rows = pickle.loads(pickle.dumps(result.rows))
     assert rows == result.rows and rows[1].scores == {"em": 0.0, "f1": 0.25}
     assert result.examples()[1].scores == {"em": 0.0, "f1": 0.25}
+
+
+def test_named_scores_of_rows_with_and_without_a_store_are_plain_dicts(tmp_path: Path) -> None:
+    kept = procval.evaluate(mp.identity, DATA, mp.both, workers=1, progress=False)
+    stored = procval.evaluate(
+        mp.identity, DATA, mp.both, workers=1, progress=False, store=tmp_path / "s.db"
+    )
+    for result in (kept, stored):
+        assert type(result.rows[1].scores) is dict
+        assert json.loads(json.dumps(result.rows[1].scores)) == {"em": 0.0, "f1": 0.25}

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, Protocol
 
+from procval._scores import NamedScores
 from procval.results import EvaluationResult, Row, Totals
 from procval.wire import Snapshot
 from procval.wire import WorkItem as Item
@@ -77,7 +78,15 @@ class MemorySink:
         return iter(items)
 
     def add(self, config: str, rows: list[Row]) -> None:
-        """Append rows."""
+        """Append rows; their named scores become plain dicts, as a stored row's are.
+
+        Rows travel with their named scores as JSON text (:class:`procval._scores.NamedScores`,
+        decoded when read): the rows a caller keeps in memory get them decoded once, so that
+        ``row.scores`` is a ``dict`` (``json.dumps`` takes it) whether or not a store was used.
+        """
+        for row in rows:
+            if type(row.scores) is NamedScores:
+                object.__setattr__(row, "scores", dict(row.scores))  # frozen: set once, here
         self._rows[config].extend(rows)
 
     def result(self, config: str, duration: float) -> EvaluationResult:
