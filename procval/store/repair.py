@@ -42,6 +42,9 @@ class Repaired:
         sessions: sessions copied.
         usage: usage records (a config's calls, tokens and cost per model) copied.
         limits: rate limit count records (a config's per key) copied.
+        unlisted: configs whose rows were copied but whose record (a damaged configs table)
+            was not: their rows show again once a run of their config on the new store writes
+            the record (it keeps the rows, and runs only the missing ones).
     """
 
     rows: int
@@ -50,6 +53,7 @@ class Repaired:
     sessions: int
     usage: int = 0
     limits: int = 0
+    unlisted: tuple[str, ...] = ()
 
 
 def repair(damaged: str | os.PathLike[str], new: str | os.PathLike[str]) -> Repaired:
@@ -89,6 +93,13 @@ def repair(damaged: str | os.PathLike[str], new: str | os.PathLike[str]) -> Repa
                     records = _read_all(old, table, columns) if columns else []
                     counts[table] = _copy(db, table, columns, records)
                 copied = _copy(db, "rows", COLUMNS, _read_rows(old, rowids))
+                unlisted = tuple(
+                    name
+                    for (name,) in db.execute(
+                        "SELECT DISTINCT config FROM rows WHERE config NOT IN "
+                        "(SELECT name FROM configs) ORDER BY config"
+                    )
+                )
                 db.execute("COMMIT")
         except BaseException:
             db.close()
@@ -110,6 +121,7 @@ def repair(damaged: str | os.PathLike[str], new: str | os.PathLike[str]) -> Repa
         counts["sessions"],
         counts["usage"],
         counts["limits"],
+        unlisted,
     )
 
 
