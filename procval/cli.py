@@ -461,6 +461,12 @@ def repair(args: argparse.Namespace) -> int:
         f"repaired {args.path} into {args.new}: {saved.rows} rows of {saved.configs} configs"
         + (lost if saved.lost else "")
     )
+    if saved.unlisted:  # a damaged configs table: the rows are there, their config's record not
+        print(
+            f"the records of configs {', '.join(map(repr, saved.unlisted))} could not be read: "
+            f"their rows show once their task runs on {args.new} (it keeps them and runs only "
+            "the missing ones)"
+        )
     return EXIT_OK
 
 

@@ -350,6 +350,42 @@ def test_an_actor_no_node_can_place_fails_the_run_naming_the_resource(no_leaked_
     assert "The cluster offers: node " in message
 
 
+SLOW_START = """
+import os, time
+marker = os.environ.get("PROCVAL_TEST_SLOW_START")
+if marker:
+    try:  # the first process starts at once, every later one takes seconds
+        os.close(os.open(marker, os.O_CREAT | os.O_EXCL))
+    except FileExistsError:
+        time.sleep(5)
+"""
+
+
+def test_an_actor_slow_to_start_is_placed_not_given_up(tmp_path, no_leaked_workers):
+    """Ray granted its resources; its process takes longer than placement_timeout to start.
+
+    A loaded node does that. Before, such an actor counted as unplaced once another actor of
+    its config ran: given up, counted as a start failure, and after three the config failed.
+    """
+    (tmp_path / "sitecustomize.py").write_text(SLOW_START)
+    path = os.pathsep.join(p for p in (str(tmp_path), TESTS, os.environ.get("PYTHONPATH")) if p)
+    env = {"PYTHONPATH": path, "PROCVAL_TEST_SLOW_START": str(tmp_path / "first")}
+    backend = RayBackend(num_cpus=0.5, placement_timeout=2)
+    result = procval.evaluate(
+        ray_programs.slow_double,
+        toys.dataset(30),
+        toys.metric,
+        configs=[procval.Config("slow", env=env)],
+        backend=backend,
+        workers=3,
+        progress=False,
+    )["slow"]
+    assert sorted(r.example["q"] for r in result.rows) == list(range(30))
+    assert not result.errors, result.error_types
+    assert backend.lost_workers == 0 and result.replaced_workers == 0
+    assert len({r.worker_pid for r in result.rows}) > 1  # the slow actors did start and run
+
+
 def test_rows_the_driver_writes_name_the_actors_node(no_leaked_workers):
     """A Timeout row is written by the scheduler, but names the actor's Ray node, not the host."""
     result = procval.evaluate(

@@ -60,6 +60,43 @@ def test_a_429_pauses_the_key_and_halves_the_window_which_grows_back_slowly():
     assert 4.9 < state.window < 5.1  # one call more per window of answered calls
 
 
+def test_a_call_answered_429_is_granted_before_the_calls_waiting_behind_it():
+    """Else fresh calls take the provider's free slots first and starve the retry into 429s."""
+    import json
+    import socket
+    import time
+
+    from procval.run.limiter import Limiter
+
+    limiter = Limiter({"k": RateLimit("k", max_in_flight=1)})
+    clients = []
+    try:
+        for _ in range(2):
+            client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            client.settimeout(10)
+            client.connect(limiter.path)
+            clients.append(client)
+        retried, fresh = clients
+        files = [c.makefile("rb") for c in clients]
+
+        def send(client, **message):
+            client.sendall(json.dumps(message).encode() + b"\n")
+
+        send(retried, op="acquire", key="k", tokens=0)
+        first = json.loads(files[0].readline())
+        send(fresh, op="acquire", key="k", tokens=0)  # waits: the window is full
+        time.sleep(0.2)  # queued in the limiter before the retry
+        send(retried, op="release", id=first["id"], tokens=0, status="limited", retry_after=0.3)
+        send(retried, op="acquire", key="k", tokens=0, retry=True)
+        again = json.loads(files[0].readline())  # the retry is granted first...
+        send(retried, op="release", id=again["id"], tokens=0, status="ok")
+        assert "id" in json.loads(files[1].readline())  # ...then the fresh call
+    finally:
+        for client in clients:
+            client.close()
+        limiter.stop()
+
+
 def test_an_unlimited_key_gets_a_window_at_its_first_429():
     state = KeyState(None, now=0.0)
     assert math.isinf(state.window)

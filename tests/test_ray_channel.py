@@ -226,6 +226,34 @@ def test_worker_logs_under_ray_reach_the_driver_while_the_run_goes(tmp_path):
 
 @pytest.mark.ray
 @on_ray
+def test_a_record_logged_by_the_last_example_reaches_the_driver_before_evaluate_returns():
+    """The sender's thread is a daemon: each shard's end waits for its records to leave."""
+    seen: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record.getMessage())
+
+    handler = Collect()
+    ray_channel.logger.addHandler(handler)
+    try:
+        result = procval.evaluate(
+            ray_channel.log_over_a_slow_link,
+            range(1),
+            ray_channel.positive,
+            backend="ray",
+            workers=1,
+            progress=False,
+        )
+        got = list(seen)  # what reached the handler by the time evaluate returned
+    finally:
+        ray_channel.logger.removeHandler(handler)
+    assert result.errors == [] and result.score == 1.0
+    assert got == ["example 0 is done"]
+
+
+@pytest.mark.ray
+@on_ray
 def test_two_configs_under_ray_sharing_a_key_never_exceed_the_limit_together():
     with LLMServer(rate=20, burst=3) as server:
         limit = RateLimit("k", requests_per_minute=20 * 60)

@@ -184,6 +184,23 @@ def test_a_database_full_by_max_page_count_is_a_store_full_error(tmp_path, monke
 # ---------------------------------------------------------------- a damaged page
 
 
+def damage_a_rows_page(store: Path, name: str = "rows") -> None:
+    """Overwrite the header of one leaf page of the table or index ``name``, mid file."""
+    with contextlib.closing(sqlite3.connect(store)) as db:
+        page_size = db.execute("PRAGMA page_size").fetchone()[0]
+        leaves = [
+            p
+            for (p,) in db.execute(
+                "SELECT pageno FROM dbstat WHERE name = ? AND pagetype = 'leaf' ORDER BY pageno",
+                (name,),
+            )
+        ]
+    page = leaves[len(leaves) // 2]
+    with open(store, "r+b") as f:
+        f.seek((page - 1) * page_size)
+        f.write(b"\xff" * 64)  # the page's header and cell pointers
+
+
 @pytest.fixture(scope="module")
 def damaged(tmp_path_factory):
     """A store of 2 x 60 rows with one leaf page of the rows table (mid file) overwritten."""
@@ -192,19 +209,7 @@ def damaged(tmp_path_factory):
     store = folder / "run.db"
     out = procval_cli("run", task, "--store", store, "--no-progress", timeout=180)
     assert out.returncode == 0, out.stderr
-    with contextlib.closing(sqlite3.connect(store)) as db:
-        page_size = db.execute("PRAGMA page_size").fetchone()[0]
-        leaves = [
-            p
-            for (p,) in db.execute(
-                "SELECT pageno FROM dbstat WHERE name = 'rows' AND pagetype = 'leaf' "
-                "ORDER BY pageno"
-            )
-        ]
-    page = leaves[len(leaves) // 2]
-    with open(store, "r+b") as f:
-        f.seek((page - 1) * page_size)
-        f.write(b"\xff" * 64)  # the page's header and cell pointers
+    damage_a_rows_page(store)
     return task, store
 
 
@@ -260,6 +265,69 @@ def test_the_advised_repair_gives_a_store_that_resumes(damaged, tmp_path):
     assert out.returncode == 0, out.stderr
     assert rows_in(fixed) == 2 * N
     assert all(r.error is None for result in procval.load(fixed).values() for r in result.rows)
+
+
+def test_a_repaired_store_keeps_spend_limit_counts_and_epochs(tmp_path):
+    """The usage and limits tables and every configs column survive a repair."""
+    from procval.store.repair import repair
+
+    store, fixed = tmp_path / "run.db", tmp_path / "fixed.db"
+    data = [{"id": i} for i in range(N)]
+    procval.evaluate(lambda e: "x" * 3000, data, lambda e, p: 1.0, store=store, workers=1,
+                     epochs=2, progress=False)  # fmt: skip
+    with contextlib.closing(sqlite3.connect(store)) as db, db:
+        db.execute("INSERT INTO usage VALUES ('default', 'gpt-x', 120, 3, 1000, 200, 1200, 0.25)")
+        db.execute(schema.ADD_LIMITS, ("default", "gpt-x", 125, 5, 9, 1.5, 1400.0))
+    before = procval.load(store)["default"]
+    usage, limits = before.usage, before.limits
+    assert usage and limits["gpt-x"]["rate_limited"] == 5
+    damage_a_rows_page(store)
+    saved = repair(store, fixed)
+    assert (saved.configs, saved.usage, saved.limits) == (1, 1, 1) and saved.lost > 0
+    after = procval.load(fixed)["default"]
+    assert after.usage == usage and after.limits == limits  # spend and limit counts kept
+    assert after.epochs == 2
+
+
+@pytest.fixture(scope="module")
+def whole(tmp_path_factory):
+    """A task and its whole store of 2 x 60 rows (copy it before damaging it)."""
+    folder = tmp_path_factory.mktemp("whole")
+    task = write_task(folder, size=3000)
+    store = folder / "run.db"
+    out = procval_cli("run", task, "--store", store, "--no-progress", timeout=180)
+    assert out.returncode == 0, out.stderr
+    return task, store
+
+
+@pytest.mark.parametrize("index", ["rows_order", "sqlite_autoindex_rows_1"])
+def test_a_damaged_index_of_the_rows_loses_no_row(whole, tmp_path, index):
+    """The table's own b-tree still gives every rowid: repair reads past the index."""
+    _, original = whole
+    store, fixed = tmp_path / "run.db", tmp_path / "fixed.db"
+    shutil.copy(original, store)
+    damage_a_rows_page(store, index)
+    out = procval_cli("repair", store, fixed, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().endswith(f"{2 * N} rows of 2 configs"), out.stdout
+    assert {name: len(r.rows) for name, r in procval.load(fixed).items()} == {"a": N, "b": N}
+
+
+def test_a_damaged_configs_table_keeps_the_rows_and_a_run_brings_them_back(whole, tmp_path):
+    task, original = whole
+    store, fixed = tmp_path / "run.db", tmp_path / "fixed.db"
+    shutil.copy(original, store)
+    damage_a_rows_page(store, "configs")
+    out = procval_cli("repair", store, fixed, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert f"{2 * N} rows of 0 configs" in out.stdout
+    assert "the records of configs 'a', 'b' could not be read" in out.stdout
+    out = procval_cli("run", task, "--store", fixed, "--no-progress", timeout=180)
+    assert out.returncode == 0, out.stderr
+    results = procval.load(fixed)
+    assert {name: len(r.rows) for name, r in results.items()} == {"a": N, "b": N}
+    with contextlib.closing(sqlite3.connect(fixed)) as db:  # kept, not run again
+        assert db.execute("SELECT DISTINCT session FROM rows").fetchall() == [(1,)]
 
 
 # ---------------------------------------------------------------- a killed writer

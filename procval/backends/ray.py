@@ -95,8 +95,9 @@ class RayBackend:
             and what the cluster offers, and its worker slots go to the other configs; if other
             actors of its config run, the actor is given up and its slot retried later (a
             frozen node); otherwise it keeps waiting for a busy cluster. An actor whose
-            constructor began (a slow ``Config.setup``) was placed. Raise it when the cluster
-            autoscales.
+            constructor began (a slow ``Config.setup``) was placed, and so was one whose
+            resources a node granted (its process slow to start on a loaded node). Raise it
+            when the cluster autoscales.
         lost_after: seconds an actor that owes results may go without answering a poll (nor
             a read of its slot table on its node) before it counts as lost: it is killed and
             replaced and its examples rerun (never ``Timeout`` rows). A frozen or partitioned
@@ -272,6 +273,8 @@ class RayBackend:
             self.lost_workers += 1
         elif verdict == "unplaced":
             config, options = self._configs[worker]
+            if self._starting(worker, options):
+                return  # a node granted its resources: its process is starting (slow under load)
             others = [
                 w
                 for w in self._workers
@@ -286,6 +289,34 @@ class RayBackend:
                     fails_config=not others,
                 )
             )
+
+    def _starting(self, worker: RayWorker, options: Mapping[str, Any]) -> bool:
+        """Whether Ray granted ``worker``'s resources on a node: placed, its process starting.
+
+        Ray's actor table says ``PENDING_CREATION`` both while an actor waits for resources and
+        while its process starts (Python, ``import ray``: seconds on a loaded node); only the
+        cluster's pending resource requests tell them apart. Requests are not named, so of our
+        unstarted actors asking for the same resources, the newest ``pending`` ones are taken
+        to be waiting (Ray grants them in order) and the older ones to be starting. False when
+        Ray does not say (the caller then judges by placement marks alone).
+        """
+        asked = _asked(options)
+        pending = _pending_requests(asked)
+        if pending is None:
+            return False
+        with self._lock:
+            waiting = sorted(
+                (
+                    w
+                    for w in self._workers
+                    if not w.started
+                    and not w.killed
+                    and w in self._configs
+                    and _asked(self._configs[w][1]) == asked
+                ),
+                key=lambda w: w.created,
+            )
+        return worker in waiting[: max(0, len(waiting) - pending)]
 
     def shutdown(self) -> None:
         """Give closing actors ``grace`` seconds, kill the rest, remove killed actors' files."""
@@ -373,6 +404,31 @@ def _missing(options: Mapping[str, Any], nodes: list[dict[str, Any]] | None = No
         for name, amount in _asked(options).items()
         if not any(float(n.get("Resources", {}).get(name, 0)) >= amount for n in nodes)
     ]
+
+
+def _pending_requests(asked: Mapping[str, float]) -> int | None:
+    """How many of the cluster's resource requests waiting for a node ask for ``asked``.
+
+    A request whose resources a node granted (its worker process starting) is not pending.
+    None if Ray's autoscaler state cannot be read (an older or remote-client Ray).
+    """
+    try:
+        from ray.autoscaler.v2.sdk import get_cluster_resource_state
+
+        driver: Any = ray._private.worker.global_worker  # private: Ray exports no other way
+        state = get_cluster_resource_state(driver.gcs_client)
+        return sum(
+            request.count
+            for request in state.pending_resource_requests
+            if {
+                name: float(amount)
+                for name, amount in request.request.resources_bundle.items()
+                if not name.startswith("accelerator_type:")
+            }
+            == dict(asked)
+        )
+    except Exception:
+        return None
 
 
 def _asked(options: Mapping[str, Any]) -> dict[str, float]:

@@ -237,7 +237,12 @@ class Limiter:
             key = str(message.get("key", ""))
             tokens = float(message.get("tokens") or 0.0)
             self._state(key, now)
-            self._queues.setdefault(key, deque()).append(_Waiter(conn, key, tokens, now))
+            queue = self._queues.setdefault(key, deque())
+            waiter = _Waiter(conn, key, tokens, now)
+            if message.get("retry"):  # a call answered 429 goes first: it already waited
+                queue.appendleft(waiter)
+            else:
+                queue.append(waiter)
         elif op == "release":
             self._release(message, now)
 

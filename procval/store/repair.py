@@ -8,7 +8,8 @@ table, what can be read; a damaged page costs only the rows stored on it:
    its own b-tree: a damaged table page leaves the indexes whole, and the other way round), as
    far as each scan gets;
 2. the rows themselves by rowid, in batches, and one by one in a batch that fails;
-3. the configs and sessions (small tables) the same way.
+3. the configs, sessions, usage (spend) and limits (rate limit counts), small tables, the same
+   way: every column both stores have (a damaged store of an older format lacks some).
 
 A run on the new store resumes: the lost rows run again. The damaged file is never changed.
 """
@@ -27,10 +28,7 @@ from procval.store.schema import COLUMNS, connect
 
 BATCH = 256
 
-_TABLES = {
-    "configs": "name, identity, fingerprint, description, created, duration",
-    "sessions": "id, started, ended, status, pid, node, configs",
-}
+_TABLES = ("configs", "sessions", "usage", "limits")
 
 
 @dataclass(frozen=True)
@@ -42,12 +40,20 @@ class Repaired:
         lost: rows known to exist (their rowid was read) that could not be read.
         configs: configs copied.
         sessions: sessions copied.
+        usage: usage records (a config's calls, tokens and cost per model) copied.
+        limits: rate limit count records (a config's per key) copied.
+        unlisted: configs whose rows were copied but whose record (a damaged configs table)
+            was not: their rows show again once a run of their config on the new store writes
+            the record (it keeps the rows, and runs only the missing ones).
     """
 
     rows: int
     lost: int
     configs: int
     sessions: int
+    usage: int = 0
+    limits: int = 0
+    unlisted: tuple[str, ...] = ()
 
 
 def repair(damaged: str | os.PathLike[str], new: str | os.PathLike[str]) -> Repaired:
@@ -81,11 +87,19 @@ def repair(damaged: str | os.PathLike[str], new: str | os.PathLike[str]) -> Repa
         try:
             with store_errors(target, "write"):
                 db.execute("BEGIN IMMEDIATE")
-                counts = {
-                    table: _copy(db, table, columns, _read_all(old, table, columns))
-                    for table, columns in _TABLES.items()
-                }
+                counts = {}
+                for table in _TABLES:
+                    columns = _shared_columns(old, db, table)
+                    records = _read_all(old, table, columns) if columns else []
+                    counts[table] = _copy(db, table, columns, records)
                 copied = _copy(db, "rows", COLUMNS, _read_rows(old, rowids))
+                unlisted = tuple(
+                    name
+                    for (name,) in db.execute(
+                        "SELECT DISTINCT config FROM rows WHERE config NOT IN "
+                        "(SELECT name FROM configs) ORDER BY config"
+                    )
+                )
                 db.execute("COMMIT")
         except BaseException:
             db.close()
@@ -100,7 +114,25 @@ def repair(damaged: str | os.PathLike[str], new: str | os.PathLike[str]) -> Repa
             f"nothing of the run store {source} could be read (it is damaged beyond repair, or "
             "not a procval run store); run again into a new store"
         )
-    return Repaired(copied, len(rowids) - copied, counts["configs"], counts["sessions"])
+    return Repaired(
+        copied,
+        len(rowids) - copied,
+        counts["configs"],
+        counts["sessions"],
+        counts["usage"],
+        counts["limits"],
+        unlisted,
+    )
+
+
+def _shared_columns(old: sqlite3.Connection, new: sqlite3.Connection, table: str) -> str:
+    """The columns of ``table`` in both stores, in the new store's order ("" if none)."""
+    try:
+        have = {row[1] for row in old.execute(f"PRAGMA table_info({table})")}
+    except sqlite3.Error:
+        return ""
+    wanted = [row[1] for row in new.execute(f"PRAGMA table_info({table})")]
+    return ", ".join(name for name in wanted if name in have)
 
 
 def _rowids(db: sqlite3.Connection) -> list[int]:
@@ -160,6 +192,8 @@ def _copy(
     columns: str,
     records: Iterable[tuple[object, ...]],
 ) -> int:
+    if not columns:
+        return 0
     marks = ", ".join("?" * len(columns.split(",")))
     statement = f"INSERT OR IGNORE INTO {table} ({columns}) VALUES ({marks})"
     before = db.total_changes

@@ -115,9 +115,11 @@ def _unix(path: str) -> socket.socket:
     return conn
 
 
-def _acquire(key: str, tokens: float) -> Permit:
+def _acquire(key: str, tokens: float, *, retry: bool = False) -> Permit:
+    """A permit for one call; a ``retry`` (of a call answered 429) is queued ahead of the others."""
     conn = _connection()
-    conn.sendall(json.dumps({"op": "acquire", "key": key, "tokens": tokens}).encode() + b"\n")
+    message = {"op": "acquire", "key": key, "tokens": tokens, **({"retry": True} if retry else {})}
+    conn.sendall(json.dumps(message).encode() + b"\n")
     buffer: bytes = _local.buffer
     while b"\n" not in buffer:
         try:
@@ -183,6 +185,11 @@ def limited(key: str, *, tokens: float | None = None) -> Iterator[Permit | None]
 def call(key: str, fn: Callable[[], T], *, tokens: float, usage: Callable[[], Any]) -> T:
     """Call ``fn()`` under ``key``'s limits, retrying it alone on 429s (honouring Retry-After).
 
+    A 429's wait is kept by the parent, which pauses the key for every worker: the retry asks
+    for its permit at once and is queued ahead of the calls not sent yet, which would otherwise
+    take the provider's first free slots (the retry sleeping meanwhile) and could starve it
+    into :data:`RATE_LIMIT_RETRIES` 429s in a row. A 429 without a wait backs off here first.
+
     Args:
         key: the key.
         fn: the call (one request to the provider).
@@ -190,7 +197,7 @@ def call(key: str, fn: Callable[[], T], *, tokens: float, usage: Callable[[], An
         usage: returns the tokens the call used once it returned (None: unknown).
     """
     for attempt in range(RATE_LIMIT_RETRIES + 1):
-        permit = _acquire(key, tokens)
+        permit = _acquire(key, tokens, retry=attempt > 0)
         try:
             result = fn()
         except Exception as exc:
@@ -201,7 +208,8 @@ def call(key: str, fn: Callable[[], T], *, tokens: float, usage: Callable[[], An
             _release(permit, "limited", wait)
             if attempt == RATE_LIMIT_RETRIES:
                 raise
-            time.sleep(backoff(wait, attempt))
+            if wait is None:  # else the parent holds the key (this call first) for ``wait``
+                time.sleep(backoff(wait, attempt))
             continue
         except BaseException:
             _release(permit, "failed")
@@ -331,7 +339,7 @@ async def acall(
     import asyncio
 
     for attempt in range(RATE_LIMIT_RETRIES + 1):
-        permit = await asyncio.to_thread(_acquire, key, tokens)
+        permit = await asyncio.to_thread(_acquire, key, tokens, retry=attempt > 0)
         try:
             result = await fn()
         except Exception as exc:
@@ -342,7 +350,8 @@ async def acall(
             _release(permit, "limited", wait)
             if attempt == RATE_LIMIT_RETRIES:
                 raise
-            await asyncio.sleep(backoff(wait, attempt))
+            if wait is None:  # else the parent holds the key (this call first) for ``wait``
+                await asyncio.sleep(backoff(wait, attempt))
             continue
         except BaseException:
             _release(permit, "failed")

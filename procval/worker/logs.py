@@ -17,7 +17,9 @@ dropped and counted, and the next record that gets through carries the count
 
 On Ray the target is a ``tcp://`` address (the driver's node, :mod:`procval.worker._tcp`): the
 record goes to a bounded queue that a thread sends in batches, so logging never waits on the
-network either; a full queue drops the record and counts it the same way.
+network either; a full queue drops the record and counts it the same way. The thread is a
+daemon, so the end of each shard waits for the queue to be sent (:func:`sent`, half a second at
+most) before its results go back: a record logged just before an actor exits is not lost.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from typing import Any
 
 from procval.worker import _tcp, record
 
-__all__ = ["RelayHandler", "install"]
+__all__ = ["RelayHandler", "install", "sent"]
 
 _MAX_MESSAGE = 32_000  # characters of a message or traceback kept; a datagram stays small
 _LOCAL = frozenset({"args", "exc_info", "msg", "message"})
@@ -94,6 +96,13 @@ class RelayHandler(logging.Handler):
         if self._sender is not None:
             self._sender.flush()
 
+    def drain(self, timeout: float) -> bool:
+        """Over TCP: wait up to ``timeout`` s for the queued records to be sent; whether they were.
+
+        A datagram is sent as it is logged: nothing to wait for.
+        """
+        return self._sender.flush(timeout) if self._sender is not None else True
+
     def close(self) -> None:
         """Close the socket (over TCP: send what is queued first, within two seconds)."""
         if self._sender is not None:
@@ -101,6 +110,20 @@ class RelayHandler(logging.Handler):
         if self._socket is not None:
             self._socket.close()
         super().close()
+
+
+_installed: RelayHandler | None = None
+SENT_WITHIN = 0.5  # seconds the end of a shard waits for its log records to leave (over TCP)
+
+
+def sent(timeout: float = SENT_WITHIN) -> bool:
+    """Wait (``timeout`` s at most) for the log records queued so far to be sent to the parent.
+
+    Called at the end of each shard, before its results are returned: the sender's thread is a
+    daemon, so a record logged in the last moments before an actor exits would otherwise be
+    lost, and one that is sent arrives before the results that follow it.
+    """
+    return _installed.drain(timeout) if _installed is not None else True
 
 
 def install(target: tuple[str, tuple[tuple[str, int], ...]] | None) -> RelayHandler | None:
@@ -116,7 +139,8 @@ def install(target: tuple[str, tuple[tuple[str, int], ...]] | None) -> RelayHand
     if target is None:
         return None
     path, levels = target
-    handler = RelayHandler(path)
+    global _installed
+    handler = _installed = RelayHandler(path)
     root = logging.getLogger()
     root.addHandler(handler)
     for name, level in levels:

@@ -263,6 +263,7 @@ def run_shard(shard: bytes) -> bytes:
         timeout = state.options.timeout
         late = None if timeout is None else lambda: sum(s > timeout for _, s in slots.running())
         results = state.feed.collect(drain=message.drain, late=late)
+    logs.sent()  # the records its examples logged leave before their results (Ray: over TCP)
     return _dump_results(state, results)
 
 

@@ -38,6 +38,27 @@ def log_and_wait(example: Any) -> int:
     return -1
 
 
+def log_over_a_slow_link(example: Any) -> int:
+    """Log one record that takes 0.2 s to leave (a slow link to the driver); return at once.
+
+    Returns the worker's pid, or -2 if its log relay is not over TCP.
+    """
+    relays = [h for h in logging.getLogger().handlers if isinstance(h, RelayHandler)]
+    if not relays or not all(_tcp.is_tcp(h.path) for h in relays):
+        return -2
+    for relay in relays:
+        sender: Any = relay._sender
+        send = sender._send
+
+        def slow(sock: Any, batch: Any, send: Any = send) -> Any:
+            time.sleep(0.2)
+            return send(sock, batch)
+
+        sender._send = slow
+    logger.warning("example %s is done", example)
+    return os.getpid()
+
+
 def positive(example: Any, prediction: Any) -> float:
     """1.0 when the program returned a pid."""
     return float(prediction > 0)
