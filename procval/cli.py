@@ -37,7 +37,6 @@ import argparse
 import contextlib
 import csv
 import json
-import math
 import os
 import shlex
 import sys
@@ -46,6 +45,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from procval._cli_args import COUNT, COUNT0, SECONDS, amount, rate_limit
 from procval._cli_util import (
     EXIT_BUDGET,
     EXIT_INTERRUPTED,
@@ -61,7 +61,6 @@ from procval._cli_util import (
     _resume_command,
 )
 from procval.errors import ProcvalError, SetupError, StoreError, StoreFullError, TooManyErrors
-from procval.ratelimit import RateLimit, parse_rate_limit
 from procval.results import Results
 from procval.store import readers as store
 from procval.store.sources import stored_configs
@@ -105,46 +104,6 @@ def command(name: str, help: str, *arguments: Argument) -> Callable[[Handler], H
     return register
 
 
-def at_least(low: int | float, kind: type[int] | type[float] = int) -> Callable[[str], Any]:
-    """An argparse ``type=``: a number of ``kind`` not below ``low`` (above it, for floats).
-
-    The CLI checks its flags itself, so that a bad value is named by its flag, not by the
-    keyword argument of :func:`procval.evaluate` it becomes.
-    """
-    what = f"an integer of at least {low}" if kind is int else f"a number above {low:g}"
-
-    def parse(text: str) -> int | float:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
-        if value < low or (kind is float and value <= low):
-            raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
-        return value
-
-    parse.__name__ = kind.__name__  # argparse names the type in some messages
-    return parse
-
-
-COUNT, COUNT0, SECONDS = at_least(1), at_least(0), at_least(0, float)
-
-
-def _amount(text: str) -> float:
-    """``--max-cost X``: a finite number above 0."""
-    value = SECONDS(text)
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a finite number above 0, got {text}")
-    return float(value)
-
-
-def _rate_limit(text: str) -> RateLimit:
-    """``--rate-limit KEY:rpm=N,tpm=N,inflight=N`` (also ``rps=N``) as a RateLimit."""
-    try:
-        return parse_rate_limit(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
 class Failure(Exception):
     """A failure reported as one line on stderr with a given exit status."""
 
@@ -168,8 +127,8 @@ class Failure(Exception):
     arg("--retries", type=COUNT0, metavar="N", help="retries of an example whose program raises"),
     arg("--max-errors", type=COUNT0, metavar="N", help="stop once more examples than N failed"),
     arg("--max-tokens", type=COUNT, metavar="N", help="stop a config once its rows spent N tokens"),
-    arg("--max-cost", type=_amount, metavar="X", help="stop a config once its rows cost X"),
-    arg("--rate-limit", action="append", type=_rate_limit, metavar="KEY:rpm=N,tpm=N,inflight=N",
+    arg("--max-cost", type=amount, metavar="X", help="stop a config once its rows cost X"),
+    arg("--rate-limit", action="append", type=rate_limit, metavar="KEY:rpm=N,tpm=N,inflight=N",
         help="limits shared by every config's calls under KEY (repeat for more keys)"),
     arg("--limit", type=COUNT, metavar="N", help="evaluate only the first N examples"),
     arg("--epochs", type=COUNT, metavar="K", help="run each example K times (resume adds epochs)"),

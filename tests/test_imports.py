@@ -51,7 +51,7 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("results", {"_row", "results", "_reduce", "_summary", "_groups"}),
     ("store", {"store"}),
     ("run", {"run"}),
-    ("task and cli", {"task", "cli", "_cli_util", "__main__"}),
+    ("task and cli", {"task", "cli", "_cli_util", "_cli_args", "__main__"}),
     ("integrations", {"integrations", "dspy"}),
     ("the facade", {""}),  # procval/__init__.py: its __getattr__ reaches every public name
 ]
