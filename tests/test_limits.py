@@ -17,7 +17,7 @@ from helpers import limit_programs as programs
 from helpers.llm_server import LLMServer
 from procval.ratelimit import RateLimit, parse_rate_limit
 from procval.run.limiter import check_limits
-from procval.run.pacing import KeyState
+from procval.run.pacing import SAFETY, KeyState
 from procval.worker.limited import header_wait, is_rate_limited, retry_after
 
 # ---------------------------------------------------------------- the pure rules
@@ -33,7 +33,23 @@ def test_requests_are_paced_evenly_at_the_rate():
         now = at
         state.grant(1, now)
         starts.append(round(now, 6))
-    assert starts == [0.0, 0.1, 0.2, 0.3, 0.4]
+    assert starts == pytest.approx([i * 0.1 * (1 + SAFETY) for i in range(5)])
+
+
+def test_grants_a_little_late_keep_the_schedule_and_an_idle_spell_gives_no_burst():
+    state = KeyState(RateLimit("k", requests_per_minute=3000), now=0.0)  # one per 20 ms
+    now = 0.0
+    for _ in range(600):  # each grant 1 ms late, as the limiter's thread wakes
+        at = state.ready_at(1, now)
+        assert at is not None
+        now = at + 0.001
+        state.grant(1, now)
+        state.release(1, None, now)
+    # the lateness does not add up: 600 calls take 600 intervals, not 600 x 21 ms
+    assert now == pytest.approx(599 * 0.02 * (1 + SAFETY) + 0.001)
+    idle = now + 5.0  # nobody asked for 5 s: the next call starts at once, the one after paced
+    state.grant(1, idle)
+    assert state.ready_at(1, idle) == pytest.approx(idle + 0.02 * (1 + SAFETY))
 
 
 def test_tokens_are_reserved_then_corrected_by_the_usage_reported():

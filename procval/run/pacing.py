@@ -15,10 +15,11 @@ Pure (no socket, no thread, no clock of its own: every method is given ``now``),
     answered()                                    window + 1/window  (grows back by one per window)
     rate_limited(retry_after)                     pause; window halved (once per pause)
 
-Requests are paced evenly (one every ``60 / requests_per_minute`` s, no burst), so a provider
-whose own bucket holds a few requests never sees the limit passed. The token bucket holds one
-second of tokens; a call whose estimate exceeds that waits for a full bucket and takes it
-below zero, which later calls wait out.
+Requests are paced evenly (one every ``60 / requests_per_minute`` s, ``SAFETY`` slower, no
+burst), on a schedule that a grant a little late does not push back (:meth:`KeyState.grant`),
+so a provider whose own bucket holds a few requests never sees the limit passed. The token
+bucket holds one second of tokens; a call whose estimate exceeds that waits for a full bucket
+and takes it below zero, which later calls wait out.
 """
 
 from __future__ import annotations
@@ -27,7 +28,12 @@ import math
 
 from procval.ratelimit import RateLimit
 
-__all__ = ["KeyState"]
+__all__ = ["SAFETY", "KeyState"]
+
+# Pace this much under the limit. Without it, the schedule's own precision would be the only
+# margin: calls bunch a little between their grant and their request (a worker thread waking,
+# the client building it), and a provider's clock is not ours.
+SAFETY = 0.01
 
 _MIN_PAUSE = 0.05  # seconds a 429 without a usable Retry-After pauses the key
 
@@ -44,7 +50,7 @@ class KeyState:
     def __init__(self, limit: RateLimit | None, now: float) -> None:
         rpm = limit.requests_per_minute if limit else None
         tpm = limit.tokens_per_minute if limit else None
-        self.interval = 60.0 / rpm if rpm else 0.0
+        self.interval = 60.0 / rpm * (1.0 + SAFETY) if rpm else 0.0
         self.next_start = now
         self.token_rate = tpm / 60.0 if tpm else 0.0
         self.capacity = max(1.0, self.token_rate)
@@ -75,9 +81,17 @@ class KeyState:
         return start
 
     def grant(self, tokens: float, now: float) -> None:
-        """A call reserving ``tokens`` starts now."""
+        """A call reserving ``tokens`` starts now.
+
+        The next slot follows this one's (``next_start``), not ``now``, when the grant comes
+        less than an interval late: a grant a millisecond late (the limiter's thread waking)
+        then costs no time, where pacing from ``now`` lost that millisecond at every call
+        (0.7 s over 600 calls at 50 per second, measured). A later grant (nobody was waiting)
+        starts the pacing afresh from now: no burst after an idle spell.
+        """
         self.in_flight += 1
-        self.next_start = max(self.next_start, now) + self.interval
+        late = now - self.next_start
+        self.next_start = (self.next_start if 0 <= late < self.interval else now) + self.interval
         if self.token_rate:
             self._refill(now)
             self.level -= tokens
