@@ -170,23 +170,39 @@ class LokyWorker:
         is killed here, so the descendants of one that exits by itself survive it.
         """
         pid = self.pid
+        self._close_result_writer()  # before the kill: loky's thread is not closing it yet
         if pid:
             if not self._forked:  # (the fork server kills a forked worker's group)
                 kill_group(pid)
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-        # A worker killed while it wrote a result leaves half a message in the result pipe, and
-        # loky's manager thread waits in recv() for the rest forever; the interpreter joins that
-        # thread at exit, so the process would never exit. The parent never writes to that pipe:
-        # closing its copy of the write end leaves the dead worker's as the last one (the fork
-        # server keeps none), so the read ends with EOF and loky marks the executor broken.
-        queue = getattr(self._executor, "_result_queue", None)
-        writer = getattr(queue, "_writer", None)
-        if writer is not None:
-            with contextlib.suppress(OSError):
-                writer.close()
         self._executor.shutdown(wait=False, kill_workers=True)
         self._slots.close()
+
+    def _close_result_writer(self) -> None:
+        """Close the parent's copy of the result pipe's write end, unless loky is closing it.
+
+        A worker killed while it wrote a result leaves half a message in the result pipe, and
+        loky's manager thread waits in recv() for the rest forever; the interpreter joins that
+        thread at exit, so the process would never exit. The parent never writes to that pipe:
+        closing its copy of the write end leaves the dead worker's as the last one (the fork
+        server keeps none), so the read ends with EOF and loky marks the executor broken.
+
+        Done before the kill, under loky's shutdown lock, and only while the executor is not
+        broken: a broken executor's thread is closing the queue itself, and two threads closing
+        one connection at once gave that thread an ``OSError: Bad file descriptor``, printed on
+        the user's stderr. (A shutting-down one still gets it closed: its thread may be the one
+        stuck in recv().)
+        """
+        flags = getattr(self._executor, "_flags", None)
+        queue = getattr(self._executor, "_result_queue", None)
+        writer = getattr(queue, "_writer", None)
+        if flags is None or writer is None:
+            return
+        with flags.shutdown_lock:
+            if flags.broken is None:
+                with contextlib.suppress(OSError):
+                    writer.close()
 
     def close(self) -> None:
         """Let the process exit once its queued shards are done, without waiting for it."""
