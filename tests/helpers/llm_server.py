@@ -354,6 +354,7 @@ def _handler(server: LLMServer) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"  # keep-alive, as the OpenAI client expects
         timeout = 30  # an idle connection's thread ends
+        disable_nagle_algorithm = True  # headers and body are two writes: no 40 ms wait
 
         def do_POST(self) -> None:
             length = int(self.headers.get("Content-Length") or 0)
