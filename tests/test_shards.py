@@ -64,11 +64,15 @@ def test_shards_shrink_near_the_end():
     assert sizes[1] <= 400 / 8
 
 
-def test_near_the_end_threads_still_get_whole_rounds():
+def test_near_the_end_threads_get_whole_rounds_then_only_their_free_threads():
     sizer = ShardSizer(32)
     sizer.observe(64, 64 * 0.05)
-    assert sizer.next_size(remaining=100, workers=2) == 32
-    assert sizer.next_size(remaining=24, workers=2) == 32  # the scheduler takes what is left
+    assert sizer.next_size(remaining=1000, workers=2) == 128  # a part of 125: whole rounds
+    # the end: a part of what is left, and never more than the worker's free threads start
+    assert sizer.next_size(remaining=100, workers=2) == 12
+    assert sizer.next_size(remaining=100, workers=2, running=28) == 4
+    assert sizer.next_size(remaining=100, workers=2, running=32) == 1
+    assert sizer.next_size(remaining=3, workers=2) == 1
 
 
 def test_observations_are_smoothed():

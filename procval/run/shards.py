@@ -16,7 +16,12 @@ the scheduler keeps a second shard queued behind it. So a shard should be:
   rounds would hold every result back until a whole round had finished;
 - small near the end of a dataset of known length, so that no worker idles while another one
   finishes a long last shard: at most a ``1 / (SHARE * workers)`` part of what is left (guided
-  self-scheduling; what is left includes the shards in flight, about two per worker).
+  self-scheduling; what is left includes the shards in flight, about two per worker). With
+  threads, in whole rounds while that part is a round or more; below, no more than the
+  receiving worker's free threads start at once (at least one): an example queued behind busy
+  threads would start late while another worker's threads idle. Under a rate limit, where an
+  example's time is mostly its wait for permits, two such examples queued in one worker held
+  the end of a 300-example run back by a whole LM call.
 
 The timing comes from the workers: each answer carries its examples' durations, from which the
 sizer keeps a moving average of an example's *latency*: how long it keeps one thread busy.
@@ -80,8 +85,10 @@ class ShardSizer:
                 size = _round_up(max(size, MIN_ROUNDS * threads), threads)
         if remaining is not None:
             share = max(1, remaining // (SHARE * max(1, workers)))
-            # whole rounds: a shard of fewer than `threads` examples takes a round all the same
-            size = min(size, _round_up(share, threads))
+            if share >= threads:
+                size = min(size, _round_up(share, threads))
+            else:  # the end: only what the worker's free threads start at once
+                size = min(size, share, max(1, threads - running))
         return max(1, min(size, MAX_SIZE))
 
 
