@@ -11,13 +11,18 @@ from __future__ import annotations
 
 import logging
 import pickle
+import select
 import socket
+import subprocess
+import sys
 import threading
 import time
 
 import pytest
 
+from helpers import processes
 from procval.run.logs import LogListener
+from procval.worker import _tcp
 
 psutil = pytest.importorskip("psutil")
 
@@ -120,3 +125,102 @@ def test_log_listener_still_hands_records_to_the_thread_and_to_flush(caplog):
         sender.close()
         listener.stop()
     assert got == list(range(50))
+
+
+# ---------------------------------------------------------------- out of file descriptors
+
+_FULL = """
+import os, resource, socket, sys
+from procval.ratelimit import RateLimit
+from procval.run._tcp import LineServer
+from procval.run.limiter import Limiter
+
+if sys.argv[1] == "limiter":
+    server = Limiter({"k": RateLimit("k", max_in_flight=1)})
+    where = server.path
+else:
+    server = LineServer("127.0.0.1", name="procval-test-tcp", on_line=lambda sock, message: None)
+    where = server.address
+accepts = 0  # calls of accept(), counted
+accept = socket.socket.accept
+def counted(self):
+    global accepts
+    accepts += 1
+    return accept(self)
+socket.socket.accept = counted
+# the fd table full: a soft limit just above what is open, then /dev/null until refused
+_, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 8, hard))
+fillers = []
+try:
+    while True:
+        fillers.append(os.open(os.devnull, os.O_RDONLY))
+except OSError:
+    pass
+print(where, flush=True)
+sys.stdin.readline()  # the parent has watched this process's CPU while its connection waited
+print(accepts, flush=True)
+for fd in fillers:
+    os.close(fd)
+sys.stdin.readline()  # the parent's connection was served
+server.stop()
+"""
+
+
+def _line(stream, what: str, timeout: float = 30.0) -> str:
+    ready, _, _ = select.select([stream], [], [], timeout)
+    assert ready, f"not within {timeout:g}s: {what}"
+    return stream.readline()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/self/fd")
+@pytest.mark.parametrize("kind", ["limiter", "tcp"])
+def test_a_listener_out_of_file_descriptors_waits_then_takes_the_connection(kind):
+    """accept() failing with EMFILE leaves the connection queued and the listener readable.
+
+    The rate limiter's thread and the TCP channel's retried at once, spinning as long as the
+    process had no descriptor to spare; now the listener rests a second at a time, and the
+    connection is taken once descriptors are free again.
+    """
+    child = processes.start([sys.executable, "-c", _FULL, kind], stdin=subprocess.PIPE)
+    assert child.stdin is not None and child.stdout is not None
+    conn: socket.socket | None = None
+    try:
+        where = _line(child.stdout, "the server's address").strip()
+        assert where, child.communicate(timeout=10)
+        if kind == "limiter":
+            conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            conn.settimeout(10)
+            conn.connect(where)  # queued: the server cannot accept it
+            request = b'{"op": "hello", "config": "c"}\n{"op": "acquire", "key": "k"}\n'
+        else:
+            host, port, token = _tcp.parse(where)
+            conn = socket.create_connection((host, port), timeout=10)
+            request = token.encode() + b"\n"
+        server = psutil.Process(child.pid)
+        before = sum(server.cpu_times()[:2])
+        time.sleep(2 * QUIET)
+        used = sum(server.cpu_times()[:2]) - before
+        child.stdin.write("\n")  # descriptors free again
+        child.stdin.flush()
+        accepts = int(_line(child.stdout, "the count of accept() calls"))
+        # a paused listener tries once a second; a spinning one thousands of times (hundreds
+        # on a loaded machine, where its CPU time alone could pass)
+        assert accepts < 20 and used < 2 * BOUND, (
+            f"the {kind} server called accept() {accepts} times and used {used:.2f} s of CPU "
+            f"in {2 * QUIET:g} s while it could not accept a connection: it spins"
+        )
+        conn.sendall(request)
+        reply = conn.recv(4096)  # (timeout 10 s)
+        assert reply.startswith(b'{"id"' if kind == "limiter" else b'{"auth": "ok"}'), reply
+        child.stdin.write("\n")
+        child.stdin.flush()
+        _, err = child.communicate(timeout=30)
+    finally:
+        if conn is not None:
+            conn.close()
+        if child.poll() is None:
+            child.kill()
+            child.communicate(timeout=30)
+    assert child.returncode == 0, err
+    assert err.count("ulimit -n") == 1, err  # said once
