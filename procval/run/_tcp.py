@@ -35,13 +35,14 @@ from typing import Any
 
 from procval.worker._tcp import address, tune
 
-__all__ = ["LineServer"]
+__all__ = ["Acceptor", "LineServer"]
 
 logger = logging.getLogger("procval")
 
 _HANDSHAKE = 10.0  # seconds a new connection has to send its token
 _MAX_LINE = 4 * 1024 * 1024  # bytes a line may take (a peer sending more is cut off)
 _TICK = 0.5
+_ACCEPT_PAUSE = 1.0  # seconds a listener rests after accept() failed (out of file descriptors)
 
 OnLine = Callable[[socket.socket, dict[str, Any]], None]
 OnClose = Callable[[socket.socket], None]
@@ -53,6 +54,73 @@ class _Peer:
     since: float
     trusted: bool = False
     buffer: bytes = b""
+
+
+class Acceptor:
+    """Takes the connections queued on a non-blocking listener that a selector watches.
+
+    A connection that ``accept()`` cannot take (the process is out of file descriptors:
+    ``EMFILE``; the system: ``ENFILE``; out of memory) stays queued, so the listener stays
+    readable: retried at once, the serving thread would spin until a descriptor is freed.
+    Instead the listener leaves the selector for a second (as asyncio does), and the queued
+    connections are taken when it is back. The serving thread passes its select timeout
+    through :meth:`timeout`, which puts the listener back when its pause is over.
+
+    Args:
+        listener: a listening socket, non-blocking.
+        selector: where the serving thread waits; the listener is registered in it here.
+        what: the service, for the warning (said once).
+    """
+
+    def __init__(
+        self, listener: socket.socket, selector: selectors.BaseSelector, what: str
+    ) -> None:
+        self.listener, self._selector, self._what = listener, selector, what
+        self._resume: float | None = None  # when a paused listener is watched again
+        self._warned = False
+        selector.register(listener, selectors.EVENT_READ)
+
+    def accept(self) -> list[socket.socket]:
+        """The connections queued now (at most 256); none while paused."""
+        taken: list[socket.socket] = []
+        while self._resume is None and len(taken) < 256:
+            try:
+                sock, _ = self.listener.accept()
+            except (BlockingIOError, InterruptedError):  # none left
+                break
+            except ConnectionAbortedError:  # gone before it was taken: the next one
+                continue
+            except OSError as exc:
+                self._pause(exc)
+                break
+            taken.append(sock)
+        return taken
+
+    def _pause(self, exc: OSError) -> None:
+        with contextlib.suppress(KeyError, ValueError):
+            self._selector.unregister(self.listener)
+        self._resume = time.monotonic() + _ACCEPT_PAUSE
+        if not self._warned:
+            self._warned = True
+            logger.warning(
+                "procval's %s cannot take a worker's connection (%s); it tries again every "
+                "%g s: raise this process's limit on open files (ulimit -n)",
+                self._what,
+                exc,
+                _ACCEPT_PAUSE,
+            )
+
+    def timeout(self, wanted: float) -> float:
+        """The select timeout to use instead of ``wanted`` (shorter while paused)."""
+        if self._resume is None:
+            return wanted
+        left = self._resume - time.monotonic()
+        if left > 0:
+            return min(wanted, left)
+        self._resume = None
+        with contextlib.suppress(KeyError, ValueError, OSError):  # (closed meanwhile: stop())
+            self._selector.register(self.listener, selectors.EVENT_READ)
+        return 0.0  # take what queued meanwhile now
 
 
 class LineServer:
@@ -82,7 +150,7 @@ class LineServer:
         self._peers: dict[socket.socket, _Peer] = {}
         self._last = time.monotonic()  # when the last line arrived
         self._selector = selectors.DefaultSelector()
-        self._selector.register(self._listener, selectors.EVENT_READ)
+        self._acceptor = Acceptor(self._listener, self._selector, f"TCP channel ({name})")
         self._wake_r, self._wake_w = socket.socketpair()
         self._selector.register(self._wake_r, selectors.EVENT_READ)
         self._stopping = threading.Event()
@@ -98,7 +166,7 @@ class LineServer:
                 time.sleep(0.05)
 
     def _step(self) -> None:
-        for key, _ in self._selector.select(_TICK):
+        for key, _ in self._selector.select(self._acceptor.timeout(_TICK)):
             if key.fileobj is self._listener:
                 self._accept()
             elif key.fileobj is self._wake_r:
@@ -112,11 +180,7 @@ class LineServer:
                 self._refuse(peer)
 
     def _accept(self) -> None:
-        for _ in range(256):
-            try:
-                sock, _ = self._listener.accept()
-            except OSError:  # BlockingIOError: none left
-                return
+        for sock in self._acceptor.accept():
             tune(sock)
             sock.setblocking(False)
             self._peers[sock] = _Peer(sock, time.monotonic())

@@ -141,7 +141,7 @@ class Limiter:
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._selector = selectors.DefaultSelector()
-        self._selector.register(self._listener, selectors.EVENT_READ, None)
+        self._acceptor = _tcp.Acceptor(self._listener, self._selector, "rate limiter")
         self._selector.register(self._wake_r, selectors.EVENT_READ, None)
         self._keys: dict[str, KeyState] = {}
         self._queues: dict[str, deque[_Waiter]] = {}
@@ -191,7 +191,7 @@ class Limiter:
         with self._lock:
             delay = self._grant(time.monotonic())
         timeout = _IDLE if delay is None else min(_IDLE, max(0.0, delay))
-        for key, _ in self._selector.select(timeout):
+        for key, _ in self._selector.select(self._acceptor.timeout(timeout)):
             if key.fileobj is self._listener:
                 self._accept()
             elif key.fileobj is self._wake_r:
@@ -201,11 +201,7 @@ class Limiter:
                 self._read(key.data)
 
     def _accept(self) -> None:
-        for _ in range(256):
-            try:
-                sock, _ = self._listener.accept()
-            except (BlockingIOError, OSError):
-                return
+        for sock in self._acceptor.accept():
             sock.setblocking(False)
             self._selector.register(sock, selectors.EVENT_READ, _Conn(sock))
 
@@ -338,6 +334,7 @@ class Limiter:
             with contextlib.suppress(OSError):
                 key.fileobj.close()  # type: ignore[union-attr]
         self._selector.close()
+        self._listener.close()  # (out of the selector while its accepting pauses)
         self._wake_w.close()
         shutil.rmtree(self._directory, ignore_errors=True)
 

@@ -16,6 +16,7 @@ import contextlib
 import logging
 import os
 import pickle
+import selectors
 import shutil
 import socket
 import tempfile
@@ -31,6 +32,7 @@ __all__ = ["LogListener", "parent_levels", "start", "stop"]
 logger = logging.getLogger("procval")
 _BUFFER = 4 * 1024 * 1024  # asked for; the kernel caps it (net.core.rmem_max)
 _MAX_DATAGRAM = 256 * 1024
+_TICK = 0.1  # seconds the thread waits for a record before it checks whether to stop
 
 
 class LogListener:
@@ -50,7 +52,10 @@ class LogListener:
         self._socket.bind(self.path)
         with contextlib.suppress(OSError):
             self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _BUFFER)
-        self._socket.settimeout(0.1)
+        # non-blocking for life: the thread waits in its selector, flush() reads at once. A
+        # timeout changed while the thread was in recv() (flush() did: 0, then 0.1 again) left
+        # CPython's recv() retrying EAGAIN without waiting: the thread spun until a record came
+        self._socket.setblocking(False)
         self._stopping = threading.Event()
         self._flushing = threading.Lock()
         self._reported = 0
@@ -77,13 +82,16 @@ class LogListener:
         return sum(self._dropped.values())
 
     def _serve(self) -> None:
-        while not self._stopping.is_set():
-            self._drain()
+        with selectors.DefaultSelector() as selector:
+            selector.register(self._socket, selectors.EVENT_READ)
+            while not self._stopping.is_set():
+                if selector.select(_TICK):
+                    self._drain()
 
     def _drain(self) -> None:
         try:
             data = self._socket.recv(_MAX_DATAGRAM)
-        except (TimeoutError, BlockingIOError):
+        except BlockingIOError:  # flush() took it first
             return
         except OSError:  # closed
             self._stopping.set()
@@ -117,17 +125,13 @@ class LogListener:
         if self._tcp is not None:
             self._tcp.settle()  # records on their way from other nodes
         with self._flushing:
-            self._socket.settimeout(0)
-            try:
-                for _ in range(100_000):  # what arrived before the run ended, bounded
-                    try:
-                        data = self._socket.recv(_MAX_DATAGRAM)
-                    except OSError:
-                        break
-                    if data:
-                        self._handle(data)
-            finally:
-                self._socket.settimeout(0.1)
+            for _ in range(100_000):  # what arrived before the run ended, bounded
+                try:
+                    data = self._socket.recv(_MAX_DATAGRAM)
+                except OSError:
+                    break
+                if data:
+                    self._handle(data)
         dropped = self.dropped
         if dropped > self._reported:
             logger.warning(
@@ -147,7 +151,6 @@ class LogListener:
         with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
             s.sendto(b"", self.path)
         self._thread.join(5)
-        self._socket.setblocking(False)
         for _ in range(100_000):  # what arrived before the run ended, bounded
             try:
                 data = self._socket.recv(_MAX_DATAGRAM)
