@@ -19,11 +19,15 @@ Tables (format 2)::
     limits    config, key, calls, rate_limited, waits, wait_seconds, tokens: what a config's
               rate-limited calls met under each key (docs/rate-limits.md), added to by each
               session; a format 2 store written before it gets it from its next writer
+    totals    config, epoch, failed, rows, score, nulls: each config's running totals, kept by
+              the writer with its rows (:mod:`procval.store.tally`); a store without it (or
+              whose ``meta.totals`` is not its last session) is recounted by its next writer
 
 Format 1 (procval 0.1.0) has no ``usage`` table and none of the row columns after ``session``,
 and keys rows by (config, example_id). Readers read both (:func:`select`: the missing columns
 read as their defaults) and never write; a writer migrates a format 1 store in its first write
-transaction (:func:`migrate`), and adds the ``limits`` table to a format 2 store without it.
+transaction (:func:`migrate`), and adds the ``limits`` and ``totals`` tables to a format 2 store
+without them.
 """
 
 from __future__ import annotations
@@ -71,6 +75,11 @@ LIMITS = """CREATE TABLE IF NOT EXISTS limits (
     wait_seconds REAL NOT NULL DEFAULT 0, tokens REAL NOT NULL DEFAULT 0,
     PRIMARY KEY (config, key)
 )"""
+TOTALS = """CREATE TABLE IF NOT EXISTS totals (
+    config TEXT NOT NULL, epoch INTEGER NOT NULL, failed INTEGER NOT NULL,
+    rows INTEGER NOT NULL DEFAULT 0, score REAL NOT NULL DEFAULT 0,
+    nulls INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (config, epoch, failed)
+)"""
 LIMIT_COUNTS = ("calls", "rate_limited", "waits", "wait_seconds", "tokens")
 ADD_LIMITS = (
     f"INSERT INTO limits (config, key, {', '.join(LIMIT_COUNTS)}) VALUES (?, ?, ?, ?, ?, ?, ?) "
@@ -93,6 +102,7 @@ CREATE TABLE sessions (
 CREATE INDEX rows_order ON rows (config, idx, epoch);
 {USAGE};
 {LIMITS};
+{TOTALS};
 """
 
 COLUMNS_V1 = (
@@ -156,12 +166,14 @@ def migrate(db: sqlite3.Connection) -> bool:
     SQLite cannot change in place) and its index recreated; the ``usage`` table is created
     empty; the meta version becomes 2. A rollback of the caller's transaction undoes it all.
 
-    A format 2 store written before the ``limits`` table existed gets it (empty).
+    A format 2 store written before the ``limits`` or ``totals`` table existed gets it (empty;
+    :func:`procval.store.tally.start` then counts the totals).
 
     Returns:
         Whether the store was migrated (False: it was format 2 already).
     """
-    db.execute(LIMITS)  # IF NOT EXISTS: an older format 2 store gets the table
+    db.execute(LIMITS)  # IF NOT EXISTS: an older format 2 store gets the tables
+    db.execute(TOTALS)
     if version(db) >= VERSION:
         return False
     for column in (
