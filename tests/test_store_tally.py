@@ -22,6 +22,7 @@ from procval.store import tally
 from procval.store.readers import totals
 from procval.store.repair import repair
 from procval.store.writer import StoreSink
+from procval.wire import WorkItem
 
 HERE = Path(__file__).parent
 FAILED = RowError("ValueError", "bad")
@@ -256,3 +257,24 @@ def test_totals_equal_the_rows_after_a_kill_9_mid_run_and_its_resume(tmp_path: P
     assert resumed.returncode == 0, err
     assert_totals_match(path)
     assert procval.load(path)["default"].totals.n == n
+
+
+@pytest.mark.parametrize("retry_errors", [False, True])
+def test_a_resume_reads_its_windows_from_the_index_alone(tmp_path: Path, retry_errors) -> None:
+    path = tmp_path / "run.db"
+    sink = sink_of(path, epochs=2)
+    sink.add("a", [*mixed_rows(0, 50), *mixed_rows(0, 50, epoch=1)])
+    sink.close(completed=False)
+    resumed = sink_of(path, epochs=2, retry_errors=retry_errors)
+    statements: list[str] = []
+    resumed._db.set_trace_callback(statements.append)  # as run: parameters filled in
+    items = [WorkItem(2 * i + e, i, {"id": i, "x": i}, e) for i in range(60) for e in (0, 1)]
+    left = [item.seq for item in resumed.pending("a", items)]
+    resumed._db.set_trace_callback(None)
+    assert len(left) == (20 + 2 * 7 if retry_errors else 20)  # the new ones (and the failed)
+    windows = [s for s in statements if "idx >=" in s]
+    assert len(windows) == 2  # epoch 0, then the later epochs, of one window
+    for statement in windows:
+        plan = " ".join(str(r[3]) for r in resumed._db.execute(f"EXPLAIN QUERY PLAN {statement}"))
+        assert "COVERING INDEX rows_order" in plan, plan
+    resumed.close(completed=False)

@@ -13,7 +13,9 @@ Tables (format 2)::
               prediction (JSON), score (NULL for NaN), error_type/_message/_traceback,
               attempts, duration, worker_pid, node, fingerprint, session, epoch, scores (JSON
               {name: value}, NULL when only ``score``), extra (JSON), usage (JSON {model:
-              {calls, ...}}), group_key, prediction_type; keyed by (config, example_id, epoch)
+              {calls, ...}}), group_key, prediction_type; keyed by (config, example_id, epoch);
+              indexed by (config, idx, epoch) with what a resume reads of each row
+              (:data:`ORDER`); a store made before keeps the index without those (slower)
     usage     config, model, calls, cached_calls, prompt_tokens, completion_tokens,
               total_tokens, cost: a config's spend, added to in the transaction of its rows
     limits    config, key, calls, rate_limited, waits, wait_seconds, tokens: what a config's
@@ -86,6 +88,12 @@ ADD_LIMITS = (
     "ON CONFLICT (config, key) DO UPDATE SET "
     + ", ".join(f"{c} = {c} + excluded.{c}" for c in LIMIT_COUNTS)
 )
+ORDER = (
+    "CREATE INDEX rows_order ON rows (config, idx, epoch, session, example_id, example_hash, "
+    "error_type)"
+)
+"""Rows in dataset order; the columns after ``epoch`` make a resume's reads of the stored rows a
+window at a time (:mod:`procval.store.done`) index-only: the rows themselves are not read."""
 SCHEMA = f"""
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE configs (
@@ -99,7 +107,7 @@ CREATE TABLE sessions (
     pid INTEGER NOT NULL, node TEXT NOT NULL, configs TEXT NOT NULL
 );
 {ROWS};
-CREATE INDEX rows_order ON rows (config, idx, epoch);
+{ORDER};
 {USAGE};
 {LIMITS};
 {TOTALS};
@@ -187,7 +195,7 @@ def migrate(db: sqlite3.Connection) -> bool:
     db.execute(f"INSERT INTO rows_v2 ({COLUMNS_V1}) SELECT {COLUMNS_V1} FROM rows")
     db.execute("DROP TABLE rows")
     db.execute("ALTER TABLE rows_v2 RENAME TO rows")
-    db.execute("CREATE INDEX rows_order ON rows (config, idx, epoch)")
+    db.execute(ORDER)
     db.execute(USAGE)
     db.execute("UPDATE meta SET value = ? WHERE key = 'version'", (str(VERSION),))
     return True
