@@ -279,16 +279,15 @@ class ConfigRun:
 
 
 def read_ahead(backend: object, runs: list[ConfigRun]) -> None:
-    """Read each resumed config to its first new example while its workers' servers start.
+    """Read a resumed first config to its first new example while the workers' servers start.
 
     A resumed run's first read skips what the store holds (a second per 900,000 rows). Where
     the backend can start what its workers need in the background (``prestart``: loky's fork
     server, a fresh interpreter's imports), that runs meanwhile, instead of before the read,
-    and no worker starts for a config that has nothing left.
+    and no worker starts for it if nothing is left. Only the first config is read ahead (its
+    shards are sent first): the others' workers start, and their rows are skipped, as before.
     """
     prestart = getattr(backend, "prestart", None)
-    resumed = [run for run in runs if run.found]
-    if callable(prestart) and resumed:
-        prestart([run.spec for run in resumed])
-        for run in resumed:
-            run.probe()
+    if callable(prestart) and runs and runs[0].found:
+        prestart([run.spec for run in runs])
+        runs[0].probe()
