@@ -6,8 +6,9 @@ Usage::
     python benchmarks/resume.py --base /work/wt/base     # and a base checkout, alternating
     python benchmarks/resume.py --quick                  # 100,000 / 90,000: a smoke run
 
-The stored run is built once and cached under the system's temporary folder
-(``procval-bench-resume-N.db``): ``N`` rows written through procval's own writer
+The stored run is built once per store format and cached under the system's temporary folder
+(``procval-bench-resume-N-vB-F.db``, ``F`` a hash of the building checkout's
+``procval/store/schema.py``): ``N`` rows written through that checkout's own writer
 (:class:`procval.store.writer.StoreSink`, one transaction per 2,000 rows, as the scheduler
 commits its shards), for the first ``N`` examples of :func:`workloads.streamed_examples`, with
 the config, program and metric the resume uses, and the session marked ``stopped``, as a run
@@ -24,12 +25,15 @@ stopped by Ctrl-C leaves it. Each measurement resumes a fresh copy of it in a ne
 - the seconds to the end of the run, and that exactly the missing examples ran.
 
 With ``--base``, every repetition runs the base checkout and then this one, so that load from
-elsewhere hits both alike; the ``uptime`` load is printed at the start and the end.
+elsewhere hits both alike, each on the store its own writer built (a store's format, its
+indexes and running totals, is part of what is measured); the ``uptime`` load is printed at the
+start and the end.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -46,7 +50,7 @@ ROOT = os.path.dirname(HERE)
 MB = 1024 * 1024
 TARGET_MB = 100.0
 TARGET_SECONDS = 3.0
-BUILD_VERSION = 1  # bump when the built store would differ: the cache is keyed on it
+BUILD_VERSION = 2  # bump when the built store would differ: the cache is keyed on it (2: totals)
 _touched = False
 
 
@@ -70,9 +74,12 @@ def load_average() -> str:
 # ---------------------------------------------------------------- building the stored run
 
 
-def cached_store(done: int) -> str:
-    """The path of the stored run of ``done`` examples, built (in a subprocess) if missing."""
-    path = os.path.join(tempfile.gettempdir(), f"procval-bench-resume-{done}-v{BUILD_VERSION}.db")
+def cached_store(done: int, checkout: str = ROOT) -> str:
+    """The stored run of ``done`` examples as ``checkout`` writes it, built (in a subprocess)."""
+    with open(os.path.join(checkout, "procval", "store", "schema.py"), "rb") as f:
+        schema = hashlib.sha256(f.read()).hexdigest()[:8]
+    name = f"procval-bench-resume-{done}-v{BUILD_VERSION}-{schema}.db"
+    path = os.path.join(tempfile.gettempdir(), name)
     if not os.path.exists(path):
         print(f"building the stored run of {done:,} examples in {path} ...", flush=True)
         start = time.perf_counter()
@@ -83,7 +90,7 @@ def cached_store(done: int) -> str:
         subprocess.run(
             [sys.executable, __file__, "--build-child", str(done), partial],
             check=True,
-            env=child_env(ROOT),
+            env=child_env(checkout),
         )
         os.replace(partial, path)
         print(f"  built in {time.perf_counter() - start:.1f} s", flush=True)
@@ -236,15 +243,15 @@ def main() -> None:
         total, done, path = args.resume_child
         return resume_child(int(total), int(done), path)
     total, done = (100_000, 90_000) if args.quick else (args.total, args.done)
-    stored = cached_store(done)
     checkouts = {"base": os.path.abspath(args.base)} if args.base else {}
     checkouts["this"] = ROOT
+    stored = {name: cached_store(done, checkout) for name, checkout in checkouts.items()}
     print(f"load average at start: {load_average()}")
     print(f"resuming {total:,} streamed examples with {done:,} stored, {args.repeat} repetitions")
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in checkouts}
     for _ in range(args.repeat):
         for name, checkout in checkouts.items():
-            runs[name].append(measure(checkout, stored, total, done))
+            runs[name].append(measure(checkout, stored[name], total, done))
     print(
         f"  {'checkout':<8} {'MB after import':>14} {'peak RSS MB':>12} "
         f"{'s to new work':>14} {'parent CPU s':>14} {'s in all':>9}   (s to new work, each run)"

@@ -336,6 +336,46 @@ def test_a_result_knows_the_rows_it_found_in_the_store_and_the_rows_it_added(tmp
     assert (memory.found, memory.added) == (0, 7)
 
 
+class PrestartingBackend(FakeBackend):
+    """A fake backend that can start what workers need ahead (as loky's fork server)."""
+
+    def __init__(self, read: list[int]) -> None:
+        super().__init__()
+        self.events: list[str] = []
+        self._read = read
+
+    def prestart(self, specs: list[WorkerSpec]) -> None:
+        self.events.append(f"prestart {[s.snapshot.name for s in specs]} at {len(self._read)}")
+
+    def start_worker(self, spec: WorkerSpec) -> FakeWorker:
+        self.events.append(f"worker at {len(self._read)}")
+        return super().start_worker(spec)
+
+
+def test_a_resume_reads_past_its_stored_rows_while_the_backend_prestarts(tmp_path):
+    path = str(tmp_path / "run.db")
+    read: list[int] = []
+
+    def streamed(n: int) -> Iterator[dict[str, int]]:
+        for i in range(n):
+            read.append(i)
+            yield {"id": i}
+
+    run(FakeBackend(), {"c": streamed(10)}, sink=StoreSink(path, fresh=False, configs=["c"]))
+    read.clear()
+    backend = PrestartingBackend(read)
+    sink = StoreSink(path, fresh=False, configs=["c"])
+    again = run(backend, {"c": streamed(15)}, sink=sink)["c"]
+    assert (again.found, again.added) == (10, 5)
+    # the servers start first; the first worker once the stored 10 and the first new are read
+    assert backend.events[:2] == ["prestart ['c'] at 1", "worker at 11"]  # 1: Examples' head
+    read.clear()
+    backend = PrestartingBackend(read)
+    done = run(backend, {"c": streamed(15)}, sink=StoreSink(path, fresh=False, configs=["c"]))["c"]
+    assert (done.found, done.added) == (15, 0)
+    assert backend.events == ["prestart ['c'] at 1"]  # nothing left: no worker starts
+
+
 def test_a_timeout_gives_the_late_example_a_row_and_reruns_the_others_in_flight():
     # 2 hangs past the timeout while 3 is in flight (running, within the timeout)
     def script(w: FakeWorker, item: WorkItem) -> Any:

@@ -66,7 +66,13 @@ class Worker(Protocol):
 
 
 class Backend(Protocol):
-    """Starts workers and releases what it holds at the end of a run."""
+    """Starts workers and releases what it holds at the end of a run.
+
+    A backend may also have ``prestart(specs: Sequence[WorkerSpec]) -> None``, starting in the
+    background what the workers of ``specs`` will need (loky: the fork server); the scheduler
+    calls it, if present, before a resumed run reads past its stored rows, and starts those
+    workers after (``procval.run.pools.read_ahead``).
+    """
 
     def default_workers(self) -> int:
         """How many workers ``evaluate(workers=None)`` starts (e.g. the CPUs it can use)."""

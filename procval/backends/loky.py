@@ -270,9 +270,34 @@ class LokyBackend:
         """Workers when ``evaluate(workers=None)``: the CPUs this process may use."""
         return int(loky.cpu_count())
 
+    def prestart(self, specs: Sequence[WorkerSpec]) -> None:
+        """Start the fork servers that ``specs``' workers fork from, in the background.
+
+        The scheduler calls it before a resumed run reads past its stored rows: the server's
+        interpreter starts and imports meanwhile, and the first worker forks from a ready
+        server. Nothing starts where workers start by ``fork+exec``.
+        """
+        if not self._fork_server:
+            return
+        for spec in specs:
+            threading.Thread(
+                target=_preload.server_for,
+                args=(dict(spec.env), self._preload_of(spec)),
+                kwargs={"quiet": True},  # the worker's own call reports a refusal
+                name="procval-prestart",
+                daemon=True,  # an exit meanwhile closes the socket: the server ends too
+            ).start()
+
     def start_worker(self, spec: WorkerSpec) -> LokyWorker:
         """Start one worker process for ``spec.snapshot``."""
         path = os.path.join(self._dir, f"worker-{next(self._ids)}.slots")
+        preload = self._preload_of(spec)
+        worker = LokyWorker(spec, path, fork_server=self._fork_server, preload=preload)
+        self._workers.append(worker)
+        return worker
+
+    def _preload_of(self, spec: WorkerSpec) -> tuple[str, ...]:
+        """The modules the fork server of ``spec``'s workers preloads."""
         preload = self._preload
         if isinstance(preload, str) or self._default:  # "auto", or by default
             key = spec.snapshot.fingerprint
@@ -282,9 +307,7 @@ class LokyBackend:
                 )
                 self._auto[key] = find(spec.snapshot.data)
             preload = self._auto[key]
-        worker = LokyWorker(spec, path, fork_server=self._fork_server, preload=preload)
-        self._workers.append(worker)
-        return worker
+        return preload
 
     def shutdown(self) -> None:
         """Let closed workers exit in the background; kill what remains after the grace period.

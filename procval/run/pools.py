@@ -276,3 +276,18 @@ class ConfigRun:
         self.exhausted = True
         self.requeue.clear()
         self.suspects.clear()
+
+
+def read_ahead(backend: object, runs: list[ConfigRun]) -> None:
+    """Read a resumed first config to its first new example while the workers' servers start.
+
+    A resumed run's first read skips what the store holds (a second per 900,000 rows). Where
+    the backend can start what its workers need in the background (``prestart``: loky's fork
+    server, a fresh interpreter's imports), that runs meanwhile, instead of before the read,
+    and no worker starts for it if nothing is left. Only the first config is read ahead (its
+    shards are sent first): the others' workers start, and their rows are skipped, as before.
+    """
+    prestart = getattr(backend, "prestart", None)
+    if callable(prestart) and runs and runs[0].found:
+        prestart([run.spec for run in runs])
+        runs[0].probe()

@@ -60,7 +60,7 @@ from procval.run.lifecycle import (
     fate_after_loss,
     fate_after_timeout,
 )
-from procval.run.pools import ConfigRun, RunOptions, WorkerRun
+from procval.run.pools import ConfigRun, RunOptions, WorkerRun, read_ahead
 from procval.run.progress import Progress
 from procval.run.provenance import Provenance
 from procval.run.rows import RowMaker
@@ -124,6 +124,7 @@ class Scheduler:
         completed = False
         listener = logs.start([run.spec for run in self._runs])  # workers' logs come here
         try:
+            read_ahead(self._backend, self._runs)  # a resume's skip, while workers' servers start
             while not all(run.done() for run in self._runs):
                 self._assign_workers()
                 self._fill()

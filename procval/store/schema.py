@@ -13,17 +13,23 @@ Tables (format 2)::
               prediction (JSON), score (NULL for NaN), error_type/_message/_traceback,
               attempts, duration, worker_pid, node, fingerprint, session, epoch, scores (JSON
               {name: value}, NULL when only ``score``), extra (JSON), usage (JSON {model:
-              {calls, ...}}), group_key, prediction_type; keyed by (config, example_id, epoch)
+              {calls, ...}}), group_key, prediction_type; keyed by (config, example_id, epoch);
+              indexed by (config, idx, epoch) with what a resume reads of each row
+              (:data:`ORDER`); a store made before keeps the index without those (slower)
     usage     config, model, calls, cached_calls, prompt_tokens, completion_tokens,
               total_tokens, cost: a config's spend, added to in the transaction of its rows
     limits    config, key, calls, rate_limited, waits, wait_seconds, tokens: what a config's
               rate-limited calls met under each key (docs/rate-limits.md), added to by each
               session; a format 2 store written before it gets it from its next writer
+    totals    config, epoch, failed, rows, score, nulls: each config's running totals, kept by
+              the writer with its rows (:mod:`procval.store.tally`); a store without it (or
+              whose ``meta.totals`` is not its last session) is recounted by its next writer
 
 Format 1 (procval 0.1.0) has no ``usage`` table and none of the row columns after ``session``,
 and keys rows by (config, example_id). Readers read both (:func:`select`: the missing columns
 read as their defaults) and never write; a writer migrates a format 1 store in its first write
-transaction (:func:`migrate`), and adds the ``limits`` table to a format 2 store without it.
+transaction (:func:`migrate`), and adds the ``limits`` and ``totals`` tables to a format 2 store
+without them.
 """
 
 from __future__ import annotations
@@ -71,12 +77,23 @@ LIMITS = """CREATE TABLE IF NOT EXISTS limits (
     wait_seconds REAL NOT NULL DEFAULT 0, tokens REAL NOT NULL DEFAULT 0,
     PRIMARY KEY (config, key)
 )"""
+TOTALS = """CREATE TABLE IF NOT EXISTS totals (
+    config TEXT NOT NULL, epoch INTEGER NOT NULL, failed INTEGER NOT NULL,
+    rows INTEGER NOT NULL DEFAULT 0, score REAL NOT NULL DEFAULT 0,
+    nulls INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (config, epoch, failed)
+)"""
 LIMIT_COUNTS = ("calls", "rate_limited", "waits", "wait_seconds", "tokens")
 ADD_LIMITS = (
     f"INSERT INTO limits (config, key, {', '.join(LIMIT_COUNTS)}) VALUES (?, ?, ?, ?, ?, ?, ?) "
     "ON CONFLICT (config, key) DO UPDATE SET "
     + ", ".join(f"{c} = {c} + excluded.{c}" for c in LIMIT_COUNTS)
 )
+ORDER = (
+    "CREATE INDEX rows_order ON rows (config, idx, epoch, session, example_id, example_hash, "
+    "error_type)"
+)
+"""Rows in dataset order; the columns after ``epoch`` make a resume's reads of the stored rows a
+window at a time (:mod:`procval.store.done`) index-only: the rows themselves are not read."""
 SCHEMA = f"""
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE configs (
@@ -90,9 +107,10 @@ CREATE TABLE sessions (
     pid INTEGER NOT NULL, node TEXT NOT NULL, configs TEXT NOT NULL
 );
 {ROWS};
-CREATE INDEX rows_order ON rows (config, idx, epoch);
+{ORDER};
 {USAGE};
 {LIMITS};
+{TOTALS};
 """
 
 COLUMNS_V1 = (
@@ -156,12 +174,14 @@ def migrate(db: sqlite3.Connection) -> bool:
     SQLite cannot change in place) and its index recreated; the ``usage`` table is created
     empty; the meta version becomes 2. A rollback of the caller's transaction undoes it all.
 
-    A format 2 store written before the ``limits`` table existed gets it (empty).
+    A format 2 store written before the ``limits`` or ``totals`` table existed gets it (empty;
+    :func:`procval.store.tally.start` then counts the totals).
 
     Returns:
         Whether the store was migrated (False: it was format 2 already).
     """
-    db.execute(LIMITS)  # IF NOT EXISTS: an older format 2 store gets the table
+    db.execute(LIMITS)  # IF NOT EXISTS: an older format 2 store gets the tables
+    db.execute(TOTALS)
     if version(db) >= VERSION:
         return False
     for column in (
@@ -175,7 +195,7 @@ def migrate(db: sqlite3.Connection) -> bool:
     db.execute(f"INSERT INTO rows_v2 ({COLUMNS_V1}) SELECT {COLUMNS_V1} FROM rows")
     db.execute("DROP TABLE rows")
     db.execute("ALTER TABLE rows_v2 RENAME TO rows")
-    db.execute("CREATE INDEX rows_order ON rows (config, idx, epoch)")
+    db.execute(ORDER)
     db.execute(USAGE)
     db.execute("UPDATE meta SET value = ? WHERE key = 'version'", (str(VERSION),))
     return True

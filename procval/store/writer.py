@@ -23,9 +23,9 @@ the moment it opens until it closes; readers never take it.
 Resuming: an example whose id already has a row is not run again, provided the stored example
 has the same content (a hash of its canonical JSON: every finished example up to the first
 10,000 of a session, then a random sample, see :mod:`procval.store.done`, which also finds the
-stored rows without holding their ids); a config name stored with a different
-:meth:`procval.Config.identity` is refused. ``fresh=True`` discards the stored rows of the configs
-being run, and only those.
+stored rows without holding their ids); the rows are counted from the running totals kept with
+them (:mod:`procval.store.tally`); a config name stored with another identity is refused.
+``fresh=True`` discards the stored rows of the configs being run, and only those.
 """
 
 from __future__ import annotations
@@ -44,11 +44,12 @@ from typing import Any
 from procval._version import __version__
 from procval.errors import ProgramChangedWarning, StoreError, StoreMismatchError
 from procval.results import EvaluationResult, Row, Totals, Usage
+from procval.store import tally
 from procval.store.codec import DEFAULTS, encode, text_hash, to_json
 from procval.store.done import ContentCheck, DoneRows, check_mode
 from procval.store.faults import store_errors, translate
 from procval.store.lock import WriterLock, writer_is_gone
-from procval.store.readers import result_of, totals, usage_of
+from procval.store.readers import result_of, usage_of
 from procval.store.schema import ADD_LIMITS, ADD_USAGE, LIMIT_COUNTS, connect, insert, migrate
 from procval.wire import Snapshot
 from procval.wire import WorkItem as Item
@@ -110,6 +111,7 @@ class StoreSink:
         self._prior: dict[str, float] = {}  # duration of earlier sessions, per config
         self._started: dict[str, float] = {}
         self._failure: StoreError | None = None  # raised by result() if close() failed
+        self._unsure = False  # rows may be in the open transaction that the tally lacks
 
     # ------------------------------------------------------------------ Sink protocol
 
@@ -137,7 +139,7 @@ class StoreSink:
             "SELECT identity, description, duration, metric FROM configs WHERE name = ?", (name,)
         ).fetchone()
         if stored is not None and self._fresh:
-            for table in ("rows", "usage", "limits"):  # its spend and counts start over too
+            for table in ("rows", "usage", "limits", "totals"):  # spend and counts too
                 db.execute(f"DELETE FROM {table} WHERE config = ?", (name,))
             stored = (snapshot.identity, None, 0.0, None)
         # a store written by 0.1.0 holds the identity it gave: accepted, then replaced
@@ -165,7 +167,7 @@ class StoreSink:
             )
         self._prior[name] = stored[2] if stored else 0.0
         self._started[name] = time.perf_counter()
-        found = totals(db, name, only_ok=self._retry_errors, epochs=self._epochs)
+        found = tally.of(db, name, only_ok=self._retry_errors, epochs=self._epochs)
         self._done[name] = DoneRows(
             db,
             self._path,
@@ -235,10 +237,14 @@ class StoreSink:
         ]
         statement = insert(width, replace_failed=self._retry_errors)
         self._write(db)
+        self._unsure = True  # until the tally has these rows (else the commit forgets it)
+        counted = tally.replacing(db, config, rows) if self._retry_errors else rows
         try:
             db.executemany(statement, records)
-        except sqlite3.IntegrityError:
+        except sqlite3.IntegrityError:  # rows before the duplicate are in, not in the tally
             raise self._duplicate(db, config, rows) from None
+        tally.add(db, config, counted)
+        self._unsure = False
         spent = [
             (config, *_usage_record(m, u)) for r in rows if r.usage for m, u in r.usage.items()
         ]
@@ -389,6 +395,7 @@ class StoreSink:
                     (time.time(), os.getpid(), socket.gethostname(), json.dumps(self._names)),
                 )
                 self._session = cursor.lastrowid or 0
+                tally.start(db, self._session)  # a store without a trusted tally: counted now
             except sqlite3.Error as exc:
                 db.close()
                 raise translate(exc, self._path, "write") from exc
@@ -427,6 +434,8 @@ class StoreSink:
 
     def _commit(self) -> None:
         if self._db is not None and self._db.in_transaction:
+            if self._unsure:  # an add failed (or was interrupted) between its rows and tally
+                tally.forget(self._db)
             self._db.execute("COMMIT")
 
     def _abort(self) -> None:
@@ -439,13 +448,6 @@ class StoreSink:
                 db.close()
         finally:
             self._lock.release()
-
-
-DEFAULTS_FROM = range(16)  # the columns of format 1: a record is never shorter
-
-
-def _padded(record: tuple[Any, ...], width: int) -> tuple[Any, ...]:
-    return (*record, *DEFAULTS[len(record) - 16 : width - 16])
 
 
 def _usage_record(model: str, usage: Usage) -> tuple[Any, ...]:
