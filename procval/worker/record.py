@@ -28,14 +28,17 @@ class Recording:
         events: ``(kind, payload)`` pairs, in the order they were added.
         usage: per model, ``[calls, cached_calls, prompt_tokens, completion_tokens,
             total_tokens, cost]`` (cost None until one is known), or None when nothing was spent.
+        memo: what the code recording events keeps between two events of the example (the DSPy
+            integration: the copies it made of the objects it recorded), or None.
     """
 
-    __slots__ = ("events", "example_id", "usage")
+    __slots__ = ("events", "example_id", "memo", "usage")
 
     def __init__(self, example_id: Any) -> None:
         self.example_id = example_id
         self.events: list[tuple[str, Any]] = []
         self.usage: dict[str, list[Any]] | None = None
+        self.memo: dict[Any, Any] | None = None
 
 
 _current: contextvars.ContextVar[Recording | None] = contextvars.ContextVar(
