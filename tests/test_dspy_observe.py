@@ -158,7 +158,8 @@ def test_hooks_no_callback_implements_are_not_recorded(server):
     recorder.on_adapter_parse_end(call_id="a", outputs={"answer": "x"}, exception=None)
     recorder.on_lm_end(call_id="b", outputs=["x"], exception=None)
     result = record.end(token, ExampleResult(0, None, 1.0, None, 1, 0.0))
-    assert [(payload[1], payload[2]) for _, payload in result.events] == [("on_lm_end", "b")]
+    events = record.decoded(result.events)
+    assert [(payload[1], payload[2]) for _, payload in events] == [("on_lm_end", "b")]
     counts = {}
     for evaluate_class in (dspy.Evaluate, procval.dspy.Evaluate):
         callback = programs.ModulesAndLMs()
@@ -284,6 +285,28 @@ def _records_unpicklable_for_odd(example: int) -> str:
 
     record.add("probe", threading.Lock() if example % 2 else example)
     return f"done {example}"
+
+
+def _records_a_lambda_for_odd(example: int) -> str:
+    """Records what only cloudpickle takes (a lambda) for odd examples, a plain value for even."""
+    from procval.worker import record
+
+    record.add("probe", (lambda: example) if example % 2 else example)
+    return f"done {example}"
+
+
+def test_events_pickle_cannot_take_travel_with_cloudpickle(no_leaked_workers):
+    from procval.run import replay
+
+    delivered: dict[int, object] = {}
+    replay.register("probe", lambda config, row, payloads: delivered.update({row.index: payloads}))
+    try:
+        procval.evaluate(_records_a_lambda_for_odd, [0, 1, 2, 3], lambda e, p: 1.0, workers=1)
+    finally:
+        replay._handlers.pop("probe", None)
+    assert {i: p if i % 2 == 0 else [p[0]()] for i, p in delivered.items()} == {
+        i: [i] for i in range(4)
+    }
 
 
 class _Captured(logging.Handler):
