@@ -7,15 +7,21 @@ process so that its CPU is not the parent's), in three modes, alternated ``--rep
 - ``none``: no callback and no LM history relay (the relay's code path absent: the benchmark
   undoes the worker's history tap and the parent replays nothing), the true baseline;
 - ``history``: no callback, the LM history relayed (what every ``Evaluate`` call does);
+- ``dispatch``: the history, and a callback that does nothing, run in the workers
+  (``procval_in_worker``): what DSPy's own callback machinery costs there (a call id, the
+  call's arguments bound, the handler looked up, for every module, LM and adapter call), with
+  nothing recorded or replayed: what any callback costs DSPy, in one process too;
 - ``callback``: a counting callback in ``dspy.configure(callbacks=[...])`` and the history.
 
 It prints the median of each over the alternating runs: wall time, the parent's own CPU time
-(``getrusage(RUSAGE_SELF)``: every thread of the parent, no child process) and the workers' CPU
+(``getrusage(RUSAGE_SELF)``: every thread of the parent, no child process), the workers' CPU
 time (summed over the worker processes, sampled with psutil by a process of its own, so that the
-sampling costs the parent nothing).
+sampling costs the parent nothing) and, in ``callback``, the time spent in the counting
+callback's own handlers (timed around each call: the user's part of the parent's CPU).
 "The same run without callbacks" is ``history``: ``Evaluate`` relays the LM history whether or
 not a callback is set, so ``callback`` against ``history`` is the cost of the callbacks' relay,
-and against ``none`` the cost of the whole relay. Target: within 5% in wall time and parent CPU.
+and against ``none`` the cost of the whole relay; ``callback`` against ``dispatch`` is what the
+relay adds to what DSPy itself costs. Target: within 5% in wall time and parent CPU.
 A parent's CPU here is a few tenths of a second for 1,000 examples (the stand-in server's
 latency sets the wall time), so the relay's cost is also printed in seconds.
 
@@ -46,13 +52,48 @@ sys.path.insert(
 
 import dspy
 import psutil
+from dspy.utils.callback import BaseCallback
 
 import procval.dspy
 from helpers import observe_programs as programs
 from helpers.llm_server import LLMServer
 from procval.integrations import dspy as procval_dspy
 
-MODES = ("none", "history", "callback")
+MODES = ("none", "history", "dispatch", "callback")
+
+
+class _Idle(BaseCallback):
+    """Overrides every handler and does nothing, in the workers: DSPy's dispatch, no relay."""
+
+    procval_in_worker = True
+
+
+class _TimedCounting(programs.Counting):
+    """The counting callback, with the time spent in its handlers (``seconds``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seconds = 0.0
+
+
+def _idle(self: Any, *args: Any, **kwargs: Any) -> None:
+    return None
+
+
+def _timed(handler: Any) -> Any:
+    def timed(self: _TimedCounting, *args: Any, **kwargs: Any) -> None:
+        start = time.perf_counter()
+        try:
+            handler(self, *args, **kwargs)
+        finally:
+            self.seconds += time.perf_counter() - start
+
+    return timed
+
+
+for _hook in programs.HOOKS:
+    setattr(_Idle, _hook, _idle)
+    setattr(_TimedCounting, _hook, _timed(getattr(programs.Counting, _hook)))
 
 
 class _NoRelay:
@@ -148,11 +189,12 @@ def _parent_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def once(server: Any, n: int, mode: str, sampler: _WorkersCPU) -> tuple[float, float, float, int]:
-    """One run: wall time, parent CPU, workers' CPU, callback events seen."""
-    callback = programs.Counting()
+def once(server: Any, n: int, mode: str, sampler: _WorkersCPU) -> tuple[float, ...]:
+    """One run: wall time, parent CPU, workers' CPU, callback events seen, callback's time."""
+    callback = _TimedCounting()
     lm = dspy.LM(server.model, api_base=server.api_base, api_key="sk-test", cache=False)
-    dspy.configure(lm=lm, callbacks=[callback] if mode == "callback" else [])
+    callbacks = {"callback": [callback], "dispatch": [_Idle()]}.get(mode, [])
+    dspy.configure(lm=lm, callbacks=callbacks)
     evaluate = procval.dspy.Evaluate(
         devset=programs.devset(n), metric=programs.exact, num_threads=8, workers=2
     )
@@ -169,7 +211,7 @@ def once(server: Any, n: int, mode: str, sampler: _WorkersCPU) -> tuple[float, f
         procval_dspy.snapshot = original  # type: ignore[assignment]
     assert result.score == 100.0
     assert len(lm.history) == (0 if mode == "none" else 2 * n), len(lm.history)
-    return wall, cpu, children, len(callback.events)
+    return wall, cpu, children, len(callback.events), callback.seconds
 
 
 def main() -> None:
@@ -185,10 +227,13 @@ def main() -> None:
         try:
             once(server, 20, "callback", sampler)  # warm up imports and the server
             if args.one:
-                wall, cpu, workers, events = once(server, args.examples, args.one, sampler)
-                print(json.dumps({"wall": wall, "cpu": cpu, "workers": workers, "events": events}))
+                wall, cpu, workers, events, handlers = once(
+                    server, args.examples, args.one, sampler
+                )
+                found = {"wall": wall, "cpu": cpu, "workers": workers, "events": events}
+                print(json.dumps({**found, "callback": handlers}))
                 return
-            runs: dict[str, list[tuple[float, float, float, int]]] = {m: [] for m in args.modes}
+            runs: dict[str, list[tuple[float, ...]]] = {m: [] for m in args.modes}
             for i in range(args.repeats):  # alternating, the order rotated each round
                 modes = args.modes[i % len(args.modes) :] + args.modes[: i % len(args.modes)]
                 for mode in modes:
@@ -196,20 +241,22 @@ def main() -> None:
         finally:
             sampler.close()
     median = {
-        mode: tuple(statistics.median(run[k] for run in found) for k in range(4))
+        mode: tuple(statistics.median(run[k] for run in found) for k in range(5))
         for mode, found in runs.items()
     }
     print(f"medians of {args.repeats} alternating runs of {args.examples} examples:")
     for mode in args.modes:
-        wall, cpu, workers, events = median[mode]
+        wall, cpu, workers, events, handlers = median[mode]
         print(
             f"{mode:<8}  wall {wall:6.2f} s  parent CPU {cpu:5.2f} s  "
             f"workers CPU {workers:6.2f} s  events {events:.0f}"
+            + (f"  (in the callback's handlers: {handlers:.3f} s)" if events else "")
         )
-    for base, mode in (("none", "history"), ("none", "callback"), ("history", "callback")):
+    pairs = (("none", "history"), ("history", "dispatch"), ("dispatch", "callback"))
+    for base, mode in (*pairs, ("history", "callback")):
         if base in median and mode in median:
-            w0, c0, k0, _ = median[base]
-            w1, c1, k1, _ = median[mode]
+            w0, c0, k0, *_ = median[base]
+            w1, c1, k1, *_ = median[mode]
             print(
                 f"{mode} vs {base}: wall {100 * (w1 / w0 - 1):+.1f}%  "
                 f"parent CPU {100 * (c1 / c0 - 1):+.1f}% ({c1 - c0:+.2f} s)  "

@@ -182,7 +182,8 @@ class ExampleResult(NamedTuple):
         extra: what the metric returned besides scores (JSON-able), or None.
         usage: raw token counts and cost per model name, or None (the parent builds ``Usage``).
         events: what the example recorded while it ran (``(kind, payload)`` pairs: DSPy
-            callback events and LM history entries), replayed in the parent; None for none.
+            callback events and LM history entries, pickled: ``procval.worker.record``),
+            replayed in the parent; None for none.
     """
 
     seq: int
@@ -195,7 +196,7 @@ class ExampleResult(NamedTuple):
     extra: dict[str, Any] | None = None
     usage: dict[str, dict[str, float]] | None = None
     # ``events`` goes last: new fields above it
-    events: list[tuple[str, Any]] | None = None
+    events: bytes | list[tuple[str, Any]] | None = None
 
 
 class ShardDone(NamedTuple):

@@ -138,6 +138,9 @@ class _LockedCallback(dspy.utils.BaseCallback):
     def __init__(self):
         self.lock = threading.Lock()
 
+    def on_lm_start(self, call_id, instance, inputs):
+        pass
+
 
 def test_snapshot_drops_in_worker_callbacks_that_cannot_travel_with_a_warning():
     kept, locked = _PicklableCallback(), _LockedCallback()
@@ -155,7 +158,18 @@ def test_snapshot_keeps_unmarked_callbacks_in_the_caller_and_never_pickles_them(
     config = procval.dspy.snapshot(callbacks=[locked])
     settings, *_ = pickle.loads(config.setup._blob)
     assert [type(c) for c in settings["callbacks"]] == [Recorder]
+    assert settings["callbacks"][0].hooks == {"on_lm_start"}  # what the callback implements
     assert config.setup.relay.callbacks == [locked]
+
+
+def test_a_callback_implementing_no_worker_event_adds_no_recorder():
+    class _EvaluateOnly(dspy.utils.BaseCallback):
+        def on_evaluate_start(self, call_id, instance, inputs):
+            pass
+
+    config = procval.dspy.snapshot(callbacks=[_EvaluateOnly()])
+    settings, *_ = pickle.loads(config.setup._blob)
+    assert settings["callbacks"] == []  # the workers' DSPy then runs without callbacks
 
 
 def test_a_setting_that_cannot_be_pickled_is_named():

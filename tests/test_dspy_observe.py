@@ -9,6 +9,7 @@ import collections
 import importlib
 import logging
 import os
+import pickle
 import threading
 
 import pytest
@@ -81,6 +82,97 @@ def test_callback_counts_and_lineage_equal_dspy_evaluate(server, no_leaked_worke
     # the parent's own objects where it has them: its LM, its program's modules by path
     instances = {type(instance).__name__ for hook, _, _, instance in ours if hook.endswith("start")}
     assert {"Pipeline", "Predict", "LM", "ChatAdapter"} <= instances
+
+
+def _as_plain(value):
+    """What a handler received, comparable across processes (the relay's documented changes)."""
+    if isinstance(value, dspy.Example):  # a Prediction too: its fields, its completions' signature
+        signature = getattr(vars(value).get("_completions"), "signature", None)
+        if isinstance(signature, type):
+            signature = signature.signature
+        return (type(value).__name__, dict(value._store), signature)
+    if isinstance(value, type) and issubclass(value, dspy.Signature):
+        return value.signature
+    if isinstance(value, dict):
+        return {k: _as_plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_as_plain(v) for v in value]
+    return value
+
+
+def _per_example(calls: list) -> dict[str, list]:
+    """Each example's calls, by question (contiguous: one thread in DSPy, one replay per row)."""
+    examples: dict[str, list] = {}
+    current: list = []
+    for call in calls:
+        hook, _, instance, data, _ = call
+        if hook == "on_module_start" and type(instance).__name__ == "Pipeline":
+            current = examples.setdefault(data["kwargs"]["question"], [])
+        if not hook.startswith("on_evaluate"):
+            current.append(call)
+    return examples
+
+
+def _shape(calls: list) -> list:
+    """Hooks, instance types, plain data, exceptions, and which outputs are the same object."""
+    outputs: list = []
+    shape = []
+    for hook, _, instance, data, exception in calls:
+        same = None
+        if hook.endswith("_end"):
+            same = next((i for i, o in enumerate(outputs) if o is data), len(outputs))
+            outputs.append(data)
+        shape.append((hook, type(instance).__name__, _as_plain(data), repr(exception), same))
+    return shape
+
+
+def test_handlers_receive_what_dspy_passes_them(server):
+    def run_with(evaluate_class, threads):
+        callback = programs.Capturing()
+        dspy.configure(lm=lm_of(server), callbacks=[callback])
+        try:
+            evaluate_class(devset=programs.devset(4), metric=programs.exact, num_threads=threads)(
+                programs.Pipeline()
+            )
+        finally:
+            dspy.configure(callbacks=[])
+        return _per_example(callback.calls)
+
+    theirs, ours = run_with(dspy.Evaluate, 1), run_with(procval.dspy.Evaluate, 2)
+    assert sorted(ours) == sorted(theirs) == [f"q{i}" for i in range(4)]
+    for question, calls in theirs.items():
+        assert len(calls) == 20
+        assert _shape(ours[question]) == _shape(calls)  # data, instances, shared predictions
+
+
+def test_hooks_no_callback_implements_are_not_recorded(server):
+    from procval.integrations._dspy_observe import Recorder, needed_hooks
+    from procval.wire import ExampleResult
+    from procval.worker import record
+
+    assert not {h for h in needed_hooks([programs.ModulesAndLMs()]) if "adapter" in h}
+    both = needed_hooks([programs.ModulesAndLMs(), programs.Counting()])
+    assert both == {h for h in programs.HOOKS if not h.startswith("on_evaluate")}
+    recorder = pickle.loads(pickle.dumps(Recorder("t", ["on_lm_end"])))  # as the workers get it
+    token = record.begin(0)
+    recorder.on_adapter_parse_end(call_id="a", outputs={"answer": "x"}, exception=None)
+    recorder.on_lm_end(call_id="b", outputs=["x"], exception=None)
+    result = record.end(token, ExampleResult(0, None, 1.0, None, 1, 0.0))
+    events = record.decoded(result.events)
+    assert [(payload[1], payload[2]) for _, payload in events] == [("on_lm_end", "b")]
+    counts = {}
+    for evaluate_class in (dspy.Evaluate, procval.dspy.Evaluate):
+        callback = programs.ModulesAndLMs()
+        dspy.configure(lm=lm_of(server), callbacks=[callback])
+        try:
+            evaluate_class(devset=programs.devset(3), metric=programs.exact, num_threads=2)(
+                programs.Pipeline()
+            )
+        finally:
+            dspy.configure(callbacks=[])
+        counts[evaluate_class] = collections.Counter(hook for hook, *_ in callback.events)
+    assert counts[dspy.Evaluate] == counts[procval.dspy.Evaluate]
+    assert counts[procval.dspy.Evaluate]["on_lm_start"] == 6
 
 
 def test_each_example_replays_in_order(server):
@@ -193,6 +285,28 @@ def _records_unpicklable_for_odd(example: int) -> str:
 
     record.add("probe", threading.Lock() if example % 2 else example)
     return f"done {example}"
+
+
+def _records_a_lambda_for_odd(example: int) -> str:
+    """Records what only cloudpickle takes (a lambda) for odd examples, a plain value for even."""
+    from procval.worker import record
+
+    record.add("probe", (lambda: example) if example % 2 else example)
+    return f"done {example}"
+
+
+def test_events_pickle_cannot_take_travel_with_cloudpickle(no_leaked_workers):
+    from procval.run import replay
+
+    delivered: dict[int, object] = {}
+    replay.register("probe", lambda config, row, payloads: delivered.update({row.index: payloads}))
+    try:
+        procval.evaluate(_records_a_lambda_for_odd, [0, 1, 2, 3], lambda e, p: 1.0, workers=1)
+    finally:
+        replay._handlers.pop("probe", None)
+    assert {i: p if i % 2 == 0 else [p[0]()] for i, p in delivered.items()} == {
+        i: [i] for i in range(4)
+    }
 
 
 class _Captured(logging.Handler):

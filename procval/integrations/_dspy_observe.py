@@ -9,9 +9,12 @@
       the others stay here, in a Relay ───token────▶  a Recorder callback records each event:
       (with the LM, the adapter, the call id            (hook, call_id, parent id, instance ref,
        active now: the Evaluate call)                    inputs/outputs as plain data, exception)
+      needed_hooks(): the hooks they implement ──────▶  of those hooks only (no Recorder at all
+                                                        when there is none: DSPy's dispatch off)
                                                       the LM's update_history is tapped: each
                                                         history entry is recorded too
-    rows arrive ◀── ExampleResult.events ──────────   (procval.worker.record: per example)
+    rows arrive ◀── ExampleResult.events ──────────   (procval.worker.record: per example, one
+                                                        pickle blob when the example ends)
     replay(): for each event, in recorded order, the relay's callbacks are called with
       ACTIVE_CALL_ID set to the event's parent (a top-level call's parent: the call active at
       snapshot(), i.e. procval.dspy.Evaluate's); history entries go to the parent's LM through
@@ -28,6 +31,15 @@ What a replayed callback receives:
   but a Prediction's ``completions.signature`` is the signature string too (a copy: the
   worker's Prediction is left as it is).
 - ``exception``: the worker's exception if it could be pickled, else a ``RuntimeError`` naming it.
+
+A hook that every relayed callback leaves as ``BaseCallback``'s (a no-op) is neither recorded
+nor replayed: nothing could observe it. The same ``dspy.Prediction`` object passed to several
+handlers of one example (a module returning its submodule's) is one object in the parent too,
+as long as it was not changed in between.
+
+What it costs per event (recording ~2.5 us in the worker, replay ~0.2 us plus its share of one
+unpickling per example here) is small next to DSPy's own dispatch of a callback in the worker
+(~40 us per module, LM or adapter call: ``benchmarks/relay.py``'s ``dispatch`` mode).
 """
 
 from __future__ import annotations
@@ -37,19 +49,28 @@ import logging
 import pickle
 import uuid
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import dspy
 from dspy.clients.base_lm import BaseLM
-from dspy.utils.callback import ACTIVE_CALL_ID
+from dspy.primitives.prediction import Completions
+from dspy.utils.callback import ACTIVE_CALL_ID, BaseCallback
 
 from procval._convert import to_jsonable
 from procval.results import Row
 from procval.run import replay
 from procval.worker import record
 
-__all__ = ["InWorker", "Recorder", "Relay", "Replayed", "in_worker", "runs_in_worker"]
+__all__ = [
+    "InWorker",
+    "Recorder",
+    "Relay",
+    "Replayed",
+    "in_worker",
+    "needed_hooks",
+    "runs_in_worker",
+]
 
 logger = logging.getLogger("dspy.utils.callback")  # where DSPy logs a failing callback
 KIND = "dspy"
@@ -123,36 +144,50 @@ def runs_in_worker(callback: Any) -> bool:
 class Recorder:
     """The worker's DSPy callback that records every event in the running example's recording.
 
-    Picklable (it holds only the relay's token). Its handlers are DSPy's (``on_lm_start``...).
+    Picklable (it holds only the relay's token and the hooks to record). Its handlers are
+    DSPy's (``on_lm_start``...); those of the hooks it is not asked to record do nothing.
+
+    Args:
+        token: the relay's token.
+        hooks: the hooks to record (default: all); see :func:`needed_hooks`.
     """
 
-    def __init__(self, token: str) -> None:
+    def __init__(self, token: str, hooks: Iterable[str] | None = None) -> None:
         self.token = token
+        self.hooks = frozenset(_HOOKS if hooks is None else hooks)
+        for hook in _HOOKS:
+            if hook not in self.hooks:
+                setattr(self, hook, _ignore)
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (Recorder, (self.token,))
+        return (Recorder, (self.token, tuple(sorted(self.hooks))))
 
-    def _start(self, hook: str, call_id: str, instance: Any, inputs: Any) -> None:
-        record.add(
-            KIND, (self.token, hook, call_id, ACTIVE_CALL_ID.get(), _ref(instance), plain(inputs))
-        )
 
-    def _end(self, hook: str, call_id: str, outputs: Any, exception: Any) -> None:
-        error = _exception(exception) if exception is not None else None
-        record.add(KIND, (self.token, hook, call_id, ACTIVE_CALL_ID.get(), error, plain(outputs)))
+def _ignore(*args: Any, **kwargs: Any) -> None:
+    return None
 
 
 def _recording_hook(hook: str) -> Callable[..., None]:
-    if hook.endswith("_start"):
+    # One closure per hook, the per-event work inlined: a handler runs ~20 times per example.
+    if hook in _STARTS:
 
         def start(self: Recorder, call_id: str, instance: Any, inputs: Any) -> None:
-            self._start(hook, call_id, instance, inputs)
+            recording = record.current()
+            if recording is not None:
+                ref, data = _ref(instance), plain(inputs, 0, recording)
+                event = (self.token, hook, call_id, ACTIVE_CALL_ID.get(), ref, data)
+                recording.events.append((KIND, event))
 
         start.__name__ = hook
         return start
 
     def end(self: Recorder, call_id: str, outputs: Any, exception: Any = None) -> None:
-        self._end(hook, call_id, outputs, exception)
+        recording = record.current()
+        if recording is not None:
+            error = None if exception is None else _exception(exception)
+            data = plain(outputs, 0, recording)
+            event = (self.token, hook, call_id, ACTIVE_CALL_ID.get(), error, data)
+            recording.events.append((KIND, event))
 
     end.__name__ = hook
     return end
@@ -162,6 +197,27 @@ for _hook in _HOOKS:
     setattr(Recorder, _hook, _recording_hook(_hook))
 for _other in ("on_evaluate_start", "on_evaluate_end", "on_compile_start", "on_compile_end"):
     setattr(Recorder, _other, lambda self, *args, **kwargs: None)
+
+
+def needed_hooks(callbacks: Iterable[Any]) -> frozenset[str]:
+    """The hooks that the workers must record for ``callbacks``: those one of them implements.
+
+    A hook a callback leaves as ``BaseCallback``'s (which does nothing) needs no event: a
+    callback that overrides no ``on_adapter_*`` handler makes the workers record no adapter
+    event. Any other handler counts, and so does a missing one (DSPy calls it anyway, and logs
+    the ``AttributeError``; so does the replay).
+    """
+    return frozenset(
+        hook for hook in _HOOKS if any(_implements(callback, hook) for callback in callbacks)
+    )
+
+
+def _implements(callback: Any, hook: str) -> bool:
+    handler = getattr(callback, hook, None)  # missing: DSPy calls it anyway and logs the error
+    return handler is None or getattr(handler, "__func__", handler) is not _BASE.get(hook)
+
+
+_BASE = {hook: getattr(BaseCallback, hook, None) for hook in _HOOKS}
 
 
 class _HistoryTap:
@@ -218,9 +274,11 @@ def current_token() -> str | None:
 
 
 def _ref(instance: Any) -> tuple[Any, ...]:
-    kind = _kind(instance)
     cls = type(instance)
-    name = f"{cls.__module__}.{cls.__qualname__}"
+    known = _KINDS.get(cls)
+    if known is None:
+        known = _KINDS[cls] = (_kind(instance), f"{cls.__module__}.{cls.__qualname__}")
+    kind, name = known
     if kind == "lm":
         return (
             kind,
@@ -230,11 +288,11 @@ def _ref(instance: Any) -> tuple[Any, ...]:
         )
     if kind == "tool":
         return (kind, name, getattr(instance, "name", None))
-    return (
-        kind,
-        name,
-        vars(instance).get("_procval_path") if hasattr(instance, "__dict__") else None,
-    )
+    own = getattr(instance, "__dict__", None)
+    return (kind, name, own.get("_procval_path") if own is not None else None)
+
+
+_KINDS: dict[type, tuple[str, str]] = {}  # a class's kind and name, found once
 
 
 def _kind(instance: Any) -> str:
@@ -247,41 +305,90 @@ def _kind(instance: Any) -> str:
     return "module"
 
 
-def plain(value: Any, depth: int = 0) -> Any:
-    """``value`` as picklable plain data (see the module docstring)."""
+def plain(value: Any, depth: int = 0, recording: record.Recording | None = None) -> Any:
+    """``value`` as picklable plain data (see the module docstring).
+
+    Within one example (``recording``), a ``dspy.Prediction`` recorded again unchanged (a module
+    returning its submodule's) is recorded as the same object, as DSPy passes the same object.
+    """
+    cls = type(value)
+    if cls in _ATOMS:
+        return value
+    if (cls is dict or cls is list or cls is tuple) and depth <= 20:
+        depth += 1  # the common case first, without a call per plain item
+        if cls is dict:
+            return {
+                k: v if type(v) in _ATOMS else plain(v, depth, recording) for k, v in value.items()
+            }
+        return [v if type(v) in _ATOMS else plain(v, depth, recording) for v in value]
     if isinstance(value, _PLAIN):
         return value
     if depth > 20:
         return repr(value)
     if isinstance(value, dict):
-        return {k: plain(v, depth + 1) for k, v in value.items()}
+        return {k: plain(v, depth + 1, recording) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [plain(v, depth + 1) for v in value]
+        return [plain(v, depth + 1, recording) for v in value]
     if isinstance(value, dspy.Example):  # Prediction too
-        if all(isinstance(v, _PLAIN) for v in value._store.values()):
-            return _light(value)
+        if all(type(v) in _ATOMS or isinstance(v, _PLAIN) for v in value._store.values()):
+            return _light(value, recording)
         return to_jsonable(value)
     if _is_signature(value):
         return _signature_text(value)
     return to_jsonable(value)
 
 
-def _light(example: Any) -> Any:
+_ATOMS = frozenset(_PLAIN)
+
+
+def _light(example: Any, recording: record.Recording | None = None) -> Any:
     """``example``, or a copy whose completions name their signature by its string.
 
     A Predict's ``Prediction`` holds its ``Completions``, which hold the signature class: a class
     built at run time, that cloudpickle sends by value and the parent rebuilds, the most costly
-    part of a replayed event by far.
+    part of a replayed event by far. The copy is kept in ``recording`` (with the example, so that
+    its id stays its own) and recorded again while the example's attributes are the same ones.
     """
-    completions = vars(example).get("_completions")
+    state = vars(example)
+    completions = state.get("_completions")
     signature = vars(completions).get("signature") if hasattr(completions, "__dict__") else None
     if not _is_signature(signature):
         return example
-    light = copy.copy(completions)
+    memo = None
+    if recording is not None:
+        memo = recording.memo
+        if memo is None:
+            memo = recording.memo = {}
+        kept = memo.get(id(example))
+        if kept is not None and kept[0] is example and _same(kept[1], state):
+            return kept[2]
+    light = _copy(completions)
     light.signature = _signature_text(signature)
-    example = copy.copy(example)
-    example._completions = light
-    return example
+    copied = _copy(example)
+    copied._completions = light
+    if memo is not None:
+        memo[id(example)] = (example, dict(state), copied)
+    return copied
+
+
+def _same(before: dict[str, Any], now: dict[str, Any]) -> bool:
+    return len(before) == len(now) and all(now.get(k, _MISSING) is v for k, v in before.items())
+
+
+_MISSING = object()
+
+
+def _copy(obj: Any) -> Any:
+    """``copy.copy(obj)``; for DSPy's own classes, the same done directly (their ``__dict__``)."""
+    cls: Any = type(obj)
+    if cls not in _COPIED_DIRECTLY:
+        return copy.copy(obj)
+    copied = cls.__new__(cls)
+    copied.__dict__.update(obj.__dict__)
+    return copied
+
+
+_COPIED_DIRECTLY = frozenset({dspy.Example, dspy.Prediction, Completions})
 
 
 def _is_signature(value: Any) -> bool:
@@ -289,7 +396,14 @@ def _is_signature(value: Any) -> bool:
 
 
 def _signature_text(signature: Any) -> str:
-    return str(getattr(signature, "signature", signature.__name__))
+    text = _SIGNATURES.get(signature)
+    if text is None:  # DSPy builds the string from the fields at each call: once per class
+        text = _SIGNATURES[signature] = str(getattr(signature, "signature", signature.__name__))
+    return text
+
+
+# A signature class is not changed in place (DSPy's with_instructions, append... make new ones).
+_SIGNATURES: weakref.WeakKeyDictionary[type, str] = weakref.WeakKeyDictionary()
 
 
 def _exception(exc: BaseException) -> BaseException:
@@ -353,14 +467,15 @@ class Relay:
         self._held: list[tuple[int, Any, dict[str, Any]]] = []
         self._modules: dict[str, Any] | None = None
         self._instances: dict[tuple[Any, ...], Any] = {}
-        self._dispatch: dict[str, list[tuple[Any, Callable[..., Any]]]] = {}
+        self._dispatch: dict[str, tuple[bool, list[tuple[Any, Callable[..., Any]]]]] = {}
         _relays[self.token] = self
 
     def replay(self, row: Row, events: Sequence[tuple[Any, ...]]) -> None:
         """Replay one example's recorded events of this relay (callback events, history)."""
         dispatch = self._dispatch
+        instances = self._instances
         root = self.root
-        first = None  # ACTIVE_CALL_ID is set per event and put back once, at the end
+        first = None  # ACTIVE_CALL_ID is set when the parent changes, put back once at the end
         try:
             for event in events:
                 hook = event[1]
@@ -370,17 +485,23 @@ class Relay:
                     else:
                         self._append(event[2], event[3])
                     continue
+                found = dispatch.get(hook)
+                if found is None:
+                    found = dispatch[hook] = (hook in _STARTS, self._handlers(hook))
+                start, handlers = found
+                if not handlers:
+                    continue
                 _, hook, call_id, parent, extra, data = event
-                token = ACTIVE_CALL_ID.set(root if parent is None else parent)
-                if first is None:
-                    first = token
-                handlers = dispatch.get(hook)
-                if handlers is None:
-                    handlers = dispatch[hook] = [(c, getattr(c, hook)) for c in self.callbacks]
-                if hook in _STARTS:
-                    instance = self._instances.get(extra)
+                if parent is None:
+                    parent = root
+                if ACTIVE_CALL_ID.get() != parent:
+                    token = ACTIVE_CALL_ID.set(parent)
+                    if first is None:
+                        first = token
+                if start:
+                    instance = instances.get(extra)
                     if instance is None:
-                        instance = self._instances[extra] = self._instance(extra)
+                        instance = instances[extra] = self._instance(extra)
                     for callback, handler in handlers:
                         try:
                             handler(call_id=call_id, instance=instance, inputs=data)
@@ -395,6 +516,17 @@ class Relay:
         finally:
             if first is not None:
                 ACTIVE_CALL_ID.reset(first)
+
+    def _handlers(self, hook: str) -> list[tuple[Any, Callable[..., Any]]]:
+        """The callbacks' handlers of ``hook``, but ``BaseCallback``'s own (which do nothing)."""
+        found = []
+        for callback in self.callbacks:
+            handler = getattr(callback, hook, None)
+            if handler is None:  # called anyway: it fails and is logged, as DSPy does
+                found.append((callback, _missing(callback, hook)))
+            elif _implements(callback, hook):
+                found.append((callback, handler))
+        return found
 
     def flush_history(self) -> None:
         """Append the held history entries to their LMs, in example order."""
@@ -444,6 +576,13 @@ class Relay:
 
 def _name(obj: Any) -> str:
     return f"{type(obj).__module__}.{type(obj).__qualname__}"
+
+
+def _missing(callback: Any, hook: str) -> Callable[..., Any]:
+    def handler(**kwargs: Any) -> Any:
+        return getattr(callback, hook)(**kwargs)  # AttributeError, in DSPy's words
+
+    return handler
 
 
 def _failed(callback: Any, exc: Exception) -> None:

@@ -137,8 +137,9 @@ def snapshot(
     carried["callbacks"] = _travelling_callbacks(
         [c for c in callbacks if _observe.runs_in_worker(c)]
     )
-    if here:
-        carried["callbacks"].append(_observe.Recorder(relay.token))
+    hooks = _observe.needed_hooks(here)  # none: no recording, and no DSPy dispatch in workers
+    if hooks:
+        carried["callbacks"].append(_observe.Recorder(relay.token, hooks))
     blob = _dump(carried, _cache_settings(), relay.token)
     env = worker_env()
     return Config(

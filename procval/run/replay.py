@@ -15,6 +15,7 @@ from typing import Any
 
 from procval.results import Row
 from procval.wire import ExampleResult
+from procval.worker import record
 
 __all__ = ["Handler", "deliver", "register"]
 
@@ -33,8 +34,12 @@ def register(kind: str, handler: Handler) -> None:
 def deliver(config: str, rows: Sequence[Row], results: Sequence[ExampleResult]) -> None:
     """Hand the events of ``results`` (paired with ``rows``, in order) to their handlers."""
     for row, result in zip(rows, results, strict=True):
-        events = result.events
-        if not events:
+        if not result.events:
+            continue
+        try:
+            events = record.decoded(result.events)
+        except Exception:
+            logger.exception("the events recorded by example %r cannot be read", row.example_id)
             continue
         by_kind: dict[str, list[Any]] = {}
         for kind, payload in events:

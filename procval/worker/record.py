@@ -4,7 +4,12 @@ Each example runs inside a :class:`Recording` (a ``ContextVar``, so each thread 
 task has its own). Code running in the worker adds to it (the DSPy integration records callback
 events and LM history entries; logs carry its example id) and whatever was added travels with the
 example's result as ``ExampleResult.events``: a list of ``(kind, payload)`` pairs, opaque to the
-scheduler and handed to :mod:`procval.run.replay` in the parent. The tokens and cost spent
+scheduler and handed to :mod:`procval.run.replay` in the parent. The list is pickled when the
+example ends (``pickle``, one blob per example; kept as a list when ``pickle`` cannot take it,
+for the shard's cloudpickle): the objects recorded are then freed in the worker at once, and
+the parent holds one ``bytes`` per example until it replays it, instead of the many small
+objects a DSPy example records (~20 callback events), which made its garbage collector run
+during the shard's unpickling and again during the run. The tokens and cost spent
 (:func:`procval.record_usage`, DSPy's LM calls) are summed per model and travel as
 ``ExampleResult.usage``. An example that recorded nothing costs one ``ContextVar.set`` and
 ``reset``.
@@ -13,11 +18,12 @@ scheduler and handed to :mod:`procval.run.replay` in the parent. The tokens and 
 from __future__ import annotations
 
 import contextvars
+import pickle
 from typing import Any
 
 from procval.wire import ExampleResult
 
-__all__ = ["Recording", "add", "add_usage", "begin", "current", "end"]
+__all__ = ["Recording", "add", "add_usage", "begin", "current", "decoded", "end"]
 
 
 class Recording:
@@ -28,14 +34,17 @@ class Recording:
         events: ``(kind, payload)`` pairs, in the order they were added.
         usage: per model, ``[calls, cached_calls, prompt_tokens, completion_tokens,
             total_tokens, cost]`` (cost None until one is known), or None when nothing was spent.
+        memo: what the code recording events keeps between two events of the example (the DSPy
+            integration: the copies it made of the objects it recorded), or None.
     """
 
-    __slots__ = ("events", "example_id", "usage")
+    __slots__ = ("events", "example_id", "memo", "usage")
 
     def __init__(self, example_id: Any) -> None:
         self.example_id = example_id
         self.events: list[tuple[str, Any]] = []
         self.usage: dict[str, list[Any]] | None = None
+        self.memo: dict[Any, Any] | None = None
 
 
 _current: contextvars.ContextVar[Recording | None] = contextvars.ContextVar(
@@ -98,11 +107,24 @@ def end(token: contextvars.Token[Recording | None], result: ExampleResult) -> Ex
     if usage is not None:
         counts = {model: dict(zip(_FIELDS, c, strict=True)) for model, c in usage.items()}
         if recording.events:
-            return result._replace(events=recording.events, usage=counts)
+            return result._replace(events=_encoded(recording.events), usage=counts)
         return result._replace(usage=counts)
     if not recording.events:
         return result
-    return result._replace(events=recording.events)
+    return result._replace(events=_encoded(recording.events))
+
+
+def _encoded(events: list[tuple[str, Any]]) -> bytes | list[tuple[str, Any]]:
+    """``events`` pickled, or themselves when ``pickle`` cannot take them (cloudpickle may)."""
+    try:
+        return pickle.dumps(events, protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception:
+        return events
+
+
+def decoded(events: bytes | list[tuple[str, Any]]) -> list[tuple[str, Any]]:
+    """In the parent: the ``(kind, payload)`` pairs of ``ExampleResult.events``."""
+    return pickle.loads(events) if isinstance(events, bytes) else events
 
 
 _FIELDS = ("calls", "cached_calls", "prompt_tokens", "completion_tokens", "total_tokens", "cost")

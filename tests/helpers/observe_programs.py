@@ -48,6 +48,43 @@ for _hook in HOOKS:
     setattr(Counting, _hook, _handler(_hook))
 
 
+class Capturing(BaseCallback):
+    """Keeps what every handler received: (hook, call_id, instance, inputs | outputs, exception)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.calls: list[tuple[str, str, Any, Any, Any]] = []
+
+
+def _capturing(hook: str) -> Any:
+    if hook.endswith("_start"):
+
+        def start(self: Any, call_id: str, instance: Any, inputs: Any) -> None:
+            with self.lock:
+                self.calls.append((hook, call_id, instance, inputs, None))
+
+        return start
+
+    def end(self: Any, call_id: str, outputs: Any, exception: Any = None) -> None:
+        with self.lock:
+            self.calls.append((hook, call_id, None, outputs, exception))
+
+    return end
+
+
+for _hook in HOOKS:
+    setattr(Capturing, _hook, _capturing(_hook))
+
+
+class ModulesAndLMs(Counting):
+    """Counts module and LM events only: it leaves the adapter handlers as BaseCallback's."""
+
+
+for _hook in HOOKS:
+    if _hook.startswith("on_adapter"):
+        setattr(ModulesAndLMs, _hook, getattr(BaseCallback, _hook))
+
+
 class ToFile(BaseCallback):
     """Appends ``pid hook`` lines to a file: a callback meant to run where the program runs."""
 
