@@ -113,6 +113,63 @@ def test_a_call_answered_429_is_granted_before_the_calls_waiting_behind_it():
         limiter.stop()
 
 
+def test_an_examples_later_call_yields_to_first_calls_that_came_a_little_after_it():
+    """Near the end of a run the last examples' first calls go first, never starving the others."""
+    import json
+    import socket
+    import time
+
+    from procval.run.limiter import STAGE_DELAY, Limiter
+
+    limiter = Limiter({"k": RateLimit("k", max_in_flight=1)})
+    clients = []
+    try:
+        for _ in range(3):
+            client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            client.settimeout(10)
+            client.connect(limiter.path)
+            clients.append(client)
+        holder, later, first = clients
+        files = {id(c): c.makefile("rb") for c in clients}
+
+        def send(client, **message):
+            client.sendall(json.dumps(message).encode() + b"\n")
+
+        def reply(client):
+            return json.loads(files[id(client)].readline())
+
+        def queued(n):
+            deadline = time.monotonic() + 10
+            while len(limiter._queues.get("k", ())) != n:
+                assert time.monotonic() < deadline, "the limiter never queued the request"
+                time.sleep(0.005)
+
+        send(holder, op="acquire", key="k", tokens=0, stage=0)
+        held = reply(holder)
+        send(later, op="acquire", key="k", tokens=0, stage=1)  # an example's second call
+        queued(1)
+        send(first, op="acquire", key="k", tokens=0, stage=0)  # another example's first call
+        queued(2)
+        send(holder, op="release", id=held["id"], tokens=0, status="ok")
+        granted = reply(first)  # came after, goes first
+        send(first, op="release", id=granted["id"], tokens=0, status="ok")
+        granted = reply(later)
+        # a later call that came more than STAGE_DELAY earlier is not passed
+        send(first, op="acquire", key="k", tokens=0, stage=1)
+        queued(1)
+        time.sleep(STAGE_DELAY + 0.2)
+        send(holder, op="acquire", key="k", tokens=0, stage=0)
+        queued(2)
+        send(later, op="release", id=granted["id"], tokens=0, status="ok")
+        granted = reply(first)
+        send(first, op="release", id=granted["id"], tokens=0, status="ok")
+        assert "id" in reply(holder)
+    finally:
+        for client in clients:
+            client.close()
+        limiter.stop()
+
+
 def test_an_unlimited_key_gets_a_window_at_its_first_429():
     state = KeyState(None, now=0.0)
     assert math.isinf(state.window)

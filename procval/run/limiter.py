@@ -5,9 +5,10 @@
     worker thread (procval.worker.limited)            parent: Limiter thread (this module)
     ──────────────────────────────────────            ────────────────────────────────────
     connects once per thread (Unix stream socket) ──▶ accept; {"op": "hello", config}
-    {"op": "acquire", key, tokens} ─────────────────▶ queued FIFO per key; granted when the
-                                                      key's KeyState admits it (pacing,
-    ◀── {"id", "waited"}  (blocks until granted) ──── token bucket, in-flight window)
+    {"op": "acquire", key, tokens, stage} ──────────▶ queued per key (by _Waiter.rank);
+                                                      granted when the key's KeyState
+    ◀── {"id", "waited"}  (blocks until granted) ──── admits it (pacing, token bucket,
+                                                      in-flight window)
     ... the call ...
     {"op": "release", id, tokens, status, retry_after} ▶ in flight - 1; usage corrects the
                                                       bucket; a 429 pauses the key and cuts
@@ -24,6 +25,7 @@ each :class:`~procval.results.EvaluationResult` (``.limits``) at the end of the 
 from __future__ import annotations
 
 import contextlib
+import heapq
 import json
 import logging
 import os
@@ -33,7 +35,6 @@ import socket
 import tempfile
 import threading
 import time
-from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -90,12 +91,28 @@ class _Conn:
     held: set[int] = field(default_factory=set)
 
 
-@dataclass
+@dataclass(order=True)
 class _Waiter:
-    conn: _Conn
-    key: str
-    tokens: float
-    since: float
+    """A call waiting for its permit; a key's waiters are granted lowest :attr:`rank` first.
+
+    First the retries of calls answered 429 (they already waited), in the order they came; then
+    the others in the order they came, each counted ``stage * STAGE_DELAY`` seconds later than
+    it came, ``stage`` being the permits its example was granted before (0 for its first call).
+    A later call of an example thus yields to the calls that came up to that much after it: near
+    the end of a run, the last examples' first calls pass the queued later calls of the others,
+    so their own next calls are queued before the provider's slots run dry (the run's end was
+    held back by a whole call otherwise). No call waits more than its stage's delay longer than
+    in order of arrival, so none is starved.
+    """
+
+    rank: tuple[int, float, int]
+    conn: _Conn = field(compare=False)
+    key: str = field(compare=False)
+    tokens: float = field(compare=False)
+    since: float = field(compare=False)
+
+
+STAGE_DELAY = 0.5  # seconds a call counts later per permit its example already had
 
 
 def check_limits(configs: Sequence[Config]) -> dict[str, RateLimit]:
@@ -144,9 +161,10 @@ class Limiter:
         self._acceptor = _tcp.Acceptor(self._listener, self._selector, "rate limiter")
         self._selector.register(self._wake_r, selectors.EVENT_READ, None)
         self._keys: dict[str, KeyState] = {}
-        self._queues: dict[str, deque[_Waiter]] = {}
+        self._queues: dict[str, list[_Waiter]] = {}  # a heap per key, by _Waiter.rank
         self._held: dict[int, tuple[_Conn, str, float]] = {}
         self._next_id = 1
+        self._arrivals = 0  # acquire messages so far: the last tie-break of a waiter's rank
         self._counts: dict[tuple[str, str], LimitCounts] = {}
         self._lock = threading.Lock()  # around the counts, read by the caller's thread
         self._stopping = threading.Event()
@@ -233,12 +251,14 @@ class Limiter:
             key = str(message.get("key", ""))
             tokens = float(message.get("tokens") or 0.0)
             self._state(key, now)
-            queue = self._queues.setdefault(key, deque())
-            waiter = _Waiter(conn, key, tokens, now)
+            stage = message.get("stage")
+            stage = stage if isinstance(stage, int) and stage > 0 else 0
+            self._arrivals += 1
             if message.get("retry"):  # a call answered 429 goes first: it already waited
-                queue.appendleft(waiter)
+                rank = (0, now, self._arrivals)
             else:
-                queue.append(waiter)
+                rank = (1, now + stage * STAGE_DELAY, self._arrivals)
+            heapq.heappush(self._queues.setdefault(key, []), _Waiter(rank, conn, key, tokens, now))
         elif op == "release":
             self._release(message, now)
 
@@ -282,7 +302,7 @@ class Limiter:
                 if at > now:
                     soonest = at - now if soonest is None else min(soonest, at - now)
                     break
-                queue.popleft()
+                heapq.heappop(queue)
                 self._give(waiter, state, now)
         return soonest
 
@@ -317,9 +337,8 @@ class Limiter:
             conn.held.clear()
             for queue in self._queues.values():
                 if any(w.conn is conn for w in queue):
-                    kept = [w for w in queue if w.conn is not conn]
-                    queue.clear()
-                    queue.extend(kept)
+                    queue[:] = [w for w in queue if w.conn is not conn]
+                    heapq.heapify(queue)
 
     def stop(self) -> None:
         """Stop the thread (within a second) and remove the socket."""

@@ -19,6 +19,7 @@ repeated, never the example. Outside a procval worker, or for a key the config d
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import json
 import random
 import re
@@ -29,7 +30,7 @@ from collections.abc import Awaitable, Callable, Iterator, Mapping
 from typing import Any, TypeVar
 
 from procval.ratelimit import RateLimit
-from procval.worker import _tcp
+from procval.worker import _tcp, record
 
 __all__ = ["Permit", "acall", "call", "install", "is_rate_limited", "limited", "retry_after"]
 
@@ -45,6 +46,10 @@ _config = ""
 _limits: tuple[RateLimit, ...] = ()
 _local = threading.local()
 _jitter = random.Random()
+# (id of the example's recording, permits it was granted): the stage of its next call
+_stages: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar(
+    "procval_limit_stage", default=None
+)
 
 
 def install(config: str, limits: tuple[RateLimit, ...], path: str) -> None:
@@ -115,10 +120,33 @@ def _unix(path: str) -> socket.socket:
     return conn
 
 
-def _acquire(key: str, tokens: float, *, retry: bool = False) -> Permit:
-    """A permit for one call; a ``retry`` (of a call answered 429) is queued ahead of the others."""
+def _stage() -> int:
+    """How many permits the running example was granted before this call (0: its first).
+
+    The parent ranks a later call of an example a little behind the first calls of others
+    (``procval.run.limiter._Waiter``). Counted per thread or asyncio task, in its context.
+    """
+    current = id(record.current())
+    box = _stages.get()
+    if box is None or box[0] != current:
+        box = [current, 0]
+        _stages.set(box)
+    box[1] += 1
+    return box[1] - 1
+
+
+def _acquire(key: str, tokens: float, *, retry: bool = False, stage: int | None = None) -> Permit:
+    """A permit for one call; a ``retry`` (of a call answered 429) is queued ahead of the others.
+
+    ``stage``: the call's :func:`_stage`, taken here when None (and never for a retry, which
+    is the same call again).
+    """
     conn = _connection()
-    message = {"op": "acquire", "key": key, "tokens": tokens, **({"retry": True} if retry else {})}
+    if retry:
+        message: dict[str, Any] = {"op": "acquire", "key": key, "tokens": tokens, "retry": True}
+    else:
+        stage = _stage() if stage is None else stage
+        message = {"op": "acquire", "key": key, "tokens": tokens, "stage": stage}
     conn.sendall(json.dumps(message).encode() + b"\n")
     buffer: bytes = _local.buffer
     while b"\n" not in buffer:
@@ -338,8 +366,9 @@ async def acall(
     """:func:`call` for a coroutine: the permit is awaited in a thread, the loop never blocks."""
     import asyncio
 
+    stage = _stage()  # in this task's context: the thread that waits for the permit has its own
     for attempt in range(RATE_LIMIT_RETRIES + 1):
-        permit = await asyncio.to_thread(_acquire, key, tokens, retry=attempt > 0)
+        permit = await asyncio.to_thread(_acquire, key, tokens, retry=attempt > 0, stage=stage)
         try:
             result = await fn()
         except Exception as exc:
