@@ -26,6 +26,7 @@ A parent's CPU here is a few tenths of a second for 1,000 examples (the stand-in
 latency sets the wall time), so the relay's cost is also printed in seconds.
 
     PYTHONPATH=$PWD python benchmarks/relay.py [--examples 1000] [--repeats 3] [--modes ...]
+        [--latency 0.2 --sigma 0.5 --threads 64]   # an LLM's latency: the run waits on the network
 
 ``--one MODE`` runs a single measurement and prints it as JSON (for a driver that alternates
 two checkouts of procval in fresh processes).
@@ -189,14 +190,16 @@ def _parent_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def once(server: Any, n: int, mode: str, sampler: _WorkersCPU) -> tuple[float, ...]:
+def once(
+    server: Any, n: int, mode: str, sampler: _WorkersCPU, threads: int = 8
+) -> tuple[float, ...]:
     """One run: wall time, parent CPU, workers' CPU, callback events seen, callback's time."""
     callback = _TimedCounting()
     lm = dspy.LM(server.model, api_base=server.api_base, api_key="sk-test", cache=False)
     callbacks = {"callback": [callback], "dispatch": [_Idle()]}.get(mode, [])
     dspy.configure(lm=lm, callbacks=callbacks)
     evaluate = procval.dspy.Evaluate(
-        devset=programs.devset(n), metric=programs.exact, num_threads=8, workers=2
+        devset=programs.devset(n), metric=programs.exact, num_threads=threads, workers=2
     )
     original = procval_dspy.snapshot
     if mode == "none":
@@ -220,15 +223,25 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--one", choices=MODES, help="one run of this mode, printed as JSON")
+    parser.add_argument(
+        "--latency",
+        type=float,
+        default=0.0,
+        help="the server's median latency in seconds (default 0: the run is CPU-bound, the "
+        "worst case for the relay; 0.2 with --sigma 0.5 is an LLM's, as in dspy_bench.py)",
+    )
+    parser.add_argument("--sigma", type=float, default=0.0, help="lognormal spread of latency")
+    parser.add_argument("--threads", type=int, default=8, help="examples in flight (num_threads)")
     args = parser.parse_args()
-    with LLMServer.in_process() as server:
+    latency = ("--latency", str(args.latency), "--sigma", str(args.sigma), "--seed", "1")
+    with LLMServer.in_process(*latency) as server:
         excluded = {child.pid for child in psutil.Process().children(recursive=True)}
         sampler = _WorkersCPU(excluded)
         try:
-            once(server, 20, "callback", sampler)  # warm up imports and the server
+            once(server, 20, "callback", sampler, args.threads)  # warm up imports, the server
             if args.one:
                 wall, cpu, workers, events, handlers = once(
-                    server, args.examples, args.one, sampler
+                    server, args.examples, args.one, sampler, args.threads
                 )
                 found = {"wall": wall, "cpu": cpu, "workers": workers, "events": events}
                 print(json.dumps({**found, "callback": handlers}))
@@ -237,7 +250,7 @@ def main() -> None:
             for i in range(args.repeats):  # alternating, the order rotated each round
                 modes = args.modes[i % len(args.modes) :] + args.modes[: i % len(args.modes)]
                 for mode in modes:
-                    runs[mode].append(once(server, args.examples, mode, sampler))
+                    runs[mode].append(once(server, args.examples, mode, sampler, args.threads))
         finally:
             sampler.close()
     median = {
