@@ -44,7 +44,9 @@ unpickling per example here) is small next to DSPy's own dispatch of a callback 
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import importlib
 import logging
 import pickle
 import uuid
@@ -75,20 +77,20 @@ __all__ = [
 logger = logging.getLogger("dspy.utils.callback")  # where DSPy logs a failing callback
 KIND = "dspy"
 _PLAIN = (str, int, float, bool, type(None))
-_HOOKS = (
-    "on_module_start",
-    "on_module_end",
-    "on_lm_start",
-    "on_lm_end",
-    "on_adapter_format_start",
-    "on_adapter_format_end",
-    "on_adapter_parse_start",
-    "on_adapter_parse_end",
-    "on_tool_start",
-    "on_tool_end",
+# Every hook of the installed DSPy's BaseCallback (3.4.1 added on_interpreter_*; an older DSPy
+# has fewer, a newer one more): each is recorded and replayed the same way (see the docstring).
+_HOOKS = tuple(
+    name
+    for name in vars(BaseCallback)
+    if name.startswith("on_") and name.endswith(("_start", "_end"))
 )
+# Events that happen in the caller's process (its Evaluate call, its optimizer) and only rarely
+# in a program: recorded only along with others, never the only reason to record.
+_ALONG = frozenset(hook for hook in _HOOKS if hook.startswith(("on_evaluate_", "on_compile_")))
 _HISTORY = "history"
-_STARTS = frozenset(hook for hook in _HOOKS if hook.endswith("_start"))
+_INTERPRETER = getattr(dspy, "CodeInterpreter", None)  # DSPy >= 3.4.1
+# what an interpreter's execute returns when the code submits (DSPy >= 3.4.1)
+_FINAL_OUTPUT = getattr(importlib.import_module("dspy.primitives"), "FinalOutput", None)
 _DEFAULT_ADAPTER = dspy.ChatAdapter()
 
 
@@ -145,7 +147,9 @@ class Recorder:
     """The worker's DSPy callback that records every event in the running example's recording.
 
     Picklable (it holds only the relay's token and the hooks to record). Its handlers are
-    DSPy's (``on_lm_start``...); those of the hooks it is not asked to record do nothing.
+    DSPy's (``on_lm_start``...); those of the hooks it is not asked to record do nothing, and so
+    does any other ``on_*_start``/``on_*_end`` handler DSPy asks it for (a hook this DSPy's
+    ``BaseCallback`` does not define): never an ``AttributeError`` in the worker.
 
     Args:
         token: the relay's token.
@@ -159,6 +163,11 @@ class Recorder:
             if hook not in self.hooks:
                 setattr(self, hook, _ignore)
 
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("on_") and name.endswith(("_start", "_end")):
+            return _ignore  # a hook unknown here: not recorded (see the module docstring)
+        raise AttributeError(name)
+
     def __reduce__(self) -> tuple[Any, ...]:
         return (Recorder, (self.token, tuple(sorted(self.hooks))))
 
@@ -167,14 +176,21 @@ def _ignore(*args: Any, **kwargs: Any) -> None:
     return None
 
 
+def _family(hook: str) -> str:
+    """The kind of object a hook's events are about: ``on_interpreter_execute_start``'s..."""
+    word = hook.split("_")[1]  # on_lm_start: lm; on_adapter_format_end: adapter
+    return "optimizer" if word == "compile" else word
+
+
 def _recording_hook(hook: str) -> Callable[..., None]:
     # One closure per hook, the per-event work inlined: a handler runs ~20 times per example.
-    if hook in _STARTS:
+    if hook.endswith("_start"):
+        kind = _family(hook)
 
         def start(self: Recorder, call_id: str, instance: Any, inputs: Any) -> None:
             recording = record.current()
             if recording is not None:
-                ref, data = _ref(instance), plain(inputs, 0, recording)
+                ref, data = _ref(instance, kind), plain(inputs, 0, recording)
                 event = (self.token, hook, call_id, ACTIVE_CALL_ID.get(), ref, data)
                 recording.events.append((KIND, event))
 
@@ -195,8 +211,6 @@ def _recording_hook(hook: str) -> Callable[..., None]:
 
 for _hook in _HOOKS:
     setattr(Recorder, _hook, _recording_hook(_hook))
-for _other in ("on_evaluate_start", "on_evaluate_end", "on_compile_start", "on_compile_end"):
-    setattr(Recorder, _other, lambda self, *args, **kwargs: None)
 
 
 def needed_hooks(callbacks: Iterable[Any]) -> frozenset[str]:
@@ -205,11 +219,15 @@ def needed_hooks(callbacks: Iterable[Any]) -> frozenset[str]:
     A hook a callback leaves as ``BaseCallback``'s (which does nothing) needs no event: a
     callback that overrides no ``on_adapter_*`` handler makes the workers record no adapter
     event. Any other handler counts, and so does a missing one (DSPy calls it anyway, and logs
-    the ``AttributeError``; so does the replay).
+    the ``AttributeError``; so does the replay). ``on_evaluate_*`` and ``on_compile_*`` are
+    recorded only along with another hook: alone, they would turn DSPy's dispatch on for every
+    call in the workers for events that a program seldom has (a ``dspy.Evaluate`` or an
+    optimizer run inside it).
     """
-    return frozenset(
+    needed = frozenset(
         hook for hook in _HOOKS if any(_implements(callback, hook) for callback in callbacks)
     )
+    return needed if needed - _ALONG else frozenset()
 
 
 def _implements(callback: Any, hook: str) -> bool:
@@ -261,6 +279,17 @@ def watch(program: Any, token: str | None) -> None:
     for path, module in program.named_sub_modules():
         if "_procval_path" not in vars(module):
             module._procval_path = path
+    for path, interpreter in _interpreters(program):
+        with contextlib.suppress(AttributeError):  # __slots__: replayed as a stand-in
+            interpreter._procval_path = path
+
+
+def _interpreters(program: Any) -> list[tuple[str, Any]]:
+    """The code interpreters the program's modules hold, by path (``self.interpreter``)."""
+    if _INTERPRETER is None or not isinstance(program, dspy.Module):
+        return []
+    held = program.named_sub_modules(type_=_INTERPRETER)
+    return [(path, obj) for path, obj in held if not isinstance(obj, type)]
 
 
 def current_token() -> str | None:
@@ -273,12 +302,11 @@ def current_token() -> str | None:
     return tapped.token if isinstance(tapped, _HistoryTap) else None
 
 
-def _ref(instance: Any) -> tuple[Any, ...]:
+def _ref(instance: Any, kind: str) -> tuple[Any, ...]:
     cls = type(instance)
-    known = _KINDS.get(cls)
-    if known is None:
-        known = _KINDS[cls] = (_kind(instance), f"{cls.__module__}.{cls.__qualname__}")
-    kind, name = known
+    name = _NAMES.get(cls)
+    if name is None:
+        name = _NAMES[cls] = f"{cls.__module__}.{cls.__qualname__}"
     if kind == "lm":
         return (
             kind,
@@ -292,17 +320,7 @@ def _ref(instance: Any) -> tuple[Any, ...]:
     return (kind, name, own.get("_procval_path") if own is not None else None)
 
 
-_KINDS: dict[type, tuple[str, str]] = {}  # a class's kind and name, found once
-
-
-def _kind(instance: Any) -> str:
-    if isinstance(instance, BaseLM):
-        return "lm"
-    if isinstance(instance, dspy.Adapter):
-        return "adapter"
-    if isinstance(instance, dspy.Tool):
-        return "tool"
-    return "module"
+_NAMES: dict[type, str] = {}  # a class's name, found once
 
 
 def plain(value: Any, depth: int = 0, recording: record.Recording | None = None) -> Any:
@@ -335,6 +353,8 @@ def plain(value: Any, depth: int = 0, recording: record.Recording | None = None)
         return to_jsonable(value)
     if _is_signature(value):
         return _signature_text(value)
+    if cls is _FINAL_OUTPUT:  # what an interpreter's execute returns when the code submits
+        return _FINAL_OUTPUT(plain(value.output, depth + 1, recording))
     return to_jsonable(value)
 
 
@@ -465,7 +485,7 @@ class Relay:
         self.program: Any = None
         self.hold_history = False
         self._held: list[tuple[int, Any, dict[str, Any]]] = []
-        self._modules: dict[str, Any] | None = None
+        self._modules: dict[tuple[str, str], Any] | None = None
         self._instances: dict[tuple[Any, ...], Any] = {}
         self._dispatch: dict[str, tuple[bool, list[tuple[Any, Callable[..., Any]]]]] = {}
         _relays[self.token] = self
@@ -487,7 +507,7 @@ class Relay:
                     continue
                 found = dispatch.get(hook)
                 if found is None:
-                    found = dispatch[hook] = (hook in _STARTS, self._handlers(hook))
+                    found = dispatch[hook] = (hook.endswith("_start"), self._handlers(hook))
                 start, handlers = found
                 if not handlers:
                     continue
@@ -559,19 +579,22 @@ class Relay:
                 self.adapter = dspy.ChatAdapter()  # what DSPy uses when none is set
             if self.adapter is not None and _name(self.adapter) == name:
                 return self.adapter
-        if kind == "module" and where is not None and self.program is not None:
-            module = self._module(where)
-            if module is not None:
-                return module
+        if kind in ("module", "interpreter") and where is not None and self.program is not None:
+            held = self._find(kind, where)
+            if held is not None and _name(held) == name:
+                return held
         return Replayed(kind, name, where)
 
-    def _module(self, path: str) -> Any:
+    def _find(self, kind: str, path: str) -> Any:
+        """The program's module, or the interpreter one of its modules holds, at ``path``."""
         if self._modules is None:
             program = self.program
-            self._modules = (
-                dict(program.named_sub_modules()) if isinstance(program, dspy.Module) else {}
+            modules = program.named_sub_modules() if isinstance(program, dspy.Module) else ()
+            self._modules = {("module", path): module for path, module in modules}
+            self._modules.update(
+                (("interpreter", path), held) for path, held in _interpreters(program)
             )
-        return self._modules.get(path)
+        return self._modules.get((kind, path))
 
 
 def _name(obj: Any) -> str:
