@@ -20,16 +20,30 @@
       snapshot(), i.e. procval.dspy.Evaluate's); history entries go to the parent's LM through
       lm.update_history (so GLOBAL_HISTORY and DSPy's bounds apply)
 
+The hooks relayed are every ``on_*_start``/``on_*_end`` of the installed DSPy's ``BaseCallback``:
+module, LM, adapter format and parse, tool, and (DSPy 3.4.1 and later) the code interpreters'
+``on_interpreter_{startup,execute,tool_call,shutdown}_*``; ``on_compile_*`` (an optimizer run
+inside the program) and ``on_evaluate_*`` (a ``dspy.Evaluate`` run inside it) too, but only
+along with another hook: those events belong to the caller's process (its ``Evaluate`` call
+runs here), and alone they would turn DSPy's dispatch on for every call in the workers. A hook
+DSPy calls that this DSPy's ``BaseCallback`` does not define (a worker with a newer DSPy) is
+not recorded: the Recorder answers any ``on_*_start``/``on_*_end`` with a handler doing nothing.
+
 What a replayed callback receives:
 - ``call_id``: the worker's call id (a uuid, unique across processes).
 - ``instance``: the parent's own object where it has one: the LM of the snapshot for LM calls,
   the program's module at the same path (``self.predict``...) when ``Evaluate`` runs it, the
-  snapshot's adapter; otherwise a :class:`Replayed` stand-in naming the kind, class and path.
+  code interpreter a module of that program holds at the same path (``self.interpreter``), the
+  snapshot's adapter; otherwise a :class:`Replayed` stand-in naming the kind (from the hook:
+  ``"interpreter"`` for ``on_interpreter_*``, ``"optimizer"`` for ``on_compile_*``), class and
+  path (an interpreter made during the call, as ``dspy.RLM`` and ``ProgramOfThought`` make
+  theirs, has none).
 - ``inputs`` / ``outputs``: as recorded, with what is not plain data converted to plain data
   (a ``dspy.Signature`` class becomes its signature string, other objects go through
   ``procval._convert.to_jsonable``); ``dspy.Prediction`` and ``dspy.Example`` stay themselves,
   but a Prediction's ``completions.signature`` is the signature string too (a copy: the
-  worker's Prediction is left as it is).
+  worker's Prediction is left as it is); an interpreter's ``FinalOutput`` stays one, its
+  ``output`` plain data.
 - ``exception``: the worker's exception if it could be pickled, else a ``RuntimeError`` naming it.
 
 A hook that every relayed callback leaves as ``BaseCallback``'s (a no-op) is neither recorded
@@ -441,10 +455,11 @@ class Replayed:
     """The stand-in ``instance`` of a replayed event where the parent has no object of its own.
 
     Attributes:
-        kind: ``"lm"``, ``"module"``, ``"adapter"`` or ``"tool"``.
+        kind: what the hook is about: ``"lm"``, ``"module"``, ``"adapter"``, ``"tool"``,
+            ``"interpreter"``, ``"optimizer"``, ``"evaluate"``.
         type: the worker object's class, as ``module.qualname``.
-        name: the module's path in the program (``self.predict``), the tool's name or the LM's
-            model, when known.
+        name: the module's or interpreter's path in the program (``self.predict``), the tool's
+            name or the LM's model, when known.
     """
 
     __slots__ = ("kind", "name", "type")
