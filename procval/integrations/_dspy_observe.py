@@ -59,10 +59,7 @@ unpickling per example here) is small next to DSPy's own dispatch of a callback 
 from __future__ import annotations
 
 import contextlib
-import copy
-import importlib
 import logging
-import pickle
 import uuid
 import weakref
 from collections.abc import Callable, Iterable, Sequence
@@ -70,10 +67,10 @@ from typing import Any
 
 import dspy
 from dspy.clients.base_lm import BaseLM
-from dspy.primitives.prediction import Completions
 from dspy.utils.callback import ACTIVE_CALL_ID, BaseCallback
 
-from procval._convert import to_jsonable
+from procval.integrations._dspy_in_worker import InWorker, in_worker, runs_in_worker
+from procval.integrations._dspy_plain import picklable_exception, plain
 from procval.results import Row
 from procval.run import replay
 from procval.worker import record
@@ -90,7 +87,6 @@ __all__ = [
 
 logger = logging.getLogger("dspy.utils.callback")  # where DSPy logs a failing callback
 KIND = "dspy"
-_PLAIN = (str, int, float, bool, type(None))
 # Every hook of the installed DSPy's BaseCallback (3.4.1 added on_interpreter_*; an older DSPy
 # has fewer, a newer one more): each is recorded and replayed the same way (see the docstring).
 _HOOKS = tuple(
@@ -103,55 +99,7 @@ _HOOKS = tuple(
 _ALONG = frozenset(hook for hook in _HOOKS if hook.startswith(("on_evaluate_", "on_compile_")))
 _HISTORY = "history"
 _INTERPRETER = getattr(dspy, "CodeInterpreter", None)  # DSPy >= 3.4.1
-# what an interpreter's execute returns when the code submits (DSPy >= 3.4.1)
-_FINAL_OUTPUT = getattr(importlib.import_module("dspy.primitives"), "FinalOutput", None)
 _DEFAULT_ADAPTER = dspy.ChatAdapter()
-
-
-# ------------------------------------------------------------------ in the worker, or here
-
-
-class InWorker:
-    """A DSPy callback that runs in the worker processes only (pickled with the snapshot).
-
-    For callbacks that write to a file or a tracing server from where the program runs. Build
-    it with :func:`in_worker`; it forwards every handler to the wrapped callback.
-    """
-
-    def __init__(self, callback: Any) -> None:
-        self.callback = callback
-
-    def __getattr__(self, name: str) -> Any:
-        if name == "callback":  # not set yet (unpickling): no recursion
-            raise AttributeError(name)
-        return getattr(self.callback, name)
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (InWorker, (self.callback,))
-
-    def __repr__(self) -> str:
-        return f"in_worker({self.callback!r})"
-
-
-def in_worker(callback: Any) -> InWorker:
-    """Mark a DSPy callback to run in the workers, where the program runs, and not here.
-
-    Without it (or a true ``procval_in_worker`` attribute on the callback), a callback in
-    ``dspy.settings.callbacks`` runs in the calling process, on the events replayed from the
-    workers. A callback run in the workers must be picklable.
-
-    Args:
-        callback: a ``dspy.utils.callback.BaseCallback`` (or any object with its handlers).
-
-    Returns:
-        The wrapped callback, for ``dspy.configure(callbacks=[...])``.
-    """
-    return callback if isinstance(callback, InWorker) else InWorker(callback)
-
-
-def runs_in_worker(callback: Any) -> bool:
-    """Whether ``callback`` is meant to run in the workers (wrapped, or ``procval_in_worker``)."""
-    return isinstance(callback, InWorker) or getattr(callback, "procval_in_worker", False) is True
 
 
 # ------------------------------------------------------------------ worker side
@@ -214,7 +162,7 @@ def _recording_hook(hook: str) -> Callable[..., None]:
     def end(self: Recorder, call_id: str, outputs: Any, exception: Any = None) -> None:
         recording = record.current()
         if recording is not None:
-            error = None if exception is None else _exception(exception)
+            error = None if exception is None else picklable_exception(exception)
             data = plain(outputs, 0, recording)
             event = (self.token, hook, call_id, ACTIVE_CALL_ID.get(), error, data)
             recording.events.append((KIND, event))
@@ -335,117 +283,6 @@ def _ref(instance: Any, kind: str) -> tuple[Any, ...]:
 
 
 _NAMES: dict[type, str] = {}  # a class's name, found once
-
-
-def plain(value: Any, depth: int = 0, recording: record.Recording | None = None) -> Any:
-    """``value`` as picklable plain data (see the module docstring).
-
-    Within one example (``recording``), a ``dspy.Prediction`` recorded again unchanged (a module
-    returning its submodule's) is recorded as the same object, as DSPy passes the same object.
-    """
-    cls = type(value)
-    if cls in _ATOMS:
-        return value
-    if (cls is dict or cls is list or cls is tuple) and depth <= 20:
-        depth += 1  # the common case first, without a call per plain item
-        if cls is dict:
-            return {
-                k: v if type(v) in _ATOMS else plain(v, depth, recording) for k, v in value.items()
-            }
-        return [v if type(v) in _ATOMS else plain(v, depth, recording) for v in value]
-    if isinstance(value, _PLAIN):
-        return value
-    if depth > 20:
-        return repr(value)
-    if isinstance(value, dict):
-        return {k: plain(v, depth + 1, recording) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [plain(v, depth + 1, recording) for v in value]
-    if isinstance(value, dspy.Example):  # Prediction too
-        if all(type(v) in _ATOMS or isinstance(v, _PLAIN) for v in value._store.values()):
-            return _light(value, recording)
-        return to_jsonable(value)
-    if _is_signature(value):
-        return _signature_text(value)
-    if cls is _FINAL_OUTPUT:  # what an interpreter's execute returns when the code submits
-        return _FINAL_OUTPUT(plain(value.output, depth + 1, recording))
-    return to_jsonable(value)
-
-
-_ATOMS = frozenset(_PLAIN)
-
-
-def _light(example: Any, recording: record.Recording | None = None) -> Any:
-    """``example``, or a copy whose completions name their signature by its string.
-
-    A Predict's ``Prediction`` holds its ``Completions``, which hold the signature class: a class
-    built at run time, that cloudpickle sends by value and the parent rebuilds, the most costly
-    part of a replayed event by far. The copy is kept in ``recording`` (with the example, so that
-    its id stays its own) and recorded again while the example's attributes are the same ones.
-    """
-    state = vars(example)
-    completions = state.get("_completions")
-    signature = vars(completions).get("signature") if hasattr(completions, "__dict__") else None
-    if not _is_signature(signature):
-        return example
-    memo = None
-    if recording is not None:
-        memo = recording.memo
-        if memo is None:
-            memo = recording.memo = {}
-        kept = memo.get(id(example))
-        if kept is not None and kept[0] is example and _same(kept[1], state):
-            return kept[2]
-    light = _copy(completions)
-    light.signature = _signature_text(signature)
-    copied = _copy(example)
-    copied._completions = light
-    if memo is not None:
-        memo[id(example)] = (example, dict(state), copied)
-    return copied
-
-
-def _same(before: dict[str, Any], now: dict[str, Any]) -> bool:
-    return len(before) == len(now) and all(now.get(k, _MISSING) is v for k, v in before.items())
-
-
-_MISSING = object()
-
-
-def _copy(obj: Any) -> Any:
-    """``copy.copy(obj)``; for DSPy's own classes, the same done directly (their ``__dict__``)."""
-    cls: Any = type(obj)
-    if cls not in _COPIED_DIRECTLY:
-        return copy.copy(obj)
-    copied = cls.__new__(cls)
-    copied.__dict__.update(obj.__dict__)
-    return copied
-
-
-_COPIED_DIRECTLY = frozenset({dspy.Example, dspy.Prediction, Completions})
-
-
-def _is_signature(value: Any) -> bool:
-    return isinstance(value, type) and issubclass(value, dspy.Signature)
-
-
-def _signature_text(signature: Any) -> str:
-    text = _SIGNATURES.get(signature)
-    if text is None:  # DSPy builds the string from the fields at each call: once per class
-        text = _SIGNATURES[signature] = str(getattr(signature, "signature", signature.__name__))
-    return text
-
-
-# A signature class is not changed in place (DSPy's with_instructions, append... make new ones).
-_SIGNATURES: weakref.WeakKeyDictionary[type, str] = weakref.WeakKeyDictionary()
-
-
-def _exception(exc: BaseException) -> BaseException:
-    try:
-        pickle.loads(pickle.dumps(exc))
-    except Exception:
-        return RuntimeError(f"{type(exc).__qualname__}: {exc}")
-    return exc
 
 
 # ------------------------------------------------------------------ parent side
