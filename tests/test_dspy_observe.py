@@ -241,6 +241,22 @@ def test_interpreter_handlers_receive_what_dspy_passes_them(server):
     assert sorted(ours, key=repr) == sorted(theirs, key=repr)  # FinalOutput, exceptions too
 
 
+def test_an_evaluate_inside_the_program_is_relayed_with_the_other_hooks(server):
+    counts = {}
+    for evaluate_class in (dspy.Evaluate, procval.dspy.Evaluate):
+        callback = programs.Counting()
+        dspy.configure(lm=lm_of(server), callbacks=[callback])
+        try:  # one thread: inner Evaluates in two threads race on DSPy's tqdm._instances.clear()
+            evaluate_class(devset=programs.devset(3), metric=programs.exact, num_threads=1)(
+                programs.Evaluating()
+            )
+        finally:
+            dspy.configure(callbacks=[])
+        counts[evaluate_class] = collections.Counter(hook for hook, *_ in callback.events)
+    assert counts[procval.dspy.Evaluate] == counts[dspy.Evaluate]
+    assert counts[procval.dspy.Evaluate]["on_evaluate_start"] == 1 + 3
+
+
 def test_a_hook_the_recorder_does_not_know_is_ignored_in_the_worker():
     from procval.integrations._dspy_observe import Recorder, needed_hooks
 

@@ -237,3 +237,21 @@ class Interpreting(dspy.Module):
         trainset = [dspy.Example(question="q", answer="a").with_inputs("question")]
         dspy.LabeledFewShot(k=1).compile(self.draft.deepcopy(), trainset=trainset)
         return dspy.Prediction(answer=final.output["answer"])
+
+
+class Evaluating(dspy.Module):
+    """Runs a ``dspy.Evaluate`` of its Predict on the example, then the Predict: 2 LM calls.
+
+    The inner Evaluate runs in the calling thread (``num_threads=1``): DSPy's pool threads do
+    not copy the context, so a worker records nothing of what runs in them.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.draft = dspy.Predict("question -> answer")
+
+    def forward(self, question: str) -> dspy.Prediction:
+        example = dspy.Example(question=question, answer=f"answer-of:{question}")
+        inner = dspy.Evaluate(devset=[example.with_inputs("question")], metric=exact, num_threads=1)
+        inner(self.draft)
+        return self.draft(question=question)
