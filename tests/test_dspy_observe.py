@@ -56,11 +56,13 @@ def lineage(events: list) -> tuple[collections.Counter, int, bool]:
     return counts, top, known
 
 
-def run(evaluate_class: type, server: LLMServer, n: int) -> tuple[list, dspy.LM, float]:
+def run(
+    evaluate_class: type, server: LLMServer, n: int, program: object = None
+) -> tuple[list, dspy.LM, float]:
     callback = programs.Counting()
     lm = lm_of(server)
     dspy.configure(lm=lm, callbacks=[callback])
-    program = programs.Pipeline()
+    program = programs.Pipeline() if program is None else program
     try:
         result = evaluate_class(devset=programs.devset(n), metric=programs.exact, num_threads=4)(
             program
@@ -152,7 +154,7 @@ def test_hooks_no_callback_implements_are_not_recorded(server):
 
     assert not {h for h in needed_hooks([programs.ModulesAndLMs()]) if "adapter" in h}
     both = needed_hooks([programs.ModulesAndLMs(), programs.Counting()])
-    assert both == {h for h in programs.HOOKS if not h.startswith("on_evaluate")}
+    assert both == set(programs.HOOKS)
     recorder = pickle.loads(pickle.dumps(Recorder("t", ["on_lm_end"])))  # as the workers get it
     token = record.begin(0)
     recorder.on_adapter_parse_end(call_id="a", outputs={"answer": "x"}, exception=None)
@@ -173,6 +175,118 @@ def test_hooks_no_callback_implements_are_not_recorded(server):
         counts[evaluate_class] = collections.Counter(hook for hook, *_ in callback.events)
     assert counts[dspy.Evaluate] == counts[procval.dspy.Evaluate]
     assert counts[procval.dspy.Evaluate]["on_lm_start"] == 6
+
+
+class _Captured(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+@pytest.mark.skipif(not programs.INTERPRETER_HOOKS, reason="DSPy < 3.4.1: no interpreter hooks")
+def test_interpreter_and_compile_events_equal_dspy_evaluate(server, no_leaked_workers):
+    captured = _Captured()
+    dspy_logger = logging.getLogger("dspy")  # worker records arrive on the same loggers here
+    dspy_logger.addHandler(captured)
+    try:
+        theirs, _, their_score = run(dspy.Evaluate, server, 6, programs.Interpreting())
+        program = programs.Interpreting()
+        ours, _, our_score = run(procval.dspy.Evaluate, server, 6, program)
+    finally:
+        dspy_logger.removeHandler(captured)
+    assert not [m for m in captured.messages if "callback" in m], captured.messages
+    assert our_score == their_score == 100.0
+    assert lineage(ours) == lineage(theirs)
+    counts, top, _ = lineage(ours)
+    per_example = {"startup": 1, "execute": 3, "tool_call": 1, "shutdown": 1}
+    for operation, n in per_example.items():
+        assert counts[f"on_interpreter_{operation}_start"] == 6 * n
+        assert counts[f"on_interpreter_{operation}_end"] == 6 * n
+    assert counts["on_compile_start"] == counts["on_compile_end"] == 6
+    assert counts["on_lm_start"] == 6 and top == 6
+    # the interpreter the program holds is the caller's own; one made in the worker is a stand-in
+    interpreters = [i for h, _, _, i in ours if h.startswith("on_interpreter") and i is not None]
+    assert {id(i) for i in interpreters if i is program.interpreter}
+    stand_ins = [i for i in interpreters if i is not program.interpreter]
+    assert len(stand_ins) == 6 * 3  # the fresh one's start, execute, shutdown
+    assert {(i.kind, i.type.rsplit(".", 1)[1], i.name) for i in stand_ins} == {
+        ("interpreter", "Calculator", None)
+    }
+    (optimizer,) = {repr(i) for h, _, _, i in ours if h == "on_compile_start"}
+    assert "optimizer" in optimizer and "LabeledFewShot" in optimizer
+
+
+@pytest.mark.skipif(not programs.INTERPRETER_HOOKS, reason="DSPy < 3.4.1: no interpreter hooks")
+def test_interpreter_handlers_receive_what_dspy_passes_them(server):
+    def run_with(evaluate_class, threads):
+        callback = programs.Capturing()
+        dspy.configure(lm=lm_of(server), callbacks=[callback])
+        try:
+            evaluate_class(devset=programs.devset(3), metric=programs.exact, num_threads=threads)(
+                programs.Interpreting()
+            )
+        finally:
+            dspy.configure(callbacks=[])
+        return [
+            (hook, _as_plain(data), repr(exception))
+            for hook, _, _, data, exception in callback.calls
+            if hook.startswith("on_interpreter")
+        ]
+
+    theirs, ours = run_with(dspy.Evaluate, 1), run_with(procval.dspy.Evaluate, 1)
+    assert len(theirs) == 3 * 12
+    assert sorted(ours, key=repr) == sorted(theirs, key=repr)  # FinalOutput, exceptions too
+
+
+def test_an_evaluate_inside_the_program_is_relayed_with_the_other_hooks(server):
+    counts = {}
+    for evaluate_class in (dspy.Evaluate, procval.dspy.Evaluate):
+        callback = programs.Counting()
+        dspy.configure(lm=lm_of(server), callbacks=[callback])
+        try:  # one thread: inner Evaluates in two threads race on DSPy's tqdm._instances.clear()
+            evaluate_class(devset=programs.devset(3), metric=programs.exact, num_threads=1)(
+                programs.Evaluating()
+            )
+        finally:
+            dspy.configure(callbacks=[])
+        counts[evaluate_class] = collections.Counter(hook for hook, *_ in callback.events)
+    assert counts[procval.dspy.Evaluate] == counts[dspy.Evaluate]
+    assert counts[procval.dspy.Evaluate]["on_evaluate_start"] == 1 + 3
+
+
+def test_a_hook_the_recorder_does_not_know_is_ignored_in_the_worker():
+    from procval.integrations._dspy_observe import Recorder, needed_hooks
+
+    recorder = pickle.loads(pickle.dumps(Recorder("t")))
+    assert recorder.on_retrieval_start(call_id="a", instance=None, inputs={}) is None
+    assert recorder.on_retrieval_end(call_id="a", outputs=None, exception=None) is None
+    with pytest.raises(AttributeError):
+        getattr(recorder, "something_else")
+
+    class Future(programs.Counting):
+        def on_retrieval_start(self, call_id, instance, inputs):  # not a hook of this DSPy
+            self.add("on_retrieval_start", call_id, instance)
+
+    assert "on_retrieval_start" not in needed_hooks([Future()])
+
+
+def test_evaluate_and_compile_hooks_alone_add_no_recording():
+    from dspy.utils.callback import BaseCallback
+
+    from procval.integrations._dspy_observe import needed_hooks
+
+    class Outer(BaseCallback):
+        def on_evaluate_start(self, call_id, instance, inputs):
+            pass
+
+        def on_compile_end(self, call_id, outputs, exception=None):
+            pass
+
+    assert needed_hooks([Outer()]) == frozenset()
+    assert needed_hooks([Outer(), programs.ModulesAndLMs()]) >= {"on_evaluate_start"}
 
 
 def test_each_example_replays_in_order(server):
@@ -307,15 +421,6 @@ def test_events_pickle_cannot_take_travel_with_cloudpickle(no_leaked_workers):
     assert {i: p if i % 2 == 0 else [p[0]()] for i, p in delivered.items()} == {
         i: [i] for i in range(4)
     }
-
-
-class _Captured(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__()
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage())
 
 
 def test_unpicklable_events_are_dropped_and_their_rows_kept(no_leaked_workers):

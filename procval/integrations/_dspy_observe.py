@@ -20,16 +20,30 @@
       snapshot(), i.e. procval.dspy.Evaluate's); history entries go to the parent's LM through
       lm.update_history (so GLOBAL_HISTORY and DSPy's bounds apply)
 
+The hooks relayed are every ``on_*_start``/``on_*_end`` of the installed DSPy's ``BaseCallback``:
+module, LM, adapter format and parse, tool, and (DSPy 3.4.1 and later) the code interpreters'
+``on_interpreter_{startup,execute,tool_call,shutdown}_*``; ``on_compile_*`` (an optimizer run
+inside the program) and ``on_evaluate_*`` (a ``dspy.Evaluate`` run inside it) too, but only
+along with another hook: those events belong to the caller's process (its ``Evaluate`` call
+runs here), and alone they would turn DSPy's dispatch on for every call in the workers. A hook
+DSPy calls that this DSPy's ``BaseCallback`` does not define (a worker with a newer DSPy) is
+not recorded: the Recorder answers any ``on_*_start``/``on_*_end`` with a handler doing nothing.
+
 What a replayed callback receives:
 - ``call_id``: the worker's call id (a uuid, unique across processes).
 - ``instance``: the parent's own object where it has one: the LM of the snapshot for LM calls,
   the program's module at the same path (``self.predict``...) when ``Evaluate`` runs it, the
-  snapshot's adapter; otherwise a :class:`Replayed` stand-in naming the kind, class and path.
+  code interpreter a module of that program holds at the same path (``self.interpreter``), the
+  snapshot's adapter; otherwise a :class:`Replayed` stand-in naming the kind (from the hook:
+  ``"interpreter"`` for ``on_interpreter_*``, ``"optimizer"`` for ``on_compile_*``), class and
+  path (an interpreter made during the call, as ``dspy.RLM`` and ``ProgramOfThought`` make
+  theirs, has none).
 - ``inputs`` / ``outputs``: as recorded, with what is not plain data converted to plain data
   (a ``dspy.Signature`` class becomes its signature string, other objects go through
   ``procval._convert.to_jsonable``); ``dspy.Prediction`` and ``dspy.Example`` stay themselves,
   but a Prediction's ``completions.signature`` is the signature string too (a copy: the
-  worker's Prediction is left as it is).
+  worker's Prediction is left as it is); an interpreter's ``FinalOutput`` stays one, its
+  ``output`` plain data.
 - ``exception``: the worker's exception if it could be pickled, else a ``RuntimeError`` naming it.
 
 A hook that every relayed callback leaves as ``BaseCallback``'s (a no-op) is neither recorded
@@ -44,9 +58,8 @@ unpickling per example here) is small next to DSPy's own dispatch of a callback 
 
 from __future__ import annotations
 
-import copy
+import contextlib
 import logging
-import pickle
 import uuid
 import weakref
 from collections.abc import Callable, Iterable, Sequence
@@ -54,10 +67,10 @@ from typing import Any
 
 import dspy
 from dspy.clients.base_lm import BaseLM
-from dspy.primitives.prediction import Completions
 from dspy.utils.callback import ACTIVE_CALL_ID, BaseCallback
 
-from procval._convert import to_jsonable
+from procval.integrations._dspy_in_worker import InWorker, in_worker, runs_in_worker
+from procval.integrations._dspy_plain import picklable_exception, plain
 from procval.results import Row
 from procval.run import replay
 from procval.worker import record
@@ -74,68 +87,19 @@ __all__ = [
 
 logger = logging.getLogger("dspy.utils.callback")  # where DSPy logs a failing callback
 KIND = "dspy"
-_PLAIN = (str, int, float, bool, type(None))
-_HOOKS = (
-    "on_module_start",
-    "on_module_end",
-    "on_lm_start",
-    "on_lm_end",
-    "on_adapter_format_start",
-    "on_adapter_format_end",
-    "on_adapter_parse_start",
-    "on_adapter_parse_end",
-    "on_tool_start",
-    "on_tool_end",
+# Every hook of the installed DSPy's BaseCallback (3.4.1 added on_interpreter_*; an older DSPy
+# has fewer, a newer one more): each is recorded and replayed the same way (see the docstring).
+_HOOKS = tuple(
+    name
+    for name in vars(BaseCallback)
+    if name.startswith("on_") and name.endswith(("_start", "_end"))
 )
+# Events that happen in the caller's process (its Evaluate call, its optimizer) and only rarely
+# in a program: recorded only along with others, never the only reason to record.
+_ALONG = frozenset(hook for hook in _HOOKS if hook.startswith(("on_evaluate_", "on_compile_")))
 _HISTORY = "history"
-_STARTS = frozenset(hook for hook in _HOOKS if hook.endswith("_start"))
+_INTERPRETER = getattr(dspy, "CodeInterpreter", None)  # DSPy >= 3.4.1
 _DEFAULT_ADAPTER = dspy.ChatAdapter()
-
-
-# ------------------------------------------------------------------ in the worker, or here
-
-
-class InWorker:
-    """A DSPy callback that runs in the worker processes only (pickled with the snapshot).
-
-    For callbacks that write to a file or a tracing server from where the program runs. Build
-    it with :func:`in_worker`; it forwards every handler to the wrapped callback.
-    """
-
-    def __init__(self, callback: Any) -> None:
-        self.callback = callback
-
-    def __getattr__(self, name: str) -> Any:
-        if name == "callback":  # not set yet (unpickling): no recursion
-            raise AttributeError(name)
-        return getattr(self.callback, name)
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (InWorker, (self.callback,))
-
-    def __repr__(self) -> str:
-        return f"in_worker({self.callback!r})"
-
-
-def in_worker(callback: Any) -> InWorker:
-    """Mark a DSPy callback to run in the workers, where the program runs, and not here.
-
-    Without it (or a true ``procval_in_worker`` attribute on the callback), a callback in
-    ``dspy.settings.callbacks`` runs in the calling process, on the events replayed from the
-    workers. A callback run in the workers must be picklable.
-
-    Args:
-        callback: a ``dspy.utils.callback.BaseCallback`` (or any object with its handlers).
-
-    Returns:
-        The wrapped callback, for ``dspy.configure(callbacks=[...])``.
-    """
-    return callback if isinstance(callback, InWorker) else InWorker(callback)
-
-
-def runs_in_worker(callback: Any) -> bool:
-    """Whether ``callback`` is meant to run in the workers (wrapped, or ``procval_in_worker``)."""
-    return isinstance(callback, InWorker) or getattr(callback, "procval_in_worker", False) is True
 
 
 # ------------------------------------------------------------------ worker side
@@ -145,7 +109,9 @@ class Recorder:
     """The worker's DSPy callback that records every event in the running example's recording.
 
     Picklable (it holds only the relay's token and the hooks to record). Its handlers are
-    DSPy's (``on_lm_start``...); those of the hooks it is not asked to record do nothing.
+    DSPy's (``on_lm_start``...); those of the hooks it is not asked to record do nothing, and so
+    does any other ``on_*_start``/``on_*_end`` handler DSPy asks it for (a hook this DSPy's
+    ``BaseCallback`` does not define): never an ``AttributeError`` in the worker.
 
     Args:
         token: the relay's token.
@@ -159,6 +125,11 @@ class Recorder:
             if hook not in self.hooks:
                 setattr(self, hook, _ignore)
 
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("on_") and name.endswith(("_start", "_end")):
+            return _ignore  # a hook unknown here: not recorded (see the module docstring)
+        raise AttributeError(name)
+
     def __reduce__(self) -> tuple[Any, ...]:
         return (Recorder, (self.token, tuple(sorted(self.hooks))))
 
@@ -167,14 +138,21 @@ def _ignore(*args: Any, **kwargs: Any) -> None:
     return None
 
 
+def _family(hook: str) -> str:
+    """The kind of object a hook's events are about: ``on_interpreter_execute_start``'s..."""
+    word = hook.split("_")[1]  # on_lm_start: lm; on_adapter_format_end: adapter
+    return "optimizer" if word == "compile" else word
+
+
 def _recording_hook(hook: str) -> Callable[..., None]:
     # One closure per hook, the per-event work inlined: a handler runs ~20 times per example.
-    if hook in _STARTS:
+    if hook.endswith("_start"):
+        kind = _family(hook)
 
         def start(self: Recorder, call_id: str, instance: Any, inputs: Any) -> None:
             recording = record.current()
             if recording is not None:
-                ref, data = _ref(instance), plain(inputs, 0, recording)
+                ref, data = _ref(instance, kind), plain(inputs, 0, recording)
                 event = (self.token, hook, call_id, ACTIVE_CALL_ID.get(), ref, data)
                 recording.events.append((KIND, event))
 
@@ -184,7 +162,7 @@ def _recording_hook(hook: str) -> Callable[..., None]:
     def end(self: Recorder, call_id: str, outputs: Any, exception: Any = None) -> None:
         recording = record.current()
         if recording is not None:
-            error = None if exception is None else _exception(exception)
+            error = None if exception is None else picklable_exception(exception)
             data = plain(outputs, 0, recording)
             event = (self.token, hook, call_id, ACTIVE_CALL_ID.get(), error, data)
             recording.events.append((KIND, event))
@@ -195,8 +173,6 @@ def _recording_hook(hook: str) -> Callable[..., None]:
 
 for _hook in _HOOKS:
     setattr(Recorder, _hook, _recording_hook(_hook))
-for _other in ("on_evaluate_start", "on_evaluate_end", "on_compile_start", "on_compile_end"):
-    setattr(Recorder, _other, lambda self, *args, **kwargs: None)
 
 
 def needed_hooks(callbacks: Iterable[Any]) -> frozenset[str]:
@@ -205,11 +181,15 @@ def needed_hooks(callbacks: Iterable[Any]) -> frozenset[str]:
     A hook a callback leaves as ``BaseCallback``'s (which does nothing) needs no event: a
     callback that overrides no ``on_adapter_*`` handler makes the workers record no adapter
     event. Any other handler counts, and so does a missing one (DSPy calls it anyway, and logs
-    the ``AttributeError``; so does the replay).
+    the ``AttributeError``; so does the replay). ``on_evaluate_*`` and ``on_compile_*`` are
+    recorded only along with another hook: alone, they would turn DSPy's dispatch on for every
+    call in the workers for events that a program seldom has (a ``dspy.Evaluate`` or an
+    optimizer run inside it).
     """
-    return frozenset(
+    needed = frozenset(
         hook for hook in _HOOKS if any(_implements(callback, hook) for callback in callbacks)
     )
+    return needed if needed - _ALONG else frozenset()
 
 
 def _implements(callback: Any, hook: str) -> bool:
@@ -261,6 +241,17 @@ def watch(program: Any, token: str | None) -> None:
     for path, module in program.named_sub_modules():
         if "_procval_path" not in vars(module):
             module._procval_path = path
+    for path, interpreter in _interpreters(program):
+        with contextlib.suppress(AttributeError):  # __slots__: replayed as a stand-in
+            interpreter._procval_path = path
+
+
+def _interpreters(program: Any) -> list[tuple[str, Any]]:
+    """The code interpreters the program's modules hold, by path (``self.interpreter``)."""
+    if _INTERPRETER is None or not isinstance(program, dspy.Module):
+        return []
+    held = program.named_sub_modules(type_=_INTERPRETER)
+    return [(path, obj) for path, obj in held if not isinstance(obj, type)]
 
 
 def current_token() -> str | None:
@@ -273,12 +264,11 @@ def current_token() -> str | None:
     return tapped.token if isinstance(tapped, _HistoryTap) else None
 
 
-def _ref(instance: Any) -> tuple[Any, ...]:
+def _ref(instance: Any, kind: str) -> tuple[Any, ...]:
     cls = type(instance)
-    known = _KINDS.get(cls)
-    if known is None:
-        known = _KINDS[cls] = (_kind(instance), f"{cls.__module__}.{cls.__qualname__}")
-    kind, name = known
+    name = _NAMES.get(cls)
+    if name is None:
+        name = _NAMES[cls] = f"{cls.__module__}.{cls.__qualname__}"
     if kind == "lm":
         return (
             kind,
@@ -292,126 +282,7 @@ def _ref(instance: Any) -> tuple[Any, ...]:
     return (kind, name, own.get("_procval_path") if own is not None else None)
 
 
-_KINDS: dict[type, tuple[str, str]] = {}  # a class's kind and name, found once
-
-
-def _kind(instance: Any) -> str:
-    if isinstance(instance, BaseLM):
-        return "lm"
-    if isinstance(instance, dspy.Adapter):
-        return "adapter"
-    if isinstance(instance, dspy.Tool):
-        return "tool"
-    return "module"
-
-
-def plain(value: Any, depth: int = 0, recording: record.Recording | None = None) -> Any:
-    """``value`` as picklable plain data (see the module docstring).
-
-    Within one example (``recording``), a ``dspy.Prediction`` recorded again unchanged (a module
-    returning its submodule's) is recorded as the same object, as DSPy passes the same object.
-    """
-    cls = type(value)
-    if cls in _ATOMS:
-        return value
-    if (cls is dict or cls is list or cls is tuple) and depth <= 20:
-        depth += 1  # the common case first, without a call per plain item
-        if cls is dict:
-            return {
-                k: v if type(v) in _ATOMS else plain(v, depth, recording) for k, v in value.items()
-            }
-        return [v if type(v) in _ATOMS else plain(v, depth, recording) for v in value]
-    if isinstance(value, _PLAIN):
-        return value
-    if depth > 20:
-        return repr(value)
-    if isinstance(value, dict):
-        return {k: plain(v, depth + 1, recording) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [plain(v, depth + 1, recording) for v in value]
-    if isinstance(value, dspy.Example):  # Prediction too
-        if all(type(v) in _ATOMS or isinstance(v, _PLAIN) for v in value._store.values()):
-            return _light(value, recording)
-        return to_jsonable(value)
-    if _is_signature(value):
-        return _signature_text(value)
-    return to_jsonable(value)
-
-
-_ATOMS = frozenset(_PLAIN)
-
-
-def _light(example: Any, recording: record.Recording | None = None) -> Any:
-    """``example``, or a copy whose completions name their signature by its string.
-
-    A Predict's ``Prediction`` holds its ``Completions``, which hold the signature class: a class
-    built at run time, that cloudpickle sends by value and the parent rebuilds, the most costly
-    part of a replayed event by far. The copy is kept in ``recording`` (with the example, so that
-    its id stays its own) and recorded again while the example's attributes are the same ones.
-    """
-    state = vars(example)
-    completions = state.get("_completions")
-    signature = vars(completions).get("signature") if hasattr(completions, "__dict__") else None
-    if not _is_signature(signature):
-        return example
-    memo = None
-    if recording is not None:
-        memo = recording.memo
-        if memo is None:
-            memo = recording.memo = {}
-        kept = memo.get(id(example))
-        if kept is not None and kept[0] is example and _same(kept[1], state):
-            return kept[2]
-    light = _copy(completions)
-    light.signature = _signature_text(signature)
-    copied = _copy(example)
-    copied._completions = light
-    if memo is not None:
-        memo[id(example)] = (example, dict(state), copied)
-    return copied
-
-
-def _same(before: dict[str, Any], now: dict[str, Any]) -> bool:
-    return len(before) == len(now) and all(now.get(k, _MISSING) is v for k, v in before.items())
-
-
-_MISSING = object()
-
-
-def _copy(obj: Any) -> Any:
-    """``copy.copy(obj)``; for DSPy's own classes, the same done directly (their ``__dict__``)."""
-    cls: Any = type(obj)
-    if cls not in _COPIED_DIRECTLY:
-        return copy.copy(obj)
-    copied = cls.__new__(cls)
-    copied.__dict__.update(obj.__dict__)
-    return copied
-
-
-_COPIED_DIRECTLY = frozenset({dspy.Example, dspy.Prediction, Completions})
-
-
-def _is_signature(value: Any) -> bool:
-    return isinstance(value, type) and issubclass(value, dspy.Signature)
-
-
-def _signature_text(signature: Any) -> str:
-    text = _SIGNATURES.get(signature)
-    if text is None:  # DSPy builds the string from the fields at each call: once per class
-        text = _SIGNATURES[signature] = str(getattr(signature, "signature", signature.__name__))
-    return text
-
-
-# A signature class is not changed in place (DSPy's with_instructions, append... make new ones).
-_SIGNATURES: weakref.WeakKeyDictionary[type, str] = weakref.WeakKeyDictionary()
-
-
-def _exception(exc: BaseException) -> BaseException:
-    try:
-        pickle.loads(pickle.dumps(exc))
-    except Exception:
-        return RuntimeError(f"{type(exc).__qualname__}: {exc}")
-    return exc
+_NAMES: dict[type, str] = {}  # a class's name, found once
 
 
 # ------------------------------------------------------------------ parent side
@@ -421,10 +292,11 @@ class Replayed:
     """The stand-in ``instance`` of a replayed event where the parent has no object of its own.
 
     Attributes:
-        kind: ``"lm"``, ``"module"``, ``"adapter"`` or ``"tool"``.
+        kind: what the hook is about: ``"lm"``, ``"module"``, ``"adapter"``, ``"tool"``,
+            ``"interpreter"``, ``"optimizer"``, ``"evaluate"``.
         type: the worker object's class, as ``module.qualname``.
-        name: the module's path in the program (``self.predict``), the tool's name or the LM's
-            model, when known.
+        name: the module's or interpreter's path in the program (``self.predict``), the tool's
+            name or the LM's model, when known.
     """
 
     __slots__ = ("kind", "name", "type")
@@ -465,7 +337,7 @@ class Relay:
         self.program: Any = None
         self.hold_history = False
         self._held: list[tuple[int, Any, dict[str, Any]]] = []
-        self._modules: dict[str, Any] | None = None
+        self._modules: dict[tuple[str, str], Any] | None = None
         self._instances: dict[tuple[Any, ...], Any] = {}
         self._dispatch: dict[str, tuple[bool, list[tuple[Any, Callable[..., Any]]]]] = {}
         _relays[self.token] = self
@@ -487,7 +359,7 @@ class Relay:
                     continue
                 found = dispatch.get(hook)
                 if found is None:
-                    found = dispatch[hook] = (hook in _STARTS, self._handlers(hook))
+                    found = dispatch[hook] = (hook.endswith("_start"), self._handlers(hook))
                 start, handlers = found
                 if not handlers:
                     continue
@@ -559,19 +431,22 @@ class Relay:
                 self.adapter = dspy.ChatAdapter()  # what DSPy uses when none is set
             if self.adapter is not None and _name(self.adapter) == name:
                 return self.adapter
-        if kind == "module" and where is not None and self.program is not None:
-            module = self._module(where)
-            if module is not None:
-                return module
+        if kind in ("module", "interpreter") and where is not None and self.program is not None:
+            held = self._find(kind, where)
+            if held is not None and _name(held) == name:
+                return held
         return Replayed(kind, name, where)
 
-    def _module(self, path: str) -> Any:
+    def _find(self, kind: str, path: str) -> Any:
+        """The program's module, or the interpreter one of its modules holds, at ``path``."""
         if self._modules is None:
             program = self.program
-            self._modules = (
-                dict(program.named_sub_modules()) if isinstance(program, dspy.Module) else {}
+            modules = program.named_sub_modules() if isinstance(program, dspy.Module) else ()
+            self._modules = {("module", path): module for path, module in modules}
+            self._modules.update(
+                (("interpreter", path), held) for path, held in _interpreters(program)
             )
-        return self._modules.get(path)
+        return self._modules.get((kind, path))
 
 
 def _name(obj: Any) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -9,7 +10,7 @@ import time
 from typing import Any
 
 import dspy
-from dspy.utils.callback import ACTIVE_CALL_ID, BaseCallback
+from dspy.utils.callback import ACTIVE_CALL_ID, BaseCallback, with_callbacks
 
 HOOKS = (
     "on_module_start",
@@ -23,6 +24,15 @@ HOOKS = (
     "on_evaluate_start",
     "on_evaluate_end",
 )
+# DSPy 3.4.1's code interpreter hooks, and an optimizer's (an older DSPy may lack them)
+INTERPRETER_HOOKS = tuple(
+    f"on_interpreter_{operation}_{end}"
+    for operation in ("startup", "execute", "tool_call", "shutdown")
+    for end in ("start", "end")
+    if hasattr(BaseCallback, f"on_interpreter_{operation}_{end}")
+)
+COMPILE_HOOKS = tuple(h for h in ("on_compile_start", "on_compile_end") if hasattr(BaseCallback, h))
+HOOKS += INTERPRETER_HOOKS + COMPILE_HOOKS
 
 
 class Counting(BaseCallback):
@@ -149,3 +159,99 @@ class Extra(dspy.Module):
 
     def forward(self, question: str) -> dspy.Prediction:
         return dspy.Prediction(answer=question.upper(), confidence=0.5, notes=["a", "b"])
+
+
+def echo(text: str) -> str:
+    """The interpreter's one tool."""
+    return text
+
+
+class Calculator:
+    """A code interpreter (``dspy.CodeInterpreter``'s protocol) that evaluates one expression.
+
+    Its ``start``, ``execute``, ``invoke_tool`` and ``shutdown`` go through DSPy's callbacks as
+    ``dspy.PythonInterpreter``'s do (no lazy start: its copies in the workers would start once
+    each, where DSPy's one process starts it once); code calls a tool by name
+    (``echo(text=draft)``), through ``invoke_tool``. Code starting with ``fail`` raises
+    ``CodeExecutionError``. Only for a DSPy with code interpreters (3.4.1 and later).
+    """
+
+    def __init__(self) -> None:
+        self._tools: dict[str, Any] = {"echo": echo}
+        self.started = False
+
+    @property
+    def tools(self) -> dict[str, Any]:
+        return self._tools
+
+    @with_callbacks
+    def start(self) -> None:
+        self.started = True
+
+    @with_callbacks
+    def execute(self, code: str, variables: dict[str, Any] | None = None) -> Any:
+        from dspy.primitives.code_interpreter import CodeExecutionError, FinalOutput
+
+        if code.startswith("fail"):
+            raise CodeExecutionError(f"cannot run {code!r}")
+        names = {name: _calling(self, name) for name in self._tools}
+        return FinalOutput({"answer": eval(code, names, dict(variables or {}))})
+
+    @with_callbacks
+    def invoke_tool(self, tool_name: str, kwargs: dict[str, Any]) -> Any:
+        return self._tools[tool_name](**kwargs)
+
+    @with_callbacks
+    def shutdown(self) -> None:
+        self.started = False
+
+
+def _calling(interpreter: Calculator, name: str) -> Any:
+    return lambda **kwargs: interpreter.invoke_tool(name, kwargs)
+
+
+class Interpreting(dspy.Module):
+    """A Predict, then code run in an interpreter it holds and in one made for the call.
+
+    Per example: 1 LM call; the held interpreter runs ``echo(text=draft)`` (a tool call) and a
+    failing code (caught); a fresh interpreter starts, runs, and shuts down; an optimizer
+    (``LabeledFewShot``) compiles the Predict.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.draft = dspy.Predict("question -> answer")
+        self.interpreter = Calculator()
+
+    def forward(self, question: str) -> dspy.Prediction:
+        from dspy.primitives.code_interpreter import CodeExecutionError
+
+        draft = self.draft(question=question).answer
+        final = self.interpreter.execute("echo(text=draft)", {"draft": draft})
+        with contextlib.suppress(CodeExecutionError):
+            self.interpreter.execute("fail here")
+        fresh = Calculator()
+        fresh.start()
+        fresh.execute("draft", {"draft": draft})
+        fresh.shutdown()
+        trainset = [dspy.Example(question="q", answer="a").with_inputs("question")]
+        dspy.LabeledFewShot(k=1).compile(self.draft.deepcopy(), trainset=trainset)
+        return dspy.Prediction(answer=final.output["answer"])
+
+
+class Evaluating(dspy.Module):
+    """Runs a ``dspy.Evaluate`` of its Predict on the example, then the Predict: 2 LM calls.
+
+    The inner Evaluate runs in the calling thread (``num_threads=1``): DSPy's pool threads do
+    not copy the context, so a worker records nothing of what runs in them.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.draft = dspy.Predict("question -> answer")
+
+    def forward(self, question: str) -> dspy.Prediction:
+        example = dspy.Example(question=question, answer=f"answer-of:{question}")
+        inner = dspy.Evaluate(devset=[example.with_inputs("question")], metric=exact, num_threads=1)
+        inner(self.draft)
+        return self.draft(question=question)
