@@ -236,3 +236,22 @@ def test_dspy_evaluate_starts_its_preloading_server_when_it_is_made():
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("started ")
+
+
+_PARENT_SIDE = ("procval.run.api", "procval.run.scheduler", "procval.run.pool", "procval.report")
+_WORKER_IMPORTS = f"""
+import sys
+import procval.integrations.dspy
+print(sorted(m for m in sys.modules if m.startswith({_PARENT_SIDE!r})))
+"""
+
+
+def test_the_dspy_integration_imports_nothing_of_a_runs_parent_side():
+    """A DSPy worker (and a DSPy-preloading server) imports the integration to unpickle its
+    snapshot: the scheduler, the pool and the reports it would load with it are the caller's."""
+    pytest.importorskip("dspy")
+    out = subprocess.run(
+        [sys.executable, "-c", _WORKER_IMPORTS], capture_output=True, text=True, timeout=180
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
