@@ -255,3 +255,33 @@ def test_the_dspy_integration_imports_nothing_of_a_runs_parent_side():
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_a_dspy_worker_starts_with_dspys_first_call_work_done_in_its_server():
+    pytest.importorskip("dspy")
+    import procval.dspy
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a preload that failed would warn and fall back
+        result = procval.evaluate(
+            env_at_import.dspy_first_call_done, range(2), env_at_import.accept,
+            config=procval.dspy.snapshot(name="warm"), workers=1,
+        )  # fmt: skip
+    assert [row.prediction for row in result.rows] == [(True, True)] * 2
+
+
+_WARM_OFFLINE = """
+import procval.integrations._dspy_warm
+from dspy.clients import model_metadata
+print(model_metadata._data is None)
+"""
+
+
+def test_the_dspy_warm_up_fetches_nothing_unless_dspy_reads_its_bundled_table():
+    pytest.importorskip("dspy")
+    env = {k: v for k, v in os.environ.items() if k != "LITELLM_LOCAL_MODEL_COST_MAP"}
+    out = subprocess.run(
+        [sys.executable, "-c", _WARM_OFFLINE], capture_output=True, text=True, timeout=180, env=env
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "True"  # left to the workers: DSPy would fetch it first

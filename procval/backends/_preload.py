@@ -64,9 +64,10 @@ _ALWAYS = frozenset({"procval", "loky", "cloudpickle", "__main__", "builtins"})
 #: Modules preloaded by default for a snapshot that refers to one of procval's integrations (a
 #: ``procval.dspy.snapshot()`` config's setup pickles as ``procval.integrations.dspy._Configure``):
 #: their import is known to start no thread.
-#: With DSPy, procval's integration too: a worker unpickling a DSPy config imports it (and with
-#: it procval's parent side), 0.1-0.2 s and a few MB per worker when not preloaded.
-DSPY = ("dspy", "procval.integrations.dspy")
+#: With DSPy, procval's integration too: a worker unpickling a DSPy config imports it, and
+#: what DSPy does at its first LM call (``procval.integrations._dspy_warm``: imports, its
+#: 8 MB model table), 30-40 ms of CPU and a few MB per worker when not preloaded.
+DSPY = ("dspy", "procval.integrations.dspy", "procval.integrations._dspy_warm")
 _INTEGRATIONS = {b"procval.integrations.dspy": DSPY}
 
 _Key = tuple[tuple[str, ...], frozenset[tuple[str, str]]]
