@@ -285,3 +285,28 @@ def test_the_dspy_warm_up_fetches_nothing_unless_dspy_reads_its_bundled_table():
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "True"  # left to the workers: DSPy would fetch it first
+
+
+def test_a_server_still_starting_does_not_hold_up_another_environments_server(tmp_path):
+    import threading
+
+    release = tmp_path / "release"
+    slow = ("helpers.blocks_at_import",)
+    slow_env = {"PROCVAL_TEST_RELEASE": str(release)}
+    starting = threading.Thread(target=_preload.server_for, args=(slow_env, slow), daemon=True)
+    starting.start()  # its server imports until `release` exists
+    try:
+        got: list[object] = []
+        other = threading.Thread(
+            target=lambda: got.append(
+                _preload.server_for({"PROCVAL_TEST_AT_IMPORT": "x"}, (MODULE,))
+            )
+        )
+        other.start()
+        other.join(timeout=60)
+        assert got and got[0] is not None, "the other server waited for the one still starting"
+        assert starting.is_alive()  # (still importing)
+    finally:
+        release.touch()
+        starting.join(timeout=60)
+    assert not starting.is_alive()
