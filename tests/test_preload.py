@@ -310,3 +310,16 @@ def test_a_server_still_starting_does_not_hold_up_another_environments_server(tm
         release.touch()
         starting.join(timeout=60)
     assert not starting.is_alive()
+
+
+@pytest.mark.parametrize("preload", [[], [MODULE]])
+def test_a_forked_worker_collects_garbage_though_its_server_does_not(preload):
+    from procval.backends import _forkserver
+
+    if not _forkserver.available():
+        pytest.skip("workers fork from a server on Linux only")
+    result = procval.evaluate(
+        env_at_import.collector_on, range(2), env_at_import.accept, workers=1,
+        backend=LokyBackend(preload=preload),
+    )  # fmt: skip
+    assert [row.prediction for row in result.rows] == [(True, True)] * 2
