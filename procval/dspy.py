@@ -8,6 +8,11 @@ says ``pip install 'procval[dspy]'``. ``import procval`` alone never imports DSP
 
 from __future__ import annotations
 
+# The caller's side of a run (the pool, the scheduler, the loky backend) loads with the caller's
+# module, not at the first call: procval.integrations.dspy, which DSPy workers and their fork
+# server import, imports it lazily.
+import procval.backends.loky
+import procval.run.pool  # noqa: F401
 from procval.integrations.dspy import (
     PER_CALL_SETTINGS,
     Evaluate,

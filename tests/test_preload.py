@@ -236,3 +236,90 @@ def test_dspy_evaluate_starts_its_preloading_server_when_it_is_made():
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("started ")
+
+
+_PARENT_SIDE = ("procval.run.api", "procval.run.scheduler", "procval.run.pool", "procval.report")
+_WORKER_IMPORTS = f"""
+import sys
+import procval.integrations.dspy
+print(sorted(m for m in sys.modules if m.startswith({_PARENT_SIDE!r})))
+"""
+
+
+def test_the_dspy_integration_imports_nothing_of_a_runs_parent_side():
+    """A DSPy worker (and a DSPy-preloading server) imports the integration to unpickle its
+    snapshot: the scheduler, the pool and the reports it would load with it are the caller's."""
+    pytest.importorskip("dspy")
+    out = subprocess.run(
+        [sys.executable, "-c", _WORKER_IMPORTS], capture_output=True, text=True, timeout=180
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+def test_a_dspy_worker_starts_with_dspys_first_call_work_done_in_its_server():
+    pytest.importorskip("dspy")
+    import procval.dspy
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a preload that failed would warn and fall back
+        result = procval.evaluate(
+            env_at_import.dspy_first_call_done, range(2), env_at_import.accept,
+            config=procval.dspy.snapshot(name="warm"), workers=1,
+        )  # fmt: skip
+    assert [row.prediction for row in result.rows] == [(True, True)] * 2
+
+
+_WARM_OFFLINE = """
+import procval.integrations._dspy_warm
+from dspy.clients import model_metadata
+print(model_metadata._data is None)
+"""
+
+
+def test_the_dspy_warm_up_fetches_nothing_unless_dspy_reads_its_bundled_table():
+    pytest.importorskip("dspy")
+    env = {k: v for k, v in os.environ.items() if k != "LITELLM_LOCAL_MODEL_COST_MAP"}
+    out = subprocess.run(
+        [sys.executable, "-c", _WARM_OFFLINE], capture_output=True, text=True, timeout=180, env=env
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "True"  # left to the workers: DSPy would fetch it first
+
+
+def test_a_server_still_starting_does_not_hold_up_another_environments_server(tmp_path):
+    import threading
+
+    release = tmp_path / "release"
+    slow = ("helpers.blocks_at_import",)
+    slow_env = {"PROCVAL_TEST_RELEASE": str(release)}
+    starting = threading.Thread(target=_preload.server_for, args=(slow_env, slow), daemon=True)
+    starting.start()  # its server imports until `release` exists
+    try:
+        got: list[object] = []
+        other = threading.Thread(
+            target=lambda: got.append(
+                _preload.server_for({"PROCVAL_TEST_AT_IMPORT": "x"}, (MODULE,))
+            )
+        )
+        other.start()
+        other.join(timeout=60)
+        assert got and got[0] is not None, "the other server waited for the one still starting"
+        assert starting.is_alive()  # (still importing)
+    finally:
+        release.touch()
+        starting.join(timeout=60)
+    assert not starting.is_alive()
+
+
+@pytest.mark.parametrize("preload", [[], [MODULE]])
+def test_a_forked_worker_collects_garbage_though_its_server_does_not(preload):
+    from procval.backends import _forkserver
+
+    if not _forkserver.available():
+        pytest.skip("workers fork from a server on Linux only")
+    result = procval.evaluate(
+        env_at_import.collector_on, range(2), env_at_import.accept, workers=1,
+        backend=LokyBackend(preload=preload),
+    )  # fmt: skip
+    assert [row.prediction for row in result.rows] == [(True, True)] * 2

@@ -376,6 +376,16 @@ def test_a_resume_reads_past_its_stored_rows_while_the_backend_prestarts(tmp_pat
     assert backend.events == ["prestart ['c'] at 1"]  # nothing left: no worker starts
 
 
+def test_a_fresh_run_prestarts_every_configs_servers_before_its_first_worker():
+    """Not only a resume: configs with environments of their own then get their servers started
+    in parallel, not one after the other as each config's first worker asks for its own."""
+    backend = PrestartingBackend([])
+    results = run(backend, {"a": 3, "b": 3})
+    assert [results[name].added for name in "ab"] == [3, 3]
+    assert backend.events[0] == "prestart ['a', 'b'] at 0"
+    assert backend.events[1:] and all(e.startswith("worker") for e in backend.events[1:])
+
+
 def test_a_timeout_gives_the_late_example_a_row_and_reruns_the_others_in_flight():
     # 2 hangs past the timeout while 3 is in flight (running, within the timeout)
     def script(w: FakeWorker, item: WorkItem) -> Any:

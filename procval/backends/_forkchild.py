@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import gc
 import os
 import pickle
 import signal
@@ -21,6 +22,7 @@ from loky.backend import spawn
 
 def _child(targets: list[int], fds: list[int], data_fd: int, parent: int) -> None:
     """In the forked worker: become what loky's ``fork+exec`` would have started. Never returns."""
+    gc.enable()  # off in the server (see serve); its objects are frozen, not collected here
     code = 1
     server = os.getppid()
     try:

@@ -64,16 +64,18 @@ _ALWAYS = frozenset({"procval", "loky", "cloudpickle", "__main__", "builtins"})
 #: Modules preloaded by default for a snapshot that refers to one of procval's integrations (a
 #: ``procval.dspy.snapshot()`` config's setup pickles as ``procval.integrations.dspy._Configure``):
 #: their import is known to start no thread.
-#: With DSPy, procval's integration too: a worker unpickling a DSPy config imports it (and with
-#: it procval's parent side), 0.1-0.2 s and a few MB per worker when not preloaded.
-DSPY = ("dspy", "procval.integrations.dspy")
+#: With DSPy, procval's integration too: a worker unpickling a DSPy config imports it, and
+#: what DSPy does at its first LM call (``procval.integrations._dspy_warm``: imports, its
+#: 8 MB model table), 30-40 ms of CPU and a few MB per worker when not preloaded.
+DSPY = ("dspy", "procval.integrations.dspy", "procval.integrations._dspy_warm")
 _INTEGRATIONS = {b"procval.integrations.dspy": DSPY}
 
 _Key = tuple[tuple[str, ...], frozenset[tuple[str, str]]]
 _servers: dict[_Key, ForkServer] = {}
 _refused: dict[_Key, str] = {}  # a preload that failed under this environment: not again
 _warned: set[_Key] = set()  # refusals reported (a background start reports none)
-_lock = threading.Lock()
+_lock = threading.Lock()  # guards _starting
+_starting: dict[_Key, threading.Lock] = {}  # held while that key's server starts
 
 
 def resolve(preload: Sequence[str] | str | None) -> tuple[str, ...] | str:
@@ -146,7 +148,8 @@ def server_for(
         here). A preload that cannot be used (an import fails or starts a thread in the
         server) is reported once as a ``RuntimeWarning``; the workers then fork from the plain
         server and import what they need themselves. A server being started (by
-        :func:`prestart`) is waited for, not started twice.
+        :func:`prestart`) is waited for, not started twice; servers for other keys (another
+        config's environment) start meanwhile, in parallel.
     """
     from procval.backends import _forkserver
 
@@ -157,6 +160,8 @@ def server_for(
     environ = {**os.environ, **env}
     key = (preload, frozenset(environ.items()))
     with _lock:
+        starting = _starting.setdefault(key, threading.Lock())
+    with starting:
         server = _servers.get(key)
         if server is not None and not server.alive():
             del _servers[key]
@@ -205,8 +210,9 @@ def prestart(env: dict[str, str], preload: Sequence[str] | str | None) -> None:
 
 def _forget_in_child() -> None:
     """A fork of the parent starts its own servers when it needs them."""
-    global _lock
-    _lock = threading.Lock()  # a background start may have held it in the parent
+    global _lock, _starting
+    _lock = threading.Lock()  # a background start may have held them in the parent
+    _starting = {}
     servers = list(_servers.values())
     _servers.clear()
     for server in servers:

@@ -39,7 +39,7 @@ import logging
 import os
 import types
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 try:
     import dspy
@@ -53,7 +53,6 @@ from dspy.utils.callback import with_callbacks
 
 from procval import _pickling
 from procval.backends import Backend, _preload
-from procval.backends.loky import LokyBackend
 from procval.errors import TooManyErrors
 from procval.integrations import _dspy_observe as _observe
 from procval.integrations._dspy_checks import _check_inputs, _ErrorLog, _plan
@@ -62,11 +61,11 @@ from procval.integrations._dspy_program import Scored, _dataset, _Program, _resu
 from procval.integrations._dspy_settings import PER_CALL_SETTINGS, snapshot, worker_env
 from procval.integrations._dspy_settings import _Configure as _Configure  # pickled as ours
 from procval.ratelimit import RateLimit, rate_limits
-from procval.results import EvaluationResult as _ProcvalResult
-from procval.results import Row, Usage
-from procval.run.budget import check_budgets
-from procval.run.observe import on_rows
-from procval.run.pool import Workers
+
+if TYPE_CHECKING:
+    from procval.results import EvaluationResult as _ProcvalResult
+    from procval.results import Row, Usage
+    from procval.run.pool import Workers
 
 __all__ = ["PER_CALL_SETTINGS", "Evaluate", "EvaluationResult", "Scored", "in_worker", "snapshot"]
 
@@ -236,6 +235,8 @@ class Evaluate(dspy.Evaluate):
         self.timeout = timeout
         self.retries = retries
         self.store = store
+        from procval.run.budget import check_budgets
+
         self.rate_limit = rate_limits(rate_limit) or None  # checked now, not at the call
         check_budgets(max_tokens, max_cost)
         self.max_tokens, self.max_cost = max_tokens, max_cost
@@ -284,6 +285,8 @@ class Evaluate(dspy.Evaluate):
             procval.SnapshotError: the program, metric or a DSPy setting cannot be pickled.
             procval.SetupError: the settings could not be installed in a worker.
         """
+        from procval.run.observe import on_rows
+
         metric = metric if metric is not None else self.metric
         devset = devset if devset is not None else self.devset
         num_threads = num_threads if num_threads is not None else self.num_threads
@@ -392,6 +395,9 @@ class Evaluate(dspy.Evaluate):
 
 def _workers(owner: Evaluate, config: Any, workers: int, threads: int) -> Workers:
     """The evaluator's pool for these settings: kept while they stay the same (see Workers)."""
+    from procval.backends.loky import LokyBackend
+    from procval.run.pool import Workers
+
     key = (hashlib.sha256(_pickling.dumps_fast(config)).hexdigest(), workers, threads)
     held: tuple[Any, Workers] | None = getattr(owner, "_procval_workers", None)
     if held is None or held[0] != key:

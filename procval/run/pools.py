@@ -279,15 +279,20 @@ class ConfigRun:
 
 
 def read_ahead(backend: object, runs: list[ConfigRun]) -> None:
-    """Read a resumed first config to its first new example while the workers' servers start.
+    """Start every config's workers' servers in the background; read a resumed first config.
 
-    A resumed run's first read skips what the store holds (a second per 900,000 rows). Where
-    the backend can start what its workers need in the background (``prestart``: loky's fork
-    server, a fresh interpreter's imports), that runs meanwhile, instead of before the read,
-    and no worker starts for it if nothing is left. Only the first config is read ahead (its
-    shards are sent first): the others' workers start, and their rows are skipped, as before.
+    Where the backend can start what its workers need in the background (``prestart``: loky's
+    fork servers, a fresh interpreter's imports each), it starts them all now: configs whose
+    environments differ get servers of their own, which then start in parallel rather than one
+    after the other as each config's first worker asks for its own.
+
+    A resumed run's first read skips what the store holds (a second per 900,000 rows): that
+    runs meanwhile, instead of before the servers start, and no worker starts for it if nothing
+    is left. Only the first config is read ahead (its shards are sent first): the others'
+    workers start, and their rows are skipped, as before.
     """
     prestart = getattr(backend, "prestart", None)
-    if callable(prestart) and runs and runs[0].found:
+    if callable(prestart) and runs:
         prestart([run.spec for run in runs])
+    if runs and runs[0].found:
         runs[0].probe()

@@ -60,3 +60,19 @@ def ipython_seen(example: object) -> tuple[bool, bool]:
 
     before = "IPython" in sys.modules
     return before, importlib.util.find_spec("IPython") is not None
+
+
+def dspy_first_call_done(example: object) -> tuple[bool, bool]:
+    """Whether DSPy's first-LM-call imports and its model table were there before this call."""
+    from dspy.clients import model_metadata
+
+    warm = sys.modules.get("procval.integrations._dspy_warm")
+    imported = warm is not None and all(name in sys.modules for name in warm.FIRST_CALL_MODULES)
+    return imported, getattr(model_metadata, "_data", None) is not None
+
+
+def collector_on(example: object) -> tuple[bool, bool]:
+    """Whether this worker's cyclic garbage collector is on, and whether its server's is off."""
+    import gc
+
+    return gc.isenabled(), "gc.disable()" in open(f"/proc/{os.getppid()}/cmdline").read()
