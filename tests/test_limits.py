@@ -170,6 +170,25 @@ def test_an_examples_later_call_yields_to_first_calls_that_came_a_little_after_i
         limiter.stop()
 
 
+def test_a_calls_stage_counts_its_examples_earlier_permits_and_nothing_outside_an_example():
+    """The stage the limiter ranks by: 0, 1, 2 within an example, 0 again for the next; 0 always
+    outside one (a setup, a thread the program started), which would otherwise keep growing."""
+    import contextvars
+
+    from procval.worker import record
+    from procval.worker.limited import _stage
+
+    def run() -> list[int]:
+        stages = [_stage() for _ in range(3)]  # outside an example
+        for example in ("a", "b"):
+            token = record.begin(example)
+            stages += [_stage() for _ in range(3)]
+            record._current.reset(token)
+        return stages
+
+    assert contextvars.copy_context().run(run) == [0, 0, 0, 0, 1, 2, 0, 1, 2]
+
+
 def test_an_unlimited_key_gets_a_window_at_its_first_429():
     state = KeyState(None, now=0.0)
     assert math.isinf(state.window)

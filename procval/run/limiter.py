@@ -96,13 +96,15 @@ class _Waiter:
     """A call waiting for its permit; a key's waiters are granted lowest :attr:`rank` first.
 
     First the retries of calls answered 429 (they already waited), in the order they came; then
-    the others in the order they came, each counted ``stage * STAGE_DELAY`` seconds later than
-    it came, ``stage`` being the permits its example was granted before (0 for its first call).
-    A later call of an example thus yields to the calls that came up to that much after it: near
-    the end of a run, the last examples' first calls pass the queued later calls of the others,
-    so their own next calls are queued before the provider's slots run dry (the run's end was
-    held back by a whole call otherwise). No call waits more than its stage's delay longer than
-    in order of arrival, so none is starved.
+    the others in the order they came, an example's later calls (``stage`` > 0: its example was
+    granted a permit before) each counted :data:`STAGE_DELAY` seconds later than it came. A
+    later call thus yields to the first calls that came up to that much after it: near the end
+    of a run, the last examples' first calls pass the queued later calls of the others, so their
+    own next calls are queued before the provider's slots run dry (the run's end was held back by
+    a whole call otherwise). The delay does not grow with the stage: no call waits more than
+    :data:`STAGE_DELAY` longer than in order of arrival, however many calls its example makes
+    (an agent's twentieth call is not pushed back by ten seconds), so none is starved, and a
+    call made outside an example (``stage`` 0) keeps its place.
     """
 
     rank: tuple[int, float, int]
@@ -112,7 +114,7 @@ class _Waiter:
     since: float = field(compare=False)
 
 
-STAGE_DELAY = 0.5  # seconds a call counts later per permit its example already had
+STAGE_DELAY = 0.5  # seconds an example's later call counts later than it came
 
 
 def check_limits(configs: Sequence[Config]) -> dict[str, RateLimit]:
@@ -257,7 +259,7 @@ class Limiter:
             if message.get("retry"):  # a call answered 429 goes first: it already waited
                 rank = (0, now, self._arrivals)
             else:
-                rank = (1, now + stage * STAGE_DELAY, self._arrivals)
+                rank = (1, now + (STAGE_DELAY if stage else 0.0), self._arrivals)
             heapq.heappush(self._queues.setdefault(key, []), _Waiter(rank, conn, key, tokens, now))
         elif op == "release":
             self._release(message, now)

@@ -123,10 +123,14 @@ def _unix(path: str) -> socket.socket:
 def _stage() -> int:
     """How many permits the running example was granted before this call (0: its first).
 
-    The parent ranks a later call of an example a little behind the first calls of others
-    (``procval.run.limiter._Waiter``). Counted per thread or asyncio task, in its context.
+    0 too outside an example. The parent ranks a later call of an example a little behind the
+    first calls of others (``procval.run.limiter._Waiter``). Counted per thread or asyncio
+    task, in its context.
     """
-    current = id(record.current())
+    recording = record.current()
+    if recording is None:  # outside an example (a setup, a thread the program started): none
+        return 0
+    current = id(recording)
     box = _stages.get()
     if box is None or box[0] != current:
         box = [current, 0]
