@@ -57,16 +57,16 @@ def lineage(events: list) -> tuple[collections.Counter, int, bool]:
 
 
 def run(
-    evaluate_class: type, server: LLMServer, n: int, program: object = None
+    evaluate_class: type, server: LLMServer, n: int, program: object = None, threads: int = 4
 ) -> tuple[list, dspy.LM, float]:
     callback = programs.Counting()
     lm = lm_of(server)
     dspy.configure(lm=lm, callbacks=[callback])
     program = programs.Pipeline() if program is None else program
     try:
-        result = evaluate_class(devset=programs.devset(n), metric=programs.exact, num_threads=4)(
-            program
-        )
+        result = evaluate_class(
+            devset=programs.devset(n), metric=programs.exact, num_threads=threads
+        )(program)
     finally:  # the callback's events hold the Evaluate, whose warm workers live as long as it
         dspy.configure(callbacks=[])
     return callback.events, lm, result.score
@@ -255,6 +255,19 @@ def test_an_evaluate_inside_the_program_is_relayed_with_the_other_hooks(server):
         counts[evaluate_class] = collections.Counter(hook for hook, *_ in callback.events)
     assert counts[procval.dspy.Evaluate] == counts[dspy.Evaluate]
     assert counts[procval.dspy.Evaluate]["on_evaluate_start"] == 1 + 3
+
+
+def test_events_in_dspy_parallel_threads_are_relayed_as_dspy_evaluate_sees_them(server):
+    """A dspy.Parallel inside the program runs its modules in DSPy's own pool threads."""
+    # one example at a time: two dspy.Parallel at once in one process race in DSPy's own
+    # progress bars (tqdm._instances), with dspy.Evaluate as in a worker
+    theirs, _, their_score = run(dspy.Evaluate, server, 6, programs.Fanning(), threads=1)
+    ours, lm, our_score = run(procval.dspy.Evaluate, server, 6, programs.Fanning(), threads=1)
+    assert our_score == their_score == 100.0
+    assert lineage(ours) == lineage(theirs)
+    counts, _, _ = lineage(ours)
+    assert counts["on_lm_start"] == counts["on_lm_end"] == 12
+    assert len(lm.history) == 12
 
 
 def test_a_hook_the_recorder_does_not_know_is_ignored_in_the_worker():

@@ -113,6 +113,28 @@ def test_dspy_lm_usage_equals_the_servers_counts(tmp_path, store):
             assert procval.load(where)[result.config].usage == result.usage
 
 
+def test_lm_calls_in_dspy_parallel_threads_count_in_their_examples_usage():
+    """DSPy's own pool threads (dspy.Parallel) do not inherit the example's context; their calls
+    must count all the same, or a budget would never see them."""
+    from helpers import observe_programs
+
+    with LLMServer() as server:
+        lm = dspy.LM(server.model, api_base=server.api_base, api_key="sk-test", cache=False)
+        with dspy.context(lm=lm, callbacks=[]):
+            result = procval.evaluate(
+                observe_programs.Fanning(),
+                _examples(6),
+                lambda e, p: 1.0,
+                config=procval.dspy.snapshot(),
+                workers=2,  # one example at a time per worker: two dspy.Parallel at once in one
+                progress=False,  # process race in DSPy's own progress bars (tqdm._instances)
+            )
+        assert not result.errors, [row.error for row in result.errors]
+        assert server.counts()["requests"] == 12
+        assert result.usage == {server.model: _server_usage(server)}
+        assert all(row.usage[server.model].calls == 2 for row in result.rows)
+
+
 def test_dspy_evaluate_counts_usage_without_callbacks():
     with LLMServer() as server:
         lm = dspy.LM(server.model, api_base=server.api_base, api_key="sk-test", cache=False)

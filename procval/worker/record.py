@@ -13,17 +13,25 @@ during the shard's unpickling and again during the run. The tokens and cost spen
 (:func:`procval.record_usage`, DSPy's LM calls) are summed per model and travel as
 ``ExampleResult.usage``. An example that recorded nothing costs one ``ContextVar.set`` and
 ``reset``.
+
+A thread that a library starts inside the example (DSPy's ``dspy.Parallel``, ``module.batch``)
+does not inherit the ``ContextVar``. A library that carries its own context into its threads can
+carry the recording with it (:func:`carry`): the DSPy integration puts it in DSPy's settings
+overrides, which DSPy's thread pools copy into each of their threads, so that the LM calls made
+there count in the example's usage and their events and logs are the example's.
 """
 
 from __future__ import annotations
 
 import contextvars
 import pickle
+import threading
+from collections.abc import Callable
 from typing import Any
 
 from procval.wire import ExampleResult
 
-__all__ = ["Recording", "add", "add_usage", "begin", "current", "decoded", "end"]
+__all__ = ["Recording", "add", "add_usage", "begin", "carry", "current", "decoded", "end"]
 
 
 class Recording:
@@ -36,15 +44,17 @@ class Recording:
             total_tokens, cost]`` (cost None until one is known), or None when nothing was spent.
         memo: what the code recording events keeps between two events of the example (the DSPy
             integration: the copies it made of the objects it recorded), or None.
+        undo: what :func:`end` undoes of what :func:`carry`'s ``propagate`` did, or None.
     """
 
-    __slots__ = ("events", "example_id", "memo", "usage")
+    __slots__ = ("events", "example_id", "memo", "undo", "usage")
 
     def __init__(self, example_id: Any) -> None:
         self.example_id = example_id
         self.events: list[tuple[str, Any]] = []
         self.usage: dict[str, list[Any]] | None = None
         self.memo: dict[Any, Any] | None = None
+        self.undo: list[Callable[[], None]] | None = None
 
 
 _current: contextvars.ContextVar[Recording | None] = contextvars.ContextVar(
@@ -52,19 +62,53 @@ _current: contextvars.ContextVar[Recording | None] = contextvars.ContextVar(
 )
 
 
+_propagators: list[Callable[[Recording], Callable[[], None]]] = []
+_finders: list[Callable[[], Recording | None]] = []
+_usage_lock = threading.Lock()  # threads of one example (dspy.Parallel) add to one usage
+
+
+def carry(
+    propagate: Callable[[Recording], Callable[[], None]],
+    find: Callable[[], Recording | None],
+) -> None:
+    """Let the threads a library starts inside an example record into it (idempotent).
+
+    Args:
+        propagate: called in the example's own thread as the example starts, with its
+            recording; puts it where the library's threads will find it, and returns what
+            undoes that (called as the example ends, in the same thread).
+        find: in a thread without a recording of its own, the recording the library carried
+            there, or None.
+    """
+    if propagate not in _propagators:
+        _propagators.append(propagate)
+    if find not in _finders:
+        _finders.append(find)
+
+
 def begin(example_id: Any) -> contextvars.Token[Recording | None]:
     """Start recording for one example; pass the token to :func:`end`."""
-    return _current.set(Recording(example_id))
+    recording = Recording(example_id)
+    token = _current.set(recording)
+    if _propagators:
+        recording.undo = [propagate(recording) for propagate in _propagators]
+    return token
 
 
 def current() -> Recording | None:
     """The recording of the example running here (None outside an example)."""
-    return _current.get()
+    recording = _current.get()
+    if recording is None and _finders:
+        for find in _finders:
+            recording = find()
+            if recording is not None:
+                break
+    return recording
 
 
 def add(kind: str, payload: Any) -> None:
     """Add an event to the current example's recording (dropped outside an example)."""
-    recording = _current.get()
+    recording = current()
     if recording is not None:
         recording.events.append((kind, payload))
 
@@ -78,28 +122,32 @@ def add_usage(
     cached: bool,
 ) -> bool:
     """Add one call's spend to the current example's usage; False outside an example."""
-    recording = _current.get()
+    recording = current()
     if recording is None:
         return False
-    usage = recording.usage
-    if usage is None:
-        usage = recording.usage = {}
-    counts = usage.get(model)
-    if counts is None:
-        counts = usage[model] = [0, 0, 0, 0, 0, None]
-    counts[0] += 1
-    counts[1] += cached
-    counts[2] += prompt_tokens
-    counts[3] += completion_tokens
-    counts[4] += total_tokens
-    if cost is not None:
-        counts[5] = cost if counts[5] is None else counts[5] + cost
+    with _usage_lock:
+        usage = recording.usage
+        if usage is None:
+            usage = recording.usage = {}
+        counts = usage.get(model)
+        if counts is None:
+            counts = usage[model] = [0, 0, 0, 0, 0, None]
+        counts[0] += 1
+        counts[1] += cached
+        counts[2] += prompt_tokens
+        counts[3] += completion_tokens
+        counts[4] += total_tokens
+        if cost is not None:
+            counts[5] = cost if counts[5] is None else counts[5] + cost
     return True
 
 
 def end(token: contextvars.Token[Recording | None], result: ExampleResult) -> ExampleResult:
     """Stop recording; ``result`` with the events and the usage recorded, if any."""
     recording = _current.get()
+    if recording is not None and recording.undo:
+        for undo in reversed(recording.undo):
+            undo()
     _current.reset(token)
     if recording is None:
         return result

@@ -242,8 +242,8 @@ class Interpreting(dspy.Module):
 class Evaluating(dspy.Module):
     """Runs a ``dspy.Evaluate`` of its Predict on the example, then the Predict: 2 LM calls.
 
-    The inner Evaluate runs in the calling thread (``num_threads=1``): DSPy's pool threads do
-    not copy the context, so a worker records nothing of what runs in them.
+    The inner Evaluate runs in the calling thread (``num_threads=1``); :class:`Fanning` has a
+    program whose modules run in DSPy's pool threads.
     """
 
     def __init__(self) -> None:
@@ -255,3 +255,19 @@ class Evaluating(dspy.Module):
         inner = dspy.Evaluate(devset=[example.with_inputs("question")], metric=exact, num_threads=1)
         inner(self.draft)
         return self.draft(question=question)
+
+
+class Fanning(dspy.Module):
+    """Asks its Predict two questions at once through ``dspy.Parallel``: 2 LM calls, each made
+    in one of DSPy's own pool threads, then answers with the first."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.draft = dspy.Predict("question -> answer")
+
+    def forward(self, question: str) -> dspy.Prediction:
+        parallel = dspy.Parallel(num_threads=2, disable_progress_bar=True)
+        first, _ = parallel(
+            [(self.draft, {"question": question}), (self.draft, {"question": question})]
+        )
+        return dspy.Prediction(answer=first.answer)
