@@ -19,7 +19,6 @@ repeated, never the example. Outside a procval worker, or for a key the config d
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import json
 import random
 import re
@@ -46,10 +45,6 @@ _config = ""
 _limits: tuple[RateLimit, ...] = ()
 _local = threading.local()
 _jitter = random.Random()
-# (id of the example's recording, permits it was granted): the stage of its next call
-_stages: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar(
-    "procval_limit_stage", default=None
-)
 
 
 def install(config: str, limits: tuple[RateLimit, ...], path: str) -> None:
@@ -121,22 +116,18 @@ def _unix(path: str) -> socket.socket:
 
 
 def _stage() -> int:
-    """How many permits the running example was granted before this call (0: its first).
+    """How many permits the running example asked for before this call (0: its first).
 
     0 too outside an example. The parent ranks a later call of an example a little behind the
-    first calls of others (``procval.run.limiter._Waiter``). Counted per thread or asyncio
-    task, in its context.
+    first calls of others (``procval.run.limiter._Waiter``). Kept on the example's recording,
+    which its threads and asyncio tasks share.
     """
     recording = record.current()
     if recording is None:  # outside an example (a setup, a thread the program started): none
         return 0
-    current = id(recording)
-    box = _stages.get()
-    if box is None or box[0] != current:
-        box = [current, 0]
-        _stages.set(box)
-    box[1] += 1
-    return box[1] - 1
+    stage = recording.permits
+    recording.permits = stage + 1
+    return stage
 
 
 def _acquire(key: str, tokens: float, *, retry: bool = False, stage: int | None = None) -> Permit:

@@ -45,9 +45,11 @@ class Recording:
         memo: what the code recording events keeps between two events of the example (the DSPy
             integration: the copies it made of the objects it recorded), or None.
         undo: what :func:`end` undoes of what :func:`carry`'s ``propagate`` did, or None.
+        permits: the rate-limit permits the example asked for so far (its calls' stage:
+            :mod:`procval.worker.limited`).
     """
 
-    __slots__ = ("events", "example_id", "memo", "undo", "usage")
+    __slots__ = ("events", "example_id", "memo", "permits", "undo", "usage")
 
     def __init__(self, example_id: Any) -> None:
         self.example_id = example_id
@@ -55,6 +57,7 @@ class Recording:
         self.usage: dict[str, list[Any]] | None = None
         self.memo: dict[Any, Any] | None = None
         self.undo: list[Callable[[], None]] | None = None
+        self.permits = 0
 
 
 _current: contextvars.ContextVar[Recording | None] = contextvars.ContextVar(
