@@ -7,8 +7,12 @@ how many requests came and how many were answered 429.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
 import math
+import socket
+import time
 
 import pytest
 
@@ -76,67 +80,58 @@ def test_a_429_pauses_the_key_and_halves_the_window_which_grows_back_slowly():
     assert 4.9 < state.window < 5.1  # one call more per window of answered calls
 
 
-def test_a_call_answered_429_is_granted_before_the_calls_waiting_behind_it():
-    """Else fresh calls take the provider's free slots first and starve the retry into 429s."""
-    import json
-    import socket
-    import time
+class _Client:
+    """A worker thread's connection to the limiter, driven by hand."""
 
+    def __init__(self, path: str) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(10)
+        self.sock.connect(path)
+        self.file = self.sock.makefile("rb")
+
+    def send(self, **message: object) -> None:
+        self.sock.sendall(json.dumps(message).encode() + b"\n")
+
+    def reply(self) -> dict:
+        return json.loads(self.file.readline())
+
+
+@contextlib.contextmanager
+def _limiter(clients: int, limit: RateLimit):
+    """A limiter of one key ``limit`` and ``clients`` connections to it; all closed after."""
     from procval.run.limiter import Limiter
 
-    limiter = Limiter({"k": RateLimit("k", max_in_flight=1)})
-    clients = []
+    limiter = Limiter({limit.key: limit})
+    made: list[_Client] = []
     try:
-        for _ in range(2):
-            client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            client.settimeout(10)
-            client.connect(limiter.path)
-            clients.append(client)
-        retried, fresh = clients
-        files = [c.makefile("rb") for c in clients]
-
-        def send(client, **message):
-            client.sendall(json.dumps(message).encode() + b"\n")
-
-        send(retried, op="acquire", key="k", tokens=0)
-        first = json.loads(files[0].readline())
-        send(fresh, op="acquire", key="k", tokens=0)  # waits: the window is full
-        time.sleep(0.2)  # queued in the limiter before the retry
-        send(retried, op="release", id=first["id"], tokens=0, status="limited", retry_after=0.3)
-        send(retried, op="acquire", key="k", tokens=0, retry=True)
-        again = json.loads(files[0].readline())  # the retry is granted first...
-        send(retried, op="release", id=again["id"], tokens=0, status="ok")
-        assert "id" in json.loads(files[1].readline())  # ...then the fresh call
+        made.extend(_Client(limiter.path) for _ in range(clients))
+        yield limiter, made
     finally:
-        for client in clients:
-            client.close()
+        for client in made:
+            client.file.close()
+            client.sock.close()
         limiter.stop()
+
+
+def test_a_call_answered_429_is_granted_before_the_calls_waiting_behind_it():
+    """Else fresh calls take the provider's free slots first and starve the retry into 429s."""
+    with _limiter(2, RateLimit("k", max_in_flight=1)) as (_, (retried, fresh)):
+        retried.send(op="acquire", key="k", tokens=0)
+        first = retried.reply()
+        fresh.send(op="acquire", key="k", tokens=0)  # waits: the window is full
+        time.sleep(0.2)  # queued in the limiter before the retry
+        retried.send(op="release", id=first["id"], tokens=0, status="limited", retry_after=0.3)
+        retried.send(op="acquire", key="k", tokens=0, retry=True)
+        again = retried.reply()  # the retry is granted first...
+        retried.send(op="release", id=again["id"], tokens=0, status="ok")
+        assert "id" in fresh.reply()  # ...then the fresh call
 
 
 def test_an_examples_later_call_yields_to_first_calls_that_came_a_little_after_it():
     """Near the end of a run the last examples' first calls go first, never starving the others."""
-    import json
-    import socket
-    import time
+    from procval.run.limiter import STAGE_DELAY
 
-    from procval.run.limiter import STAGE_DELAY, Limiter
-
-    limiter = Limiter({"k": RateLimit("k", max_in_flight=1)})
-    clients = []
-    try:
-        for _ in range(3):
-            client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            client.settimeout(10)
-            client.connect(limiter.path)
-            clients.append(client)
-        holder, later, first = clients
-        files = {id(c): c.makefile("rb") for c in clients}
-
-        def send(client, **message):
-            client.sendall(json.dumps(message).encode() + b"\n")
-
-        def reply(client):
-            return json.loads(files[id(client)].readline())
+    with _limiter(3, RateLimit("k", max_in_flight=1)) as (limiter, (holder, later, first)):
 
         def queued(n):
             deadline = time.monotonic() + 10
@@ -144,30 +139,26 @@ def test_an_examples_later_call_yields_to_first_calls_that_came_a_little_after_i
                 assert time.monotonic() < deadline, "the limiter never queued the request"
                 time.sleep(0.005)
 
-        send(holder, op="acquire", key="k", tokens=0, stage=0)
-        held = reply(holder)
-        send(later, op="acquire", key="k", tokens=0, stage=1)  # an example's second call
+        holder.send(op="acquire", key="k", tokens=0, stage=0)
+        held = holder.reply()
+        later.send(op="acquire", key="k", tokens=0, stage=1)  # an example's second call
         queued(1)
-        send(first, op="acquire", key="k", tokens=0, stage=0)  # another example's first call
+        first.send(op="acquire", key="k", tokens=0, stage=0)  # another example's first call
         queued(2)
-        send(holder, op="release", id=held["id"], tokens=0, status="ok")
-        granted = reply(first)  # came after, goes first
-        send(first, op="release", id=granted["id"], tokens=0, status="ok")
-        granted = reply(later)
+        holder.send(op="release", id=held["id"], tokens=0, status="ok")
+        granted = first.reply()  # came after, goes first
+        first.send(op="release", id=granted["id"], tokens=0, status="ok")
+        granted = later.reply()
         # a later call that came more than STAGE_DELAY earlier is not passed
-        send(first, op="acquire", key="k", tokens=0, stage=1)
+        first.send(op="acquire", key="k", tokens=0, stage=1)
         queued(1)
         time.sleep(STAGE_DELAY + 0.2)
-        send(holder, op="acquire", key="k", tokens=0, stage=0)
+        holder.send(op="acquire", key="k", tokens=0, stage=0)
         queued(2)
-        send(later, op="release", id=granted["id"], tokens=0, status="ok")
-        granted = reply(first)
-        send(first, op="release", id=granted["id"], tokens=0, status="ok")
-        assert "id" in reply(holder)
-    finally:
-        for client in clients:
-            client.close()
-        limiter.stop()
+        later.send(op="release", id=granted["id"], tokens=0, status="ok")
+        granted = first.reply()
+        first.send(op="release", id=granted["id"], tokens=0, status="ok")
+        assert "id" in holder.reply()
 
 
 def test_a_calls_stage_counts_its_examples_earlier_permits_and_nothing_outside_an_example():
