@@ -128,17 +128,22 @@ def _shape(calls: list) -> list:
     return shape
 
 
+def captured(evaluate_class: type, server: LLMServer, n: int, program: object, threads: int):
+    """What a capturing callback in the caller received from an evaluation of ``program``."""
+    callback = programs.Capturing()
+    dspy.configure(lm=lm_of(server), callbacks=[callback])
+    try:
+        evaluate_class(devset=programs.devset(n), metric=programs.exact, num_threads=threads)(
+            program
+        )
+    finally:
+        dspy.configure(callbacks=[])
+    return callback.calls
+
+
 def test_handlers_receive_what_dspy_passes_them(server):
     def run_with(evaluate_class, threads):
-        callback = programs.Capturing()
-        dspy.configure(lm=lm_of(server), callbacks=[callback])
-        try:
-            evaluate_class(devset=programs.devset(4), metric=programs.exact, num_threads=threads)(
-                programs.Pipeline()
-            )
-        finally:
-            dspy.configure(callbacks=[])
-        return _per_example(callback.calls)
+        return _per_example(captured(evaluate_class, server, 4, programs.Pipeline(), threads))
 
     theirs, ours = run_with(dspy.Evaluate, 1), run_with(procval.dspy.Evaluate, 2)
     assert sorted(ours) == sorted(theirs) == [f"q{i}" for i in range(4)]
@@ -222,17 +227,11 @@ def test_interpreter_and_compile_events_equal_dspy_evaluate(server, no_leaked_wo
 @pytest.mark.skipif(not programs.INTERPRETER_HOOKS, reason="DSPy < 3.4.1: no interpreter hooks")
 def test_interpreter_handlers_receive_what_dspy_passes_them(server):
     def run_with(evaluate_class, threads):
-        callback = programs.Capturing()
-        dspy.configure(lm=lm_of(server), callbacks=[callback])
-        try:
-            evaluate_class(devset=programs.devset(3), metric=programs.exact, num_threads=threads)(
-                programs.Interpreting()
-            )
-        finally:
-            dspy.configure(callbacks=[])
         return [
             (hook, _as_plain(data), repr(exception))
-            for hook, _, _, data, exception in callback.calls
+            for hook, _, _, data, exception in captured(
+                evaluate_class, server, 3, programs.Interpreting(), threads
+            )
             if hook.startswith("on_interpreter")
         ]
 
