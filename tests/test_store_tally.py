@@ -28,6 +28,12 @@ HERE = Path(__file__).parent
 FAILED = RowError("ValueError", "bad")
 
 
+def resumed_sink(path: Path) -> tuple[StoreSink, int]:
+    """Config ``a``'s store opened by a resuming writer, and the rows its resume counted."""
+    sink = StoreSink(str(path), fresh=False, configs=["a"])
+    return sink, sink.begin(take_snapshot(Config(name="a"))).n
+
+
 def sink_of(path: Path, names: tuple[str, ...] = ("a",), **options) -> StoreSink:
     sink = StoreSink(str(path), configs=list(names), **{"fresh": False, **options})
     for name in names:
@@ -142,8 +148,8 @@ def test_a_duplicate_id_leaves_totals_the_next_writer_recounts(tmp_path: Path) -
         sink.add("a", [row(10), row(11), row(12, 3)])
     sink.close(completed=False)  # commits the rows stored before the duplicate
     assert not trusted(path)
-    resumed = StoreSink(str(path), fresh=False, configs=["a"])
-    assert resumed.begin(take_snapshot(Config(name="a"))).n == 12
+    resumed, found = resumed_sink(path)
+    assert found == 12
     resumed.close(completed=False)
     assert_totals_match(path)
     assert trusted(path)
@@ -167,8 +173,8 @@ def test_a_session_of_a_writer_without_totals_is_recounted(tmp_path: Path) -> No
             "VALUES (0, 'completed', 1, 'old', '[\"a\"]')"
         )
     assert not trusted(path)
-    resumed = StoreSink(str(path), fresh=False, configs=["a"])
-    assert resumed.begin(take_snapshot(Config(name="a"))).n == 20
+    resumed, found = resumed_sink(path)
+    assert found == 20
     resumed.close(completed=True)
     assert_totals_match(path)
     assert trusted(path)
@@ -187,8 +193,8 @@ def test_an_old_format_2_store_without_totals_is_read_then_counted_by_its_writer
     before = path.read_bytes()
     assert procval.load(path)["a"].totals.n == 20  # a reader never needs (nor adds) the table
     assert path.read_bytes() == before
-    resumed = StoreSink(str(path), fresh=False, configs=["a"])
-    assert resumed.begin(take_snapshot(Config(name="a"))).n == 20
+    resumed, found = resumed_sink(path)
+    assert found == 20
     resumed.add("a", mixed_rows(20, 5))
     resumed.close(completed=True)
     assert_totals_match(path)
@@ -214,8 +220,8 @@ def test_a_repaired_store_is_recounted_by_its_first_writer(tmp_path: Path) -> No
     sink.add("a", mixed_rows(0, 20))
     sink.close(completed=True)
     repair(path, fixed)
-    resumed = StoreSink(str(fixed), fresh=False, configs=["a"])
-    assert resumed.begin(take_snapshot(Config(name="a"))).n == 20
+    resumed, found = resumed_sink(fixed)
+    assert found == 20
     resumed.close(completed=True)
     assert_totals_match(fixed)
     assert trusted(fixed)
