@@ -57,6 +57,7 @@ __all__ = [
     "referenced_packages",
     "resolve",
     "server_for",
+    "start_in_background",
 ]
 
 AUTO = "auto"
@@ -198,14 +199,22 @@ def prestart(env: dict[str, str], preload: Sequence[str] | str | None) -> None:
     names = resolve(preload) if not isinstance(preload, tuple) else preload
     if not names or isinstance(names, str) or not _forkserver.available():
         return
-    thread = threading.Thread(
+    start_in_background(env, names)
+
+
+def start_in_background(env: dict[str, str], preload: tuple[str, ...]) -> None:
+    """:func:`server_for` ``(env, preload)`` in a thread: the server a worker will fork from.
+
+    With no ``preload``, the plain server of the environment. A refusal is reported by the
+    worker's own call, not here.
+    """
+    threading.Thread(
         target=server_for,
-        args=(dict(env), names),
+        args=(dict(env), preload),
         kwargs={"quiet": True},
         name="procval-prestart",
         daemon=True,  # an exit meanwhile closes the socket: the server ends too
-    )
-    thread.start()
+    ).start()
 
 
 def _forget_in_child() -> None:

@@ -280,13 +280,7 @@ class LokyBackend:
         if not self._fork_server:
             return
         for spec in specs:
-            threading.Thread(
-                target=_preload.server_for,
-                args=(dict(spec.env), self._preload_of(spec)),
-                kwargs={"quiet": True},  # the worker's own call reports a refusal
-                name="procval-prestart",
-                daemon=True,  # an exit meanwhile closes the socket: the server ends too
-            ).start()
+            _preload.start_in_background(dict(spec.env), self._preload_of(spec))
 
     def start_worker(self, spec: WorkerSpec) -> LokyWorker:
         """Start one worker process for ``spec.snapshot``."""
