@@ -86,7 +86,7 @@ def simulate(
     # so a shard's end is known when it is queued
     free = [[delays[w]] * threads for w in range(workers)]
     in_flight = [0] * workers
-    ends: list[list[float]] = [[] for _ in range(workers)]  # each example's end, per worker
+    ends: list[list[float]] = [[] for _ in range(workers)]  # a heap per worker: unfinished ends
     events: list[tuple[float, int, int, float]] = []  # (return, worker, size, busy seconds)
     unsent, finished, shards = n, 0, 0
 
@@ -94,7 +94,9 @@ def simulate(
         nonlocal unsent, shards
         if unsent <= 0:
             return False
-        running = sum(1 for t in ends[w] if t > now)
+        while ends[w] and ends[w][0] <= now:  # the examples done by now
+            heapq.heappop(ends[w])
+        running = len(ends[w])
         size = min(
             unsent, sizer.next_size(remaining=n - finished, workers=workers, running=running)
         )
@@ -113,7 +115,7 @@ def simulate(
             took = draw(rnd, latency, noise) + EXAMPLE_COST
             busy += took
             heapq.heappush(heap, last_start + took)
-            ends[w].append(last_start + took)
+            heapq.heappush(ends[w], last_start + took)
         end = max(heap) + SHARD_COST
         free[w] = [end] * threads if barrier else [t + SHARD_COST for t in heap]
         in_flight[w] += 1
