@@ -128,6 +128,7 @@ def test_lm_calls_in_dspy_parallel_threads_count_in_their_examples_usage():
                 config=procval.dspy.snapshot(),
                 workers=2,  # one example at a time per worker: two dspy.Parallel at once in one
                 progress=False,  # process race in DSPy's own progress bars (tqdm._instances)
+                timeout=60,  # a hung call fails the test in a minute
             )
         assert not result.errors, [row.error for row in result.errors]
         assert server.counts()["requests"] == 12
