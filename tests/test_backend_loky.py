@@ -8,6 +8,7 @@ parent. The tests below attack that directly, with real processes and signals.
 from __future__ import annotations
 
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -25,6 +26,8 @@ from backend_suite import BackendSuite
 from helpers import toyframework, toys
 from procval.backends import _forkserver
 from procval.backends.loky import LokyBackend
+from procval.run.snapshot import take_snapshot
+from procval.wire import Shard, WorkerOptions, WorkerSpec
 
 linux_only = pytest.mark.skipif(
     not sys.platform.startswith("linux"), reason="the fork server runs on Linux only"
@@ -151,6 +154,32 @@ def test_a_variable_read_at_interpreter_start_gets_a_new_interpreter():
     assert {r.prediction["ppid"] for r in result.rows} == {os.getpid()}  # fork+exec
     assert {r.prediction["hashseed"] for r in result.rows} == {"7"}
     assert "PYTHONHASHSEED" not in os.environ or os.environ["PYTHONHASHSEED"] != "7"
+
+
+@pytest.mark.parametrize("fork_server", [True, False], ids=["forked", "fork+exec"])
+def test_a_shard_sent_to_a_worker_that_just_died_fails_its_future_not_the_caller(fork_server):
+    """The scheduler may send a shard before it has heard that the worker died (CI saw this:
+    a segfault between two shards). loky's submit() raises its TerminatedWorkerError then; the
+    worker hands it back as a failed future, which the scheduler's recovery handles."""
+    backend = LokyBackend(fork_server=fork_server)
+    spec = WorkerSpec(take_snapshot(procval.Config(), toys.program, toys.metric), WorkerOptions())
+    worker = backend.start_worker(spec)
+    drain = pickle.dumps(Shard([], True))
+    try:
+        worker.submit(drain).result(timeout=60)  # started, snapshot installed
+        os.kill(worker.pid, signal.SIGKILL)
+        flags = worker._executor._flags  # loky's: set once its thread has seen the death
+        deadline = time.monotonic() + 30
+        while flags.broken is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert flags.broken is not None, "loky never noticed the death"
+        future = worker.submit(drain)  # raised TerminatedWorkerError before
+        error = future.exception(timeout=5)
+        assert error is not None
+        assert worker.death(error) == "the worker process died with exit code SIGKILL(-9)"
+    finally:
+        worker.kill()
+        backend.shutdown()
 
 
 @linux_only

@@ -23,7 +23,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Sequence
-from concurrent.futures import Future
+from concurrent.futures import BrokenExecutor, Future
 from concurrent.futures.process import BrokenProcessPool
 from itertools import count
 from multiprocessing import resource_tracker as mp_resource_tracker
@@ -32,6 +32,7 @@ import loky
 from loky import ProcessPoolExecutor
 from loky.backend import resource_tracker
 from loky.backend.context import get_context
+from loky.process_executor import ShutdownExecutorError
 
 from procval.backends import WorkerSpec, _forkserver, _preload
 from procval.worker import runtime as _worker
@@ -119,14 +120,17 @@ class LokyWorker:
                 return self._executor.submit(_worker.run_shard, shard)
             finally:
                 signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        except (BrokenExecutor, ShutdownExecutorError) as exc:
+            # the process died (or its executor was shut down) before the scheduler heard of
+            # it: this shard's future fails as those in flight do, so the death is handled in
+            # one place (``death()``, the scheduler's recovery) and loky's error never escapes
+            return _failed(exc)
         except OSError as exc:
             if not self._forked:
                 raise
             # the fork server died (killed) before it forked this worker: report a worker that
             # died at start, so the scheduler starts another one (from a new server)
-            failed: Future[bytes] = Future()
-            failed.set_exception(BrokenProcessPool(f"the fork server could not start it: {exc}"))
-            return failed
+            return _failed(BrokenProcessPool(f"the fork server could not start it: {exc}"))
 
     def running(self) -> list[tuple[int, float]]:
         """Examples running now, read from the shared slot table."""
@@ -315,6 +319,13 @@ class LokyBackend:
             target=_reap, args=(workers, self._dir, self._grace), name="procval-reaper"
         )
         reaper.start()  # not a daemon: the interpreter waits for it (at most `grace`) at exit
+
+
+def _failed(exc: BaseException) -> Future[bytes]:
+    """A future that has already failed with ``exc``."""
+    future: Future[bytes] = Future()
+    future.set_exception(exc)
+    return future
 
 
 def kill_group(pid: int) -> None:
