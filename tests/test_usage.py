@@ -47,6 +47,29 @@ def test_record_usage_refuses_bad_counts(args, kwargs, error):
         procval.record_usage(*args, **kwargs)
 
 
+def test_an_unpriced_call_is_priced_from_litellms_bundled_table(monkeypatch):
+    """A DSPy call that came without a cost gets LiteLLM's price, read from its bundled JSON."""
+    import importlib.util
+    import json
+    import os
+
+    from procval.worker import usage
+
+    spec = importlib.util.find_spec("litellm")
+    if spec is None or spec.origin is None:
+        pytest.skip("LiteLLM is not installed")
+    monkeypatch.delitem(sys.modules, "litellm", raising=False)  # its file, not its module
+    monkeypatch.setattr(usage, "_table", None)
+    path = os.path.join(os.path.dirname(spec.origin), "model_prices_and_context_window_backup.json")
+    with open(path, encoding="utf-8") as f:
+        entry = json.load(f)["gpt-4o-mini"]
+    expected = 1000 * entry["input_cost_per_token"] + 10 * entry["output_cost_per_token"]
+    assert usage.price("gpt-4o-mini", 1000, 10) == pytest.approx(expected)
+    assert usage.price("openai/gpt-4o-mini", 1000, 10) == pytest.approx(expected)  # provider/
+    assert usage.price("openai/no-such-model", 1000, 10) is None
+    assert all(isinstance(rates, tuple) for rates in usage._table.values())  # two rates each
+
+
 @pytest.mark.parametrize("store", [False, True])
 def test_record_usage_from_a_plain_program(tmp_path, store):
     where = str(tmp_path / "run.db") if store else None

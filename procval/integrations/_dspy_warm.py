@@ -10,6 +10,8 @@ at its first LM call, while the other workers start on the same cores::
     (before the request leaves)
     loads the model price table (8 MB, 25 ms;        the same table, when the environment
     after the first response: it prices it)          makes DSPy read its bundled copy
+    procval prices a call DSPy did not price         the same table (``usage.price``)
+    from LiteLLM's table (5 MB of objects)
 
 The table is loaded only when ``LITELLM_LOCAL_MODEL_COST_MAP`` is true (``procval.dspy``
 snapshots set it): otherwise DSPy fetches it from the network, which a server must not do. The
@@ -43,6 +45,10 @@ def warm() -> None:
     for name in FIRST_CALL_MODULES:
         with contextlib.suppress(Exception):
             importlib.import_module(name)
+    with contextlib.suppress(Exception):
+        from procval.worker import usage
+
+        usage.price("", 0, 0)  # reads the table a worker would read at its first unpriced call
     if os.environ.get("LITELLM_LOCAL_MODEL_COST_MAP", "").lower() != "true":
         return  # DSPy would fetch the table from the network: left to the workers
     with contextlib.suppress(Exception):

@@ -158,42 +158,64 @@ def _tokens(usage: Mapping[str, Any], *names: str) -> int:
     return 0
 
 
-_table: dict[str, Any] | None = None
+_Rates = tuple[float, float]  # cost per prompt token, per completion token
+_table: dict[str, _Rates] | None = None
 
 
 def price(model: str, prompt_tokens: int, completion_tokens: int) -> float | None:
     """The cost of the tokens from LiteLLM's price table, or None where it does not know ``model``.
 
-    The table is LiteLLM's own when LiteLLM is imported, else the copy shipped in its package
-    (read once per process, without importing LiteLLM, which takes seconds).
+    The table is LiteLLM's own when LiteLLM is imported, else the copy shipped in its package,
+    read once per process without importing LiteLLM (which takes seconds) and kept as two rates
+    per model (0.3 MB instead of the 5 MB its JSON makes; a DSPy-preloading fork server reads
+    it once for all its workers, ``procval.integrations._dspy_warm``).
     """
-    table = _prices()
     for name in (model, model.split("/", 1)[-1]):
-        entry = table.get(name)
-        if isinstance(entry, dict):
-            prompt = entry.get("input_cost_per_token")
-            completion = entry.get("output_cost_per_token")
-            if isinstance(prompt, int | float) and isinstance(completion, int | float):
-                return prompt * prompt_tokens + completion * completion_tokens
+        rates = _rates(name)
+        if rates is not None:
+            return rates[0] * prompt_tokens + rates[1] * completion_tokens
     return None
 
 
-def _prices() -> dict[str, Any]:
-    global _table
+def _rates(model: str) -> _Rates | None:
     litellm = sys.modules.get("litellm")
     cost = getattr(litellm, "model_cost", None)
     if isinstance(cost, dict):
-        return cost
+        return _entry_rates(cost.get(model))
+    global _table
     if _table is None:
-        _table = {}
-        try:
-            spec = importlib.util.find_spec("litellm")
-            if spec is not None and spec.origin:
-                path = os.path.join(
-                    os.path.dirname(spec.origin), "model_prices_and_context_window_backup.json"
-                )
-                with open(path, encoding="utf-8") as file:
-                    _table = json.load(file)
-        except (OSError, ValueError, ImportError):
-            pass
-    return _table
+        _table = _read_table()
+    return _table.get(model)
+
+
+def _entry_rates(entry: Any) -> _Rates | None:
+    if not isinstance(entry, dict):
+        return None
+    prompt = entry.get("input_cost_per_token")
+    completion = entry.get("output_cost_per_token")
+    if isinstance(prompt, int | float) and isinstance(completion, int | float):
+        return float(prompt), float(completion)
+    return None
+
+
+def _read_table() -> dict[str, _Rates]:
+    """LiteLLM's bundled price table, as rates by model name ({} without LiteLLM)."""
+    try:
+        spec = importlib.util.find_spec("litellm")
+        if spec is None or not spec.origin:
+            return {}
+        path = os.path.join(
+            os.path.dirname(spec.origin), "model_prices_and_context_window_backup.json"
+        )
+        with open(path, encoding="utf-8") as file:
+            entries = json.load(file)
+    except (OSError, ValueError, ImportError):
+        return {}
+    if not isinstance(entries, dict):
+        return {}
+    table = {}
+    for name, entry in entries.items():
+        rates = _entry_rates(entry)
+        if rates is not None:
+            table[str(name)] = rates
+    return table
