@@ -14,11 +14,13 @@ during the shard's unpickling and again during the run. The tokens and cost spen
 ``ExampleResult.usage``. An example that recorded nothing costs one ``ContextVar.set`` and
 ``reset``.
 
-A thread that a library starts inside the example (DSPy's ``dspy.Parallel``, ``module.batch``)
-does not inherit the ``ContextVar``. A library that carries its own context into its threads can
-carry the recording with it (:func:`carry`): the DSPy integration puts it in DSPy's settings
-overrides, which DSPy's thread pools copy into each of their threads, so that the LM calls made
-there count in the example's usage and their events and logs are the example's.
+A thread that the program starts inside the example does not inherit the ``ContextVar``: the
+worker's ``Thread.start`` and ``ThreadPoolExecutor.submit`` carry it there
+(:mod:`procval.worker.threads`, :func:`within`). A library that carries its own context into
+its threads can carry the recording with it too (:func:`carry`): the DSPy integration puts it
+in DSPy's settings overrides, which DSPy's thread pools copy into each of their threads, so
+that the LM calls made there count in the example's usage and their events and logs are the
+example's.
 """
 
 from __future__ import annotations
@@ -27,11 +29,23 @@ import contextvars
 import pickle
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from procval.wire import ExampleResult
 
-__all__ = ["Recording", "add", "add_usage", "begin", "carry", "current", "decoded", "end"]
+_T = TypeVar("_T")
+
+__all__ = [
+    "Recording",
+    "add",
+    "add_usage",
+    "begin",
+    "carry",
+    "current",
+    "decoded",
+    "end",
+    "within",
+]
 
 
 class Recording:
@@ -47,9 +61,11 @@ class Recording:
         undo: what :func:`end` undoes of what :func:`carry`'s ``propagate`` did, or None.
         permits: the rate-limit permits the example asked for so far (its calls' stage:
             :mod:`procval.worker.limited`).
+        closed: the example has ended: a thread it started that still runs
+            (:mod:`procval.worker.threads`) records nothing more into it.
     """
 
-    __slots__ = ("events", "example_id", "memo", "permits", "undo", "usage")
+    __slots__ = ("closed", "events", "example_id", "memo", "permits", "undo", "usage")
 
     def __init__(self, example_id: Any) -> None:
         self.example_id = example_id
@@ -58,6 +74,7 @@ class Recording:
         self.memo: dict[Any, Any] | None = None
         self.undo: list[Callable[[], None]] | None = None
         self.permits = 0
+        self.closed = False
 
 
 _current: contextvars.ContextVar[Recording | None] = contextvars.ContextVar(
@@ -106,7 +123,18 @@ def current() -> Recording | None:
             recording = find()
             if recording is not None:
                 break
+    if recording is not None and recording.closed:  # a thread outliving its example
+        return None
     return recording
+
+
+def within(recording: Recording, fn: Callable[..., _T], /, *args: Any, **kwargs: Any) -> _T:
+    """``fn(*args, **kwargs)`` recording into ``recording`` (in another thread of its example)."""
+    token = _current.set(recording)
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        _current.reset(token)
 
 
 def add(kind: str, payload: Any) -> None:
@@ -154,6 +182,7 @@ def end(token: contextvars.Token[Recording | None], result: ExampleResult) -> Ex
     _current.reset(token)
     if recording is None:
         return result
+    recording.closed = True
     usage = recording.usage
     if usage is not None:
         counts = {model: dict(zip(_FIELDS, c, strict=True)) for model, c in usage.items()}

@@ -68,6 +68,7 @@ from procval.wire import (
 from procval.worker import dspy_limits, execute, lifeline, limited, logs, runners, usage
 from procval.worker.feed import Feed
 from procval.worker.slots import BEAT, SlotTable
+from procval.worker.threads import follow as follow_threads
 
 _logger = logging.getLogger("procval")
 
@@ -193,6 +194,7 @@ def initialize(snapshot: bytes, options: WorkerOptions, slots_path: str) -> None
     if options.limiter and config.rate_limits:  # DSPy's LM calls go through the limiter
         limited.install(config.name, config.rate_limits, options.limiter)
         dspy_limits.install()
+    follow_threads()  # the threads a program starts record into its example
     usage.tap_dspy()  # DSPy's LM calls count in each row's usage, if the config uses DSPy
     state.mode = select_mode(
         installed=state.setup_error is None,

@@ -1,0 +1,53 @@
+"""The threads a program starts record into its example (``procval.worker.threads``)."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import procval
+from helpers import thread_programs as programs
+
+
+def one(example, prediction):
+    return 1.0
+
+
+class _Keep(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+def test_usage_and_logs_from_a_programs_threads_and_pool_are_its_examples(no_leaked_workers):
+    handler = _Keep()
+    target = logging.getLogger("threads.test")
+    target.addHandler(handler)
+    try:  # 4 examples at once in one process, sharing the program's own pool of 4 threads
+        result = procval.evaluate(programs.pooled, range(1, 41), one, workers=1, threads=4)
+    finally:
+        target.removeHandler(handler)
+    assert result.errors == []
+    for row in result.rows:
+        n = row.prediction
+        assert row.usage is not None, f"example {n} recorded nothing"
+        usage = row.usage["m"]
+        assert (usage.calls, usage.prompt_tokens, usage.completion_tokens) == (4, 3 * n, n)
+    assert result.usage["m"].prompt_tokens == 3 * sum(range(1, 41))
+    by_example = {r.procval_example_id: r.getMessage() for r in handler.records}
+    assert by_example == {
+        r.example_id: f"from a thread of example {r.prediction}" for r in result.rows
+    }
+    assert {r.procval_pid for r in handler.records} == {result.rows[0].worker_pid} != {os.getpid()}
+
+
+def test_a_thread_that_outlives_its_example_records_into_no_example(no_leaked_workers):
+    result = procval.evaluate(programs.outliving, [0, 1], one, workers=1, threads=1)
+    first, second = result.rows
+    assert second.prediction is True  # the thread did spend, once example 0 had ended
+    assert set(first.usage) == {"early"}  # not what its thread spent after it ended
+    assert second.usage is None  # nor is that example 1's, which did not start the thread
+    assert "late" not in result.usage
