@@ -5,7 +5,8 @@ parent's listener threads share its GIL with the caller, as in a worker they do 
 bound on the caller's cost):
 
 - ``log``: microseconds per ``logger.warning`` in the caller through procval's relay handler
-  (Unix datagram, one send per record; TCP, a bounded queue sent in batches by a thread), and
+  (Unix datagram, one send per record, queued for a thread while the socket is full; TCP, a
+  bounded queue sent in batches by a thread), and
   how many records reached the parent's handler or were dropped;
 - ``permit``: microseconds per permit (``with procval.worker.limited.limited(key)``: acquire,
   answer, release) of an unlimited key, one thread, to the parent's rate limiter.
@@ -57,8 +58,7 @@ def log_cost(target: str, records: int) -> tuple[float, int, int]:
 
 
 def _dropped(relay: RelayHandler) -> int:
-    sender = relay._sender
-    return relay.dropped + (sender.lost if sender is not None else 0)
+    return relay.dropped + relay._lost()
 
 
 def permit_cost(target: str, permits: int) -> float:

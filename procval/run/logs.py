@@ -26,6 +26,7 @@ from typing import Any
 
 from procval.backends import WorkerSpec, _channels
 from procval.run import _tcp
+from procval.worker._datagrams import unpack
 
 __all__ = ["LogListener", "parent_levels", "start", "stop"]
 
@@ -89,22 +90,24 @@ class LogListener:
                     self._drain()
 
     def _drain(self) -> None:
-        try:
-            data = self._socket.recv(_MAX_DATAGRAM)
-        except BlockingIOError:  # flush() took it first
-            return
-        except OSError:  # closed
-            self._stopping.set()
-            return
-        if data:  # b"": stop() woke us
-            self._handle(data)
+        with self._flushing:  # one reader at a time, so that records are handled in order
+            try:
+                data = self._socket.recv(_MAX_DATAGRAM)
+            except BlockingIOError:  # flush() took it first
+                return
+            except OSError:  # closed
+                self._stopping.set()
+                return
+            if data:  # b"": stop() woke us
+                self._handle(data)
 
     def _handle(self, data: bytes) -> None:
-        try:
-            state = pickle.loads(data)  # from our own workers, through a 0700 directory
-        except Exception:
-            return
-        self._emit(state)
+        for message in unpack(data):  # one record, or a batch of them
+            try:
+                state = pickle.loads(message)  # from our own workers, through a 0700 directory
+            except Exception:
+                continue
+            self._emit(state)
 
     def _emit(self, state: dict[str, Any]) -> None:
         try:

@@ -11,9 +11,11 @@
          pickled, one Unix datagram, never blocking
 
 The worker's loggers take the parent's levels (``WorkerOptions.log``), so what the parent would
-not show is not even formatted. A full socket buffer never stalls the worker: the record is
-dropped and counted, and the next record that gets through carries the count
-(``procval_dropped``), which the parent reports at the end of the run.
+not show is not even formatted. A full socket never stalls the worker: the record waits in a
+bounded queue that a thread sends in order as the parent reads
+(:mod:`procval.worker._datagrams`); past the bound it is dropped and counted, and the next
+record that gets through carries the count (``procval_dropped``), which the parent reports at
+the end of the run.
 
 On Ray the target is a ``tcp://`` address (the driver's node, :mod:`procval.worker._tcp`): the
 record goes to a bounded queue that a thread sends in batches, so logging never waits on the
@@ -27,10 +29,10 @@ from __future__ import annotations
 import logging
 import os
 import pickle
-import socket
 from typing import Any
 
 from procval.worker import _tcp, record
+from procval.worker._datagrams import DatagramSender
 
 __all__ = ["RelayHandler", "install", "sent"]
 
@@ -47,13 +49,10 @@ class RelayHandler(logging.Handler):
         self.pid = os.getpid()
         self.dropped = 0
         self._sender = _tcp.Sender(path) if _tcp.is_tcp(path) else None
-        self._socket: socket.socket | None = None
-        if self._sender is None:
-            self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-            self._socket.setblocking(False)
+        self._datagrams = DatagramSender(path) if self._sender is None else None
 
     def emit(self, record_: logging.LogRecord) -> None:
-        """Send the record; drop it (and count it) if the socket would block."""
+        """Send the record, never blocking (queued while the socket is full, dropped past that)."""
         if self._sender is not None:
             try:
                 state = self._prepare(record_)
@@ -68,10 +67,7 @@ class RelayHandler(logging.Handler):
         except Exception:
             self.handleError(record_)
             return
-        try:
-            self._socket.sendto(data, self.path)  # type: ignore[union-attr]
-        except OSError:  # EAGAIN (buffer full), ENOBUFS, the parent gone: never block
-            self.dropped += 1
+        self._datagrams.put(data)  # type: ignore[union-attr]  # (counts what it drops)
 
     def _prepare(self, record_: logging.LogRecord) -> dict[str, Any]:
         recording = record.current()
@@ -85,30 +81,38 @@ class RelayHandler(logging.Handler):
         state["args"] = None
         state["procval_example_id"] = recording.example_id if recording is not None else None
         state["procval_pid"] = self.pid
-        state["procval_dropped"] = self.dropped + (self._sender.lost if self._sender else 0)
+        state["procval_dropped"] = self.dropped + self._lost()
         for key, value in state.items():  # extra=... values the parent may not unpickle
             if not isinstance(value, str | int | float | bool | type(None)):
                 state[key] = repr(value)
         return state
 
-    def flush(self) -> None:
-        """Over TCP: wait (a second at most) for the queued records to be sent."""
+    def _lost(self) -> int:
+        """Records the sender dropped after the handler gave them to it."""
         if self._sender is not None:
-            self._sender.flush()
+            return self._sender.lost
+        return self._datagrams.lost if self._datagrams is not None else 0
+
+    def flush(self) -> None:
+        """Wait (a second at most) for the queued records to be sent."""
+        self.drain(1.0)
 
     def drain(self, timeout: float) -> bool:
-        """Over TCP: wait up to ``timeout`` s for the queued records to be sent; whether they were.
+        """Wait up to ``timeout`` s for the queued records to be sent; whether they were.
 
-        A datagram is sent as it is logged: nothing to wait for.
+        A datagram is sent as it is logged, unless the parent's socket is full: then it waits
+        in the sender's queue (:mod:`procval.worker._datagrams`).
         """
-        return self._sender.flush(timeout) if self._sender is not None else True
+        if self._sender is not None:
+            return self._sender.flush(timeout)
+        return self._datagrams.flush(timeout) if self._datagrams is not None else True
 
     def close(self) -> None:
-        """Close the socket (over TCP: send what is queued first, within two seconds)."""
+        """Send what is queued (within two seconds), then close the socket."""
         if self._sender is not None:
             self._sender.close()
-        if self._socket is not None:
-            self._socket.close()
+        if self._datagrams is not None:
+            self._datagrams.close()
         super().close()
 
 
