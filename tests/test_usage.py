@@ -16,7 +16,7 @@ from procval.results import Usage
 
 dspy = pytest.importorskip("dspy")
 
-from helpers.llm_server import LLMServer  # noqa: E402
+from helpers.llm_server import LLMServer, question  # noqa: E402
 from helpers.processes import assert_gone, start_cli, stop, stored, wait_for_rows  # noqa: E402
 
 
@@ -253,6 +253,9 @@ def test_usage_survives_a_kill_and_a_resume(tmp_path):
         assert rows_at_kill < n
         [(calls, _, total)], (count, row_tokens) = _table(store)
         assert calls == count == rows_at_kill and total == row_tokens  # one transaction
+        with sqlite3.connect(f"file:{store}?mode=ro", uri=True, timeout=5) as db:
+            kept = {int(i) for (i,) in db.execute("SELECT example_id FROM rows")}
+        before = len(server.requests)  # the killed session's workers are gone: no more
 
         resumed = subprocess.run(
             [sys.executable, "-m", "procval", *map(str, args)],
@@ -265,9 +268,14 @@ def test_usage_survives_a_kill_and_a_resume(tmp_path):
         assert f"dspy: {MODEL}: {n} calls" in resumed.stdout
         spent = procval.load(store)["dspy"].usage[MODEL]
         counts = server.counts()
-    # every stored example's call is counted once, the first session's too; the calls in flight
-    # at the kill reached the server but no row (at most one per worker thread)
-    assert spent.calls == n and 0 <= counts["requests"] - n <= 8
+        asked = [int(question(r).rsplit(" ", 1)[-1]) for r in server.requests]
+    # every stored example's call is counted once, the first session's too. The resumed session
+    # asks for exactly the examples without a row, once each: those of the first session's
+    # calls that reached the server but no row (in flight at the kill, or finished in a shard
+    # whose results had not come back yet) are asked again, the stored ones never
+    assert spent.calls == n
+    assert sorted(asked[before:]) == sorted(set(range(n)) - kept)
+    assert counts["requests"] - n == len(set(asked[:before]) - kept)
     per_call = counts["prompt_tokens"] / counts["requests"]  # the questions have equal lengths
     assert spent.prompt_tokens == per_call * n
     assert spent.total_tokens * counts["requests"] == counts["total_tokens"] * n
