@@ -103,3 +103,17 @@ def test_a_workers_burst_of_records_reaches_the_parent_whole_and_in_order(no_lea
         order.setdefault((example, thread), []).append(i)
     for key, seen in order.items():  # each thread's, in order
         assert seen == list(range(per)), (key, [i for j, i in enumerate(seen) if i != j][:5])
+
+
+def test_a_process_the_program_forks_logs_to_the_parent_too(no_leaked_workers):
+    handler = _Keep()
+    target = logging.getLogger("relay.burst")
+    target.addHandler(handler)
+    try:
+        result = procval.evaluate(log_programs.forks, [0, 1], lambda e, p: 1.0, workers=1)
+    finally:
+        target.removeHandler(handler)
+    assert [row.prediction for row in result.rows] == ["child exited 0"] * 2
+    children = [m for m in handler.messages if m.startswith("from the forked child")]
+    assert sorted(children) == [f"from the forked child of example {n}" for n in (0, 1)]
+    assert len(handler.messages) == 2 * 201

@@ -13,10 +13,12 @@ bytes); past that a record is dropped and counted.
 
 from __future__ import annotations
 
+import os
 import select
 import socket
 import struct
 import threading
+import weakref
 from collections import deque
 from collections.abc import Iterator
 
@@ -79,6 +81,16 @@ class DatagramSender:
         self._bytes = 0
         self._ready = threading.Condition()
         self._thread: threading.Thread | None = None
+        # a process the program forks (a fork-started multiprocessing pool) logs through this
+        # sender too: its lock may have been held by the thread, which the child does not have
+        after_fork = weakref.WeakMethod(self._after_fork_in_child)
+        os.register_at_fork(after_in_child=lambda: (method := after_fork()) and method())
+
+    def _after_fork_in_child(self) -> None:
+        self._ready = threading.Condition()
+        self._thread = None  # started again at the child's first refusal
+        self._queue = deque()  # the parent's, which the parent sends
+        self._bytes = 0
 
     def put(self, data: bytes) -> bool:
         """Send ``data`` now, or queue it behind those waiting; False if it was dropped."""

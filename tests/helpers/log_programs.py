@@ -23,3 +23,27 @@ def burst(example: int) -> int:
     for thread in threads:
         thread.join()
     return example
+
+
+def forks(example: int) -> str:
+    """Log a burst (the sender's thread then runs), fork a child that logs, wait 30 s for it."""
+    import os
+    import time
+
+    log = logging.getLogger("relay.burst")
+    for i in range(200):
+        log.warning("before the fork %s", i)
+    pid = os.fork()
+    if pid == 0:
+        log.warning("from the forked child of example %s", example)
+        logging.getLogger().handlers[0].flush()  # (the relay's: its queue, 1 s at most)
+        os._exit(0)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return f"child exited {os.waitstatus_to_exitcode(status)}"
+        time.sleep(0.01)
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+    return "the child hung"
