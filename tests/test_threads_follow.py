@@ -45,7 +45,16 @@ def test_usage_and_logs_from_a_programs_threads_and_pool_are_its_examples(no_lea
 
 
 def test_a_thread_that_outlives_its_example_records_into_no_example(no_leaked_workers):
-    result = procval.evaluate(programs.outliving, [0, 1], one, workers=1, threads=1)
+    handler = _Keep()
+    target = logging.getLogger("threads.test")
+    target.addHandler(handler)
+    try:
+        result = procval.evaluate(programs.outliving, [0, 1], one, workers=1, threads=1)
+    finally:
+        target.removeHandler(handler)
+    (late,) = handler.records
+    assert late.getMessage() == "after example 0 ended"
+    assert late.procval_example_id is None  # not example 0's, which had ended
     first, second = result.rows
     assert second.prediction is True  # the thread did spend, once example 0 had ended
     assert set(first.usage) == {"early"}  # not what its thread spent after it ended

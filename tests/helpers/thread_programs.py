@@ -45,6 +45,7 @@ def outliving(example: int) -> bool:
         def later() -> None:
             _go.wait(30)
             _spend("late", 1, 1)
+            logging.getLogger("threads.test").warning("after example 0 ended")
             _done.set()
 
         threading.Thread(target=later, daemon=True).start()
