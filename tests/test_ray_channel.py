@@ -170,6 +170,41 @@ def test_log_records_over_tcp_reach_the_parent_handlers_with_their_fields(collec
     assert got.procval_example_id is None  # type: ignore[attr-defined]  # (outside an example)
 
 
+def test_a_process_forked_by_the_program_sends_its_records_over_tcp_too(collected):
+    listener = LogListener()
+    relay = RelayHandler(listener.open_tcp("127.0.0.1"))
+    try:
+
+        def record(message: str) -> logging.LogRecord:
+            return logging.LogRecord(
+                "tests.ray_channel", logging.WARNING, __file__, 1, message, (), None
+            )
+
+        relay.emit(record("from the parent"))
+        pid = os.fork()
+        if pid == 0:  # the child: its own lock, queue and thread, none of the parent's
+            code = 1
+            try:
+                relay.emit(record("from the child"))
+                code = 0 if relay.drain(10) and not relay._lost() else 2 + relay._lost()
+            finally:
+                os._exit(code)
+        deadline = time.monotonic() + 30
+        while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if done[0] == 0:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        assert done[0] == pid and os.waitstatus_to_exitcode(done[1]) == 0, "the child hung"
+        relay.flush()
+        when(lambda: len(collected.records) == 2, "both records reach the parent's handler")
+    finally:
+        relay.close()
+        listener.stop()
+    messages = sorted(r.getMessage() for r in collected.records)
+    assert messages == ["from the child", "from the parent"]
+
+
 def test_a_full_log_queue_drops_and_counts_instead_of_blocking(monkeypatch):
     monkeypatch.setattr(_tcp, "_QUEUE", 5)
     with socket.create_server(("127.0.0.1", 0)) as silent:  # accepts nothing, answers nothing

@@ -17,15 +17,18 @@ connection whose other end vanished (a lost node) ends within :data:`DEAD_AFTER`
 
 :class:`Sender` sends log records from a thread of its own, in batches, from a bounded queue:
 the thread that logs never waits on the network, and a record that finds the queue full is
-dropped and counted.
+dropped and counted. A process the program forks gets a queue, a lock, a thread and a
+connection of its own at its first record.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
 import socket
 import threading
+import weakref
 from collections import deque
 from typing import Any
 
@@ -146,14 +149,30 @@ class Sender:
         self._pending = 0  # queued or being sent
         self._closing = False
         self._ready = threading.Condition()
-        self._thread = threading.Thread(target=self._serve, name="procval-log-sender", daemon=True)
-        self._thread.start()
+        self._thread: threading.Thread | None = self._start()
+        # a process the program forks logs through this sender too: it gets a lock of its own,
+        # none of the parent's queue (the parent sends that) and a thread (and connection)
+        after_fork = weakref.WeakMethod(self._after_fork_in_child)
+        os.register_at_fork(after_in_child=lambda: (method := after_fork()) and method())
+
+    def _start(self) -> threading.Thread:
+        thread = threading.Thread(target=self._serve, name="procval-log-sender", daemon=True)
+        thread.start()
+        return thread
+
+    def _after_fork_in_child(self) -> None:
+        self._ready = threading.Condition()
+        self._queue = deque()
+        self._pending = 0
+        self._thread = None  # started at the child's first put()
 
     def put(self, message: dict[str, Any]) -> bool:
         """Queue ``message``; False (dropped) when :data:`_QUEUE` records wait already."""
         with self._ready:
             if self._pending >= _QUEUE or self._closing:
                 return False
+            if self._thread is None:  # in a forked child
+                self._thread = self._start()
             self._queue.append(message)
             self._pending += 1
             if len(self._queue) == 1:  # the thread waits only for an empty queue
@@ -205,4 +224,5 @@ class Sender:
         with self._ready:
             self._closing = True
             self._ready.notify_all()
-        self._thread.join(timeout)
+        if self._thread is not None:
+            self._thread.join(timeout)
