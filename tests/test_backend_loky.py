@@ -182,6 +182,58 @@ def test_a_shard_sent_to_a_worker_that_just_died_fails_its_future_not_the_caller
         backend.shutdown()
 
 
+def test_the_result_pipes_writer_closes_once_when_threads_close_it_at_once():
+    """loky's thread closes a shutting-down executor's result queue while the reaper's kill()
+    may close its writer: a bare ``Connection`` closed by 4 threads at once was closed twice in
+    about 1 try of 3 here (EBADF, or closing a file another thread had just opened)."""
+    import multiprocessing
+
+    from procval.backends.loky import _SerialClose
+
+    failures: list[OSError] = []
+    for _ in range(200):
+        reader, writer = multiprocessing.Pipe(duplex=False)
+        connection = _SerialClose(writer)
+        barrier = threading.Barrier(4)
+
+        def close() -> None:
+            barrier.wait()
+            try:
+                connection.close()
+            except OSError as exc:
+                failures.append(exc)
+
+        threads = [threading.Thread(target=close) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(10)
+        assert writer.closed
+        reader.close()
+    assert failures == []
+
+
+@pytest.mark.parametrize("fork_server", [True, False], ids=["forked", "fork+exec"])
+def test_a_started_workers_result_writer_is_the_serial_one_and_a_kill_still_ends_it(fork_server):
+    from procval.backends.loky import _SerialClose
+
+    backend = LokyBackend(fork_server=fork_server)
+    spec = WorkerSpec(take_snapshot(procval.Config(), toys.program, toys.metric), WorkerOptions())
+    worker = backend.start_worker(spec)
+    try:
+        assert pickle.loads(worker.submit(pickle.dumps(Shard([], True))).result(timeout=60))
+        queue = worker._executor._result_queue
+        assert isinstance(queue._writer, _SerialClose)  # wrapped once the process has its copy
+        worker.kill()  # closes the parent's writer through the wrapper, then SIGKILLs
+        assert queue._writer.closed
+        deadline = time.monotonic() + 30
+        while worker.alive() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not worker.alive()
+    finally:
+        backend.shutdown()
+
+
 @linux_only
 @pytest.mark.slow
 def test_killing_the_fork_server_mid_run_kills_its_workers_and_the_run_goes_on():

@@ -27,6 +27,7 @@ from concurrent.futures import BrokenExecutor, Future
 from concurrent.futures.process import BrokenProcessPool
 from itertools import count
 from multiprocessing import resource_tracker as mp_resource_tracker
+from typing import Any
 
 import loky
 from loky import ProcessPoolExecutor
@@ -74,6 +75,7 @@ class LokyWorker:
         self._forked = server is not None
         # fork+exec: the first submit starts the process, with SIGINT blocked (see submit)
         self._mask_start = not self._forked and hasattr(signal, "pthread_sigmask")
+        self._guarded = False  # the result pipe's writer closes once (see submit)
         self._path = slots_path
         self._pid = 0
         self._cpu = -1.0  # the process's CPU seconds at the last silent_for(), and when
@@ -106,20 +108,7 @@ class LokyWorker:
     def submit(self, shard: bytes) -> Future[bytes]:
         """Queue a shard on this worker's process."""
         try:
-            if not self._mask_start:
-                return self._executor.submit(_worker.run_shard, shard)
-            # the first submit starts the process (fork+exec): it starts with SIGINT blocked, so
-            # a terminal's Ctrl-C (sent to the whole process group) cannot interrupt its imports
-            # with a traceback; the worker's initializer ignores SIGINT, then unblocks it. The
-            # resource trackers start first: CPython's unblocks SIGINT after starting its own.
-            self._mask_start = False  # later submits start nothing (and probe no tracker)
-            mp_resource_tracker.ensure_running()
-            resource_tracker.ensure_running()
-            blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-            try:
-                return self._executor.submit(_worker.run_shard, shard)
-            finally:
-                signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+            future = self._submit(shard)
         except (BrokenExecutor, ShutdownExecutorError) as exc:
             # the process died (or its executor was shut down) before the scheduler heard of
             # it: this shard's future fails as those in flight do, so the death is handled in
@@ -131,6 +120,26 @@ class LokyWorker:
             # the fork server died (killed) before it forked this worker: report a worker that
             # died at start, so the scheduler starts another one (from a new server)
             return _failed(BrokenProcessPool(f"the fork server could not start it: {exc}"))
+        if not self._guarded:  # the process has started, with its copy of the result pipe
+            self._guarded = True
+            _serialize_result_writer_closes(self._executor)
+        return future
+
+    def _submit(self, shard: bytes) -> Future[bytes]:
+        if not self._mask_start:
+            return self._executor.submit(_worker.run_shard, shard)
+        # the first submit starts the process (fork+exec): it starts with SIGINT blocked, so
+        # a terminal's Ctrl-C (sent to the whole process group) cannot interrupt its imports
+        # with a traceback; the worker's initializer ignores SIGINT, then unblocks it. The
+        # resource trackers start first: CPython's unblocks SIGINT after starting its own.
+        self._mask_start = False  # later submits start nothing (and probe no tracker)
+        mp_resource_tracker.ensure_running()
+        resource_tracker.ensure_running()
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            return self._executor.submit(_worker.run_shard, shard)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
     def running(self) -> list[tuple[int, float]]:
         """Examples running now, read from the shared slot table."""
@@ -196,7 +205,10 @@ class LokyWorker:
         broken: a broken executor's thread is closing the queue itself, and two threads closing
         one connection at once gave that thread an ``OSError: Bad file descriptor``, printed on
         the user's stderr. (A shutting-down one still gets it closed: its thread may be the one
-        stuck in recv().)
+        stuck in recv().) loky's thread closes the queue of a shutting-down executor without
+        that lock, so the writer is also wrapped to close once whoever closes it
+        (:class:`_SerialClose`): two ``os.close`` of one descriptor could otherwise close a file
+        another thread had opened in between (the store's, say).
         """
         flags = getattr(self._executor, "_flags", None)
         queue = getattr(self._executor, "_result_queue", None)
@@ -319,6 +331,39 @@ class LokyBackend:
             target=_reap, args=(workers, self._dir, self._grace), name="procval-reaper"
         )
         reaper.start()  # not a daemon: the interpreter waits for it (at most `grace`) at exit
+
+
+class _SerialClose:
+    """A connection whose ``close()`` runs once, however many threads call it at once.
+
+    ``multiprocessing``'s ``Connection.close()`` checks its handle, closes it (releasing the
+    GIL) and only then forgets it: two threads can both close the descriptor. Everything else
+    is the wrapped connection's.
+    """
+
+    def __init__(self, connection: Any) -> None:
+        self._connection = connection
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        """Close the connection (once)."""
+        with self._lock:
+            self._connection.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._connection, name)
+
+
+def _serialize_result_writer_closes(executor: ProcessPoolExecutor) -> None:
+    """Wrap the parent's copy of the result pipe's writer in :class:`_SerialClose`.
+
+    Only once the worker has started: the process got its own copy of the writer when loky
+    pickled the queue for it, and the executor (one process, never replaced) pickles it no more.
+    """
+    queue = getattr(executor, "_result_queue", None)
+    writer = getattr(queue, "_writer", None)
+    if writer is not None and not isinstance(writer, _SerialClose):
+        queue._writer = _SerialClose(writer)  # type: ignore[union-attr]
 
 
 def _failed(exc: BaseException) -> Future[bytes]:
