@@ -22,6 +22,7 @@ import procval  # noqa: E402
 import procval.dspy  # noqa: E402
 from helpers import observe_programs as programs  # noqa: E402
 from helpers.llm_server import LLMServer  # noqa: E402
+from helpers.log_capture import captured_logs  # noqa: E402
 
 pytestmark = pytest.mark.dspy
 
@@ -182,26 +183,13 @@ def test_hooks_no_callback_implements_are_not_recorded(server):
     assert counts[procval.dspy.Evaluate]["on_lm_start"] == 6
 
 
-class _Captured(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__()
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage())
-
-
 @pytest.mark.skipif(not programs.INTERPRETER_HOOKS, reason="DSPy < 3.4.1: no interpreter hooks")
 def test_interpreter_and_compile_events_equal_dspy_evaluate(server, no_leaked_workers):
-    captured = _Captured()
-    dspy_logger = logging.getLogger("dspy")  # worker records arrive on the same loggers here
-    dspy_logger.addHandler(captured)
-    try:
+    # worker records arrive on the same loggers here
+    with captured_logs("dspy") as captured:
         theirs, _, their_score = run(dspy.Evaluate, server, 6, programs.Interpreting())
         program = programs.Interpreting()
         ours, _, our_score = run(procval.dspy.Evaluate, server, 6, program)
-    finally:
-        dspy_logger.removeHandler(captured)
     assert not [m for m in captured.messages if "callback" in m], captured.messages
     assert our_score == their_score == 100.0
     assert lineage(ours) == lineage(theirs)
@@ -440,14 +428,12 @@ def test_unpicklable_events_are_dropped_and_their_rows_kept(no_leaked_workers):
 
     delivered: list[tuple[int, list]] = []
     replay.register("probe", lambda config, row, payloads: delivered.append((row.index, payloads)))
-    captured = _Captured()
-    logging.getLogger("procval").addHandler(captured)
     try:
-        result = procval.evaluate(
-            _records_unpicklable_for_odd, [0, 1, 2, 3], lambda e, p: 1.0, workers=1
-        )
+        with captured_logs("procval") as captured:
+            result = procval.evaluate(
+                _records_unpicklable_for_odd, [0, 1, 2, 3], lambda e, p: 1.0, workers=1
+            )
     finally:
-        logging.getLogger("procval").removeHandler(captured)
         replay._handlers.pop("probe", None)
     assert [row.prediction for row in result.rows] == [f"done {i}" for i in range(4)]
     assert all(row.error is None and row.score == 1.0 for row in result.rows)

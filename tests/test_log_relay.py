@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import re
 import socket
@@ -13,17 +12,9 @@ import pytest
 
 import procval
 from helpers import log_programs
+from helpers.log_capture import captured_logs
 from procval.worker import _datagrams
 from procval.worker._datagrams import DatagramSender
-
-
-class _Keep(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__()
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage())
 
 
 @pytest.fixture
@@ -86,13 +77,8 @@ def test_a_reader_that_is_gone_loses_the_records_without_blocking(reader):
 
 
 def test_a_workers_burst_of_records_reaches_the_parent_whole_and_in_order(no_leaked_workers):
-    handler = _Keep()
-    target = logging.getLogger("relay.burst")
-    target.addHandler(handler)
-    try:
+    with captured_logs("relay.burst") as handler:
         result = procval.evaluate(log_programs.burst, range(3), lambda e, p: 1.0, workers=1)
-    finally:
-        target.removeHandler(handler)
     assert result.errors == []
     per = log_programs.BURST
     assert len(handler.messages) == 3 * log_programs.THREADS * per  # none dropped
@@ -106,13 +92,8 @@ def test_a_workers_burst_of_records_reaches_the_parent_whole_and_in_order(no_lea
 
 
 def test_a_process_the_program_forks_logs_to_the_parent_too(no_leaked_workers):
-    handler = _Keep()
-    target = logging.getLogger("relay.burst")
-    target.addHandler(handler)
-    try:
+    with captured_logs("relay.burst") as handler:
         result = procval.evaluate(log_programs.forks, [0, 1], lambda e, p: 1.0, workers=1)
-    finally:
-        target.removeHandler(handler)
     assert [row.prediction for row in result.rows] == ["child exited 0"] * 2
     children = [m for m in handler.messages if m.startswith("from the forked child")]
     assert sorted(children) == [f"from the forked child of example {n}" for n in (0, 1)]

@@ -22,6 +22,7 @@ import pytest
 import procval
 from helpers import limit_programs, ray_channel
 from helpers.llm_server import LLMServer
+from helpers.log_capture import captured_logs
 from procval.ratelimit import RateLimit
 from procval.run.limiter import Limiter
 from procval.run.logs import LogListener
@@ -133,22 +134,10 @@ def test_both_ends_probe_a_silent_peer_so_a_lost_node_frees_its_permits(limiter)
         assert peer.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
 
 
-class Collect(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__()
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-
-
 @pytest.fixture
 def collected():
-    handler = Collect()
-    target = logging.getLogger("tests.ray_channel")
-    target.addHandler(handler)
-    yield handler
-    target.removeHandler(handler)
+    with captured_logs("tests.ray_channel") as handler:
+        yield handler
 
 
 def test_log_records_over_tcp_reach_the_parent_handlers_with_their_fields(collected):
@@ -263,15 +252,7 @@ def test_worker_logs_under_ray_reach_the_driver_while_the_run_goes(tmp_path):
 @on_ray
 def test_a_record_logged_by_the_last_example_reaches_the_driver_before_evaluate_returns():
     """The sender's thread is a daemon: each shard's end waits for its records to leave."""
-    seen: list[str] = []
-
-    class Collect(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            seen.append(record.getMessage())
-
-    handler = Collect()
-    ray_channel.logger.addHandler(handler)
-    try:
+    with captured_logs(ray_channel.logger.name) as handler:
         result = procval.evaluate(
             ray_channel.log_over_a_slow_link,
             range(1),
@@ -280,9 +261,7 @@ def test_a_record_logged_by_the_last_example_reaches_the_driver_before_evaluate_
             workers=1,
             progress=False,
         )
-        got = list(seen)  # what reached the handler by the time evaluate returned
-    finally:
-        ray_channel.logger.removeHandler(handler)
+        got = handler.messages  # what reached the handler by the time evaluate returned
     assert result.errors == [] and result.score == 1.0
     assert got == ["example 0 is done"]
 

@@ -2,34 +2,21 @@
 
 from __future__ import annotations
 
-import logging
 import os
 
 import procval
 from helpers import thread_programs as programs
+from helpers.log_capture import captured_logs
 
 
 def one(example, prediction):
     return 1.0
 
 
-class _Keep(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__()
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-
-
 def test_usage_and_logs_from_a_programs_threads_and_pool_are_its_examples(no_leaked_workers):
-    handler = _Keep()
-    target = logging.getLogger("threads.test")
-    target.addHandler(handler)
-    try:  # 4 examples at once in one process, sharing the program's own pool of 4 threads
+    # 4 examples at once in one process, sharing the program's own pool of 4 threads
+    with captured_logs("threads.test") as handler:
         result = procval.evaluate(programs.pooled, range(1, 41), one, workers=1, threads=4)
-    finally:
-        target.removeHandler(handler)
     assert result.errors == []
     for row in result.rows:
         n = row.prediction
@@ -45,13 +32,8 @@ def test_usage_and_logs_from_a_programs_threads_and_pool_are_its_examples(no_lea
 
 
 def test_a_thread_that_outlives_its_example_records_into_no_example(no_leaked_workers):
-    handler = _Keep()
-    target = logging.getLogger("threads.test")
-    target.addHandler(handler)
-    try:
+    with captured_logs("threads.test") as handler:
         result = procval.evaluate(programs.outliving, [0, 1], one, workers=1, threads=1)
-    finally:
-        target.removeHandler(handler)
     (late,) = handler.records
     assert late.getMessage() == "after example 0 ended"
     assert late.procval_example_id is None  # not example 0's, which had ended
