@@ -41,33 +41,28 @@ _LOCAL = frozenset({"args", "exc_info", "msg", "message"})
 
 
 class RelayHandler(logging.Handler):
-    """Sends each record, with its example id and pid, to the parent's datagram socket."""
+    """Sends each record, with its example id and pid, to the parent (datagrams; TCP on Ray)."""
 
     def __init__(self, path: str) -> None:
         super().__init__(logging.NOTSET)
         self.path = path
         self.pid = os.getpid()
         self.dropped = 0
-        self._sender = _tcp.Sender(path) if _tcp.is_tcp(path) else None
-        self._datagrams = DatagramSender(path) if self._sender is None else None
+        self._tcp = _tcp.is_tcp(path)  # JSON over TCP (Ray), else pickles in datagrams
+        self._sender: _tcp.Sender | DatagramSender = (
+            _tcp.Sender(path) if self._tcp else DatagramSender(path)
+        )
 
     def emit(self, record_: logging.LogRecord) -> None:
         """Send the record, never blocking (queued while the socket is full, dropped past that)."""
-        if self._sender is not None:
-            try:
-                state = self._prepare(record_)
-            except Exception:
-                self.handleError(record_)
-                return
-            if not self._sender.put(state):
-                self.dropped += 1
-            return
         try:
-            data = pickle.dumps(self._prepare(record_), pickle.HIGHEST_PROTOCOL)
+            state = self._prepare(record_)
+            message: Any = state if self._tcp else pickle.dumps(state, pickle.HIGHEST_PROTOCOL)
         except Exception:
             self.handleError(record_)
             return
-        self._datagrams.put(data)  # type: ignore[union-attr]  # (counts what it drops)
+        if not self._sender.put(message) and self._tcp:  # (a DatagramSender counts its drops)
+            self.dropped += 1
 
     def _prepare(self, record_: logging.LogRecord) -> dict[str, Any]:
         recording = record.current()
@@ -88,10 +83,8 @@ class RelayHandler(logging.Handler):
         return state
 
     def _lost(self) -> int:
-        """Records the sender dropped after the handler gave them to it."""
-        if self._sender is not None:
-            return self._sender.lost
-        return self._datagrams.lost if self._datagrams is not None else 0
+        """Records the sender dropped (over TCP, only those it had queued: see ``emit``)."""
+        return self._sender.lost
 
     def flush(self) -> None:
         """Wait (a second at most) for the queued records to be sent."""
@@ -103,16 +96,11 @@ class RelayHandler(logging.Handler):
         A datagram is sent as it is logged, unless the parent's socket is full: then it waits
         in the sender's queue (:mod:`procval.worker._datagrams`).
         """
-        if self._sender is not None:
-            return self._sender.flush(timeout)
-        return self._datagrams.flush(timeout) if self._datagrams is not None else True
+        return self._sender.flush(timeout)
 
     def close(self) -> None:
         """Send what is queued (within two seconds), then close the socket."""
-        if self._sender is not None:
-            self._sender.close()
-        if self._datagrams is not None:
-            self._datagrams.close()
+        self._sender.close()
         super().close()
 
 
