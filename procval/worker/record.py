@@ -16,11 +16,9 @@ during the shard's unpickling and again during the run. The tokens and cost spen
 
 A thread that the program starts inside the example does not inherit the ``ContextVar``: the
 worker's ``Thread.start`` and ``ThreadPoolExecutor.submit`` carry it there
-(:mod:`procval.worker.threads`, :func:`within`). A library that carries its own context into
-its threads can carry the recording with it too (:func:`carry`): the DSPy integration puts it
-in DSPy's settings overrides, which DSPy's thread pools copy into each of their threads, so
-that the LM calls made there count in the example's usage and their events and logs are the
-example's.
+(:mod:`procval.worker.threads`, :func:`within`), DSPy's own pools among them (``dspy.Parallel``,
+``module.batch``), so that the LM calls made there count in the example's usage and their
+events and logs are the example's.
 """
 
 from __future__ import annotations
@@ -40,7 +38,6 @@ __all__ = [
     "add",
     "add_usage",
     "begin",
-    "carry",
     "current",
     "decoded",
     "end",
@@ -58,21 +55,19 @@ class Recording:
             total_tokens, cost]`` (cost None until one is known), or None when nothing was spent.
         memo: what the code recording events keeps between two events of the example (the DSPy
             integration: the copies it made of the objects it recorded), or None.
-        undo: what :func:`end` undoes of what :func:`carry`'s ``propagate`` did, or None.
         permits: the rate-limit permits the example asked for so far (its calls' stage:
             :mod:`procval.worker.limited`).
         closed: the example has ended: a thread it started that still runs
             (:mod:`procval.worker.threads`) records nothing more into it.
     """
 
-    __slots__ = ("closed", "events", "example_id", "memo", "permits", "undo", "usage")
+    __slots__ = ("closed", "events", "example_id", "memo", "permits", "usage")
 
     def __init__(self, example_id: Any) -> None:
         self.example_id = example_id
         self.events: list[tuple[str, Any]] = []
         self.usage: dict[str, list[Any]] | None = None
         self.memo: dict[Any, Any] | None = None
-        self.undo: list[Callable[[], None]] | None = None
         self.permits = 0
         self.closed = False
 
@@ -82,47 +77,17 @@ _current: contextvars.ContextVar[Recording | None] = contextvars.ContextVar(
 )
 
 
-_propagators: list[Callable[[Recording], Callable[[], None]]] = []
-_finders: list[Callable[[], Recording | None]] = []
 _usage_lock = threading.Lock()  # threads of one example (dspy.Parallel) add to one usage
-
-
-def carry(
-    propagate: Callable[[Recording], Callable[[], None]],
-    find: Callable[[], Recording | None],
-) -> None:
-    """Let the threads a library starts inside an example record into it (idempotent).
-
-    Args:
-        propagate: called in the example's own thread as the example starts, with its
-            recording; puts it where the library's threads will find it, and returns what
-            undoes that (called as the example ends, in the same thread).
-        find: in a thread without a recording of its own, the recording the library carried
-            there, or None.
-    """
-    if propagate not in _propagators:
-        _propagators.append(propagate)
-    if find not in _finders:
-        _finders.append(find)
 
 
 def begin(example_id: Any) -> contextvars.Token[Recording | None]:
     """Start recording for one example; pass the token to :func:`end`."""
-    recording = Recording(example_id)
-    token = _current.set(recording)
-    if _propagators:
-        recording.undo = [propagate(recording) for propagate in _propagators]
-    return token
+    return _current.set(Recording(example_id))
 
 
 def current() -> Recording | None:
     """The recording of the example running here (None outside an example)."""
     recording = _current.get()
-    if recording is None and _finders:
-        for find in _finders:
-            recording = find()
-            if recording is not None:
-                break
     if recording is not None and recording.closed:  # a thread outliving its example
         return None
     return recording
@@ -176,9 +141,6 @@ def add_usage(
 def end(token: contextvars.Token[Recording | None], result: ExampleResult) -> ExampleResult:
     """Stop recording; ``result`` with the events and the usage recorded, if any."""
     recording = _current.get()
-    if recording is not None and recording.undo:
-        for undo in reversed(recording.undo):
-            undo()
     _current.reset(token)
     if recording is None:
         return result

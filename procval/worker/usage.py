@@ -21,7 +21,7 @@ import json
 import math
 import os
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from procval.worker import record
@@ -78,39 +78,16 @@ def record_usage(
 # ------------------------------------------------------------------ DSPy
 
 
-_DSPY_KEY = "_procval_recording"  # the example's recording, in DSPy's settings overrides
-
-
-def _into_dspy_threads(recording: record.Recording) -> Callable[[], None]:
-    """As an example starts: its recording in DSPy's overrides, which its thread pools copy."""
-    from dspy.dsp.utils.settings import thread_local_overrides
-
-    overrides = thread_local_overrides.get()
-    token = thread_local_overrides.set(type(overrides)({**overrides, _DSPY_KEY: recording}))
-    return lambda: thread_local_overrides.reset(token)
-
-
-def _from_dspy_threads() -> record.Recording | None:
-    """In a thread of DSPy's (``dspy.Parallel``, ``module.batch``): the example it runs for."""
-    from dspy.dsp.utils.settings import thread_local_overrides
-
-    found = thread_local_overrides.get().get(_DSPY_KEY)
-    return found if isinstance(found, record.Recording) else None
-
-
 def tap_dspy() -> None:
     """Count every DSPy LM call of this process in the running example's usage (idempotent).
 
     The calls made in DSPy's own thread pools inside the example (``dspy.Parallel``,
-    ``module.batch``) count too: the example's recording travels there with DSPy's settings
-    (:func:`procval.worker.record.carry`), and with it their callback events and logs. Does
-    nothing unless DSPy is imported already.
+    ``module.batch``) count too: the example's recording travels there with each task
+    (:mod:`procval.worker.threads`). Does nothing unless DSPy is imported already.
     """
     if "dspy" not in sys.modules:
         return
     from dspy.clients.base_lm import BaseLM
-
-    record.carry(_into_dspy_threads, _from_dspy_threads)
 
     original = BaseLM.update_history
     if getattr(original, "_procval_usage", False):
