@@ -36,15 +36,17 @@ def no_leaked_workers():
 
 
 def _is_worker(proc: psutil.Process, me: psutil.Process) -> bool:
-    """Not loky's resource tracker, nor the fork server (one per test process, by design).
+    """Not a resource tracker, nor the fork server (one per test process, by design).
 
     Workers forked by the server carry its command line too, but they are its children.
     """
+    from helpers.processes import is_tracker
+
     try:
         command = " ".join(proc.cmdline())
         if "_forkserver" in command and proc.ppid() == me.pid:
             return False
-        return "resource_tracker" not in command
+        return not is_tracker(proc)
     except psutil.Error:
         return False
 

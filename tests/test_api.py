@@ -14,17 +14,15 @@ import pytest
 
 import procval
 from helpers import toys
+from helpers.processes import is_tracker
 
 
 def children() -> set[int]:
     """Worker processes (loky's resource trackers live for the whole session)."""
     found = set()
     for proc in psutil.Process().children(recursive=True):
-        try:
-            if "resource_tracker" not in " ".join(proc.cmdline()):
-                found.add(proc.pid)
-        except psutil.Error:
-            pass
+        if not is_tracker(proc):
+            found.add(proc.pid)
     return found
 
 

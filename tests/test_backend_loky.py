@@ -24,6 +24,7 @@ import pytest
 import procval
 from backend_suite import BackendSuite
 from helpers import toyframework, toys
+from helpers.processes import is_tracker
 from procval.backends import _forkserver
 from procval.backends.loky import LokyBackend
 from procval.run.snapshot import take_snapshot
@@ -297,16 +298,78 @@ def test_kill_9_of_the_parent_ends_the_server_and_its_workers(tmp_path):
         deadline = time.monotonic() + 30
         servers: list[psutil.Process] = []
         workers: list[psutil.Process] = []
+        trackers: list[psutil.Process] = []
         while time.monotonic() < deadline and len(workers) < 2:
             servers = [p for p in parent.children() if "_forkserver" in " ".join(p.cmdline())]
-            workers = servers[0].children() if servers else []
+            children = servers[0].children() if servers else []
+            workers = [p for p in children if not is_tracker(p)]
+            trackers = [p for p in children if is_tracker(p)]
             time.sleep(0.05)
         assert len(servers) == 1 and len(workers) == 2, "the workers did not start"
+        assert len(trackers) == 2  # loky's and CPython's resource trackers, forked by the server
         time.sleep(0.5)  # the workers have installed their snapshot and watch the server
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=10)
-        _, alive = psutil.wait_procs([*servers, *workers], timeout=5)
+        # the trackers end too, once no process holds their pipes (they clean up first)
+        _, alive = psutil.wait_procs([*servers, *workers, *trackers], timeout=5)
         assert not alive, f"outlived their parent: {alive}"
     finally:
         proc.kill()
         proc.communicate(timeout=10)
+
+
+LEAKY_PARENT = textwrap.dedent("""
+    import os, sys
+    from multiprocessing import shared_memory
+    from loky.backend import resource_tracker
+    import procval
+
+    def leak(example):
+        # left behind on purpose: the trackers must clean both up once the run's processes end
+        memory = shared_memory.SharedMemory(create=True, size=64, name=sys.argv[1])
+        memory.close()  # closed, not unlinked
+        folder = os.path.join(sys.argv[2], "leaked")
+        os.mkdir(folder)
+        resource_tracker.register(folder, "folder")
+        return os.getpid()
+
+    result = procval.evaluate(leak, [0], lambda e, p: 1.0, workers=1, progress=False)
+    assert not result.rows[0].error, result.rows[0].error
+    import psutil  # the trackers: one fork of the server each, not an interpreter each
+
+    def tracker(p):
+        try:
+            return p.name() == "procval-tracker"
+        except psutil.Error:  # a process that has just ended (the worker)
+            return False
+
+    me = psutil.Process()
+    trackers = [p for p in me.children(recursive=True) if tracker(p)]
+    assert len(trackers) == 2 and all(p.ppid() != me.pid for p in trackers), trackers
+    assert all("_forkserver" in " ".join(p.cmdline()) for p in trackers)
+    print("ran", flush=True)
+""")
+
+
+@linux_only
+@pytest.mark.slow
+def test_the_forked_resource_trackers_clean_up_what_a_worker_left_behind(tmp_path):
+    """loky's and CPython's trackers are forked from the fork server, and still do their job."""
+    name = f"procval-test-{os.getpid()}-{time.monotonic_ns()}"
+    script = tmp_path / "parent.py"
+    script.write_text(LEAKY_PARENT)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    command = [sys.executable, str(script), name, str(tmp_path)]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    try:
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0 and out.strip() == b"ran", err.decode()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and (
+        os.path.exists(f"/dev/shm/{name}") or (tmp_path / "leaked").exists()
+    ):
+        time.sleep(0.05)
+    assert not os.path.exists(f"/dev/shm/{name}"), "CPython's tracker left the shared memory"
+    assert not (tmp_path / "leaked").exists(), "loky's tracker left the folder"

@@ -19,7 +19,7 @@ import pytest
 
 import procval
 from helpers import env_at_import, toys
-from helpers.processes import assert_gone, start, stop
+from helpers.processes import assert_gone, is_tracker, start, stop
 from procval.run.snapshot import take_snapshot
 
 pytestmark = pytest.mark.usefixtures("no_leaked_workers")
@@ -177,11 +177,7 @@ def test_the_parent_killed_or_interrupted_leaves_no_worker(tmp_path, when, signu
             if len([c for c in parent.children(recursive=True) if c not in idle]) >= 4:
                 break
             time.sleep(0.1)
-        everyone = [
-            c
-            for c in parent.children(recursive=True)
-            if "resource_tracker" not in " ".join(c.cmdline())
-        ]
+        everyone = [c for c in parent.children(recursive=True) if not is_tracker(c)]
         time.sleep(0.5)
         proc.send_signal(signum)
         _, err = proc.communicate(timeout=20)

@@ -102,3 +102,43 @@ def _bootstrap(data_fd: int) -> int:
     code = int(process_obj._bootstrap())
     atexit._run_exitfuncs()  # as an interpreter exit would; os._exit follows
     return code
+
+
+def _tracker(module: str, targets: list[int], fds: list[int], read_fd: int) -> None:
+    """In a forked resource tracker: run ``module``'s ``main`` on ``read_fd``. Never returns.
+
+    It starts as the fork+exec'd trackers do, with SIGINT and SIGTERM blocked until ``main``
+    ignores them, and with the descriptors it was sent only (stderr and its pipe): it must not
+    hold the server's socket, nor a worker's pipe. Its name (``ps``, ``psutil``'s ``name()``)
+    is ``procval-tracker``; it leads no process group, so the server never kills it: it ends
+    when every process holding its pipe's other end has closed it, as a tracker does.
+    """
+    import importlib
+
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    gc.enable()
+    code = 1
+    try:
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        _place_fds(fds, targets)
+        _set_name(b"procval-tracker")
+        importlib.import_module(module).main(read_fd)
+        code = 0
+    except SystemExit as exc:  # loky's main exits with its status (1 if a cleanup failed)
+        code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+    except BaseException:
+        with contextlib.suppress(BaseException):
+            sys.stderr.write(f"procval's resource tracker failed:\n{traceback.format_exc()}")
+    finally:
+        with contextlib.suppress(BaseException):
+            sys.stderr.flush()
+        os._exit(code)
+
+
+def _set_name(name: bytes) -> None:
+    """This process's name in ``/proc/PID/comm`` (15 bytes at most), where prctl exists."""
+    with contextlib.suppress(OSError, AttributeError):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(15, name[:15], 0, 0, 0)  # PR_SET_NAME

@@ -67,8 +67,9 @@ from loky.backend import popen_loky_posix, reduction, resource_tracker, spawn
 from loky.backend.context import LokyContext
 from loky.backend.process import LokyProcess
 
-from procval.backends._forkchild import _child
+from procval.backends._forkchild import _child, _tracker
 from procval.backends._preimport import import_preload
+from procval.backends._trackers import fork_trackers
 
 #: Modules the server imports: what a loky worker running procval imports before its snapshot.
 PRELOAD = ("loky", "loky.process_executor", "procval.worker.runtime")
@@ -163,15 +164,18 @@ class ForkServer:
         except (OSError, ValueError):
             return False
 
-    def spawn(self, fds: list[int], data_fd: int) -> tuple[int, int]:
+    def spawn(self, fds: list[int], data_fd: int, *, tracker: str = "") -> tuple[int, int]:
         """Fork a worker that gets ``fds`` at the same numbers; return its pid and status fd.
 
         The status fd is readable once the worker has exited (it then holds the exit status,
-        or nothing if the server died first).
+        or nothing if the server died first). With ``tracker`` (a module name), the fork is
+        not a worker but that module's resource tracker, reading the pipe ``data_fd``
+        (``procval.backends._trackers``).
         """
         status_r, status_w = os.pipe()
         try:
-            header = json.dumps({"data": data_fd, "targets": fds}).encode()
+            request = {"data": data_fd, "targets": fds, "tracker": tracker}
+            header = json.dumps(request).encode()
             with self._lock:
                 socket.send_fds(self._sock, [header], [*fds, status_w])
             os.close(status_w)
@@ -257,6 +261,7 @@ class ForkServerContext(LokyContext):
     def __init__(self, server: ForkServer) -> None:
         super().__init__()
         self._server = server
+        fork_trackers(server)  # before the executor's first lock would start loky's by fork+exec
 
     def Process(self, *args: Any, **kwargs: Any) -> ForkServerProcess:  # noqa: N802 - loky's name
         """A process started by the fork server (called by loky as ``context.Process``)."""
@@ -406,6 +411,8 @@ def serve(fd: int, parent: int, preload: list[str] | None = None) -> None:
             *child_fds, status_w = fds
             pid = os.fork()
             if pid == 0:
+                if request.get("tracker"):
+                    _tracker(request["tracker"], request["targets"], child_fds, request["data"])
                 _child(request["targets"], child_fds, request["data"], parent)
             for f in child_fds:
                 os.close(f)

@@ -65,16 +65,24 @@ def wait_for_rows(
     pytest.fail(f"fewer than {n} rows reached the store within {within}s")
 
 
+def is_tracker(proc: psutil.Process) -> bool:
+    """Whether ``proc`` is a resource tracker: loky's or CPython's, started or forked by procval.
+
+    A tracker forked from procval's fork server carries the server's command line; its name
+    is ``procval-tracker`` (``procval.backends._trackers``).
+    """
+    try:
+        return proc.name() == "procval-tracker" or "resource_tracker" in " ".join(proc.cmdline())
+    except psutil.Error:
+        return False
+
+
 def wait_for_workers(proc: subprocess.Popen, n: int, within: float = 30.0) -> list[psutil.Process]:
     """The run's worker processes (loky's resource tracker left out), once there are ``n``."""
     parent, deadline = psutil.Process(proc.pid), time.monotonic() + within
     workers: list[psutil.Process] = []
     while time.monotonic() < deadline:
-        workers = []
-        for child in parent.children(recursive=True):
-            with contextlib.suppress(psutil.Error):
-                if "resource_tracker" not in " ".join(child.cmdline()):
-                    workers.append(child)
+        workers = [child for child in parent.children(recursive=True) if not is_tracker(child)]
         if len(workers) >= n:
             return workers
         time.sleep(0.1)
