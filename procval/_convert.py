@@ -2,7 +2,9 @@
 
 The conversion, in order of preference:
 
-1. ``None``, ``bool``, ``int``, ``float``, ``str`` as they are;
+1. ``None``, ``bool``, ``int``, ``float``, ``str`` as they are; a module as its name
+   (``"<module dspy.clients.base_lm>"``: a closure that captured a module is described by
+   which module it is, not by what the module holds now, nor by walking into its objects);
 2. mappings (keys as strings), lists, tuples and sets, converted item by item;
 3. dataclass instances, field by field;
 4. pydantic models through ``model_dump(mode="json")``;
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import types
 from collections.abc import Mapping
 from typing import Any
 
@@ -29,6 +32,8 @@ def to_jsonable(obj: Any, _depth: int = 0) -> Any:
         return obj
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else repr(obj)
+    if isinstance(obj, types.ModuleType):
+        return f"<module {obj.__name__}>"
     if _depth >= _MAX_DEPTH:
         return repr(obj)
     nxt = _depth + 1

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 
 import procval
@@ -100,6 +102,19 @@ def test_resuming_with_changed_program_code_warns(tmp_path):
         procval.evaluate(
             toys.sometimes_failing, toys.dataset(8), toys.metric, store=store, workers=1
         )
+
+
+def test_a_program_that_captured_a_module_keeps_its_identity_as_the_module_changes(tmp_path):
+    """A captured module is described by its name, not by what it holds at each call."""
+    store = tmp_path / "run.db"
+    procval.evaluate(toys.through(toys), toys.dataset(4), toys.metric, store=store, workers=1)
+    toys.STATE.append(len(toys.STATE))  # the module holds something else now
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", procval.ProgramChangedWarning)
+        result = procval.evaluate(
+            toys.through(toys), toys.dataset(6), toys.metric, store=store, workers=1
+        )
+    assert result.errors == [] and len(result.rows) == 6
 
 
 def test_a_call_refused_up_front_leaves_no_store_behind(tmp_path):

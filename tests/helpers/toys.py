@@ -229,3 +229,15 @@ def crash_behind_a_straggler(example: int) -> int:
     else:
         time.sleep(0.01)
     return example
+
+
+STATE: list[int] = []  # module state that a process changes as it runs
+
+
+def through(module: Any) -> Any:
+    """A program closing over ``module`` (as a factory that imports one does)."""
+
+    def closed(example: Any) -> Any:
+        return module.program(example)
+
+    return closed
