@@ -317,6 +317,23 @@ def test_history_is_bounded_as_dspy_bounds_it(server):
     assert len(lm.history) == 5
 
 
+def test_a_worker_keeps_its_latest_history_entries_and_the_caller_gets_them_all(server):
+    """A long run does not grow each worker by DSPy's 10,000 entries: they are the caller's."""
+    from procval.integrations._dspy_observe import WORKER_HISTORY
+
+    lm = lm_of(server)
+    calls = WORKER_HISTORY + 30
+    result = procval.evaluate(
+        programs.histories_after(calls),
+        [0],
+        lambda example, prediction: 1.0,
+        config=procval.dspy.snapshot(lm=lm),
+        workers=1,
+    )
+    assert result.rows[0].prediction == {"lm": WORKER_HISTORY, "global": WORKER_HISTORY}
+    assert len(lm.history) == calls == server.counts()["answered"]  # here: DSPy's bound
+
+
 def test_in_worker_callback_runs_once_per_event_in_the_workers(server, tmp_path):
     path = str(tmp_path / "events.txt")
     here = programs.Counting()

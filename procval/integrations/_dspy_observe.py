@@ -66,6 +66,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import dspy
+from dspy.clients import base_lm
 from dspy.clients.base_lm import BaseLM
 from dspy.utils.callback import ACTIVE_CALL_ID, BaseCallback
 
@@ -215,11 +216,29 @@ class _HistoryTap:
             type(lm).update_history(lm, entry)
 
 
+#: History entries a worker keeps itself: per LM, per module and in DSPy's global history.
+#: Every entry goes to the caller's LMs (the relay, bounded there by the caller's own
+#: ``max_history_size``), so the worker's copies serve only a program that reads ``lm.history``
+#: or calls ``dspy.inspect_history()`` as it runs, which the latest entries serve. DSPy's own
+#: bound (10,000 entries, 4.8 KB each for the test stand-in's short prompts and replies, more for
+#: real ones) would grow every worker by 50 MB or more in a long run.
+WORKER_HISTORY = 100
+
+
 def install(token: str, settings: dict[str, Any]) -> None:
-    """In a worker: tap the snapshot's LM history (its key: ``"lm"``) for the relay ``token``."""
+    """In a worker: tap the snapshot's LM history (its key: ``"lm"``) for the relay ``token``.
+
+    And bound the worker's own histories to :data:`WORKER_HISTORY` entries (fewer if the
+    snapshot's ``max_history_size`` says so).
+    """
     lm = settings.get("lm")
     if isinstance(lm, BaseLM):
         tap(lm, "lm", token)
+    bound = getattr(dspy.settings, "max_history_size", None)
+    if isinstance(bound, int) and bound > WORKER_HISTORY:
+        dspy.configure(max_history_size=WORKER_HISTORY)
+    if getattr(base_lm, "MAX_HISTORY_SIZE", 0) > WORKER_HISTORY:
+        base_lm.MAX_HISTORY_SIZE = WORKER_HISTORY  # GLOBAL_HISTORY's bound, read at each call
 
 
 def tap(lm: BaseLM, key: Any, token: str) -> None:

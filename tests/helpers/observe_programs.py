@@ -271,3 +271,16 @@ class Fanning(dspy.Module):
             [(self.draft, {"question": question}), (self.draft, {"question": question})]
         )
         return dspy.Prediction(answer=first.answer)
+
+
+def histories_after(calls: int) -> Any:
+    """A program: ``calls`` LM calls, then the lengths of this process's DSPy histories."""
+    from dspy.clients import base_lm
+
+    def program(example: Any) -> dict[str, int]:
+        lm = dspy.settings.lm
+        for i in range(calls):
+            lm(f"call {i}")
+        return {"lm": len(lm.history), "global": len(base_lm.GLOBAL_HISTORY)}
+
+    return program
