@@ -334,6 +334,15 @@ def test_a_worker_keeps_its_latest_history_entries_and_the_caller_gets_them_all(
     assert len(lm.history) == calls == server.counts()["answered"]  # here: DSPy's bound
 
 
+def test_each_example_has_its_own_dspy_trace_in_the_workers(server):
+    """Not one list per worker that every call appends to (10,000 predictions, never read)."""
+    dspy.configure(lm=lm_of(server))
+    result = procval.dspy.Evaluate(
+        devset=programs.devset(12), metric=programs.exact, num_threads=4, workers=1
+    )(programs.TraceLength())
+    assert [prediction.trace for _, prediction, _ in result.results] == [2] * 12
+
+
 def test_in_worker_callback_runs_once_per_event_in_the_workers(server, tmp_path):
     path = str(tmp_path / "events.txt")
     here = programs.Counting()

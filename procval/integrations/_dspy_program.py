@@ -86,8 +86,15 @@ class _Program:
             _observe.watch(self.program, _observe.current_token())
             self.watched = True
         example = _unwrap(example)
-        prediction = self.program(**example.inputs())
-        return Scored(prediction, self.metric(example, prediction))
+        if dspy.settings.trace is None:  # tracing turned off: nothing to give it
+            prediction = self.program(**example.inputs())
+            return Scored(prediction, self.metric(example, prediction))
+        # each example its own trace, as DSPy's optimizers run one: DSPy's default is one list
+        # per process, which every call of every thread appends to (up to 10,000 predictor
+        # calls, with their inputs and predictions) and nothing here ever reads back
+        with dspy.context(trace=[]):
+            prediction = self.program(**example.inputs())
+            return Scored(prediction, self.metric(example, prediction))
 
 
 def _score(example: Any, scored: Scored) -> Any:

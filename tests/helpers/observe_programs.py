@@ -284,3 +284,11 @@ def histories_after(calls: int) -> Any:
         return {"lm": len(lm.history), "global": len(base_lm.GLOBAL_HISTORY)}
 
     return program
+
+
+class TraceLength(Pipeline):
+    """The pipeline, answering with the length of DSPy's trace as its example ends."""
+
+    def forward(self, question: str) -> dspy.Prediction:
+        prediction = super().forward(question)
+        return dspy.Prediction(answer=prediction.answer, trace=len(dspy.settings.trace))
