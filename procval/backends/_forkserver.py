@@ -42,7 +42,9 @@ or is re-parented (checked twice a second); each worker's ``PR_SET_PDEATHSIG`` a
 (``lifeline.lead_process_group``); when a worker exits, however it exits, the server kills its
 group before it reaps it (the pid cannot name another group until then), and at its own exit it
 kills the group of every worker still alive: a program's children (``subprocess.Popen("sleep
-300")``) never outlive the run, nor keep its stdout open. Linux only; elsewhere workers start by
+300")``) never outlive the run, nor keep its stdout open. The server also forks loky's and
+CPython's resource trackers (``_trackers``): they lead no group and are never killed; each ends
+when the last process holding its pipe has closed it. Linux only; elsewhere workers start by
 ``fork+exec``. ``PROCVAL_FORK_SERVER=0`` turns it off.
 """
 

@@ -18,7 +18,8 @@ holding the pipe's write end (the parent, its workers) has closed it, and then c
 was registered and not released, as before. It is not the parent's child, so the parent
 records no pid for it (as a tracker inherited from another process); the server reaps it. A
 tracker already running (started by other code of the parent) is kept. Where the server cannot
-fork one, loky starts it as before.
+fork one, loky starts it as before. A tracker runs no user code, whichever server (a config's
+preloading one, say) it was forked from: it serves every config's workers, as loky's did.
 """
 
 from __future__ import annotations
