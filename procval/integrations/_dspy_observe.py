@@ -70,6 +70,7 @@ from dspy.clients import base_lm
 from dspy.clients.base_lm import BaseLM
 from dspy.utils.callback import ACTIVE_CALL_ID, BaseCallback
 
+from procval.integrations._dspy_held import HeldHistory
 from procval.integrations._dspy_in_worker import InWorker, in_worker, runs_in_worker
 from procval.integrations._dspy_plain import picklable_exception, plain
 from procval.results import Row
@@ -355,7 +356,7 @@ class Relay:
         self.root = ACTIVE_CALL_ID.get()
         self.program: Any = None
         self.hold_history = False
-        self._held: list[tuple[int, Any, dict[str, Any]]] = []
+        self._held = HeldHistory()
         self._modules: dict[tuple[str, str], Any] | None = None
         self._instances: dict[tuple[Any, ...], Any] = {}
         self._dispatch: dict[str, tuple[bool, list[tuple[Any, Callable[..., Any]]]]] = {}
@@ -372,7 +373,7 @@ class Relay:
                 hook = event[1]
                 if hook == _HISTORY:
                     if self.hold_history:
-                        self._held.append((row.index, event[2], event[3]))
+                        self._held.add(row.index, event[2], event[3])
                     else:
                         self._append(event[2], event[3])
                     continue
@@ -421,9 +422,7 @@ class Relay:
 
     def flush_history(self) -> None:
         """Append the held history entries to their LMs, in example order."""
-        held, self._held = self._held, []
-        held.sort(key=lambda item: item[0])  # stable: an example's entries keep their order
-        for _, key, entry in held:
+        for key, entry in self._held.entries():
             self._append(key, entry)
 
     def _append(self, key: Any, entry: dict[str, Any]) -> None:
