@@ -175,7 +175,7 @@ def test_a_process_forked_by_the_program_sends_its_records_over_tcp_too(collecte
             code = 1
             try:
                 relay.emit(record("from the child"))
-                code = 0 if relay.drain(10) and not relay._lost() else 2 + relay._lost()
+                code = 0 if relay.drain(10) and not relay.dropped else 2 + relay.dropped
             finally:
                 os._exit(code)
         deadline = time.monotonic() + 30

@@ -24,7 +24,6 @@ preloading one, say) it was forked from: it serves every config's workers, as lo
 
 from __future__ import annotations
 
-import contextlib
 import os
 from multiprocessing import resource_tracker as mp_resource_tracker
 from typing import TYPE_CHECKING, Any
@@ -44,13 +43,15 @@ _TRACKERS: tuple[tuple[Any, str], ...] = (
 
 def fork_trackers(server: ForkServer) -> None:
     """Start each resource tracker not running yet as a fork of ``server``."""
+    from procval.backends._forkserver import _is_open  # (which imports this module)
+
     for tracker, module in _TRACKERS:
         with tracker._lock:
             if tracker._fd is not None:
                 continue  # running, or inherited: its ensure_running() checks it
             read_fd, write_fd = os.pipe()
             try:
-                fds = [*_stderr(), read_fd]
+                fds = [*(fd for fd in (2,) if _is_open(fd)), read_fd]
                 _, status = server.spawn(fds, read_fd, tracker=module)
             except OSError:  # the server died: loky starts this tracker its own way
                 os.close(write_fd)
@@ -59,10 +60,3 @@ def fork_trackers(server: ForkServer) -> None:
                 os.close(read_fd)
             os.close(status)  # the server reaps it; its exit is no worker's
             tracker._fd, tracker._pid = write_fd, None
-
-
-def _stderr() -> list[int]:
-    with contextlib.suppress(OSError):
-        os.fstat(2)
-        return [2]
-    return []

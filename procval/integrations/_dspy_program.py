@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -86,13 +87,11 @@ class _Program:
             _observe.watch(self.program, _observe.current_token())
             self.watched = True
         example = _unwrap(example)
-        if dspy.settings.trace is None:  # tracing turned off: nothing to give it
-            prediction = self.program(**example.inputs())
-            return Scored(prediction, self.metric(example, prediction))
-        # each example its own trace, as DSPy's optimizers run one: DSPy's default is one list
-        # per process, which every call of every thread appends to (up to 10,000 predictor
-        # calls, with their inputs and predictions) and nothing here ever reads back
-        with dspy.context(trace=[]):
+        # each example its own trace, as DSPy's optimizers run one (unless tracing is off):
+        # DSPy's default is one list per process, which every call of every thread appends to
+        # (up to 10,000 predictor calls, with their inputs and predictions), never read here
+        traced = dspy.settings.trace is not None
+        with dspy.context(trace=[]) if traced else contextlib.nullcontext():
             prediction = self.program(**example.inputs())
             return Scored(prediction, self.metric(example, prediction))
 

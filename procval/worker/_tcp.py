@@ -138,8 +138,8 @@ class Sender:
         target: the channel's :func:`address`.
 
     Attributes:
-        lost: records dropped after they were queued (the channel could not be reached, or
-            the connection broke while they were sent).
+        lost: records dropped: refused by a full queue, or dropped after they were queued
+            (the channel could not be reached, or the connection broke while they were sent).
     """
 
     def __init__(self, target: str) -> None:
@@ -170,6 +170,7 @@ class Sender:
         """Queue ``message``; False (dropped) when :data:`_QUEUE` records wait already."""
         with self._ready:
             if self._pending >= _QUEUE or self._closing:
+                self.lost += 1
                 return False
             if self._thread is None:  # in a forked child
                 self._thread = self._start()

@@ -47,7 +47,6 @@ class RelayHandler(logging.Handler):
         super().__init__(logging.NOTSET)
         self.path = path
         self.pid = os.getpid()
-        self.dropped = 0
         self._tcp = _tcp.is_tcp(path)  # JSON over TCP (Ray), else pickles in datagrams
         self._sender: _tcp.Sender | DatagramSender = (
             _tcp.Sender(path) if self._tcp else DatagramSender(path)
@@ -61,8 +60,12 @@ class RelayHandler(logging.Handler):
         except Exception:
             self.handleError(record_)
             return
-        if not self._sender.put(message) and self._tcp:  # (a DatagramSender counts its drops)
-            self.dropped += 1
+        self._sender.put(message)  # a record it drops, it counts (``dropped``)
+
+    @property
+    def dropped(self) -> int:
+        """Records dropped so far: the sender's queue was full, or the parent was gone."""
+        return self._sender.lost
 
     def _prepare(self, record_: logging.LogRecord) -> dict[str, Any]:
         recording = record.current()
@@ -76,15 +79,11 @@ class RelayHandler(logging.Handler):
         state["args"] = None
         state["procval_example_id"] = recording.example_id if recording is not None else None
         state["procval_pid"] = self.pid
-        state["procval_dropped"] = self.dropped + self._lost()
+        state["procval_dropped"] = self.dropped
         for key, value in state.items():  # extra=... values the parent may not unpickle
             if not isinstance(value, str | int | float | bool | type(None)):
                 state[key] = repr(value)
         return state
-
-    def _lost(self) -> int:
-        """Records the sender dropped (over TCP, only those it had queued: see ``emit``)."""
-        return self._sender.lost
 
     def flush(self) -> None:
         """Wait (a second at most) for the queued records to be sent."""
