@@ -71,7 +71,7 @@ from loky.backend.process import LokyProcess
 
 from procval.backends._forkchild import _child, _tracker
 from procval.backends._preimport import import_preload
-from procval.backends._trackers import fork_trackers
+from procval.backends._trackers import fork_trackers, is_open
 
 #: Modules the server imports: what a loky worker running procval imports before its snapshot.
 PRELOAD = ("loky", "loky.process_executor", "procval.worker.runtime")
@@ -308,7 +308,7 @@ class ForkServerPopen(popen_loky_posix.Popen):
             set_spawning_popen(None)
         child_r, parent_w = os.pipe()
         try:
-            stdio = [fd for fd in (0, 1, 2) if _is_open(fd)]  # as fork+exec: closed stays closed
+            stdio = [fd for fd in (0, 1, 2) if is_open(fd)]  # as fork+exec: closed stays closed
             wanted = [*stdio, child_r, tracker_fd, prep_data["mp_tracker_fd"], *self._fds]
             fds = list(dict.fromkeys(wanted))
             self.pid, self.sentinel = process_obj._server.spawn(fds, child_r)
@@ -336,14 +336,6 @@ class ForkServerPopen(popen_loky_posix.Popen):
         if self.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.pid, signal.SIGKILL)
-
-
-def _is_open(fd: int) -> bool:
-    try:
-        os.fstat(fd)
-    except OSError:
-        return False
-    return True
 
 
 def _read_status(fd: int, *, block: bool, closed: int | None = None) -> int | None:

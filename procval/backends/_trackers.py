@@ -33,7 +33,7 @@ from loky.backend import resource_tracker
 if TYPE_CHECKING:
     from procval.backends._forkserver import ForkServer
 
-__all__ = ["fork_trackers"]
+__all__ = ["fork_trackers", "is_open"]
 
 _TRACKERS: tuple[tuple[Any, str], ...] = (
     (resource_tracker._resource_tracker, "loky.backend.resource_tracker"),
@@ -43,15 +43,13 @@ _TRACKERS: tuple[tuple[Any, str], ...] = (
 
 def fork_trackers(server: ForkServer) -> None:
     """Start each resource tracker not running yet as a fork of ``server``."""
-    from procval.backends._forkserver import _is_open  # (which imports this module)
-
     for tracker, module in _TRACKERS:
         with tracker._lock:
             if tracker._fd is not None:
                 continue  # running, or inherited: its ensure_running() checks it
             read_fd, write_fd = os.pipe()
             try:
-                fds = [*(fd for fd in (2,) if _is_open(fd)), read_fd]
+                fds = [*(fd for fd in (2,) if is_open(fd)), read_fd]
                 _, status = server.spawn(fds, read_fd, tracker=module)
             except OSError:  # the server died: loky starts this tracker its own way
                 os.close(write_fd)
@@ -60,3 +58,12 @@ def fork_trackers(server: ForkServer) -> None:
                 os.close(read_fd)
             os.close(status)  # the server reaps it; its exit is no worker's
             tracker._fd, tracker._pid = write_fd, None
+
+
+def is_open(fd: int) -> bool:
+    """Whether ``fd`` is an open descriptor of this process."""
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
