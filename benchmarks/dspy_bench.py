@@ -10,7 +10,8 @@ Usage::
 The program is a ``Predict`` feeding a ``ChainOfThought`` (2 LM calls per example,
 ``tests/helpers/observe_programs.Pipeline``), its LM the stand-in server of
 ``tests/helpers/llm_server.py`` in a process of its own (lognormal latency, median 200 ms,
-sigma 0.5; ``cache=False``, so every call reaches it). Every measurement runs in a new Python
+sigma 0.5, drawn from each request's messages, so that every tool meets the same latency for the
+same LM call; ``cache=False``, so every call reaches it). Every measurement runs in a new Python
 process (``--one``) that imports DSPy and configures the LM before any clock starts; the cases
 loop outermost, then the repetitions, then the tools, so the tools alternate.
 
@@ -296,7 +297,7 @@ def main() -> None:
     print(f"load average at start: {_load()}")
     print(f"repetitions: {repeat} (medians shown); each measurement in a new process")
     measured: dict[tuple[str, str], list[dict[str, float]]] = {}
-    server_args = ("--latency", "0.2", "--sigma", "0.5", "--seed", "1")
+    server_args = ("--latency", "0.2", "--sigma", "0.5", "--seed", "1", "--keyed")
     with LLMServer.in_process(*server_args) as server:
         for case in cases:
             loads = [_load()]

@@ -207,9 +207,9 @@ def test_num_threads_maps_to_processes_times_threads():
     assert _plan(8, 2) == (2, 4)
     assert _plan(5, 2) == (2, 2)  # never more than num_threads in flight
     assert _plan(1, 4) == (1, 1)
-    assert _plan(4, None) == (1, 4)  # by default, a process per 4 threads...
+    assert _plan(16, None) == (1, 16)  # by default, a process per 16 threads...
     processes = min(loky.cpu_count(), 4)  # ...up to the CPU count
-    assert _plan(16, None) == (processes, 16 // processes)
+    assert _plan(64, None) == (processes, 64 // processes)
     with dspy.context(num_threads=6):
         assert _plan(None, 3) == (3, 2)  # None: dspy.settings.num_threads, as in DSPy
     with pytest.raises(ValueError, match="num_threads"):

@@ -81,6 +81,22 @@ def test_latency_is_fixed_or_a_seeded_lognormal():
             server.stop()
 
 
+def test_a_keyed_latency_is_the_requests_own_whatever_the_order():
+    servers = [LLMServer(latency=0.1, sigma=0.5, seed=7, keyed=True) for _ in range(2)]
+    servers.append(LLMServer(latency=0.1, sigma=0.5, seed=8, keyed=True))
+    try:
+        one, other, reseeded = servers
+        requests = [chat(f"question {i}") for i in range(6)]
+        draws = [one._delay(request) for request in requests]
+        assert len(set(draws)) == 6  # each request its own latency...
+        assert [other._delay(r) for r in reversed(requests)] == draws[::-1]  # ...in any order
+        assert [one._delay(r) for r in requests] == draws  # and every time it is sent
+        assert [reseeded._delay(r) for r in requests] != draws
+    finally:
+        for server in servers:
+            server.stop()
+
+
 def test_latency_delays_the_answer():
     with LLMServer(latency=0.3) as server:
         started = time.monotonic()

@@ -158,8 +158,8 @@ class Evaluate(dspy.Evaluate):
     ``processes = min(workers, num_threads)`` processes with ``num_threads // processes`` threads
     each, so at most ``num_threads`` examples (and LM requests) are in flight.
     ``num_threads=None`` means ``dspy.settings.num_threads``, as in DSPy. ``workers=None`` means
-    one process per 4 threads wanted, up to the CPU count: LM calls wait on the network, so
-    threads serve them well, and each process costs a DSPy import at start.
+    one process per 16 threads wanted, up to the CPU count: LM calls wait on the network, so
+    threads serve them well, and each process holds memory of its own.
 
     ``max_errors`` keeps DSPy's meaning (stop at that many failed examples; ``None`` means
     ``dspy.settings.max_errors``). Unlike DSPy, the examples that finished are kept: the
@@ -178,7 +178,7 @@ class Evaluate(dspy.Evaluate):
         failure_score: the score of an example whose program or metric raised.
         save_as_csv: write the results to this CSV file, as DSPy does.
         save_as_json: write the results to this JSON file, as DSPy does.
-        workers: worker processes at most (default: ``ceil(num_threads / 4)``, up to the CPU
+        workers: worker processes at most (default: ``ceil(num_threads / 16)``, up to the CPU
             count).
         timeout: seconds an example may run before its worker is killed and the example fails
             with a ``"Timeout"`` error (default: no limit).

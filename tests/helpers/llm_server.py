@@ -14,7 +14,10 @@ them when the request asks for ``response_format`` (``JSONAdapter``). Each respo
 ``usage``, deterministic from the request: ``prompt_tokens`` is the number of
 whitespace-separated words of the messages' contents, ``completion_tokens`` that of the reply.
 
-Options: a latency (fixed, or lognormal around it with a seed), a token bucket (``rate``
+Options: a latency (fixed, or lognormal around it with a seed: drawn in the order requests
+arrive, or, ``keyed``, from the request's own messages, so that a request waits the same time
+whichever client sends it and whenever: a benchmark's tools then meet the same latencies), a
+token bucket (``rate``
 requests per second, ``burst`` at once) above which requests get ``429`` with ``Retry-After``
 (and ``retry-after-ms``), and ``hang(request)`` for requests that must never be answered (they
 wait until the server stops, which releases them). ``GET /stats`` returns the counters as
@@ -26,6 +29,7 @@ a few seconds whatever the clients do.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -117,6 +121,7 @@ class LLMServer:
         latency: seconds before answering (a median when ``sigma`` > 0).
         sigma: > 0 draws each latency from a lognormal around ``latency`` (seeded by ``seed``).
         seed: the seed of the latency draws.
+        keyed: draw each latency from the seed and the request's messages, not in arrival order.
         rate: requests per second the token bucket admits (None: no limit); above it, 429.
         burst: the bucket's size (requests admitted at once).
         hang: ``hang(request) -> bool``: never answer such requests (until the server stops).
@@ -132,6 +137,7 @@ class LLMServer:
         latency: float = 0.0,
         sigma: float = 0.0,
         seed: int = 0,
+        keyed: bool = False,
         rate: float | None = None,
         burst: int = 1,
         hang: Callable[[Request], bool] | None = None,
@@ -146,6 +152,7 @@ class LLMServer:
         self.burst = burst
         self.hang = hang
         self.model_name = model
+        self._seed, self._keyed = seed, keyed
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
         self._tokens = float(burst)
@@ -227,11 +234,16 @@ class LLMServer:
                 return 0.0
             return (1 - self._tokens) / self.rate
 
-    def _delay(self) -> float:
+    def _delay(self, request: Request | None = None) -> float:
         if self.sigma <= 0:
             return self.latency
+        mu = math.log(max(self.latency, 1e-6))
+        if self._keyed:
+            text = json.dumps([self._seed, (request or {}).get("messages")], sort_keys=True)
+            digest = hashlib.sha256(text.encode()).digest()
+            return random.Random(digest).lognormvariate(mu, self.sigma)
         with self._lock:
-            return self._rng.lognormvariate(math.log(max(self.latency, 1e-6)), self.sigma)
+            return self._rng.lognormvariate(mu, self.sigma)
 
     def respond(self, request: Request) -> tuple[int, dict[str, str], dict[str, Any]]:
         """``(status, headers, body)`` for one chat completions request."""
@@ -249,7 +261,7 @@ class LLMServer:
                 self._counts["hanging"] += 1
             self._released.wait()
             return 503, {}, {"error": {"message": "server stopped", "type": "server_error"}}
-        delay = self._delay()
+        delay = self._delay(request)
         if delay > 0:
             self._released.wait(delay)
         content = self._content(request)
@@ -409,6 +421,7 @@ def _main() -> None:
     parser.add_argument("--latency", type=float, default=0.0)
     parser.add_argument("--sigma", type=float, default=0.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--keyed", action="store_true", help="latency drawn from the request")
     parser.add_argument("--rate", type=float, default=None, help="requests/s, 429 above")
     parser.add_argument("--burst", type=int, default=1)
     parser.add_argument("--hang", default="", help="never answer prompts holding this word")
@@ -419,6 +432,7 @@ def _main() -> None:
         latency=args.latency,
         sigma=args.sigma,
         seed=args.seed,
+        keyed=args.keyed,
         rate=args.rate,
         burst=args.burst,
         hang=(lambda request: word in json.dumps(request)) if word else None,
