@@ -13,6 +13,8 @@ sys.path.insert(0, os.path.dirname(__file__))  # `import helpers` here and in wo
 # litellm (under dspy) must not try to fetch its model cost map: the tests run offline
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
+from helpers.processes import is_tracker  # after the path above
+
 
 @pytest.fixture
 def no_leaked_workers():
@@ -40,8 +42,6 @@ def _is_worker(proc: psutil.Process, me: psutil.Process) -> bool:
 
     Workers forked by the server carry its command line too, but they are its children.
     """
-    from helpers.processes import is_tracker
-
     try:
         command = " ".join(proc.cmdline())
         if "_forkserver" in command and proc.ppid() == me.pid:

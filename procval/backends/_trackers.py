@@ -49,7 +49,7 @@ def fork_trackers(server: ForkServer) -> None:
                 continue  # running, or inherited: its ensure_running() checks it
             read_fd, write_fd = os.pipe()
             try:
-                fds = [*(fd for fd in (2,) if is_open(fd)), read_fd]
+                fds = [2, read_fd] if is_open(2) else [read_fd]  # stderr, if open, and its pipe
                 _, status = server.spawn(fds, read_fd, tracker=module)
             except OSError:  # the server died: loky starts this tracker its own way
                 os.close(write_fd)

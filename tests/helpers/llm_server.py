@@ -17,13 +17,12 @@ whitespace-separated words of the messages' contents, ``completion_tokens`` that
 Options: a latency (fixed, or lognormal around it with a seed: drawn in the order requests
 arrive, or, ``keyed``, from the request's own messages, so that a request waits the same time
 whichever client sends it and whenever: a benchmark's tools then meet the same latencies), a
-token bucket (``rate``
-requests per second, ``burst`` at once) above which requests get ``429`` with ``Retry-After``
-(and ``retry-after-ms``), and ``hang(request)`` for requests that must never be answered (they
-wait until the server stops, which releases them). ``GET /stats`` returns the counters as
-JSON, so a server run in another process (``python -m helpers.llm_server``, or
-:meth:`LLMServer.in_process`) can be read too. Stopping is bounded: ``stop()`` returns within
-a few seconds whatever the clients do.
+token bucket (``rate`` requests per second, ``burst`` at once) above which requests get ``429``
+with ``Retry-After`` (and ``retry-after-ms``), and ``hang(request)`` for requests that must
+never be answered (they wait until the server stops, which releases them). ``GET /stats``
+returns the counters as JSON, so a server run in another process (``python -m
+helpers.llm_server``, or :meth:`LLMServer.in_process`) can be read too. Stopping is bounded:
+``stop()`` returns within a few seconds whatever the clients do.
 """
 
 from __future__ import annotations
